@@ -1,0 +1,50 @@
+"""Typed settings shared across stages: export layout, export_info.json, generation settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# File names follow optimum-intel's export so openvino_genai.VLMPipeline can load ours.
+VISION_MODEL = "openvino_vision_embeddings_model.xml"
+TEXT_EMBEDDINGS_MODEL = "openvino_text_embeddings_model.xml"
+LANGUAGE_MODEL = "openvino_language_model.xml"
+TOKENIZER_MODEL = "openvino_tokenizer.xml"
+DETOKENIZER_MODEL = "openvino_detokenizer.xml"
+EXPORT_INFO = "export_info.json"
+CHAT_TEMPLATE = "chat_template.jinja"
+
+MODEL_PARTS = {
+    "vision": VISION_MODEL,
+    "text_embeddings": TEXT_EMBEDDINGS_MODEL,
+    "language": LANGUAGE_MODEL,
+}
+
+
+@dataclass
+class ExportInfo:
+    """What made an export: written as export_info.json beside the IRs."""
+
+    source: str
+    revision: str | None = None
+    family: str = ""
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)  # part -> {"precision": ..., ...}
+    compression: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def save(self, export_dir: Path) -> None:
+        (Path(export_dir) / EXPORT_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, export_dir: Path) -> ExportInfo:
+        data = json.loads((Path(export_dir) / EXPORT_INFO).read_text())
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,31 @@
+"""Errors users can act on: every front end prints these as one clear line."""
+
+from __future__ import annotations
+
+
+class LlavaOvError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug."""
+
+
+class UnsupportedModelError(LlavaOvError):
+    """The checkpoint is not a LLaVA family this project converts."""
+
+
+class ExportExistsError(LlavaOvError):
+    """The output directory exists and --overwrite was not given."""
+
+
+class ModelNotFoundError(LlavaOvError):
+    """A model directory or hub id that cannot be found or read."""
+
+
+class InvalidImageError(LlavaOvError):
+    """An image that is missing, corrupt, or too large to decode safely."""
+
+
+class ContextLengthError(LlavaOvError):
+    """A prompt (with its image tokens) longer than the model's context."""
+
+
+class DiskFullError(LlavaOvError):
+    """No space left while writing an export."""

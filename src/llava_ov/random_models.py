@@ -1,0 +1,159 @@
+"""Random-weight LLaVA checkpoints built from the real Hub config files.
+
+No machine here reaches the Hugging Face Hub, so tests, the offline demo and the
+benchmarks build checkpoints locally: the real `config.json` / processor files
+shipped in `llava_ov/model_configs/`, scaled down ("tiny") or kept at real width
+with fewer decoder layers ("real"), random weights, and the real Mistral v1
+SentencePiece vocabulary from the `mistral-common` package plus `<image>`=32000
+and `<pad>`=32001.  The answers of such a model are noise; its shapes, tokenizer,
+preprocessing and numerics are real.
+
+Needs the `[convert]` extra (torch, transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+# The current Hub template of llava-v1.6-mistral ends assistant turns with `</s>`;
+# the 2024 copy in model_configs still has the `<\s>` typo (see SOURCES.md).
+MISTRAL_CHAT_TEMPLATE_FIX = ("'<\\\\s> '", "'</s> '")
+
+
+@dataclass(frozen=True)
+class RandomModelSpec:
+    """Which real config to start from and how to shrink it."""
+
+    config_name: str  # folder in llava_ov/model_configs
+    scale: str = "tiny"  # "tiny" | "real"
+    text_layers: int = 2
+    vision_layers: int | None = None  # None: 3 for tiny, the real count for real
+    initializer_range: float = 0.3  # large init keeps greedy decoding from collapsing
+    seed: int = 0
+
+
+FAMILY_CONFIGS = {
+    "llava-next": "llava-v1.6-mistral-7b-hf",
+    "llava": "llava-1.5-7b-hf",
+}
+
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, projection_dim=32)
+
+
+def model_config_dir(name: str) -> Path:
+    """Folder of the shipped real config files for `name` (e.g. llava-v1.6-mistral-7b-hf)."""
+    path = Path(str(resources.files("llava_ov") / "model_configs" / name))
+    if not path.is_dir():
+        known = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+        raise ValueError(f"unknown model config {name!r}; shipped: {', '.join(known)}")
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def scaled_config_dict(spec: RandomModelSpec) -> dict[str, Any]:
+    """The real config.json of `spec.config_name`, scaled as `spec` asks."""
+    cfg = _read_json(model_config_dir(spec.config_name) / "config.json")
+    text, vision = cfg["text_config"], cfg["vision_config"]
+    if spec.scale == "tiny":
+        text.update(TINY_TEXT)
+        vision.update(TINY_VISION)
+        vision["num_hidden_layers"] = spec.vision_layers or 3
+    elif spec.scale == "real":
+        if spec.vision_layers:
+            vision["num_hidden_layers"] = spec.vision_layers
+    else:
+        raise ValueError(f"scale must be 'tiny' or 'real', not {spec.scale!r}")
+    text["num_hidden_layers"] = spec.text_layers
+    text["initializer_range"] = spec.initializer_range
+    cfg["initializer_range"] = spec.initializer_range
+    for key in ("torch_dtype", "dtype"):
+        cfg.pop(key, None)
+        text.pop(key, None)
+    return cfg
+
+
+def build_tokenizer(out_dir: Path, config_name: str):
+    """Mistral v1 SentencePiece vocabulary + `<image>`/`<pad>`, saved into `out_dir`."""
+    import mistral_common
+    from transformers import AddedToken, LlamaTokenizer
+
+    spm = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(spm, Path(tmp) / "tokenizer.model")
+        # LlamaTokenizerFast(vocab_file=...) silently gives a 3-token vocabulary in transformers 5.
+        tok = LlamaTokenizer.from_pretrained(tmp, legacy=False, add_bos_token=True)
+    specials = [AddedToken(t, special=True, normalized=False) for t in ("<image>", "<pad>")]
+    tok.add_tokens(specials, special_tokens=True)
+    tok.pad_token = "<pad>"
+    if tok.convert_tokens_to_ids(["<image>", "<pad>"]) != [32000, 32001]:
+        raise RuntimeError("tokenizer build: <image>/<pad> did not land on ids 32000/32001")
+    tok.padding_side = "left"
+    tok.image_token = "<image>"
+    return tok
+
+
+def chat_template(config_name: str) -> str:
+    """The checkpoint's chat template (the current Hub form: assistant turns end with `</s>`)."""
+    folder = model_config_dir(config_name)
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text()
+    template = _read_json(folder / "chat_template.json")["chat_template"]
+    return template.replace(*MISTRAL_CHAT_TEMPLATE_FIX)
+
+
+def build_random_checkpoint(spec: RandomModelSpec, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Write a transformers checkpoint (weights, config, tokenizer, processor) to `out_dir`."""
+    import torch
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_dict = scaled_config_dict(spec)
+    arch = cfg_dict["architectures"][0]
+    config_cls = transformers.AutoConfig.for_model(cfg_dict.pop("model_type")).__class__
+    config = config_cls.from_dict(cfg_dict)
+    torch.manual_seed(spec.seed)
+    model = getattr(transformers, arch)(config).to(getattr(torch, dtype)).eval()
+    model.save_pretrained(out)
+
+    folder = model_config_dir(spec.config_name)
+    tok = build_tokenizer(out, spec.config_name)
+    preproc = _read_json(folder / "preprocessor_config.json")
+    processor = _build_processor(arch, preproc, tok, chat_template(spec.config_name), config)
+    processor.save_pretrained(out)
+    # transformers 5 folds the image-processor settings into processor_config.json;
+    # keep the classic file too, like the Hub checkpoints have it.
+    (out / "preprocessor_config.json").write_text(json.dumps(preproc, indent=2) + "\n")
+    if (folder / "generation_config.json").exists():
+        shutil.copy(folder / "generation_config.json", out / "generation_config.json")
+    return out
+
+
+def _build_processor(arch: str, preproc: dict, tok, template: str, config):
+    import transformers
+
+    kwargs = {k: v for k, v in preproc.items() if k not in ("image_processor_type", "processor_class")}
+    if arch == "LlavaNextForConditionalGeneration":
+        image_processor = transformers.LlavaNextImageProcessorPil(**kwargs)
+        proc_cls = transformers.LlavaNextProcessor
+    else:
+        image_processor = transformers.CLIPImageProcessorPil(**kwargs)
+        proc_cls = transformers.LlavaProcessor
+    return proc_cls(
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=template,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )

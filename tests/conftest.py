@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random-weight LLaVA checkpoints and their fp32 exports.
+
+Built once per test session from the real config files (scaled down) with the
+real Mistral tokenizer; real photos come from scikit-image.  Set
+LLAVA_OV_TEST_CACHE to a folder to reuse the built models between sessions
+(they are rebuilt when the llava_ov sources change).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+FAMILIES = {"llava-next": "llava-v1.6-mistral-7b-hf", "llava": "llava-1.5-7b-hf"}
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
+
+
+def _source_digest() -> str:
+    src = Path(__file__).resolve().parents[1] / "src" / "llava_ov"
+    h = hashlib.sha256()
+    for name in ("random_models.py", "convert.py", "stateful.py"):
+        h.update((src / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    cache = os.environ.get("LLAVA_OV_TEST_CACHE")
+    if cache:
+        root = Path(cache) / _source_digest()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    return tmp_path_factory.mktemp("models")
+
+
+def _build_once(path: Path, build) -> Path:
+    if (path / ".complete").exists():
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    build(path)
+    (path / ".complete").write_text("ok")
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(model_root) -> dict[str, Path]:
+    """family -> tiny random transformers checkpoint (fp32 weights)."""
+    from llava_ov.random_models import RandomModelSpec, build_random_checkpoint
+
+    return {
+        fam: _build_once(model_root / f"hf-{fam}", lambda p, c=cfg: build_random_checkpoint(RandomModelSpec(c), p))
+        for fam, cfg in FAMILIES.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def exports(model_root, checkpoints) -> dict[str, Path]:
+    """family -> fp32 OpenVINO export of the tiny checkpoint."""
+    from llava_ov.convert import ConvertOptions, convert
+
+    def build(fam):
+        opts = ConvertOptions(weight_format="fp32", overwrite=True, show_progress=False)
+        return lambda p: convert(str(checkpoints[fam]), p, opts)
+
+    return {fam: _build_once(model_root / f"ov-{fam}", build(fam)) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Path]:
+    """Real photographs shipped in scikit-image."""
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    return {name.split(".")[0]: folder / name for name in PHOTOS}
+
+
+@pytest.fixture(scope="session")
+def hf_models(checkpoints):
+    """family -> (transformers model, processor) for reference outputs."""
+    import transformers
+
+    out = {}
+    for fam, path in checkpoints.items():
+        arch = "LlavaNextForConditionalGeneration" if fam == "llava-next" else "LlavaForConditionalGeneration"
+        model = getattr(transformers, arch).from_pretrained(path, attn_implementation="sdpa").eval()
+        out[fam] = (model, transformers.AutoProcessor.from_pretrained(path))
+    return out
