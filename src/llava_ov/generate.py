@@ -1,0 +1,191 @@
+"""The decode loop: sampling, streaming detokenisation, stop conditions, finish reasons.
+
+`decode_tokens` takes the logits of the prefill and a `step(token_id) -> logits`
+function and yields one `TokenEvent` per generated token, ending with a finish
+reason: "eos", "length", "stop" (a stop string), or "cancelled".
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import LlavaOvError
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LlavaOvError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Picks the next token from logits: greedy, or temperature/top-k/top-p sampling (seeded)."""
+
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        cfg = self.config
+        if cfg.repetition_penalty != 1.0 and len(history):
+            logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+        if cfg.greedy:
+            return int(np.argmax(logits))
+        return self._sample(logits.astype(np.float64) / cfg.temperature)
+
+    def _sample(self, scores: np.ndarray) -> int:
+        cfg = self.config
+        if cfg.top_k and cfg.top_k < scores.size:
+            candidates = np.argpartition(-scores, cfg.top_k - 1)[: cfg.top_k]
+        else:
+            candidates = np.arange(scores.size)
+        order = candidates[np.argsort(-scores[candidates], kind="stable")]
+        probs = np.exp(scores[order] - scores[order[0]])
+        probs /= probs.sum()
+        if cfg.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), cfg.top_p) + 1)  # smallest set with mass >= top_p
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return int(order[self.rng.choice(len(order), p=probs)])
+
+
+def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
+    """transformers' rule: seen tokens' logits are divided by `penalty` if positive, multiplied if negative."""
+    out = logits.astype(np.float32, copy=True)
+    seen = np.unique(np.asarray(history, dtype=np.int64))
+    seen = seen[(seen >= 0) & (seen < out.size)]
+    vals = out[seen]
+    out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of ids into text deltas without broken UTF-8 or lost SentencePiece spaces.
+
+    Decodes a short window of recent ids and emits what the new id added relative
+    to the same window without it (vLLM's method): the first piece of a window
+    loses its leading space in SentencePiece, so both decodes start at the same id.
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self.decode(self.ids[self.prefix_offset :])
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""  # an incomplete UTF-8 sequence or a token that adds no text yet
+        delta = full_text[len(prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return delta
+
+
+class StopStrings:
+    """Finds stop strings in streamed text and holds back text that may start one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        if not self.stops:
+            return delta, False
+        self.pending += delta
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((self._partial(s) for s in self.stops), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def _partial(self, stop: str) -> int:
+        """Length of the longest suffix of pending text that is a prefix of `stop`."""
+        for size in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+            if self.pending.endswith(stop[:size]):
+                return size
+        return 0
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None  # None only on a final event that carries no new token
+    text: str
+    finish_reason: str | None = None
+    time_s: float = 0.0  # time to produce this token
+
+
+def decode_tokens(
+    first_logits: np.ndarray,
+    step: Callable[[int], np.ndarray],
+    detokenize: Callable[[Sequence[int]], str],
+    config: GenerationConfig,
+    eos_ids: set[int],
+    *,
+    history: Sequence[int] = (),
+    max_tokens: int | None = None,
+    cancel: threading.Event | None = None,
+) -> Iterator[TokenEvent]:
+    """Sample, stream and stop. `max_tokens` caps generation at the context limit."""
+    sampler = Sampler(config)
+    detok = IncrementalDetokenizer(detokenize)
+    stops = StopStrings(config.stop)
+    limit = min(config.max_new_tokens, max_tokens if max_tokens is not None else config.max_new_tokens)
+    seen = list(history)
+    logits, last = first_logits, time.perf_counter()
+    for produced in range(1, limit + 1):
+        if cancel is not None and cancel.is_set():
+            yield TokenEvent(None, stops.flush(), "cancelled")
+            return
+        token = sampler(logits, seen)
+        if token in eos_ids and not config.ignore_eos:
+            yield TokenEvent(None, stops.flush(), "eos")
+            return
+        seen.append(token)
+        text, stopped = stops.feed(detok.push(token))
+        now = time.perf_counter()
+        elapsed, last = now - last, now
+        if stopped:
+            yield TokenEvent(token, text, "stop", elapsed)
+            return
+        if produced == limit:
+            yield TokenEvent(token, text + stops.flush(), "length", elapsed)
+            return
+        yield TokenEvent(token, text, None, elapsed)
+        logits = step(token)

@@ -1,0 +1,193 @@
+"""An export directory loaded for inference: compiled models, tokenizer, and the KV state.
+
+Owns everything that talks to OpenVINO at run time: the vision encoder, the text
+embeddings, the stateful language model (its KV cache lives in the infer
+request's state), and the tokenizer/detokenizer IRs.  No torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+
+from . import config as layout
+from .errors import LlavaOvError, ModelNotFoundError
+from .families import Family, family_for
+from .stateful import SEQ_AXIS
+
+REQUIRED_FILES = (layout.LANGUAGE_MODEL, layout.TEXT_EMBEDDINGS_MODEL, layout.VISION_MODEL, "config.json")
+F32_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llava-ov" / "compiled"
+
+
+def check_export_dir(path: str | Path) -> Path:
+    """An export directory with every required file, or a clear error."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelNotFoundError(f"no such model directory: {path}")
+    missing = [name for name in REQUIRED_FILES if not (path / name).exists()]
+    if missing:
+        raise ModelNotFoundError(
+            f"{path} is not a llava-ov export (missing {', '.join(missing)}); create one with `llava-ov convert`"
+        )
+    return path
+
+
+@dataclass
+class LoadOptions:
+    device: str = "CPU"
+    devices: dict[str, str] = field(default_factory=dict)  # per part: vision/text_embeddings/language
+    properties: dict[str, Any] = field(default_factory=dict)  # OpenVINO properties for every part
+    part_paths: dict[str, str] = field(default_factory=dict)  # per part: another .xml or export dir
+    cache_dir: str | None = "default"  # compiled-model cache; None disables it
+
+
+class Tokenizer:
+    """openvino-tokenizers IRs: text -> ids (with BOS), ids -> text (special tokens skipped)."""
+
+    def __init__(self, core: ov.Core, export_dir: Path):
+        self._encoder = core.compile_model(export_dir / layout.TOKENIZER_MODEL, "CPU")
+        self._decoder = core.compile_model(export_dir / layout.DETOKENIZER_MODEL, "CPU")
+        self._enc_req = self._encoder.create_infer_request()
+        self._dec_req = self._decoder.create_infer_request()
+
+    def encode(self, text: str) -> np.ndarray:
+        self._enc_req.infer([text])
+        return self._enc_req.get_tensor("input_ids").data[0].astype(np.int64)
+
+    def decode(self, ids) -> str:
+        arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if arr.shape[1] == 0:
+            return ""
+        self._dec_req.infer([arr])
+        return str(self._dec_req.get_output_tensor(0).data[0])
+
+
+class ExportedModel:
+    """Compiled parts of one export plus the language model's KV state."""
+
+    def __init__(self, export_dir: str | Path, options: LoadOptions | None = None):
+        self.dir = check_export_dir(export_dir)
+        self.options = opts = options or LoadOptions()
+        self.config: dict[str, Any] = json.loads((self.dir / "config.json").read_text())
+        self.family: Family = family_for(self.config)
+        import openvino_tokenizers  # noqa: F401  (adds the tokenizer operations to Cores made after it)
+
+        self.core = ov.Core()
+        if opts.cache_dir:
+            cache = default_cache_dir() if opts.cache_dir == "default" else Path(opts.cache_dir)
+            self.core.set_property({"CACHE_DIR": str(cache)})
+        self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
+        self.tokenizer = Tokenizer(self.core, self.dir)
+        self._vision = self._compiled["vision"].create_infer_request()
+        self._embed = self._compiled["text_embeddings"].create_infer_request()
+        self._lm = self._compiled["language"].create_infer_request()
+        newline = self.config.get("image_newline")
+        self.image_newline = np.asarray(newline, dtype=np.float32) if newline is not None else None
+        self.kv_len = 0
+        self._mask = np.ones((1, self.max_context + 1), dtype=np.int64)
+        self._beam_idx = np.zeros(1, dtype=np.int32)
+
+    # ---------------------------------------------------------------- loading
+
+    def part_path(self, part: str) -> Path:
+        override = self.options.part_paths.get(part)
+        if not override:
+            return self.dir / layout.MODEL_PARTS[part]
+        path = Path(override).expanduser()
+        path = path / layout.MODEL_PARTS[part] if path.is_dir() else path
+        if not path.exists():
+            raise ModelNotFoundError(f"{part} model not found: {path}")
+        return path
+
+    def _compile(self, part: str) -> ov.CompiledModel:
+        device = self.options.devices.get(part, self.options.device)
+        try:
+            return self.core.compile_model(self.part_path(part), device, dict(self.options.properties))
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LlavaOvError(f"cannot compile the {part} model on {device}: {first}") from None
+
+    def runtime_info(self) -> dict[str, Any]:
+        """Device and precision each part actually runs with."""
+        info = {}
+        for part, compiled in self._compiled.items():
+            props = {}
+            for key in ("EXECUTION_DEVICES", "INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION"):
+                try:
+                    props[key] = str(compiled.get_property(key))
+                except RuntimeError:
+                    pass
+            info[part] = props
+        return info
+
+    # ---------------------------------------------------------------- config
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        return self.config.get("text_config", {})
+
+    @property
+    def max_context(self) -> int:
+        return int(self.text_config.get("max_position_embeddings", 4096))
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.get("image_token_index", self.config.get("image_token_id", 32000)))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.get("hidden_size", 4096))
+
+    # ---------------------------------------------------------------- parts
+
+    def encode_image_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden] projected features."""
+        self._vision.infer({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})
+        return self._vision.get_output_tensor(0).data.copy()
+
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """[T] token ids -> [T, hidden] embeddings."""
+        self._embed.infer({"input_ids": np.asarray(ids, dtype=np.int64).reshape(1, -1)})
+        return self._embed.get_output_tensor(0).data[0]
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        """Run [T, hidden] embeddings after the cached prefix; returns the last position's logits."""
+        steps = embeds.shape[0]
+        start, end = self.kv_len, self.kv_len + steps
+        if end > self.max_context:
+            raise LlavaOvError(f"sequence of {end} tokens exceeds the model's context of {self.max_context}")
+        self._lm.set_tensor("inputs_embeds", ov.Tensor(np.ascontiguousarray(embeds[None], dtype=np.float32)))
+        self._lm.set_tensor("attention_mask", ov.Tensor(self._mask[:, :end]))
+        self._lm.set_tensor("position_ids", ov.Tensor(np.arange(start, end, dtype=np.int64)[None]))
+        self._lm.set_tensor("beam_idx", ov.Tensor(self._beam_idx))
+        self._lm.infer()
+        self.kv_len = end
+        return self._lm.get_tensor("logits").data[0, -1]
+
+    def reset(self) -> None:
+        """Forget the KV cache."""
+        self._lm.reset_state()
+        self.kv_len = 0
+
+    def trim(self, length: int) -> None:
+        """Keep only the first `length` cached positions."""
+        if length >= self.kv_len:
+            return
+        if length == 0:
+            self.reset()
+            return
+        for state in self._lm.query_state():
+            kept = np.take(state.state.data, np.arange(length), axis=SEQ_AXIS)
+            state.state = ov.Tensor(np.ascontiguousarray(kept))
+        self.kv_len = length

@@ -1,0 +1,339 @@
+"""`Pipeline`: the Python API every front end calls.
+
+Three layers: `step` (one forward of one token after the cached prefix),
+`stream` (an iterator of text pieces ending with a finish reason) and
+`generate` (collects a stream).  A prompt is a list of chat messages; the KV
+cache keeps the longest prefix shared with the previous call, so a follow-up
+turn prefills only its new tokens, and image features are cached by content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ContextLengthError, LlavaOvError
+from .features import merge_embeddings, pack_features
+from .generate import GenerationConfig, decode_tokens
+from .image import ImageConfig, load_image, preprocess
+from .model import ExportedModel, LoadOptions
+from .template import ChatTemplate
+
+FEATURE_CACHE_SIZE = 16
+
+
+@dataclass
+class Message:
+    """One chat turn: role ("system" | "user" | "assistant"), text, and the images it carries."""
+
+    role: str
+    text: str = ""
+    images: list[Any] = field(default_factory=list)  # paths, bytes, PIL images or arrays
+
+    def for_template(self) -> dict[str, Any]:
+        content: list[dict[str, Any]] = [{"type": "text", "text": self.text}]
+        content += [{"type": "image"} for _ in self.images]
+        return {"role": self.role, "content": content}
+
+
+@dataclass
+class Timings:
+    preprocess_s: float = 0.0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # from the call to the first token (includes image work and prefill)
+    token_s: list[float] = field(default_factory=list)  # per generated token after the first
+
+    @property
+    def decode_s(self) -> float:
+        return float(sum(self.token_s))
+
+    @property
+    def tpot_s(self) -> float:
+        return self.decode_s / len(self.token_s) if self.token_s else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_s) / self.decode_s if self.decode_s else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        out = {k: round(v, 6) for k, v in asdict(self).items() if k != "token_s"}
+        out.update(decode_s=round(self.decode_s, 6), tpot_s=round(self.tpot_s, 6), tokens_per_s=self.tokens_per_s)
+        return out
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # eos | length | stop | cancelled
+    prompt_tokens: int  # including image tokens
+    image_tokens: int
+    cached_tokens: int  # prompt tokens reused from the KV cache (not prefilled)
+    timings: Timings
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["timings"] = self.timings.as_dict()
+        return out
+
+
+@dataclass
+class StreamChunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    result: GenerationResult | None = None  # on the last chunk
+
+
+@dataclass
+class PreparedImage:
+    key: int  # negative id standing for this image's positions in the cache keys
+    features: np.ndarray  # [tokens, hidden]
+    preprocess_s: float = 0.0
+    vision_s: float = 0.0
+
+
+@dataclass
+class PreparedPrompt:
+    token_ids: np.ndarray  # expanded: every image position holds the image token id
+    keys: np.ndarray  # token id, or the image's key at image positions
+    images: list[PreparedImage]
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(len(im.features) for im in self.images)
+
+
+def as_messages(prompt: str | Sequence[Message], images: Sequence[Any] = ()) -> list[Message]:
+    """A plain prompt (+ images) becomes one user message."""
+    if isinstance(prompt, str):
+        return [Message("user", prompt, list(images))]
+    if images:
+        raise LlavaOvError("pass images inside the messages, not separately, when giving a conversation")
+    return list(prompt)
+
+
+class Pipeline:
+    """A loaded export ready to answer questions about images."""
+
+    def __init__(self, model_dir: str | Path, device: str = "CPU", **load: Any):
+        self.model = ExportedModel(model_dir, LoadOptions(device=device, **load))
+        self.image_config = ImageConfig.from_export(self.model.dir)
+        self.template = ChatTemplate.from_export(self.model.dir)
+        self.eos_ids = self._eos_ids()
+        self._features: OrderedDict[str, PreparedImage] = OrderedDict()
+        self._cache_keys = np.zeros(0, dtype=np.int64)
+        self._lock = threading.Lock()
+        self._cancel: threading.Event | None = None
+
+    def _eos_ids(self) -> set[int]:
+        import json
+
+        ids: set[int] = set()
+        gen = self.model.dir / "generation_config.json"
+        for cfg in (json.loads(gen.read_text()) if gen.exists() else {}, self.model.text_config, self.model.config):
+            value = cfg.get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+        return ids
+
+    # ---------------------------------------------------------------- images
+
+    def prepare_image(self, source: Any) -> PreparedImage:
+        """Preprocess + encode + pack one image, cached by pixel content."""
+        start = time.perf_counter()
+        image = load_image(source)
+        digest = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.size).encode()[:16]).hexdigest()
+        if digest in self._features:
+            self._features.move_to_end(digest)
+            return PreparedImage(self._features[digest].key, self._features[digest].features)
+        processed = preprocess(image, self.image_config, self.model.family.preprocessing)
+        prep_s = time.perf_counter() - start
+        tiles = self.model.encode_image_tiles(processed.pixel_values)
+        packed = pack_features(
+            tiles, processed.image_size, processed.grid, self.model.image_newline, self.model.family.packs_features
+        )
+        entry = PreparedImage(-(int(digest[:15], 16) + 1), packed, prep_s, time.perf_counter() - start - prep_s)
+        self._features[digest] = entry
+        if len(self._features) > FEATURE_CACHE_SIZE:
+            self._features.popitem(last=False)
+        return entry
+
+    # ---------------------------------------------------------------- prompts
+
+    def render(self, messages: Sequence[Message]) -> str:
+        return self.template.render([m.for_template() for m in messages], add_generation_prompt=True)
+
+    def prepare(self, messages: Sequence[Message]) -> PreparedPrompt:
+        """Render, tokenize and expand `<image>` into each image's feature positions."""
+        ids = self.model.tokenizer.encode(self.render(messages))
+        sources = [img for m in messages for img in m.images]
+        positions = np.flatnonzero(ids == self.model.image_token_id)
+        if len(positions) != len(sources):
+            raise LlavaOvError(f"the prompt has {len(positions)} <image> tokens but {len(sources)} images were given")
+        images = [self.prepare_image(src) for src in sources]
+        pieces_ids, pieces_keys, prev = [], [], 0
+        for pos, image in zip(positions, images):
+            pieces_ids += [ids[prev:pos], np.full(len(image.features), self.model.image_token_id, np.int64)]
+            pieces_keys += [ids[prev:pos], np.full(len(image.features), image.key, np.int64)]
+            prev = pos + 1
+        pieces_ids.append(ids[prev:])
+        pieces_keys.append(ids[prev:])
+        return PreparedPrompt(np.concatenate(pieces_ids), np.concatenate(pieces_keys), images)
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return len(self.prepare(messages).token_ids)
+
+    def _check_context(self, prompt: PreparedPrompt) -> None:
+        total, limit = len(prompt.token_ids), self.model.max_context
+        if total >= limit:
+            raise ContextLengthError(
+                f"the prompt is {total} tokens ({prompt.image_tokens} of them for images); "
+                f"the model's context is {limit} tokens"
+            )
+
+    # ---------------------------------------------------------------- forward
+
+    def step(self, token_id: int) -> np.ndarray:
+        """One forward of `token_id` after the cached sequence; returns next-token logits."""
+        logits = self.model.forward(self.model.embed_tokens(np.array([token_id])))
+        self._cache_keys = np.append(self._cache_keys, token_id)
+        return logits
+
+    def prefill(self, prompt: PreparedPrompt) -> tuple[np.ndarray, int]:
+        """Feed what the cache lacks of `prompt`; returns (last logits, reused prefix length)."""
+        reuse = common_prefix(self._cache_keys, prompt.keys)
+        reuse = min(reuse, len(prompt.keys) - 1)  # the last position must run to give logits
+        self.model.trim(reuse)
+        self._cache_keys = self._cache_keys[:reuse]
+        suffix = prompt.token_ids[reuse:]
+        embeds = self.model.embed_tokens(suffix)
+        image_mask = prompt.keys[reuse:] < 0
+        if image_mask.any():
+            visible = image_features_from(prompt, reuse)
+            embeds = merge_embeddings(embeds, image_mask, visible)
+        try:
+            logits = self.model.forward(embeds)
+        except BaseException:
+            self.reset()
+            raise
+        self._cache_keys = prompt.keys.copy()
+        return logits, reuse
+
+    def reset(self) -> None:
+        self.model.reset()
+        self._cache_keys = np.zeros(0, dtype=np.int64)
+
+    # ---------------------------------------------------------------- generation
+
+    def stream(
+        self,
+        prompt: str | Sequence[Message],
+        images: Sequence[Any] = (),
+        config: GenerationConfig | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[StreamChunk]:
+        """Yield text pieces as they are decoded; the last chunk has finish_reason and the result."""
+        config = config or GenerationConfig()
+        config.validate()
+        messages = as_messages(prompt, images)
+        with self._lock:
+            self._cancel = cancel = cancel or threading.Event()
+            try:
+                yield from self._stream_locked(messages, config, cancel)
+            finally:
+                self._cancel = None
+
+    def _stream_locked(self, messages, config, cancel) -> Iterator[StreamChunk]:
+        started = time.perf_counter()
+        timings = Timings()
+        prompt = self.prepare(messages)
+        self._check_context(prompt)
+        timings.preprocess_s = sum(im.preprocess_s for im in prompt.images)
+        timings.vision_s = sum(im.vision_s for im in prompt.images)
+        prefill_start = time.perf_counter()
+        logits, reused = self.prefill(prompt)
+        timings.prefill_s = time.perf_counter() - prefill_start
+        tokens: list[int] = []
+        texts: list[str] = []
+        events = decode_tokens(
+            logits,
+            self.step,
+            self.model.tokenizer.decode,
+            config,
+            self.eos_ids,
+            history=prompt.token_ids.tolist() if config.repetition_penalty != 1.0 else (),
+            max_tokens=self.model.max_context - len(prompt.token_ids),
+            cancel=cancel,
+        )
+        for event in events:
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+                if len(tokens) == 1:
+                    timings.ttft_s = time.perf_counter() - started
+                else:
+                    timings.token_s.append(event.time_s)
+            texts.append(event.text)
+            chunk = StreamChunk(event.text, [] if event.token_id is None else [event.token_id], event.finish_reason)
+            if event.finish_reason is not None:
+                chunk.result = GenerationResult(
+                    "".join(texts), tokens, event.finish_reason, len(prompt.token_ids),
+                    prompt.image_tokens, reused, timings,
+                )  # fmt: skip
+            yield chunk
+
+    def generate(self, prompt, images=(), config=None, cancel=None) -> GenerationResult:
+        """Run `stream` to the end and return the collected result."""
+        for chunk in self.stream(prompt, images, config, cancel):
+            if chunk.result is not None:
+                return chunk.result
+        raise RuntimeError("generation ended without a result")  # unreachable: streams always finish
+
+    def cancel(self) -> None:
+        """Stop the running generation (from any thread) before its next token."""
+        if self._cancel is not None:
+            self._cancel.set()
+
+    def info(self) -> dict[str, Any]:
+        from .config import EXPORT_INFO, read_json
+
+        export = self.model.dir / EXPORT_INFO
+        return {
+            "model_dir": str(self.model.dir),
+            "family": self.model.family.model_type,
+            "device": self.model.options.device,
+            "export": read_json(export) if export.exists() else {},
+            "runtime": self.model.runtime_info(),
+        }
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the shared prefix of two 1-D arrays."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+def image_features_from(prompt: PreparedPrompt, start: int) -> list[np.ndarray]:
+    """The image features for positions >= start, in order (an image may be cut by the reused prefix)."""
+    out, pos = [], 0
+    image_iter = iter(prompt.images)
+    keys = prompt.keys
+    while pos < len(keys):
+        if keys[pos] >= 0:
+            pos += 1
+            continue
+        image = next(image_iter)
+        end = pos + len(image.features)
+        if end > start:
+            out.append(image.features[max(0, start - pos) :])
+        pos = end
+    return out

@@ -1,0 +1,2 @@
+def test_build(exports):
+    print(exports)
