@@ -36,6 +36,7 @@ class ExportInfo:
     compression: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. "random weights: answers are noise"
 
     def save(self, export_dir: Path) -> None:
         (Path(export_dir) / EXPORT_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -283,6 +283,14 @@ def write_config_files(model, processor, out: Path) -> None:
         (out / layout.CHAT_TEMPLATE).write_text(processor.chat_template)
 
 
+def source_notes(src: str) -> list[str]:
+    """Warnings that travel with the export (a random-weight checkpoint says so)."""
+    from .random_models import RANDOM_WEIGHTS_MARKER
+
+    marker = Path(src) / RANDOM_WEIGHTS_MARKER
+    return [marker.read_text().strip()] if marker.exists() else []
+
+
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -385,6 +393,7 @@ def _convert_into(src: str, out: Path, family: Family, opts: ConvertOptions, pha
         parts=parts,
         compression={"source_dtype": stored_dtype, "weight_format": fmt},
         timings_s={k: round(v, 2) for k, v in phases.timings.items()},
+        notes=source_notes(src),
     )
     info.save(out)
     return info

@@ -70,7 +70,7 @@ class Tokenizer:
         if arr.shape[1] == 0:
             return ""
         self._dec_req.infer([arr])
-        return str(self._dec_req.get_output_tensor(0).data[0])
+        return self._dec_req.get_output_tensor(0).str_data[0]
 
 
 class ExportedModel:

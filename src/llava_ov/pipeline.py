@@ -210,6 +210,8 @@ class Pipeline:
 
     def prefill(self, prompt: PreparedPrompt) -> tuple[np.ndarray, int]:
         """Feed what the cache lacks of `prompt`; returns (last logits, reused prefix length)."""
+        if len(self._cache_keys) != self.model.kv_len:  # an interrupted step: trust nothing cached
+            self.reset()
         reuse = common_prefix(self._cache_keys, prompt.keys)
         reuse = min(reuse, len(prompt.keys) - 1)  # the last position must run to give logits
         self.model.trim(reuse)
@@ -301,6 +303,14 @@ class Pipeline:
         """Stop the running generation (from any thread) before its next token."""
         if self._cancel is not None:
             self._cancel.set()
+
+    def warnings(self) -> list[str]:
+        """Things a user must know about this export (e.g. random demo weights)."""
+        from .config import EXPORT_INFO, ExportInfo
+
+        if not (self.model.dir / EXPORT_INFO).exists():
+            return []
+        return list(ExportInfo.load(self.model.dir).notes)
 
     def info(self) -> dict[str, Any]:
         from .config import EXPORT_INFO, read_json

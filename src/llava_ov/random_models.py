@@ -38,6 +38,8 @@ class RandomModelSpec:
     seed: int = 0
 
 
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
+
 FAMILY_CONFIGS = {
     "llava-next": "llava-v1.6-mistral-7b-hf",
     "llava": "llava-1.5-7b-hf",
@@ -134,6 +136,7 @@ def build_random_checkpoint(spec: RandomModelSpec, out_dir: str | Path, dtype: s
     # transformers 5 folds the image-processor settings into processor_config.json;
     # keep the classic file too, like the Hub checkpoints have it.
     (out / "preprocessor_config.json").write_text(json.dumps(preproc, indent=2) + "\n")
+    (out / RANDOM_WEIGHTS_MARKER).write_text("This checkpoint has random weights: its answers are noise.\n")
     if (folder / "generation_config.json").exists():
         shutil.copy(folder / "generation_config.json", out / "generation_config.json")
     return out

@@ -1,0 +1,188 @@
+"""`llava-ov` command line: thin subcommands over the Python API.
+
+Each front end (ui, serve, bench, batch, compress, evaluate) registers its own
+subcommand through a `register(subparsers)` function in its module, listed in
+`FRONT_ENDS`; this file holds only the core commands.  Errors users can act on
+(`LlavaOvError`) print as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from .errors import LlavaOvError
+
+# Modules that add subcommands: module path -> its register function.
+FRONT_ENDS = ("llava_ov.quantize_cli", "llava_ov.ui", "llava_ov.server.cli", "llava_ov.bench", "llava_ov.batch")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="export directory, or a Hugging Face hub id (converted on first use)")
+    p.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO")
+    p.add_argument("--weight-format", default="int4", help="for a hub id converted on first use (default int4)")
+    p.add_argument("--f32", action="store_true", help="pin f32 inference and KV cache (reference numerics)")
+
+
+def generation_config(args: argparse.Namespace):
+    from .generate import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop),
+    )  # fmt: skip
+
+
+def load_pipeline(args: argparse.Namespace):
+    from .hub import resolve_model
+    from .model import F32_PROPERTIES
+    from .pipeline import Pipeline
+
+    export = resolve_model(args.model, weight_format=args.weight_format)
+    pipe = Pipeline(export, args.device, properties=dict(F32_PROPERTIES) if args.f32 else {})
+    for warning in pipe.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    return pipe
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertOptions, convert
+
+    quant = None
+    if args.weight_format in ("int4", "int8"):
+        from .quantize import QuantConfig
+
+        quant = QuantConfig.from_weight_format(args.weight_format, group_size=args.group_size, ratio=args.ratio)
+    opts = ConvertOptions(weight_format=args.weight_format, overwrite=args.overwrite, revision=args.revision, quant=quant)
+    out = convert(args.src, Path(args.output), opts)
+    print(f"exported {args.src} to {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    pipe = load_pipeline(args)
+    images = [args.image] if args.image else []
+    config = generation_config(args)
+    if args.json:
+        result = pipe.generate(args.prompt, images, config)
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+        return 0
+    result = None
+    for chunk in pipe.stream(args.prompt, images, config):
+        print(chunk.text, end="", flush=True)
+        result = chunk.result or result
+    print()
+    if result is not None and args.verbose:
+        t = result.timings
+        print(f"[{result.finish_reason}; {result.prompt_tokens} prompt tokens ({result.image_tokens} image); "
+              f"TTFT {t.ttft_s:.2f} s; {t.tokens_per_s:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .terminal_chat import run_terminal_chat
+
+    return run_terminal_chat(load_pipeline(args), generation_config(args), system=args.system)
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from .demo import build_demo_model
+
+    out = build_demo_model(Path(args.output), family=args.family, overwrite=args.overwrite)
+    print(f"demo model ready at {out}\nnote: it has RANDOM weights; its answers are noise (for trying the tools offline)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .model import F32_PROPERTIES  # noqa: F401
+    from .pipeline import Pipeline
+
+    pipe = Pipeline(args.model, args.device)
+    print(json.dumps(pipe.info(), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-ov", description="LLaVA visual assistants on OpenVINO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face LLaVA checkpoint to OpenVINO")
+    p.add_argument("src", help="hub id (e.g. llava-hf/llava-v1.6-mistral-7b-hf) or local checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="export directory to create")
+    p.add_argument("--weight-format", default="fp16", choices=["fp32", "fp16", "int8", "int4"])
+    p.add_argument("--group-size", type=int, default=64, help="INT4 group size")
+    p.add_argument("--ratio", type=float, default=0.6, help="share of INT4 weights (rest INT8)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("run", help="answer one prompt about an image (streams the answer)")
+    add_model_args(p)
+    p.add_argument("--image", help="image file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, timings")
+    p.add_argument("-v", "--verbose", action="store_true", help="print finish reason and speed")
+    add_generation_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive terminal chat (/image PATH, /reset, /exit)")
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    add_generation_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo-model", help="build a small RANDOM-weight model to try the tools offline")
+    p.add_argument("output")
+    p.add_argument("--family", default="llava-next", choices=["llava-next", "llava"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo_model)
+
+    p = sub.add_parser("info", help="show what an export holds and how it runs")
+    p.add_argument("model")
+    p.add_argument("--device", default="CPU")
+    p.set_defaults(func=cmd_info)
+
+    for name in FRONT_ENDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):  # that front end is not part of this build
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LlavaOvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
