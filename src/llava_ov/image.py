@@ -27,7 +27,7 @@ from typing import Any, Callable, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import InvalidImageError, UnsupportedModelError
+from .errors import InvalidImageError, ModelNotFoundError, UnsupportedModelError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -82,11 +82,11 @@ class ImageConfig:
             kw["crop_size"] = _size_dict(kw["crop_size"], square=True)
         for key in ("image_mean", "image_std"):
             if key in kw:
-                kw[key] = tuple(float(v) for v in (kw[key] if isinstance(kw[key], list) else [kw[key]] * 3))
+                kw[key] = tuple(float(v) for v in (kw[key] if isinstance(kw[key], (list, tuple)) else [kw[key]] * 3))
         if "image_grid_pinpoints" in kw:
             kw["image_grid_pinpoints"] = tuple((int(h), int(w)) for h, w in kw["image_grid_pinpoints"])
         cfg = cls(**kw)
-        cfg.base_size  # validate the size setting now, not at the first image
+        _resize_size((1, 1), cfg.size)  # reject an unsupported size setting now, not at the first image
         return cfg
 
     @classmethod
@@ -96,7 +96,7 @@ class ImageConfig:
             path = Path(export_dir) / name
             if path.is_file():
                 return cls.from_dict(json.loads(path.read_text()))
-        raise UnsupportedModelError(f"{export_dir} has no preprocessor_config.json or processor_config.json")
+        raise ModelNotFoundError(f"{export_dir} has no preprocessor_config.json or processor_config.json")
 
     @property
     def base_size(self) -> tuple[int, int]:
@@ -157,17 +157,20 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise InvalidImageError(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise InvalidImageError(
-            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
-            "(refused before decoding: possible decompression bomb)"
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} pixels "
+            "(possible decompression bomb)"
         )
+
+
+_PIL_BOMB = "image header claims more pixels than Pillow will decode (possible decompression bomb)"
 
 
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
     """Decode bytes, checking the header's pixel count before decoding any pixels."""
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:
-        raise InvalidImageError(f"image is too large to decode safely (possible decompression bomb): {e}") from None
+    except Image.DecompressionBombError:
+        raise InvalidImageError(_PIL_BOMB) from None
     except Image.UnidentifiedImageError:
         raise InvalidImageError("image data is not a recognised image format (corrupt or not an image)") from None
     except Exception as e:  # Pillow plugins raise many types on bad headers; all mean "corrupt"
@@ -180,8 +183,8 @@ def _load_pixels(img: Image.Image) -> Image.Image:
     """Decode the pixels of a lazily opened image, mapping decoder failures to InvalidImageError."""
     try:
         img.load()
-    except Image.DecompressionBombError as e:
-        raise InvalidImageError(f"image is too large to decode safely (possible decompression bomb): {e}") from None
+    except Image.DecompressionBombError:
+        raise InvalidImageError(_PIL_BOMB) from None
     except Exception as e:  # truncated/corrupt data surfaces as OSError, SyntaxError, ValueError, zlib.error...
         raise InvalidImageError(f"image data is corrupt or truncated: {_one_line(e)}") from None
     return img
@@ -213,14 +216,16 @@ def _from_array(a: np.ndarray, max_pixels: int) -> Image.Image:
     if a.ndim == 3 and a.shape[2] == 4:
         alpha = a[..., 3:4] / 255
         a = np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+    img = Image.fromarray(np.ascontiguousarray(a))
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _high_byte(img: Image.Image) -> Image.Image:
     """16/32-bit grayscale ("I;16*", "I") as 8-bit "L", keeping the high byte.
 
     Pillow itself decodes 16-bit RGB PNGs this way; transformers instead lets
-    PIL clip every value above 255 to white. "I" images already in 0..255 are kept.
+    PIL clip every value above 255 to white. "I" images already in 0..255 are
+    kept. A 16-bit transparency key (rare) is dropped.
     """
     a = np.asarray(img)
     if img.mode == "I" and 0 <= a.min() and a.max() <= 255:
@@ -390,5 +395,6 @@ def preprocess(image: ImageSource, cfg: ImageConfig, mode: str) -> ProcessedImag
     try:
         fn = PREPROCESSORS[mode]
     except KeyError:
-        raise UnsupportedModelError(f"unknown image preprocessing {mode!r}; known: {', '.join(PREPROCESSORS)}") from None
+        known = ", ".join(PREPROCESSORS)
+        raise UnsupportedModelError(f"unknown image preprocessing {mode!r}; known: {known}") from None
     return fn(image, cfg)
