@@ -1,0 +1,123 @@
+"""Decode-loop pieces: sampling, repetition penalty, streaming detokenisation, stop strings, template."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llava_ov.errors import LlavaOvError
+from llava_ov.generate import (
+    GenerationConfig,
+    IncrementalDetokenizer,
+    Sampler,
+    StopStrings,
+    apply_repetition_penalty,
+    decode_tokens,
+)
+from llava_ov.model import ExportedModel, LoadOptions
+from llava_ov.template import ChatTemplate
+
+
+def test_greedy_picks_argmax():
+    logits = np.array([0.1, 3.0, -1.0, 2.9], np.float32)
+    assert Sampler(GenerationConfig())(logits, []) == 1
+
+
+def test_top_k_1_is_greedy_and_top_p_keeps_the_nucleus():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=100).astype(np.float32)
+    sampler = Sampler(GenerationConfig(temperature=1.0, top_k=1, seed=0))
+    assert {sampler(logits, []) for _ in range(20)} == {int(logits.argmax())}
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(probs[order]), 0.5) + 1)].tolist())
+    sampler = Sampler(GenerationConfig(temperature=1.0, top_p=0.5, seed=1))
+    drawn = {sampler(logits, []) for _ in range(300)}
+    assert drawn <= nucleus and len(drawn) > 1
+
+
+def test_sampling_follows_the_distribution():
+    logits = np.log(np.array([0.7, 0.2, 0.1]))
+    sampler = Sampler(GenerationConfig(temperature=1.0, seed=3))
+    counts = np.bincount([sampler(logits, []) for _ in range(4000)], minlength=3) / 4000
+    np.testing.assert_allclose(counts, [0.7, 0.2, 0.1], atol=0.03)
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=50).astype(np.float32)
+    history = [3, 7, 7, 12, 40]
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([history]), torch.from_numpy(logits[None].copy()))
+    np.testing.assert_allclose(apply_repetition_penalty(logits, history, 1.3), ref[0].numpy(), rtol=1e-6)
+
+
+def test_invalid_settings_are_rejected():
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)):
+        with pytest.raises(LlavaOvError):
+            GenerationConfig(**bad).validate()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(exports):
+    return ExportedModel(exports["llava-next"], LoadOptions(cache_dir=None)).tokenizer
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Hello world, this is a test.", "Émojis 🦙🔥 and 日本語 mixed in", "  spaces   and\nnewlines\n\n", "a b  c   d"],
+)
+def test_incremental_detokenizer_reassembles_text(tokenizer, text):
+    ids = tokenizer.encode(text)[1:]  # drop BOS
+    detok = IncrementalDetokenizer(tokenizer.decode)
+    pieces = [detok.push(int(t)) for t in ids]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_byte_fallback_tokens_never_emit_broken_utf8(tokenizer):
+    ids = tokenizer.encode("🦙")[1:]
+    assert len(ids) > 1  # the emoji is several byte tokens
+    detok = IncrementalDetokenizer(tokenizer.decode)
+    pieces = [detok.push(int(t)) for t in ids]
+    assert pieces[:-1] == [""] * (len(ids) - 1)  # nothing until the character is complete
+    assert "".join(pieces).strip() == "🦙"
+
+
+def test_stop_strings_hold_back_partial_matches():
+    stops = StopStrings(["END"])
+    assert stops.feed("abc E") == ("abc ", False)
+    assert stops.feed("N") == ("", False)
+    assert stops.feed("D tail") == ("", True)
+    stops = StopStrings(["END"])
+    assert stops.feed("abc E") == ("abc ", False)
+    assert stops.feed("x") == ("Ex", False)
+
+
+def test_decode_tokens_finishes_on_eos_and_length():
+    logits = {0: np.array([0, 0, 5.0]), 1: np.array([5.0, 0, 0])}  # token 2 then token 0
+    state = {"n": 0}
+
+    def step(token):
+        state["n"] += 1
+        return logits[1]
+
+    events = list(decode_tokens(logits[0], step, lambda ids: "x" * len(ids), GenerationConfig(), {0}))
+    assert [e.token_id for e in events] == [2, None] and events[-1].finish_reason == "eos"
+    events = list(decode_tokens(logits[0], step, lambda ids: "x" * len(ids), GenerationConfig(max_new_tokens=1), {0}))
+    assert events[-1].finish_reason == "length" and state["n"] == 1  # the last token is not fed back
+
+
+def test_multi_turn_template_matches_transformers(hf_models, exports):
+    _, processor = hf_models["llava-next"]
+    chat = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Its colour?"}]},
+    ]
+    ours = ChatTemplate.from_export(exports["llava-next"]).render(chat)
+    assert ours == processor.apply_chat_template(chat, add_generation_prompt=True)
+    assert "A cat.</s> [INST]" in ours  # the current Hub form, not the 2024 `<\s>` typo
