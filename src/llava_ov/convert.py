@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,15 @@ def convert(src: str, out: str | Path, options: ConvertOptions | None = None) ->
 
 
 def _convert_into(src: str, out: Path, family: Family, opts: ConvertOptions, phases: Phases) -> layout.ExportInfo:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # our phases report progress; tracer chatter is noise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _convert_parts(src, out, family, opts, phases)
+
+
+def _convert_parts(src: str, out: Path, family: Family, opts: ConvertOptions, phases: Phases) -> layout.ExportInfo:
     fmt = "fp16" if opts.weight_format in ("int8", "int4") else opts.weight_format
     with phases.phase(f"loading {src}"):
         model, processor = load_checkpoint(src, family, opts.revision)

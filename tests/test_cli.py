@@ -1,0 +1,91 @@
+"""The `llava-ov` command line, run as users run it (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import F32
+from llava_ov.generate import GenerationConfig
+from llava_ov.pipeline import Pipeline
+
+
+def cli(*args, env=None, stdin=None, timeout=300):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "llava_ov.cli", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, env=full_env, timeout=timeout)  # fmt: skip
+
+
+def assert_clean_error(proc, pattern):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert pattern in proc.stderr, proc.stderr
+
+
+def test_run_json_equals_pipeline(exports, photos):
+    proc = cli("run", exports["llava-next"], "--image", photos["chelsea"], "--prompt", "What is it?",
+               "--max-new-tokens", "12", "--json", "--f32")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert {"text", "token_ids", "finish_reason", "timings", "prompt_tokens"} <= out.keys()
+    assert out["timings"]["ttft_s"] > 0 and out["timings"]["vision_s"] > 0
+    ref = Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
+    expected = ref.generate("What is it?", [photos["chelsea"]], GenerationConfig(max_new_tokens=12))
+    assert out["token_ids"] == expected.token_ids and out["text"] == expected.text
+
+
+def test_run_streams_text(exports, photos):
+    proc = cli("run", exports["llava"], "--image", photos["coffee"], "--prompt", "Describe.", "--max-new-tokens", "8",
+               "-v")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() and "tokens/s" in proc.stderr
+
+
+def test_run_bad_inputs_are_one_line_errors(exports, tmp_path):
+    assert_clean_error(cli("run", exports["llava"], "--image", tmp_path / "no.png", "--prompt", "x"), "error:")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    assert_clean_error(cli("run", exports["llava"], "--image", tmp_path / "bad.jpg", "--prompt", "x"), "error:")
+    assert_clean_error(cli("run", tmp_path / "missing-model", "--prompt", "x"), "no such model directory")
+    assert_clean_error(cli("run", "some-org/not-a-model", "--prompt", "x"), "could not be fetched")
+
+
+def test_convert_errors(tmp_path, exports):
+    assert_clean_error(cli("convert", tmp_path / "nope", "-o", tmp_path / "out"), "no such directory")
+    assert_clean_error(cli("convert", exports["llava"], "-o", exports["llava"]), "already exists")
+
+
+def test_chat_commands_and_follow_up(exports, photos):
+    script = f"/image {photos['rocket']}\nWhat is this?\nAnd the colours?\n/reset\n/image /no/such.png\n/exit\n"
+    proc = cli("chat", exports["llava-next"], "--max-new-tokens", "6", stdin=script)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2
+    assert "conversation cleared" in proc.stdout and "error:" in proc.stdout
+
+
+def test_checkpoint_dir_is_converted_once_into_the_cache(checkpoints, photos, tmp_path):
+    env = {"LLAVA_OV_HOME": str(tmp_path)}
+    args = ("run", checkpoints["llava"], "--weight-format", "fp32", "--image", photos["coffee"], "--prompt", "Hi",
+            "--max-new-tokens", "4")  # fmt: skip
+    first = cli(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "converting" in first.stdout + first.stderr
+    assert "random weights" in first.stderr  # the demo warning travels with the export
+    second = cli(*args, env=env)
+    assert second.returncode == 0 and "converting" not in second.stdout + second.stderr
+
+
+def test_demo_model_command(tmp_path):
+    proc = cli("demo-model", tmp_path / "demo", "--family", "llava")
+    assert proc.returncode == 0, proc.stderr
+    assert "RANDOM weights" in proc.stdout
+    info = cli("info", tmp_path / "demo")
+    assert info.returncode == 0 and json.loads(info.stdout)["family"] == "llava"
+
+
+@pytest.mark.parametrize("command", ["convert", "run", "chat", "demo-model", "info"])
+def test_help(command):
+    assert cli(command, "--help").returncode == 0
