@@ -66,22 +66,36 @@ def tokenizer(exports):
     return ExportedModel(exports["llava-next"], LoadOptions(cache_dir=None)).tokenizer
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["Hello world, this is a test.", "Émojis 🦙🔥 and 日本語 mixed in", "  spaces   and\nnewlines\n\n", "a b  c   d"],
-)
-def test_incremental_detokenizer_reassembles_text(tokenizer, text):
+TEXTS = ["Hello world, this is a test.", "Émojis 🦙🔥 and 日本語 mixed in", "  spaces   and\nnewlines\n\n",
+         "a b  c   d", "<image> special </s> tokens <pad> inside"]  # fmt: skip
+
+
+def streams(tokenizer):
+    return {"ir": lambda: IncrementalDetokenizer(tokenizer.decode), "pieces": tokenizer.pieces.stream}
+
+
+@pytest.mark.parametrize("kind", ["ir", "pieces"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_streaming_detokenizers_reassemble_text(tokenizer, text, kind):
     ids = tokenizer.encode(text)[1:]  # drop BOS
-    detok = IncrementalDetokenizer(tokenizer.decode)
+    detok = streams(tokenizer)[kind]()
     pieces = [detok.push(int(t)) for t in ids]
-    assert "".join(pieces) == tokenizer.decode(ids)
+    assert "".join(pieces) + detok.flush() == tokenizer.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
 
 
-def test_byte_fallback_tokens_never_emit_broken_utf8(tokenizer):
+def test_piece_decoder_equals_detokenizer_ir_on_random_ids(tokenizer):
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        ids = rng.integers(0, 32002, rng.integers(1, 40)).tolist()
+        assert tokenizer.pieces.decode(ids) == tokenizer.decode(ids), ids
+
+
+@pytest.mark.parametrize("kind", ["ir", "pieces"])
+def test_byte_fallback_tokens_never_emit_broken_utf8(tokenizer, kind):
     ids = tokenizer.encode("🦙")[1:]
     assert len(ids) > 1  # the emoji is several byte tokens
-    detok = IncrementalDetokenizer(tokenizer.decode)
+    detok = streams(tokenizer)[kind]()
     pieces = [detok.push(int(t)) for t in ids]
     assert pieces[:-1] == [""] * (len(ids) - 1)  # nothing until the character is complete
     assert "".join(pieces).strip() == "🦙"
@@ -105,9 +119,12 @@ def test_decode_tokens_finishes_on_eos_and_length():
         state["n"] += 1
         return logits[1]
 
-    events = list(decode_tokens(logits[0], step, lambda ids: "x" * len(ids), GenerationConfig(), {0}))
+    def text():
+        return IncrementalDetokenizer(lambda ids: "x" * len(ids))
+
+    events = list(decode_tokens(logits[0], step, text(), GenerationConfig(), {0}))
     assert [e.token_id for e in events] == [2, None] and events[-1].finish_reason == "eos"
-    events = list(decode_tokens(logits[0], step, lambda ids: "x" * len(ids), GenerationConfig(max_new_tokens=1), {0}))
+    events = list(decode_tokens(logits[0], step, text(), GenerationConfig(max_new_tokens=1), {0}))
     assert events[-1].finish_reason == "length" and state["n"] == 1  # the last token is not fed back
 
 

@@ -1,7 +1,7 @@
 """The decode loop: sampling, streaming detokenisation, stop conditions, finish reasons.
 
-`decode_tokens` takes the logits of the prefill and a `step(token_id) -> logits`
-function and yields one `TokenEvent` per generated token, ending with a finish
+`decode_tokens` takes the logits of the prefill, a `step(token_id) -> logits`
+function and a text stream (token id -> text delta), and yields one `TokenEvent` per generated token, ending with a finish
 reason: "eos", "length", "stop" (a stop string), or "cancelled".
 """
 
@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -109,6 +110,13 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return delta
 
+    def flush(self) -> str:
+        """Text held back at the end (e.g. an incomplete character the model never finished)."""
+        full_text = self.decode(self.ids[self.prefix_offset :])
+        prefix_text = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full_text[len(prefix_text) :]
+
 
 class StopStrings:
     """Finds stop strings in streamed text and holds back text that may start one."""
@@ -151,10 +159,15 @@ class TokenEvent:
     time_s: float = 0.0  # time to produce this token
 
 
+class TextStream(Protocol):
+    def push(self, token_id: int) -> str: ...
+    def flush(self) -> str: ...
+
+
 def decode_tokens(
     first_logits: np.ndarray,
     step: Callable[[int], np.ndarray],
-    detokenize: Callable[[Sequence[int]], str],
+    detok: TextStream,
     config: GenerationConfig,
     eos_ids: set[int],
     *,
@@ -164,18 +177,17 @@ def decode_tokens(
 ) -> Iterator[TokenEvent]:
     """Sample, stream and stop. `max_tokens` caps generation at the context limit."""
     sampler = Sampler(config)
-    detok = IncrementalDetokenizer(detokenize)
     stops = StopStrings(config.stop)
     limit = min(config.max_new_tokens, max_tokens if max_tokens is not None else config.max_new_tokens)
     seen = list(history)
     logits, last = first_logits, time.perf_counter()
     for produced in range(1, limit + 1):
         if cancel is not None and cancel.is_set():
-            yield TokenEvent(None, stops.flush(), "cancelled")
+            yield TokenEvent(None, stops.feed(detok.flush())[0] + stops.flush(), "cancelled")
             return
         token = sampler(logits, seen)
         if token in eos_ids and not config.ignore_eos:
-            yield TokenEvent(None, stops.flush(), "eos")
+            yield TokenEvent(None, stops.feed(detok.flush())[0] + stops.flush(), "eos")
             return
         seen.append(token)
         text, stopped = stops.feed(detok.push(token))
@@ -185,7 +197,7 @@ def decode_tokens(
             yield TokenEvent(token, text, "stop", elapsed)
             return
         if produced == limit:
-            yield TokenEvent(token, text + stops.flush(), "length", elapsed)
+            yield TokenEvent(token, text + stops.feed(detok.flush())[0] + stops.flush(), "length", elapsed)
             return
         yield TokenEvent(token, text, None, elapsed)
         logits = step(token)

@@ -52,14 +52,27 @@ class LoadOptions:
     cache_dir: str | None = "default"  # compiled-model cache; None disables it
 
 
+# Tiny graphs (string ops, a gather): one thread avoids thread-pool wake-ups that cost more than the work.
+SMALL_GRAPH = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
+
+
 class Tokenizer:
     """openvino-tokenizers IRs: text -> ids (with BOS), ids -> text (special tokens skipped)."""
 
     def __init__(self, core: ov.Core, export_dir: Path):
-        self._encoder = core.compile_model(export_dir / layout.TOKENIZER_MODEL, "CPU")
-        self._decoder = core.compile_model(export_dir / layout.DETOKENIZER_MODEL, "CPU")
+        from .detokenize import PieceDecoder
+
+        self._encoder = core.compile_model(export_dir / layout.TOKENIZER_MODEL, "CPU", SMALL_GRAPH)
+        self._decoder = core.compile_model(export_dir / layout.DETOKENIZER_MODEL, "CPU", SMALL_GRAPH)
         self._enc_req = self._encoder.create_infer_request()
         self._dec_req = self._decoder.create_infer_request()
+        self.pieces = PieceDecoder.from_export(export_dir)
+
+    def stream(self):
+        """A text stream for one generation: vocabulary table when possible, else the detokenizer IR."""
+        from .generate import IncrementalDetokenizer
+
+        return self.pieces.stream() if self.pieces is not None else IncrementalDetokenizer(self.decode)
 
     def encode(self, text: str) -> np.ndarray:
         self._enc_req.infer([text])
@@ -112,8 +125,10 @@ class ExportedModel:
 
     def _compile(self, part: str) -> ov.CompiledModel:
         device = self.options.devices.get(part, self.options.device)
+        props = dict(SMALL_GRAPH) if part == "text_embeddings" and device == "CPU" else {}
+        props.update(self.options.properties)
         try:
-            return self.core.compile_model(self.part_path(part), device, dict(self.options.properties))
+            return self.core.compile_model(self.part_path(part), device, props)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LlavaOvError(f"cannot compile the {part} model on {device}: {first}") from None
@@ -158,7 +173,8 @@ class ExportedModel:
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         """[T] token ids -> [T, hidden] embeddings."""
-        self._embed.infer({"input_ids": np.asarray(ids, dtype=np.int64).reshape(1, -1)})
+        self._embed.set_input_tensor(ov.Tensor(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)))
+        self._embed.infer()
         return self._embed.get_output_tensor(0).data[0]
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:

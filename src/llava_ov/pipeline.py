@@ -131,7 +131,7 @@ class Pipeline:
         self.template = ChatTemplate.from_export(self.model.dir)
         self.eos_ids = self._eos_ids()
         self._features: OrderedDict[str, PreparedImage] = OrderedDict()
-        self._cache_keys = np.zeros(0, dtype=np.int64)
+        self._keys = np.empty(self.model.max_context + 1, dtype=np.int64)  # what the KV cache holds
         self._lock = threading.Lock()
         self._cancel: threading.Event | None = None
 
@@ -204,18 +204,14 @@ class Pipeline:
 
     def step(self, token_id: int) -> np.ndarray:
         """One forward of `token_id` after the cached sequence; returns next-token logits."""
-        logits = self.model.forward(self.model.embed_tokens(np.array([token_id])))
-        self._cache_keys = np.append(self._cache_keys, token_id)
-        return logits
+        self._keys[self.model.kv_len] = token_id  # valid once forward advances kv_len
+        return self.model.forward(self.model.embed_tokens(np.array([token_id])))
 
     def prefill(self, prompt: PreparedPrompt) -> tuple[np.ndarray, int]:
         """Feed what the cache lacks of `prompt`; returns (last logits, reused prefix length)."""
-        if len(self._cache_keys) != self.model.kv_len:  # an interrupted step: trust nothing cached
-            self.reset()
-        reuse = common_prefix(self._cache_keys, prompt.keys)
+        reuse = common_prefix(self._keys[: self.model.kv_len], prompt.keys)
         reuse = min(reuse, len(prompt.keys) - 1)  # the last position must run to give logits
         self.model.trim(reuse)
-        self._cache_keys = self._cache_keys[:reuse]
         suffix = prompt.token_ids[reuse:]
         embeds = self.model.embed_tokens(suffix)
         image_mask = prompt.keys[reuse:] < 0
@@ -227,12 +223,11 @@ class Pipeline:
         except BaseException:
             self.reset()
             raise
-        self._cache_keys = prompt.keys.copy()
+        self._keys[: len(prompt.keys)] = prompt.keys
         return logits, reuse
 
     def reset(self) -> None:
         self.model.reset()
-        self._cache_keys = np.zeros(0, dtype=np.int64)
 
     # ---------------------------------------------------------------- generation
 
@@ -269,7 +264,7 @@ class Pipeline:
         events = decode_tokens(
             logits,
             self.step,
-            self.model.tokenizer.decode,
+            self.model.tokenizer.stream(),
             config,
             self.eos_ids,
             history=prompt.token_ids.tolist() if config.repetition_penalty != 1.0 else (),

@@ -1,0 +1,504 @@
+"""`llava-ov bench`: timing harness shared by the command line and the docs.
+
+Measures load time, image preprocessing, vision encoding, image tokens, TTFT,
+per-token decode time (TPOT), tokens/s, RSS and Python overhead for our
+Pipeline, and — in the same process, runs interleaved — for
+openvino_genai.VLMPipeline on the same export and PyTorch transformers on the
+source checkpoint.  Each figure is mean ± standard deviation over the runs
+after warm-up.  It also measures sustained memory read bandwidth and reports
+decode speed as a share of the bandwidth bound (bytes of weights + KV cache
+read per token).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("ours", "genai", "transformers")
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float
+    n: int
+
+    def fmt(self, scale: float = 1.0, digits: int = 1) -> str:
+        return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f}"
+
+
+def summarize(values: list[float]) -> Stat:
+    vals = [float(v) for v in values]
+    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+
+
+@dataclass
+class RunMetrics:
+    preprocess_s: float
+    vision_s: float
+    ttft_s: float
+    tpot_s: float
+    image_tokens: int
+    prompt_tokens: int
+    generated: int
+    overhead_share: float | None = None  # ours only: time outside OpenVINO calls / decode time
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.tpot_s if self.tpot_s else 0.0
+
+
+# ---------------------------------------------------------------- memory
+
+
+class RssSampler:
+    """Samples this process's RSS in a thread; `.peak` in bytes."""
+
+    def __init__(self, interval: float = 0.02):
+        import psutil
+
+        self._proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def current_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+# ---------------------------------------------------------------- bandwidth bound
+
+BANDWIDTH_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <omp.h>
+int main(int argc, char **argv) {
+    size_t n = (size_t)atol(argv[1]) * 1024 * 1024 / 8; int reps = atoi(argv[2]);
+    uint64_t *a = aligned_alloc(64, n * 8);
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) a[i] = i;
+    uint64_t total = 0;
+    for (int r = 0; r < reps; r++) {
+        double t = omp_get_wtime(); uint64_t s = 0;
+        #pragma omp parallel for reduction(+:s)
+        for (size_t i = 0; i < n; i++) s += a[i];
+        t = omp_get_wtime() - t; total += s;
+        printf("%f\n", n * 8 / t / 1e9);
+    }
+    fprintf(stderr, "%lu\n", (unsigned long)total);
+    return 0;
+}
+"""
+
+
+def measure_bandwidth(size_mb: int = 1024, repeats: int = 7) -> dict[str, Any]:
+    """Sustained read bandwidth in GB/s: a C read loop (all cores), numpy as fallback."""
+    gcc = shutil.which("gcc")
+    if gcc:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, exe = Path(tmp) / "bw.c", Path(tmp) / "bw"
+            src.write_text(BANDWIDTH_C)
+            built = subprocess.run([gcc, "-O3", "-march=native", "-fopenmp", str(src), "-o", str(exe)],
+                                   capture_output=True)  # fmt: skip
+            if built.returncode == 0:
+                out = subprocess.run([str(exe), str(size_mb), str(repeats)], capture_output=True, text=True)
+                values = [float(v) for v in out.stdout.split()][1:]  # first pass warms the pages
+                return {"tool": "C read loop (OpenMP)", "gb_s": summarize(values).__dict__}
+    import numpy as np
+
+    arr = np.ones(size_mb * 1024 * 1024 // 8)
+    values = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        arr.sum()
+        values.append(arr.nbytes / (time.perf_counter() - start) / 1e9)
+    return {"tool": "numpy sum (underestimates)", "gb_s": summarize(values[1:]).__dict__}
+
+
+def weight_bytes(xml_path: Path) -> int:
+    """Bytes of weight constants a forward of this IR reads (as stored: int4 packed, scales included)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml_path))
+    return sum(op.get_byte_size() for op in model.get_ops()
+               if op.get_type_name() == "Constant" and op.get_byte_size() >= 4096)  # fmt: skip
+
+
+def kv_bytes_read(config: dict, context: int, bytes_per_value: float) -> float:
+    """KV cache bytes read per decoded token at a given context length."""
+    text = config.get("text_config", {})
+    layers = text.get("num_hidden_layers", 32)
+    heads = text.get("num_key_value_heads", text.get("num_attention_heads", 32))
+    head_dim = text.get("head_dim") or text.get("hidden_size", 4096) // text.get("num_attention_heads", 32)
+    return 2 * layers * heads * head_dim * context * bytes_per_value
+
+
+# ---------------------------------------------------------------- engines
+
+
+class _TimedRequest:
+    """Wraps an OpenVINO infer request and accumulates the time spent in `infer`."""
+
+    def __init__(self, request):
+        self._request, self.seconds = request, 0.0
+
+    def infer(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self._request.infer(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __getattr__(self, name):
+        return getattr(self._request, name)
+
+
+class OursEngine:
+    name = "ours"
+
+    def __init__(self, export: Path, device: str, properties: dict):
+        from .pipeline import Pipeline
+
+        start = time.perf_counter()
+        self.pipe = Pipeline(export, device, properties=properties)
+        self.load_s = time.perf_counter() - start
+        self.pipe.model._lm = _TimedRequest(self.pipe.model._lm)
+        self.pipe.model._embed = _TimedRequest(self.pipe.model._embed)
+
+    def run(self, image: Path, prompt: str, max_new: int) -> RunMetrics:
+        from .generate import GenerationConfig
+
+        self.pipe.reset()  # first-turn numbers: no KV reuse
+        self.pipe._features.clear()  # and no cached image features
+        model = self.pipe.model
+        cfg = GenerationConfig(max_new_tokens=max_new, ignore_eos=True)
+        chunks = self.pipe.stream(prompt, [image], cfg)
+        result = next(c for c in chunks if True)  # first token: start counting OpenVINO time after it
+        infer_before = model._lm.seconds + model._embed.seconds
+        for result in chunks:  # noqa: B007
+            pass
+        res = result.result
+        infer_s = model._lm.seconds + model._embed.seconds - infer_before
+        t = res.timings
+        overhead = 1 - infer_s / t.decode_s if t.decode_s else None
+        return RunMetrics(t.preprocess_s, t.vision_s, t.ttft_s, t.tpot_s, res.image_tokens, res.prompt_tokens,
+                          len(res.token_ids), overhead)  # fmt: skip
+
+    def follow_up(self, image: Path, prompt: str, follow: str, max_new: int) -> tuple[float, float]:
+        """TTFT of a first turn and of a follow-up about the same image (KV and feature reuse)."""
+        from .chat import ChatSession
+        from .generate import GenerationConfig
+
+        self.pipe.reset()
+        self.pipe._features.clear()
+        session = ChatSession(self.pipe)
+        cfg = GenerationConfig(max_new_tokens=max_new, ignore_eos=True)
+        first = session.ask(prompt, [image], cfg)
+        second = session.ask(follow, config=cfg)
+        return first.timings.ttft_s, second.timings.ttft_s
+
+
+class GenaiEngine:
+    name = "genai"
+
+    def __init__(self, export: Path, device: str, properties: dict, backend: str = "SDPA"):
+        import openvino_genai as og
+
+        self.og = og
+        start = time.perf_counter()
+        kwargs = dict(properties)
+        if backend == "PA":
+            scheduler = og.SchedulerConfig()
+            scheduler.enable_prefix_caching = False  # first-turn TTFT must not skip the prefill
+            kwargs["scheduler_config"] = scheduler
+        self.vlm = og.VLMPipeline(str(export), device, ATTENTION_BACKEND=backend, **kwargs)
+        self.load_s = time.perf_counter() - start
+
+    def run(self, image: Path, prompt_text: str, max_new: int) -> RunMetrics:
+        import numpy as np
+        import openvino as ov
+        from PIL import Image
+
+        cfg = self.og.GenerationConfig()
+        cfg.max_new_tokens, cfg.ignore_eos, cfg.do_sample, cfg.apply_chat_template = max_new, True, False, False
+        pixels = np.array(Image.open(image).convert("RGB"))
+        result = self.vlm.generate(prompt_text, images=[ov.Tensor(pixels[None])], generation_config=cfg)
+        pm = result.perf_metrics
+        ms = 1e-3
+        vision = pm.get_vision_encoding_duration().mean * ms
+        return RunMetrics(0.0, vision, pm.get_ttft().mean * ms, pm.get_tpot().mean * ms, 0,
+                          pm.get_num_input_tokens(), pm.get_num_generated_tokens())  # fmt: skip
+
+
+class TorchEngine:
+    name = "transformers"
+
+    def __init__(self, checkpoint: str, dtype: str):
+        import torch
+        import transformers
+
+        from .convert import read_source_config
+        from .families import family_for
+
+        cfg, _ = read_source_config(checkpoint)
+        start = time.perf_counter()
+        cls = getattr(transformers, family_for(cfg).architecture)
+        self.model = cls.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
+        self.processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+        self.load_s = time.perf_counter() - start
+
+    def run(self, image: Path, prompt: str, max_new: int) -> RunMetrics:
+        import torch
+        from PIL import Image
+
+        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(chat, add_generation_prompt=True)
+        start = time.perf_counter()
+        inputs = self.processor(images=[Image.open(image).convert("RGB")], text=text, return_tensors="pt")
+        prep = time.perf_counter() - start
+        stamps: list[float] = []
+
+        class Clock:
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        with torch.no_grad():
+            self.model.generate(**inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                streamer=Clock())  # fmt: skip
+        gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # stamps[0] is the prompt
+        return RunMetrics(prep, 0.0, stamps[1] - start, statistics.fmean(gaps) if gaps else 0.0, 0,
+                          int(inputs["input_ids"].shape[1]), len(stamps) - 1)  # fmt: skip
+
+
+# ---------------------------------------------------------------- driver
+
+
+@dataclass
+class BenchOptions:
+    model: Path
+    image: Path
+    prompt: str = "Describe this image in detail."
+    follow_up: str = "What colours stand out?"
+    max_new_tokens: int = 64
+    runs: int = 5
+    warmup: int = 1
+    device: str = "CPU"
+    properties: dict[str, Any] = field(default_factory=dict)
+    compare: tuple[str, ...] = ()
+    genai_backend: str = "SDPA"
+    source: str | None = None  # transformers checkpoint (default: export_info source)
+    torch_dtype: str = "float32"
+    bandwidth: bool = True
+
+
+def _engine_prompt(engine, ours, image: Path, prompt: str) -> str:
+    """genai takes the rendered prompt (it adds the newline after <image> itself); others the question."""
+    if engine.name != "genai":
+        return prompt
+    from .pipeline import Message
+
+    return ours.pipe.render([Message("user", prompt, [image])]).replace("<image>\n", "<image>")
+
+
+def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
+    """Load every engine, warm up, then interleave the timed runs; returns the report dict."""
+    rss0 = current_rss()
+    engines = [OursEngine(opts.model, opts.device, opts.properties)]
+    loaded_rss = {"ours": current_rss() - rss0}
+    for name in opts.compare:
+        before = current_rss()
+        if name == "genai":
+            engines.append(GenaiEngine(opts.model, opts.device, opts.properties, opts.genai_backend))
+        elif name == "transformers":
+            engines.append(TorchEngine(opts.source or _export_source(opts.model), opts.torch_dtype))
+        else:
+            raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES[1:])}")
+        loaded_rss[name] = current_rss() - before
+    ours = engines[0]
+    prompts = {e.name: _engine_prompt(e, ours, opts.image, opts.prompt) for e in engines}
+    runs: dict[str, list[RunMetrics]] = {e.name: [] for e in engines}
+    with RssSampler() as sampler:
+        for i in range(opts.warmup + opts.runs):
+            for engine in engines:
+                metrics = engine.run(opts.image, prompts[engine.name], opts.max_new_tokens)
+                if i >= opts.warmup:
+                    runs[engine.name].append(metrics)
+            log(f"[bench] run {i + 1}/{opts.warmup + opts.runs}{' (warm-up)' if i < opts.warmup else ''} done")
+        follow = [ours.follow_up(opts.image, opts.prompt, opts.follow_up, 8) for _ in range(max(2, opts.runs // 2))]
+    report = {
+        "machine": machine_info(),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()},
+        "engines": {e.name: engine_summary(e, runs[e.name], loaded_rss[e.name]) for e in engines},
+        "peak_rss_mb": sampler.peak / 2**20,
+        "follow_up": {"first_ttft": summarize([f for f, _ in follow]).__dict__,
+                      "follow_up_ttft": summarize([s for _, s in follow]).__dict__,
+                      "ratio": statistics.fmean(s / f for f, s in follow)},  # fmt: skip
+    }
+    if opts.bandwidth:
+        report["bound"] = bandwidth_bound(opts.model, runs["ours"], ours)
+    report["ratios"] = ratios(report["engines"])
+    return report
+
+
+def _export_source(export: Path) -> str:
+    from .config import ExportInfo
+
+    return ExportInfo.load(export).source
+
+
+def engine_summary(engine, runs: list[RunMetrics], rss_bytes: int) -> dict[str, Any]:
+    keys = ("preprocess_s", "vision_s", "ttft_s", "tpot_s", "tokens_per_s")
+    out: dict[str, Any] = {k: summarize([getattr(r, k) for r in runs]).__dict__ for k in keys}
+    out.update(load_s=engine.load_s, rss_added_mb=rss_bytes / 2**20, prompt_tokens=runs[0].prompt_tokens,
+               image_tokens=runs[0].image_tokens, generated=runs[0].generated)  # fmt: skip
+    overheads = [r.overhead_share for r in runs if r.overhead_share is not None]
+    if overheads:
+        out["python_overhead_share"] = summarize(overheads).__dict__
+    return out
+
+
+def ratios(engines: dict[str, Any]) -> dict[str, float]:
+    """ours relative to each other engine (>1 means ours is faster for speed, smaller for times)."""
+    ours = engines["ours"]
+    out = {}
+    for name, other in engines.items():
+        if name != "ours":
+            out[f"tpot_{name}_over_ours"] = other["tpot_s"]["mean"] / ours["tpot_s"]["mean"]
+            out[f"ttft_ours_over_{name}"] = ours["ttft_s"]["mean"] / other["ttft_s"]["mean"]
+    return out
+
+
+def bandwidth_bound(export: Path, runs: list[RunMetrics], ours: OursEngine) -> dict[str, Any]:
+    from .config import LANGUAGE_MODEL
+
+    bw = measure_bandwidth()
+    weights = weight_bytes(export / LANGUAGE_MODEL)
+    kv_precision = str(ours.pipe.model.runtime_info()["language"].get("KV_CACHE_PRECISION", "f16"))
+    kv_bytes_per_value = {"f32": 4, "f16": 2, "bf16": 2, "u8": 1, "i8": 1, "u4": 0.5}.get(kv_precision, 2)
+    context = runs[0].prompt_tokens + runs[0].generated // 2
+    kv = kv_bytes_read(ours.pipe.model.config, context, kv_bytes_per_value)
+    bound_tps = bw["gb_s"]["mean"] * 1e9 / (weights + kv)
+    tps = statistics.fmean(r.tokens_per_s for r in runs)
+    return {"bandwidth": bw, "weight_bytes": weights, "kv_bytes_per_token": kv, "kv_precision": kv_precision,
+            "bound_tokens_per_s": bound_tps, "decode_tokens_per_s": tps, "share_of_bound": tps / bound_tps}  # fmt: skip
+
+
+def machine_info() -> dict[str, Any]:
+    import platform
+
+    import openvino as ov
+
+    cpu = ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "openvino": ov.__version__}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Markdown tables of the report."""
+    rows = ["| engine | load s | preprocess ms | vision ms | TTFT ms | TPOT ms | tokens/s | RSS added MB |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, e in report["engines"].items():
+        rows.append(f"| {name} | {e['load_s']:.1f} | {Stat(**e['preprocess_s']).fmt(1e3)} | "
+                    f"{Stat(**e['vision_s']).fmt(1e3)} | {Stat(**e['ttft_s']).fmt(1e3)} | "
+                    f"{Stat(**e['tpot_s']).fmt(1e3, 2)} | {Stat(**e['tokens_per_s']).fmt(1, 2)} | "
+                    f"{e['rss_added_mb']:.0f} |")  # fmt: skip
+    ours = report["engines"]["ours"]
+    lines = ["\n".join(rows), "",
+             f"prompt tokens {ours['prompt_tokens']} ({ours['image_tokens']} image), generated {ours['generated']}",
+             f"process peak RSS {report['peak_rss_mb']:.0f} MB"]  # fmt: skip
+    if "python_overhead_share" in ours:
+        lines.append(f"Python overhead: {Stat(**ours['python_overhead_share']).fmt(100, 2)} % of decode time")
+    f = report["follow_up"]
+    lines.append(f"follow-up TTFT {Stat(**f['follow_up_ttft']).fmt(1e3)} ms vs first turn "
+                 f"{Stat(**f['first_ttft']).fmt(1e3)} ms (ratio {f['ratio']:.1%})")  # fmt: skip
+    for key, value in report.get("ratios", {}).items():
+        lines.append(f"{key}: {value:.3f}")
+    if "bound" in report:
+        b = report["bound"]
+        lines.append(f"bandwidth {Stat(**b['bandwidth']['gb_s']).fmt(1, 1)} GB/s ({b['bandwidth']['tool']}); "
+                     f"weights {b['weight_bytes'] / 1e6:.0f} MB + KV {b['kv_bytes_per_token'] / 1e6:.1f} MB per token"
+                     f" -> bound {b['bound_tokens_per_s']:.2f} tokens/s; decode at {b['share_of_bound']:.1%} of it")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time an export (and compare with openvino_genai / transformers)")
+    p.add_argument("model", help="export directory")
+    p.add_argument("--image", default=None, help="image file (default: a bundled example photo)")
+    p.add_argument("--prompt", default="Describe this image in detail.")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="CPU")
+    p.add_argument("--f32", action="store_true", help="pin f32 inference and KV cache")
+    p.add_argument("--compare", default="", help="comma list: genai,transformers")
+    p.add_argument("--genai-backend", default="SDPA", choices=["SDPA", "PA"])
+    p.add_argument("--source", default=None, help="transformers checkpoint for --compare transformers")
+    p.add_argument("--torch-dtype", default="float32")
+    p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth-bound measurement")
+    p.add_argument("--json", default=None, help="write the report as JSON to this file ('-' for stdout)")
+    p.set_defaults(func=cmd_bench)
+
+
+def default_image() -> Path:
+    here = Path(__file__).resolve().parents[2] / "examples" / "cat.jpg"
+    if here.exists():
+        return here
+    from .errors import InvalidImageError
+
+    raise InvalidImageError("no --image given and the bundled example photo is not available")
+
+
+def cmd_bench(args) -> int:
+    from .model import F32_PROPERTIES
+
+    opts = BenchOptions(
+        model=Path(args.model), image=Path(args.image) if args.image else default_image(), prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens, runs=args.runs, warmup=args.warmup, device=args.device,
+        properties=dict(F32_PROPERTIES) if args.f32 else {}, genai_backend=args.genai_backend,
+        compare=tuple(c for c in args.compare.split(",") if c), source=args.source, torch_dtype=args.torch_dtype,
+        bandwidth=not args.no_bandwidth,
+    )  # fmt: skip
+    report = run_bench(opts, log=lambda m: print(m, file=sys.stderr))
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+        return 0
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    return 0
