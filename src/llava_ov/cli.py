@@ -35,6 +35,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO")
     p.add_argument("--weight-format", default="int4", help="for a hub id converted on first use (default int4)")
     p.add_argument("--f32", action="store_true", help="pin f32 inference and KV cache (reference numerics)")
+    p.add_argument("--part-model", action="append", default=[], metavar="PART=PATH",
+                   help="use another IR (or export dir) for one part: vision, text_embeddings or language; "
+                        "e.g. language=exports/int4 to mix precisions")  # fmt: skip
+    p.add_argument("--part-device", action="append", default=[], metavar="PART=DEVICE",
+                   help="run one part on another device, e.g. vision=GPU")  # fmt: skip
+
+
+def parse_parts(pairs: list[str], what: str) -> dict[str, str]:
+    """PART=VALUE options into a dict, with a clear error for anything else."""
+    from .config import MODEL_PARTS
+
+    out = {}
+    for pair in pairs:
+        part, sep, value = pair.partition("=")
+        if not sep or part not in MODEL_PARTS or not value:
+            raise LlavaOvError(f"--part-{what} expects PART={what.upper()} with PART one of {', '.join(MODEL_PARTS)}")
+        out[part] = value
+    return out
 
 
 def generation_config(args: argparse.Namespace):
@@ -52,7 +70,10 @@ def load_pipeline(args: argparse.Namespace):
     from .pipeline import Pipeline
 
     export = resolve_model(args.model, weight_format=args.weight_format)
-    pipe = Pipeline(export, args.device, properties=dict(F32_PROPERTIES) if args.f32 else {})
+    pipe = Pipeline(
+        export, args.device, properties=dict(F32_PROPERTIES) if args.f32 else {},
+        part_paths=parse_parts(args.part_model, "model"), devices=parse_parts(args.part_device, "device"),
+    )  # fmt: skip
     for warning in pipe.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     return pipe
