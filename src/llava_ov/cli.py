@@ -89,7 +89,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.weight_format in ("int4", "int8"):
         from .quantize import QuantConfig
 
-        quant = QuantConfig.from_weight_format(args.weight_format, group_size=args.group_size, ratio=args.ratio)
+        quant = QuantConfig(group_size=args.group_size, ratio=args.ratio)
     opts = ConvertOptions(weight_format=args.weight_format, overwrite=args.overwrite, revision=args.revision, quant=quant)
     out = convert(args.src, Path(args.output), opts)
     print(f"exported {args.src} to {out}")

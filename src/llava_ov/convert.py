@@ -338,17 +338,18 @@ def convert(src: str, out: str | Path, options: ConvertOptions | None = None) ->
     source_cfg, resolved = read_source_config(src, opts.revision)
     family = family_for(source_cfg)
     compress = opts.weight_format in ("int8", "int4")
-    phases = Phases("convert", 6 + compress, enabled=opts.show_progress)
+    phases = Phases("convert", 6, enabled=opts.show_progress)
     tmp = prepare_output(out, opts.overwrite)
     try:
         info = _convert_into(src, tmp, family, opts, phases)
         info.revision = opts.revision or resolved
+        info.save(tmp)
         if compress:
             from .quantize import compress_export
 
-            with phases.phase(f"compressing language model weights to {opts.weight_format}"):
-                compress_export(tmp, tmp, opts.quant, weight_format=opts.weight_format, in_place=True)
-            info = layout.ExportInfo.load(tmp)
+            phases.note(f"compressing weights ({opts.weight_format}) with NNCF")
+            compress_export(tmp, tmp, opts.quant, weight_format=opts.weight_format, in_place=True,
+                            progress=opts.show_progress)  # fmt: skip
         publish(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,15 +12,17 @@ from typing import TextIO
 class Phases:
     """Announce numbered phases (`[2/6] tracing language model ... 3.1 s`)."""
 
-    def __init__(self, task: str, total: int, stream: TextIO | None = sys.stderr, enabled: bool = True):
-        self.task, self.total, self.stream, self.enabled = task, total, stream, enabled
+    def __init__(self, task: str, total: int, stream: TextIO | None = None, enabled: bool = True):
+        self.task, self.total, self.enabled = task, total, enabled
+        self._stream = stream  # None: whatever sys.stderr is at write time
         self.done = 0
         self.timings: dict[str, float] = {}
 
     def _write(self, text: str) -> None:
-        if self.enabled and self.stream is not None:
-            self.stream.write(text)
-            self.stream.flush()
+        if self.enabled:
+            stream = self._stream or sys.stderr
+            stream.write(text)
+            stream.flush()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -1,0 +1,703 @@
+"""NNCF compression of an export directory: LM weights INT4/INT8, text embeddings INT8, vision INT8.
+
+Owns `QuantConfig`, `compress_export` (an export dir -> a compressed export dir,
+or the same dir in place), the calibration data (images, and prefill inputs for
+data-aware LM compression) and `weight_stats` (what an IR stores its weights as).
+
+Parts and what is done to them:
+- language model: `nncf.compress_weights`; int4_sym/int4_asym with `group_size`
+  and `ratio` (share of the ratio-defining MatMul weights in INT4 - NNCF keeps
+  the last MatMul, lm_head, in the INT8_ASYM backup), or int8 = INT8_ASYM
+  per-channel.  `awq=True` adds AWQ + scale estimation on calibration prompts
+  (and makes the INT4/INT8 choice data-aware: max activation variance).  NNCF
+  3.4's AWQ patterns match only the MLP down projections of these LMs; at
+  ratio < 1 those are often kept INT8, and AWQ then changes nothing (reported
+  as awq_layers = 0 in export_info.json, with a printed note).
+- text embeddings: INT8_ASYM weight-only when the LM is compressed.
+- vision encoder: "int8" = INT8_ASYM weight-only; "int8_ptq" = `nncf.quantize`
+  (ModelType.TRANSFORMER, SmoothQuant alpha 0.6 for MatMul) on real images,
+  i.e. INT8 weights and activations (FakeQuantize ops in the IR).
+
+Group size: a group size that does not divide the input channels of every
+language-model MatMul is refused up front with LlavaOvError listing the valid
+sizes, before any work (NNCF 3.4 raises its own error only after loading and,
+with AWQ, after calibration; its IGNORE/ADJUST fallbacks would quietly keep those
+layers INT8 or give them another group size).  We raise rather than adjust:
+group size trades accuracy for speed and is the user's explicit choice.
+
+Calibration images (`calibration=`): a folder (png/jpg/jpeg/bmp/gif/webp/tif,
+searched recursively, sorted), a list of PIL images or paths, a Hugging Face
+dataset id (needs `datasets`, imported lazily; "conceptual_captions" is short for
+google-research-datasets/conceptual_captions, whose images are fetched from their
+URLs), or None: the real photographs shipped in scikit-image, topped up to the
+requested count with seeded augmentations (random crop keeping 50-90 % of each
+side, then a horizontal flip with p=0.5).  Images go through the model's own
+preprocessing (`llava_ov.image.preprocess`), so the vision encoder sees its real
+pixel_values (all anyres tiles).
+
+Data-aware LM calibration (limits): one prefill per sample, built here in a
+simple way - "<image>\\n{question} {answer}" (no chat template; answers are
+dataset captions when there are any), tokenized with the export's tokenizer, the
+`<image>` token replaced by the vision features of the *base tile only* (576
+tokens, without unpad/image_newline packing: the full anyres sequence of up to
+~2,900 tokens would make every calibration prefill ~5x longer).  NNCF resets
+the stateful LM's KV state before every sample, so each sample is a fresh
+prefill; decode steps (one token over a long cache) are not represented.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import config as layout
+from .errors import ExportExistsError, LlavaOvError, ModelNotFoundError
+from .image import load_image  # bounded decode, EXIF orientation, any mode -> RGB
+from .progress import Phases
+
+LM_MODES = ("int4_sym", "int4_asym", "int8", "none")
+VISION_MODES = ("none", "int8", "int8_ptq")
+WEIGHT_FORMATS = ("int4", "int8")
+SMOOTH_QUANT_ALPHA = 0.6  # MatMul alpha for the vision PTQ (NNCF's default for transformers is 0.95)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DATASET_ALIASES = {"conceptual_captions": "google-research-datasets/conceptual_captions"}
+# Photographs in the scikit-image wheel (no download): colour first, then greyscale.
+SKIMAGE_PHOTOS = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+    "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "moon.png", "coins.png", "page.png",
+)  # fmt: skip
+PROMPTS = (
+    ("Describe this image in detail.", "The picture shows a scene with several objects under natural light."),
+    ("What is in the picture?", "There is a main subject in the centre and some background around it."),
+    ("What colours dominate this photo?", "Mostly muted tones, with a few bright highlights."),
+    ("Is there any text in the image? Read it.", "I can see a few words, but most of the image is not text."),
+    ("Where could this photo have been taken?", "It looks like it was taken indoors, or in a laboratory."),
+    ("Count the main objects.", "I count three main objects, one of them partly hidden."),
+    ("What is unusual about this image?", "The lighting and the framing are unusual for an everyday photo."),
+    ("Write a short caption for this image.", "A close look at an everyday subject."),
+)
+PART_LABELS = {"language": "language model", "text_embeddings": "text embeddings", "vision": "vision encoder"}
+_INT_TYPES = ("u4", "i4", "u8", "i8", "nf4", "f4e2m1", "f8e4m3")
+
+
+@dataclass
+class QuantConfig:
+    """What to compress and how; see the module docstring for each setting."""
+
+    lm_mode: str = "int4_sym"  # int4_sym | int4_asym | int8 (INT8_ASYM weight-only) | none
+    group_size: int = 64  # INT4 group size; -1: per output channel
+    ratio: float = 0.6  # share of the LM's ratio-defining weights in INT4, the rest INT8_ASYM
+    awq: bool = False  # data-aware INT4: AWQ + scale estimation
+    calib_samples: int = 32  # prompts for data-aware LM compression
+    text_embeddings_int8: bool = True  # INT8 text embeddings whenever the LM is compressed
+    vision_mode: str = "none"  # none | int8 (weight-only) | int8_ptq (weights + activations)
+    vision_calib_images: int = 50
+
+    def validate(self) -> QuantConfig:
+        if self.lm_mode not in LM_MODES:
+            raise LlavaOvError(f"unknown language-model mode {self.lm_mode!r}; valid modes: {', '.join(LM_MODES)}")
+        if self.vision_mode not in VISION_MODES:
+            raise LlavaOvError(f"unknown vision mode {self.vision_mode!r}; valid modes: {', '.join(VISION_MODES)}")
+        if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size > 0):
+            raise LlavaOvError(f"group size must be a positive integer or -1 (per channel), not {self.group_size!r}")
+        if not 0 < self.ratio <= 1:
+            raise LlavaOvError(f"ratio must be in (0, 1], not {self.ratio!r}")
+        if self.awq and not self.lm_mode.startswith("int4"):
+            raise LlavaOvError(f"awq needs an int4 language-model mode, not {self.lm_mode!r}")
+        for name in ("calib_samples", "vision_calib_images"):
+            if getattr(self, name) < 1:
+                raise LlavaOvError(f"{name} must be at least 1, not {getattr(self, name)!r}")
+        return self
+
+    @property
+    def lm_precision(self) -> str:
+        """How export_info.json names the LM precision, e.g. "int4_sym g64 r0.6 + int8"."""
+        if self.lm_mode in ("none", "int8"):
+            return {"none": "unchanged", "int8": "int8_asym"}[self.lm_mode]
+        group = f"g{self.group_size}" if self.group_size > 0 else "per-channel"
+        return f"{self.lm_mode} {group} r{self.ratio:g} + int8" + (" awq+se" if self.awq else "")
+
+
+def resolve_config(quant: QuantConfig | None, weight_format: str | None) -> QuantConfig:
+    """`quant` (default QuantConfig()) with the `weight_format` shortcut applied, validated.
+
+    "int4": lm_mode int4_sym unless `quant` already asks for an int4 mode (its group
+    size and ratio are kept: the defaults are the classic g64 r0.6); "int8": INT8_ASYM.
+    """
+    q = replace(quant) if quant is not None else QuantConfig()
+    if weight_format is not None:
+        if weight_format not in WEIGHT_FORMATS:
+            raise LlavaOvError(f"unknown weight format {weight_format!r}; valid: {', '.join(WEIGHT_FORMATS)}")
+        if weight_format == "int8":
+            q.lm_mode = "int8"
+        elif not q.lm_mode.startswith("int4"):
+            q.lm_mode = "int4_sym"
+    return q.validate()
+
+
+# ---------------------------------------------------------------- weight statistics
+
+_PASS_THROUGH = {"Convert", "Reshape", "Subtract", "Multiply", "Transpose", "Unsqueeze", "Squeeze", "FakeQuantize"}
+_WEIGHT_INPUT = {"MatMul": 1, "Gather": 0, "Convolution": 1}
+
+
+def _weight_constant(output) -> Any:
+    """The Constant a weight input comes from, through decompression ops (first input each), or None."""
+    node = output.get_node()
+    for _ in range(8):
+        kind = node.get_type_name()
+        if kind == "Constant":
+            return node
+        if kind not in _PASS_THROUGH:
+            return None
+        node = node.input_value(0).get_node()
+    return None
+
+
+def weight_layers(model) -> list[dict[str, Any]]:
+    """Every MatMul / Gather (embedding) / Convolution with a constant weight: name, storage type, shape."""
+    layers = []
+    for op in model.get_ordered_ops():
+        port = _WEIGHT_INPUT.get(op.get_type_name())
+        if port is None:
+            continue
+        const = _weight_constant(op.input_value(port))
+        if const is None or (op.get_type_name() == "Gather" and len(const.get_output_shape(0)) < 2):
+            continue
+        shape = list(const.get_output_shape(0))
+        entry = {
+            "name": op.get_friendly_name(),
+            "op": op.get_type_name(),
+            "type": const.get_element_type().get_type_name(),
+            "shape": shape,
+            "elements": int(np.prod(shape)),
+            "bytes": int(const.get_byte_size()),
+        }
+        if op.get_type_name() == "MatMul":
+            dims = list(op.get_input_partial_shape(1).to_shape())  # after decompression: the logical [out, in]
+            entry["in_channels"] = int(dims[-1] if op.get_attributes()["transpose_b"] else dims[-2])
+        layers.append(entry)
+    return layers
+
+
+def weight_stats(model_or_path) -> dict[str, Any]:
+    """What an IR stores its weights as.
+
+    Returns {"weights": {type: {"tensors", "elements", "bytes"}}  - the weight tensors of
+    MatMul/Gather/Convolution ops by storage type (u4/i4/u8/i8/f16/f32), "constants": the same
+    for every Constant (scales and zero points included), "weight_bytes", "constant_bytes",
+    "fake_quantize" (count of FakeQuantize ops), "layers" (see weight_layers) and, for a path,
+    "bin_bytes"}.
+    """
+    import openvino as ov
+
+    model = ov.Core().read_model(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
+    layers = weight_layers(model)
+    weights: dict[str, dict[str, int]] = {}
+    for layer in layers:
+        row = weights.setdefault(layer["type"], {"tensors": 0, "elements": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["elements"] += layer["elements"]
+        row["bytes"] += layer["bytes"]
+    constants: dict[str, dict[str, int]] = {}
+    fake_quantize = 0
+    for op in model.get_ops():
+        if op.get_type_name() == "FakeQuantize":
+            fake_quantize += 1
+        if op.get_type_name() != "Constant":
+            continue
+        row = constants.setdefault(op.get_element_type().get_type_name(), {"tensors": 0, "elements": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["elements"] += int(np.prod(list(op.get_output_shape(0))))
+        row["bytes"] += int(op.get_byte_size())
+    out = {
+        "weights": weights,
+        "constants": constants,
+        "weight_bytes": sum(r["bytes"] for r in weights.values()),
+        "constant_bytes": sum(r["bytes"] for r in constants.values()),
+        "fake_quantize": fake_quantize,
+        "layers": layers,
+    }
+    if isinstance(model_or_path, (str, Path)):
+        out["bin_bytes"] = Path(model_or_path).with_suffix(".bin").stat().st_size
+    return out
+
+
+def type_share(stats: dict[str, Any]) -> dict[str, float]:
+    """Share of all weight elements per storage type (e.g. {"i4": 0.02, "u8": 0.98})."""
+    counts: dict[str, int] = {}
+    for layer in stats["layers"]:
+        counts[layer["type"]] = counts.get(layer["type"], 0) + layer["elements"]
+    total = sum(counts.values()) or 1
+    return {k: round(v / total, 4) for k, v in sorted(counts.items())}
+
+
+_ACTIVATIONS = {"Swish", "Gelu", "Sigmoid", "Relu", "HSwish", "Mish", "Tanh", "Elu", "SoftPlus", "HSigmoid"}
+
+
+def awq_layers(model) -> int:
+    """INT4 MatMuls NNCF 3.4's AWQ can correct: Act->MatMul or (MatMul|Act)->Multiply->MatMul.
+
+    In these LMs that is the MLP down projection only (q/k/v/gate/up follow RMSNorm's
+    Multiply by a constant); a mirror of NNCF's AWQ patterns, for reporting.
+    """
+    count = 0
+    for op in model.get_ops():
+        const = _weight_constant(op.input_value(1)) if op.get_type_name() == "MatMul" else None
+        if const is None or const.get_element_type().get_type_name() not in ("u4", "i4"):
+            continue
+        src = op.input_value(0).get_node()
+        feeds = [v.get_node().get_type_name() for v in src.input_values()] if src.get_type_name() == "Multiply" else []
+        count += src.get_type_name() in _ACTIVATIONS or any(f in _ACTIVATIONS | {"MatMul"} for f in feeds)
+    return count
+
+
+def check_group_size(model, group_size: int) -> None:
+    """Raise LlavaOvError unless `group_size` divides the input channels of every MatMul weight."""
+    if group_size == -1:
+        return
+    channels = sorted({layer["in_channels"] for layer in weight_layers(model) if "in_channels" in layer})
+    bad = [c for c in channels if c % group_size]
+    if bad:
+        common = int(np.gcd.reduce(channels))
+        valid = [g for g in (16, 32, 64, 128, 256) if common % g == 0]
+        raise LlavaOvError(
+            f"group size {group_size} does not divide the input channels {bad} of the language model's weights "
+            f"(all input channel counts: {channels}); valid group sizes for this model: "
+            f"{', '.join(map(str, valid + [-1]))} (-1 = per channel)"
+        )
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@dataclass
+class CalibrationImages:
+    images: list  # RGB PIL images
+    source: str  # for export_info.json
+    captions: list[str] | None = None  # one per image, when the source has them
+    augmented: int = 0  # how many of `images` are augmentations
+
+
+def _skimage_images(count: int) -> CalibrationImages:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise LlavaOvError("scikit-image is not installed: pass calibration images (a folder or a list) instead")
+    folder = Path(spec.origin).parent / "data"
+    names = [name for name in SKIMAGE_PHOTOS if (folder / name).exists()]
+    if not names:
+        raise LlavaOvError(f"no photographs found in {folder}: pass calibration images (a folder or a list)")
+    images = [load_image(folder / name) for name in names[:count]]
+    base, rng = list(images), np.random.default_rng(0)
+    while len(images) < count:
+        images.append(_augment(base[len(images) % len(base)], rng))
+    extra = len(images) - len(base)
+    source = f"scikit-image photos ({len(base)}" + (f" + {extra} augmentations)" if extra else ")")
+    return CalibrationImages(images, source, None, augmented=extra)
+
+
+def _augment(img, rng: np.random.Generator):
+    """A random crop keeping 50-90 % of each side, flipped horizontally half the time."""
+    from PIL import ImageOps
+
+    w, h = img.size
+    cw, ch = int(w * rng.uniform(0.5, 0.9)), int(h * rng.uniform(0.5, 0.9))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    out = img.crop((left, top, left + cw, top + ch))
+    return ImageOps.mirror(out) if rng.random() < 0.5 else out
+
+
+def _folder_images(folder: Path, count: int) -> CalibrationImages:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise LlavaOvError(f"calibration folder {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    images, skipped = [], []
+    for path in files:
+        if len(images) == count:
+            break
+        try:
+            images.append(load_image(path))
+        except LlavaOvError:
+            skipped.append(path.name)
+    if not images:
+        raise LlavaOvError(f"no image in calibration folder {folder} could be decoded ({', '.join(skipped[:5])})")
+    note = f", {len(skipped)} undecodable skipped" if skipped else ""
+    return CalibrationImages(images, f"folder {folder}{note}")
+
+
+def _list_images(items: Sequence, count: int) -> CalibrationImages:
+    if len(items) == 0:
+        raise LlavaOvError("the list of calibration images is empty")
+    return CalibrationImages([load_image(item) for item in list(items)[:count]], f"{len(items)} given images")
+
+
+def _fetch_image(url: str, max_bytes: int = 20_000_000):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as resp:  # the caller allows http(s) URLs only
+        data = resp.read(max_bytes + 1)
+    return load_image(data, max_bytes=max_bytes)
+
+
+def _dataset_images(dataset_id: str, count: int) -> CalibrationImages:
+    try:
+        import datasets
+    except ImportError:
+        raise LlavaOvError(
+            f"calibration {dataset_id!r} is not a folder, and loading it as a Hugging Face dataset needs the "
+            "`datasets` package (pip install datasets); or pass a folder of images, or no calibration to use "
+            "the offline scikit-image photos"
+        ) from None
+    name = DATASET_ALIASES.get(dataset_id, dataset_id)
+    try:
+        rows = datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as exc:  # network, missing dataset, auth: one message
+        raise LlavaOvError(f"could not load dataset {name!r}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    images, captions, failed = [], [], 0
+    for row in rows:
+        if len(images) >= count or failed > 2 * count + 10:
+            break
+        url = row.get("image_url") or row.get("url")
+        if row.get("image") is None and not isinstance(url, str):
+            raise LlavaOvError(f"dataset {name} has no `image` or `image_url` column; pass a folder of images instead")
+        try:
+            if row.get("image") is not None:
+                image = load_image(row["image"])
+            elif url.startswith(("http://", "https://")):
+                image = _fetch_image(url)
+            else:
+                raise LlavaOvError(f"not an http(s) URL: {url[:80]}")
+        except Exception:  # dead links, timeouts, broken files: common in Conceptual Captions
+            failed += 1
+            continue
+        images.append(image)
+        captions.append(next((row[k] for k in ("caption", "text", "sentence") if isinstance(row.get(k), str)), ""))
+    if not images:
+        raise LlavaOvError(f"no usable image in dataset {name} ({failed} failed)")
+    return CalibrationImages(images, f"dataset {name} ({failed} rows skipped)", captions if any(captions) else None)
+
+
+def calibration_images(calibration: Any, count: int) -> CalibrationImages:
+    """Up to `count` RGB images from a folder, a list, a dataset id, or (None) scikit-image photos."""
+    if calibration is None:
+        return _skimage_images(count)
+    if isinstance(calibration, (str, Path)):
+        path = Path(calibration).expanduser()
+        if path.is_dir():
+            return _folder_images(path, count)
+        if path.is_file():
+            return _list_images([path], count)
+        text = str(calibration)
+        if text.startswith((".", "/", "~")) or os.sep in text.replace("/", "") or text.count("/") > 1:
+            raise LlavaOvError(f"no such calibration folder: {calibration}")
+        return _dataset_images(text, count)
+    if isinstance(calibration, Sequence):
+        return _list_images(calibration, count)
+    raise LlavaOvError(f"unsupported calibration source of type {type(calibration).__name__}")
+
+
+def pixel_values_for(export_dir: Path, images: list) -> list[np.ndarray]:
+    """The model's real pixel_values [tiles, 3, H, W] for each image (llava_ov.image)."""
+    from .families import family_for
+    from .image import ImageConfig, preprocess
+
+    cfg = ImageConfig.from_export(export_dir)
+    mode = family_for(layout.read_json(export_dir / "config.json")).preprocessing
+    return [np.ascontiguousarray(preprocess(img, cfg, mode).pixel_values, dtype=np.float32) for img in images]
+
+
+def language_calibration(
+    export_dir: Path, pixels: list[np.ndarray], captions: list[str] | None, count: int
+) -> list[dict[str, np.ndarray]]:
+    """`count` prefill inputs for the stateful LM: image (base tile) + question + answer."""
+    import openvino as ov
+    import openvino_tokenizers  # noqa: F401  (registers the tokenizer ops)
+
+    core = ov.Core()
+    tokenizer = core.compile_model(export_dir / layout.TOKENIZER_MODEL, "CPU")
+    embed = core.compile_model(export_dir / layout.TEXT_EMBEDDINGS_MODEL, "CPU")
+    vision = core.compile_model(export_dir / layout.VISION_MODEL, "CPU")
+    cfg = layout.read_json(export_dir / "config.json")
+    image_id = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
+    lm_inputs = {p.get_any_name(): p for p in core.read_model(export_dir / layout.LANGUAGE_MODEL).inputs}
+    samples = []
+    for i in range(count):
+        question, answer = PROMPTS[i % len(PROMPTS)]
+        if captions:
+            answer = captions[i % len(captions)] or answer
+        ids = tokenizer([f"<image>\n{question} {answer}"])["input_ids"].astype(np.int64)
+        text = embed(ids)[0]
+        feats = vision(pixels[i % len(pixels)][:1])[0].reshape(1, -1, text.shape[-1])
+        where = np.flatnonzero(ids[0] == image_id)
+        at = int(where[0]) if len(where) else 1  # no <image> token: put the image after BOS
+        cut = at + 1 if len(where) else at
+        embeds = np.concatenate([text[:, :at], feats, text[:, cut:]], axis=1).astype(np.float32)
+        n = embeds.shape[1]
+        sample = {
+            "inputs_embeds": embeds,
+            "attention_mask": np.ones((1, n), np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None],
+            "beam_idx": np.zeros(1, np.int32),
+        }
+        dtypes = {k: lm_inputs[k].get_element_type().to_dtype() for k in sample if k in lm_inputs}
+        samples.append({k: sample[k].astype(dtype) for k, dtype in dtypes.items()})
+    return samples
+
+
+# ---------------------------------------------------------------- compression of one part
+
+
+def compress_language(model, q: QuantConfig, samples: list[dict] | None = None):
+    import nncf
+
+    if q.lm_mode == "int8":
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    kwargs: dict[str, Any] = {}
+    if samples:
+        kwargs = dict(
+            dataset=nncf.Dataset(samples),
+            subset_size=len(samples),
+            awq=True,
+            scale_estimation=True,
+            sensitivity_metric=nncf.SensitivityMetric.MAX_ACTIVATION_VARIANCE,
+        )
+    return nncf.compress_weights(
+        model,
+        mode=nncf.CompressWeightsMode(q.lm_mode),
+        group_size=q.group_size,
+        ratio=q.ratio,
+        backup_mode=nncf.BackupMode.INT8_ASYM,
+        **kwargs,
+    )
+
+
+def compress_vision(model, mode: str, pixels: list[np.ndarray] | None = None):
+    import nncf
+
+    if mode == "int8":
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    params = nncf.AdvancedQuantizationParameters(
+        smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=SMOOTH_QUANT_ALPHA)
+    )
+    return nncf.quantize(
+        model,
+        nncf.Dataset(pixels),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(pixels),
+        advanced_parameters=params,
+    )
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("nncf", "openvino"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _load_info(export_dir: Path) -> layout.ExportInfo:
+    try:
+        return layout.ExportInfo.load(export_dir)
+    except (OSError, ValueError, TypeError):  # exported elsewhere (e.g. optimum-intel): start a new record
+        return layout.ExportInfo(source=str(export_dir))
+
+
+def _tmp_name(path: Path) -> Path:
+    """openvino_x.xml -> .openvino_x.tmp-PID.xml (its .bin follows the .xml name)."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def _stage_copy(src: Path, out: Path, skip: set[str], overwrite: bool) -> Path:
+    """A temporary sibling of `out` holding every file of `src` except `skip`."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportExistsError(f"{out} already exists; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    skip_files = skip | {Path(name).with_suffix(".bin").name for name in skip}
+    try:
+        shutil.copytree(src, stage, ignore=lambda d, names: [n for n in names if Path(d) == src and n in skip_files])
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage
+
+
+def _publish(stage: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        stage.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        stage.rename(out)
+
+
+def compress_export(
+    src_dir: str | Path,
+    out_dir: str | Path | None = None,
+    quant: QuantConfig | None = None,
+    *,
+    weight_format: str | None = None,
+    in_place: bool = False,
+    calibration: Any = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Compress the IRs of export `src_dir` into `out_dir` (or in place); returns the output dir.
+
+    `weight_format` "int4"/"int8" is a shortcut for the LM mode (see resolve_config).
+    Out of place, every other file (configs, tokenizers, untouched IRs, export_info.json)
+    is copied and the result appears at `out_dir` only when complete (an existing non-empty
+    `out_dir` needs overwrite=True).  In place (`in_place=True`, out_dir None or == src_dir)
+    the new IRs and export_info.json are written under temporary names and renamed over the
+    old ones only after every part succeeded.  `calibration`: see the module docstring.
+    Raises LlavaOvError, before any heavy work, for bad settings: unknown mode, a group size
+    that does not divide the LM's input channels, an empty calibration folder, a part that is
+    already compressed.
+    """
+    try:
+        import nncf
+        from nncf.common.logging import nncf_logger
+    except ImportError:
+        raise LlavaOvError("compression needs NNCF: pip install 'llava-ov[convert]' (or pip install nncf)") from None
+    import openvino as ov
+
+    src = Path(src_dir).expanduser()
+    out = src if out_dir is None else Path(out_dir).expanduser()
+    q = resolve_config(quant, weight_format)
+    if not (src / layout.LANGUAGE_MODEL).is_file():
+        raise ModelNotFoundError(f"{src} is not an export directory (no {layout.LANGUAGE_MODEL})")
+    same = out.resolve() == src.resolve()
+    if same and not in_place:
+        raise LlavaOvError(f"{out} is the source export; pass in_place=True to overwrite it")
+    if in_place and not same:
+        raise LlavaOvError("in_place=True compresses src_dir itself; leave out_dir out or set it to src_dir")
+    todo = {"language": q.lm_mode != "none", "vision": q.vision_mode != "none"}
+    todo["text_embeddings"] = todo["language"] and q.text_embeddings_int8
+    plan = {part: layout.MODEL_PARTS[part] for part in PART_LABELS if todo[part]}
+    if not plan:
+        raise LlavaOvError("nothing to compress: lm_mode and vision_mode are both 'none'")
+
+    core = ov.Core()
+    models = {part: core.read_model(str(src / name)) for part, name in plan.items()}  # weights memory-mapped
+    before = {part: weight_stats(model) for part, model in models.items()}
+    for part, stats in before.items():
+        done = [t for t in stats["weights"] if t in _INT_TYPES] or (["FakeQuantize"] if stats["fake_quantize"] else [])
+        if done:
+            raise LlavaOvError(f"{plan[part]} is already compressed ({', '.join(done)}); compress the fp16/fp32 export")
+    if q.lm_mode.startswith("int4"):
+        check_group_size(models["language"], q.group_size)
+    counts = [q.vision_calib_images] * (q.vision_mode == "int8_ptq") + [q.calib_samples] * q.awq
+    calib = calibration_images(calibration, max(counts)) if counts else None
+
+    info = _load_info(src)
+    phases = Phases("compress", len(plan) + bool(counts) + q.awq, stream=sys.stderr, enabled=progress)
+    stage = src if in_place else _stage_copy(src, out, set(plan.values()), overwrite)
+    written: list[Path] = []
+    level = nncf_logger.level
+    if not progress:
+        nncf.set_log_level(logging.WARNING)  # NNCF's progress bars still show
+    try:
+        record = _settings_record(q, weight_format, info)
+        pixels = lm_samples = None
+        if calib is not None:
+            with phases.phase(f"preprocessing {len(calib.images)} calibration images ({calib.source})"):
+                pixels = pixel_values_for(src, calib.images)
+            record["calibration"] = {"source": calib.source, "images": len(calib.images), "augmented": calib.augmented}
+        if q.awq:
+            with phases.phase(f"building {q.calib_samples} language-model calibration prompts"):
+                lm_samples = language_calibration(src, pixels, calib.captions, q.calib_samples)
+            record["calibration"]["language_samples"] = len(lm_samples)
+            record["calibration"]["language_tokens"] = [int(s["inputs_embeds"].shape[1]) for s in lm_samples]
+        for part, name in plan.items():
+            model = models.pop(part)
+            precision = {"language": q.lm_precision, "text_embeddings": "int8_asym"}.get(part)
+            precision = precision or ("int8_ptq" if q.vision_mode == "int8_ptq" else "int8_asym")
+            with phases.phase(f"compressing {PART_LABELS[part]} ({precision})"):
+                if part == "language":
+                    compressed = compress_language(model, q, lm_samples)
+                elif part == "text_embeddings":
+                    compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                else:
+                    compressed = compress_vision(model, q.vision_mode, pixels)
+                target = _tmp_name(stage / name) if in_place else stage / name
+                written.append(target)
+                fp16 = "f16" in before[part]["weights"]  # leftover float weights keep their precision
+                ov.save_model(compressed, str(target), compress_to_fp16=fp16)
+                after = weight_stats(compressed)
+                awq = awq_layers(compressed) if part == "language" and q.awq else None
+                del model, compressed
+                gc.collect()
+            entry = info.parts.setdefault(part, {"file": name})
+            record["parts"][part] = {
+                "from": entry.get("precision", "fp16" if fp16 else "fp32"),
+                "weight_bytes_before": before[part]["weight_bytes"],
+                "weight_bytes_after": after["weight_bytes"],
+                "weight_share": type_share(after),
+                **({"awq_layers": awq} if awq is not None else {}),
+            }
+            entry["precision"] = precision
+            if awq == 0:
+                phases.note("AWQ had no INT4 layer to correct (NNCF matches only the MLP down projections, which "
+                            "stayed INT8 at this ratio; ratio=1.0 makes them INT4); scale estimation still applied")
+        info.compression = {**info.compression, **record}
+        info.timings_s.update({f"compress: {k}": round(v, 2) for k, v in phases.timings.items()})
+        if in_place:
+            written.append(_tmp_name(stage / layout.EXPORT_INFO))
+            written[-1].write_text(json.dumps(asdict(info), indent=2) + "\n")
+            for name in plan.values():  # every part is written: now swap them in (.bin before .xml)
+                tmp = _tmp_name(stage / name)
+                os.replace(tmp.with_suffix(".bin"), (stage / name).with_suffix(".bin"))
+                os.replace(tmp, stage / name)
+            os.replace(written[-1], stage / layout.EXPORT_INFO)
+        else:
+            info.save(stage)
+            _publish(stage, out)
+    except BaseException:
+        for path in written if in_place else []:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".bin").unlink(missing_ok=True)
+        if not in_place:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        nncf.set_log_level(level)
+    return out
+
+
+def _settings_record(q: QuantConfig, weight_format: str | None, info: layout.ExportInfo) -> dict[str, Any]:
+    """Every setting for export_info.json["compression"] (merged over what convert wrote)."""
+    old = info.compression
+    lm = weight_format or (q.lm_mode if q.lm_mode != "none" else old.get("weight_format"))
+    ptq = q.vision_mode == "int8_ptq"
+    return {
+        "weight_format": lm,
+        "float_weights": old.get("float_weights", old.get("weight_format")),  # what convert stored floats as
+        **asdict(q),
+        "backup_mode": "int8_asym",
+        "scale_estimation": q.awq,
+        "sensitivity_metric": "max_activation_variance" if q.awq else "weight_quantization_error",
+        **({"vision_model_type": "transformer", "vision_smooth_quant_alpha_matmul": SMOOTH_QUANT_ALPHA} if ptq else {}),
+        **_versions(),
+        "parts": {},
+    }

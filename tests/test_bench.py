@@ -1,0 +1,29 @@
+"""`llava-ov bench` smoke test on the tiny model: fields present, numbers positive (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_bench_smoke_with_comparisons(exports, checkpoints, photos, tmp_path):
+    out = tmp_path / "bench.json"
+    args = [sys.executable, "-m", "llava_ov.cli", "bench", str(exports["llava-next"]), "--image", str(photos["coffee"]),
+            "--runs", "2", "--warmup", "1", "--max-new-tokens", "6", "--compare", "genai,transformers",
+            "--source", str(checkpoints["llava-next"]), "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["engines"]) == {"ours", "genai", "transformers"}
+    for name, engine in report["engines"].items():
+        assert engine["ttft_s"]["mean"] > 0 and engine["tpot_s"]["mean"] > 0, name
+        assert engine["ttft_s"]["n"] == 2 and engine["generated"] == 6, name
+    ours = report["engines"]["ours"]
+    assert ours["vision_s"]["mean"] > 0 and ours["image_tokens"] > 576
+    assert 0 <= ours["python_overhead_share"]["mean"] < 1
+    assert report["follow_up"]["follow_up_ttft"]["mean"] > 0
+    bound = report["bound"]
+    assert bound["bandwidth"]["gb_s"]["mean"] > 0 and bound["weight_bytes"] > 0 and bound["share_of_bound"] > 0
+    assert "| ours |" in proc.stdout and "tokens/s" in proc.stdout
