@@ -186,3 +186,22 @@ def test_runtime_runs_with_torch_and_transformers_blocked(exports, photos):
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_compiled_model_cache_is_written_and_reused(exports, tmp_path):
+    cache = tmp_path / "ov-cache"
+    Pipeline(exports["llava"], cache_dir=str(cache))
+    blobs = sorted(p.name for p in cache.iterdir())
+    assert len(blobs) >= 3  # one compiled blob per model part
+    again = Pipeline(exports["llava"], cache_dir=str(cache))
+    assert sorted(p.name for p in cache.iterdir()) == blobs  # loaded from the cache, nothing recompiled
+    assert again.generate("Hi", config=GenerationConfig(max_new_tokens=2)).token_ids
+
+
+def test_mixing_precisions_per_part(exports, tmp_path, photos):
+    from llava_ov.quantize import compress_export
+
+    int8 = compress_export(exports["llava"], tmp_path / "int8", weight_format="int8", progress=False)
+    mixed = Pipeline(exports["llava"], part_paths={"language": str(int8)}, cache_dir=None)
+    assert mixed.model.part_path("language") == int8 / "openvino_language_model.xml"
+    assert mixed.generate("Describe.", [photos["coffee"]], GenerationConfig(max_new_tokens=4)).token_ids
