@@ -1,0 +1,170 @@
+"""Batch captioning on Ray Data: the rows of `llava_ov.batch`, answered by a pool of actors.
+
+The driver reads the input into rows (same ids, prompts and path resolution as
+the single-machine job), drops the ids already present in the output
+directory's Parquet shards (resume), and hands the rest to
+`ray.data.from_items(...).map_batches(Captioner, compute=ActorPoolStrategy(size=N))`: each actor
+loads the Pipeline once and answers its batches with `batch.caption_row`.
+Results stream into `write_parquet(OUTPUT)` as shards, so a crash loses at most
+the batches in flight.  Works on a local Ray instance (started here, small and
+offline) or an existing cluster (`address=`).  See docs/batch.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .batch import (
+    DEFAULT_PROMPT,
+    BatchSummary,
+    FetchOptions,
+    PipelineSpec,
+    Row,
+    arrow_schema,
+    caption_row,
+    cpu_count,
+    read_rows,
+)
+from .errors import LlavaOvError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+LOCAL_OBJECT_STORE_BYTES = 200 * 1024 * 1024  # rows are small; the default (30% of RAM) is far too much here
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class Captioner:
+    """A Ray Data actor: loads the Pipeline once, then answers batches of rows (pyarrow in and out)."""
+
+    def __init__(self, spec: PipelineSpec, config, fetch: FetchOptions):
+        self.pipe = spec.load()
+        self.config, self.fetch = config, fetch
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow as pa
+
+        rows = [Row(**r) for r in batch.to_pylist()]
+        records = [caption_row(self.pipe, row, self.config, self.fetch) for row in rows]
+        return pa.Table.from_pylist(records, schema=arrow_schema())
+
+
+def existing_results(out: Path) -> dict[str, str | None]:
+    """id -> error (None when answered) of every shard in `out`; unreadable shards are set aside."""
+    import pyarrow.parquet as pq
+
+    found: dict[str, str | None] = {}
+    for shard in sorted(out.glob("*.parquet")):
+        try:
+            table = pq.read_table(shard, columns=["id", "error"])
+        except Exception:  # a shard cut by a crash: rename it so readers skip it; its rows run again
+            shard.rename(shard.with_name(shard.name + CORRUPT_SUFFIX))
+            continue
+        found.update(zip(table.column("id").to_pylist(), table.column("error").to_pylist()))
+    return found
+
+
+def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to `address`, reuse a running instance, or start a small offline local one.
+
+    Returns True when this call started Ray (the caller then shuts it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+        return True
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a local instance
+    ray.init(
+        num_cpus=num_cpus or cpu_count(), include_dashboard=False,
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES, configure_logging=False,
+    )  # fmt: skip
+    return True
+
+
+def run_ray_batch(
+    spec: PipelineSpec,
+    input_path: str | Path,
+    output_dir: str | Path,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    config=None,
+    workers: int = 1,
+    threads: int | None = None,
+    columns: dict[str, str | None] | None = None,
+    fetch: FetchOptions = FetchOptions(),
+    retry_errors: bool = False,
+    address: str | None = None,
+    batch_size: int = 4,
+) -> BatchSummary:
+    """Caption the rows not yet in `output_dir` with `workers` actors of `threads` CPUs each.
+
+    Results are written as Parquet shards into `output_dir`.  Uses a running Ray
+    instance if there is one, else `address`, else starts a local one.
+    """
+    from .generate import GenerationConfig
+
+    config = config or GenerationConfig()
+    config.validate()
+    if retry_errors:
+        raise LlavaOvError("--retry-errors is not supported with --ray; delete the shards with errors instead")
+    if workers < 1:
+        raise LlavaOvError("--workers must be >= 1")
+    started = time.perf_counter()
+    cols = columns or {}
+    rows = read_rows(input_path, prompt, cols.get("image"), cols.get("prompt"), cols.get("id"))
+    out = _output_dir(output_dir)
+    done = existing_results(out)
+    todo = [row for row in rows if row.id not in done]
+    summary = BatchSummary(total=len(rows), skipped=len(rows) - len(todo), output=str(out))
+    summary.skipped_errors = sum(1 for row in rows if done.get(row.id))
+    if todo:
+        threads = threads or max(1, cpu_count() // workers)
+        summary.interrupted = _run_on_ray(spec.with_threads(threads), todo, out, config, fetch, workers, threads,
+                                          address, batch_size)  # fmt: skip
+        _count(summary, existing_results(out), todo)
+    summary.elapsed_s = time.perf_counter() - started
+    return summary
+
+
+def _output_dir(output_dir: str | Path) -> Path:
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LlavaOvError(f"with --ray the output is a directory of Parquet shards; {out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _run_on_ray(spec, todo: list[Row], out: Path, config, fetch, workers, threads, address, batch_size) -> bool:
+    """Run the dataset to its shards; returns True if interrupted (Ctrl-C)."""
+    import ray
+
+    own = start_ray(address)
+    try:
+        items: list[dict[str, Any]] = [asdict(row) for row in todo]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size)))
+        ds = ds.map_batches(
+            Captioner, fn_constructor_kwargs={"spec": spec, "config": config, "fetch": fetch},
+            batch_size=batch_size, batch_format="pyarrow", num_cpus=threads,
+            compute=ray.data.ActorPoolStrategy(size=workers),  # the `concurrency=N` of older Ray releases
+        )  # fmt: skip
+        ds.write_parquet(str(out), ray_remote_args={"num_cpus": 0})  # writing is light; actors hold the CPUs
+        return False
+    except KeyboardInterrupt:
+        return True
+    finally:
+        if own:
+            ray.shutdown()
+
+
+def _count(summary: BatchSummary, results: dict[str, str | None], todo: list[Row]) -> None:
+    for row in todo:
+        if row.id in results:
+            summary.succeeded += results[row.id] is None
+            summary.failed += results[row.id] is not None
