@@ -758,16 +758,9 @@ def register(subparsers) -> None:
 
 def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
     """What `cli.load_pipeline(args)` would load, as a spec other processes can load."""
-    from .cli import parse_parts
-    from .hub import resolve_model
-    from .model import F32_PROPERTIES
+    from .cli import pipeline_options
 
-    return PipelineSpec(
-        str(resolve_model(args.model, weight_format=args.weight_format)), args.device,
-        dict(F32_PROPERTIES) if args.f32 else {},
-        devices=parse_parts(getattr(args, "part_device", []), "device"),
-        part_paths=parse_parts(getattr(args, "part_model", []), "model"),
-    )  # fmt: skip
+    return PipelineSpec(**pipeline_options(args))
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

@@ -64,16 +64,23 @@ def generation_config(args: argparse.Namespace):
     )  # fmt: skip
 
 
-def load_pipeline(args: argparse.Namespace):
+def pipeline_options(args: argparse.Namespace) -> dict:
+    """Pipeline keyword arguments from the model options (MODEL resolved, converted if needed)."""
     from .hub import resolve_model
     from .model import F32_PROPERTIES
+
+    return dict(
+        model_dir=str(resolve_model(args.model, weight_format=args.weight_format)), device=args.device,
+        properties=dict(F32_PROPERTIES) if args.f32 else {},
+        part_paths=parse_parts(getattr(args, "part_model", []), "model"),
+        devices=parse_parts(getattr(args, "part_device", []), "device"),
+    )  # fmt: skip
+
+
+def load_pipeline(args: argparse.Namespace):
     from .pipeline import Pipeline
 
-    export = resolve_model(args.model, weight_format=args.weight_format)
-    pipe = Pipeline(
-        export, args.device, properties=dict(F32_PROPERTIES) if args.f32 else {},
-        part_paths=parse_parts(args.part_model, "model"), devices=parse_parts(args.part_device, "device"),
-    )  # fmt: skip
+    pipe = Pipeline(**pipeline_options(args))
     for warning in pipe.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     return pipe
