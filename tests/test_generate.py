@@ -55,8 +55,16 @@ def test_repetition_penalty_matches_transformers():
     np.testing.assert_allclose(apply_repetition_penalty(logits, history, 1.3), ref[0].numpy(), rtol=1e-6)
 
 
+def test_tiny_temperature_samples_the_argmax_without_nan():
+    logits = np.array([1.0, 3.0, 2.9, -50.0], np.float32)
+    for temperature in (1e-310, 1e-30, 1e-8):
+        sampler = Sampler(GenerationConfig(temperature=temperature, seed=0))
+        assert {sampler(logits, []) for _ in range(20)} == {1}
+
+
 def test_invalid_settings_are_rejected():
-    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)):
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                dict(repetition_penalty=0), dict(repetition_penalty=1e-9)):  # fmt: skip
         with pytest.raises(LlavaOvError):
             GenerationConfig(**bad).validate()
 

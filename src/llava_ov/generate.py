@@ -35,7 +35,7 @@ class GenerationConfig:
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be in [0.01, 100]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -59,7 +59,11 @@ class Sampler:
             logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
         if cfg.greedy:
             return int(np.argmax(logits))
-        return self._sample(logits.astype(np.float64) / cfg.temperature)
+        scores = logits.astype(np.float64)
+        # Shift before dividing: a tiny temperature then sends others to -inf (prob 0), never to nan.
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            scores = (scores - scores.max()) / cfg.temperature
+        return self._sample(np.nan_to_num(scores, nan=-np.inf))
 
     def _sample(self, scores: np.ndarray) -> int:
         cfg = self.config

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Bounded load test of a llava-ov server (or any OpenAI-compatible one) on loopback.
+
+C concurrent clients send R chat requests in total (httpx + asyncio); the script
+reports throughput, latency percentiles (and time to first token with
+--stream), status counts and the server's RSS before and after.
+
+    python scripts/load_test.py --model models/demo --clients 32 --requests 200
+    python scripts/load_test.py --url http://127.0.0.1:8000 --image examples/cat.jpg --stream
+
+With --model it starts `llava-ov serve` on a free port, waits for /health and
+stops it afterwards; with --url it measures a running server (RSS from --pid,
+or from the process listening on the URL's port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+
+@dataclass
+class Outcome:
+    status: int | str  # HTTP status, or the client error's name
+    latency_s: float
+    ttft_s: float | None = None  # streaming only
+    tokens: int = 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, -(-len(ordered) * q // 100)))
+    return ordered[int(rank) - 1]
+
+
+def request_body(prompt: str, image: str | None, max_tokens: int, stream: bool) -> dict[str, Any]:
+    content: Any = prompt
+    if image:
+        data = base64.b64encode(Path(image).read_bytes()).decode()
+        image_part = {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}}
+        content = [{"type": "text", "text": prompt}, image_part]
+    body = {"model": "any", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": stream}  # fmt: skip
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcome:
+    start = time.perf_counter()
+    try:
+        if not body["stream"]:
+            response = await client.post(url, json=body)
+            tokens = response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0
+            return Outcome(response.status_code, time.perf_counter() - start, tokens=tokens)
+        ttft, tokens = None, 0
+        async with client.stream("POST", url, json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if ttft is None and any(c["delta"].get("content") for c in event.get("choices", [])):
+                    ttft = time.perf_counter() - start
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+        return Outcome(response.status_code, time.perf_counter() - start, ttft, tokens)
+    except httpx.HTTPError as exc:
+        return Outcome(type(exc).__name__, time.perf_counter() - start)
+
+
+async def drive(base: str, clients: int, requests: int, body: dict, api_key: str | None) -> tuple[list[Outcome], float]:
+    """Run `requests` requests over `clients` concurrent connections; (outcomes, wall seconds)."""
+    todo = iter(range(requests))
+    outcomes: list[Outcome] = []
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for _ in todo:  # shared iterator: each request is taken by exactly one client
+            outcomes.append(await one_request(client, f"{base}/v1/chat/completions", body))
+
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        return outcomes, time.perf_counter() - start
+
+
+def server_rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def listening_pid(base: str) -> int | None:
+    """The pid of the process listening on the URL's port (loopback servers of this user)."""
+    import psutil
+
+    port = urlsplit(base).port
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return conn.pid
+    return None
+
+
+def run(
+    base: str, clients: int = 32, requests: int = 200, max_tokens: int = 16, prompt: str = "Describe the picture.",
+    image: str | None = None, stream: bool = False, api_key: str | None = None, pid: int | None = None,
+) -> dict:  # fmt: skip
+    """One load test against a running server; returns the report dict."""
+    pid = pid or (listening_pid(base) if urlsplit(base).hostname in ("127.0.0.1", "localhost") else None)
+    rss_before = server_rss_mb(pid)
+    body = request_body(prompt, image, max_tokens, stream)
+    outcomes, wall = asyncio.run(drive(base, clients, requests, body, api_key))
+    ok = [o for o in outcomes if o.status == 200]
+    latencies = [o.latency_s for o in ok]
+    ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
+    report = {
+        "clients": clients, "requests": len(outcomes), "wall_s": round(wall, 3),
+        "statuses": dict(Counter(o.status for o in outcomes)),
+        "throughput_rps": round(len(ok) / wall, 2), "tokens_per_s": round(sum(o.tokens for o in ok) / wall, 1),
+        "latency_s": {f"p{q}": round(percentile(latencies, q), 3) for q in (50, 90, 99)},
+        "rss_mb_before": rss_before and round(rss_before, 1), "rss_mb_after": pid and round(server_rss_mb(pid), 1),
+    }  # fmt: skip
+    if ttfts:
+        report["ttft_s"] = {f"p{q}": round(percentile(ttfts, q), 3) for q in (50, 90, 99)}
+    return report
+
+
+def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """`llava-ov serve MODEL` on a free loopback port, once /health says ready."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "llava_ov.cli", "serve", model, "--port", str(port), "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not become ready")
+
+
+def markdown_row(report: dict, label: str) -> str:
+    lat, ttft = report["latency_s"], report.get("ttft_s", {})
+    ttft_text = f"{ttft['p50']:.3f} / {ttft['p99']:.3f}" if ttft else "–"
+    return (f"| {label} | {report['clients']} | {report['requests']} | {report['throughput_rps']:.2f} | "
+            f"{report['tokens_per_s']:.1f} | {lat['p50']:.3f} / {lat['p90']:.3f} / {lat['p99']:.3f} | {ttft_text} | "
+            f"{report['statuses']} | {report['rss_mb_before']} → {report['rss_mb_after']} |")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
+    where.add_argument("--model", help="start `llava-ov serve MODEL` for the test")
+    p.add_argument("--serve-arg", action="append", default=[], help="extra argument for llava-ov serve (repeatable)")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--prompt", default="Describe the picture.")
+    p.add_argument("--image", default=None, help="send this image (data URL) with every request")
+    p.add_argument("--stream", action="store_true", help="stream answers (measures time to first token)")
+    p.add_argument("--api-key", default=os.environ.get("LLAVA_OV_API_KEY"))
+    p.add_argument("--pid", type=int, default=None, help="server process for RSS (default: found from the port)")
+    p.add_argument("--label", default="", help="first column of the markdown row")
+    args = p.parse_args(argv)
+    proc, base = start_server(args.model, args.serve_arg) if args.model else (None, args.url)
+    try:
+        report = run(base, args.clients, args.requests, args.max_tokens, args.prompt, args.image, args.stream,
+                     args.api_key, args.pid or (proc.pid if proc else None))  # fmt: skip
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    print(json.dumps(report, indent=2))
+    print(markdown_row(report, args.label or ("stream" if args.stream else "json")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

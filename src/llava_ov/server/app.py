@@ -1,0 +1,203 @@
+"""The FastAPI app: routes, error handlers, model loading and the generation worker's lifecycle.
+
+`create_app(settings, pipeline_factory)` builds one server for one model.  The
+model loads in a background thread once the server is up: `/health` answers
+503 until it is ready, then 200.  Every error is an OpenAI error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..errors import LlavaOvError
+from .completions import Completion, EventStream
+from .errors import APIError, error_body
+from .guards import APIKeyGuard, BodyLimit
+from .images import ImageLoader, ImagePolicy
+from .mapping import generation_config, to_messages
+from .metrics import MetricsMiddleware, ServerMetrics
+from .schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
+from .settings import ServerSettings
+from .worker import GenerationWorker, Job, QueueFull
+
+log = logging.getLogger("llava_ov.server")
+PATHS = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503)}
+
+
+def load_pipeline(settings: ServerSettings) -> Any:
+    """The default factory: resolve MODEL (converting a hub id once) and load it."""
+    from ..hub import resolve_model
+    from ..pipeline import Pipeline
+
+    export = resolve_model(settings.model, weight_format=settings.weight_format)
+    pipeline = Pipeline(export, settings.device, properties=dict(settings.properties), cache_dir=settings.cache_dir)
+    for warning in pipeline.warnings():
+        log.warning("%s", warning)
+    return pipeline
+
+
+class ServerState:
+    """The model, its worker and the metrics of one app."""
+
+    def __init__(self, settings: ServerSettings, factory: Callable[[], Any], on_load_failure: Callable[[], None]):
+        self.settings = settings
+        self.factory = factory
+        self.on_load_failure = on_load_failure
+        self.status = "loading"  # -> "ok" | "failed"
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(
+            queue_depth=lambda: self.worker.depth, running=lambda: self.worker.running,
+            ready=lambda: float(self.status == "ok"),
+        )  # fmt: skip
+        self.worker = GenerationWorker(settings.max_queue, self.metrics)
+        policy = ImagePolicy(
+            max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+            allow_local_files=settings.allow_local_files, allow_private_urls=settings.allow_private_urls,
+            fetch_timeout_s=settings.fetch_timeout_s, max_redirects=settings.max_redirects,
+        )  # fmt: skip
+        self.images = ImageLoader(policy)
+        self._closing = threading.Event()
+
+    def load(self) -> None:
+        """Load the model (background thread), then start the worker."""
+        try:
+            pipeline = self.factory()
+        except Exception as exc:
+            if isinstance(exc, LlavaOvError):
+                log.error("loading the model failed: %s", exc)
+            else:
+                log.exception("loading the model failed")
+            self.status = "failed"
+            self.on_load_failure()
+            return
+        if not self._closing.is_set():
+            self.worker.start(pipeline)
+            self.status = "ok"
+            log.info("model ready: %s", self.settings.served_name)
+
+    def require_ready(self) -> None:
+        if self.status == "loading":
+            raise APIError(503, "the model is still loading; retry shortly", code="model_loading")
+        if self.status == "failed":
+            raise APIError(503, "the model failed to load (see the server log)", code="model_failed")
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        threading.Thread(target=self.load, name="llava-ov-load", daemon=True).start()
+        yield
+        self._closing.set()
+        self.worker.stop()
+
+
+def create_app(
+    settings: ServerSettings,
+    pipeline_factory: Callable[[], Any] | None = None,
+    on_load_failure: Callable[[], None] = lambda: None,
+) -> FastAPI:
+    """An OpenAI-compatible app; `pipeline_factory` (default: load `settings.model`) runs in a background thread.
+
+    `on_load_failure` is called if loading fails (the CLI stops the server then; an embedding app may keep
+    answering 503 `model_failed`)."""
+    state = ServerState(settings, pipeline_factory or (lambda: load_pipeline(settings)), on_load_failure)
+    app = FastAPI(title="llava-ov", version=__version__, lifespan=state.lifespan,
+                  description="OpenAI-compatible chat completions with images, served by llava-ov.")  # fmt: skip
+    app.state.server = state
+    _add_routes(app, state)
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(APIKeyGuard, api_key=settings.api_key)  # before the body is read
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, paths=lambda: PATHS)
+    return app
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    settings = state.settings
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
+             "description": "one Server-Sent Event: a chat.completion.chunk as JSON, the last one [DONE]"}  # fmt: skip
+    stream_doc = {"text/event-stream": {"schema": event}}
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": stream_doc}, **ERRORS})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        """Answer a conversation (text and images); `stream: true` sends Server-Sent Events."""
+        state.require_ready()
+        config = generation_config(body, settings)
+        if state.worker.depth >= settings.max_queue:  # fail fast, before fetching and decoding images
+            raise queue_full()
+        job = Job(await to_messages(body, settings, state.images), config, asyncio.get_running_loop())
+        try:
+            state.worker.submit(job)
+        except QueueFull:
+            raise queue_full() from None
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        completion = Completion(job, request.receive, settings.request_timeout_s, settings.served_name, include_usage)
+        first = await completion.first()
+        if body.stream:
+            return EventStream(completion.events(first))
+        return await completion.collect(first)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models() -> dict[str, Any]:
+        """The one model this server serves."""
+        card = {"id": settings.served_name, "object": "model", "created": state.created, "owned_by": "llava-ov"}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health() -> JSONResponse:
+        """200 once the model is loaded; 503 while it loads (or if loading failed)."""
+        return JSONResponse({"status": state.status}, status_code=200 if state.status == "ok" else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text exposition."""
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def queue_full() -> APIError:
+    return APIError(429, "the server is busy (request queue full); retry later", code="queue_full")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc.errors())
+        return JSONResponse(error_body(400, message, param=param, code="invalid_request"), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))  # fmt: skip
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s", request.url.path, exc_info=exc)
+        return JSONResponse(error_body(500, "internal server error (see the server log)"), status_code=500)
+
+
+def _describe_validation(errors: Any) -> tuple[str, str | None]:
+    """One line for the first schema error, and the parameter it concerns (no input values echoed)."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{param or 'body'}: {first.get('msg', 'invalid value')}{more}", param

@@ -1,0 +1,77 @@
+"""`llava-ov serve MODEL`: run the OpenAI-compatible server (imports only the stdlib and llava_ov at import time)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..cli import add_model_args, load_pipeline
+from .settings import MiB, ServerSettings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LLAVA_OV_API_KEY)")
+    p.add_argument("--model-name", default="", help="model id reported to clients (default: the folder name)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting behind the running one; more get 429")
+    p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens (and the default)")
+    p.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
+    p.add_argument("--max-image-mb", type=float, default=20, help="largest image (encoded)")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image (decoded pixels)")
+    p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--request-timeout", type=float, default=600, help="seconds for queue wait + generation")
+    p.add_argument("--fetch-timeout", type=float, default=10, help="seconds to download one image URL")
+    p.add_argument("--allow-local-files", action="store_true", help="accept file:// URLs and server paths as images")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let image URLs reach loopback, private and link-local addresses")  # fmt: skip
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    import os
+
+    from ..model import F32_PROPERTIES
+
+    return ServerSettings(
+        model=args.model, model_id=args.model_name, device=args.device, weight_format=args.weight_format,
+        properties=dict(F32_PROPERTIES) if args.f32 else {},
+        api_key=args.api_key or os.environ.get("LLAVA_OV_API_KEY") or None,
+        max_queue=args.max_queue, max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * MiB),
+        max_image_bytes=int(args.max_image_mb * MiB), max_image_pixels=args.max_image_pixels,
+        max_images=args.max_images, request_timeout_s=args.request_timeout, fetch_timeout_s=args.fetch_timeout,
+        allow_local_files=args.allow_local_files, allow_private_urls=args.allow_private_urls,
+    )  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start uvicorn; the model loads in the background (/health is 503 until it is ready)."""
+    from ..errors import LlavaOvError
+
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as exc:
+        hint = f"pip install 'llava-ov[serve]' ({exc.name} missing)"
+        raise LlavaOvError(f"the server needs the serve extra: {hint}") from None
+    settings = settings_from_args(args)
+    for name, value in (("--max-queue", settings.max_queue), ("--max-tokens", settings.max_tokens)):
+        if value < 1:
+            raise LlavaOvError(f"{name} must be >= 1")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    failed = []
+
+    def stop_on_failure() -> None:  # a server without its model is of no use: exit so a supervisor notices
+        failed.append(True)
+        server.should_exit = True
+
+    app = create_app(settings, lambda: load_pipeline(args), stop_on_failure)  # every model option applies
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server.run()
+    if failed:
+        raise LlavaOvError("the model failed to load (see the log above)")
+    return 0

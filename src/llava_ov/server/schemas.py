@@ -1,0 +1,144 @@
+"""Pydantic models of the OpenAI chat-completions API subset this server speaks.
+
+Requests accept (and ignore) OpenAI fields that do not change a greedy or
+sampled answer here (e.g. `user`, `metadata`); fields the server cannot honour
+with a different value (`n`, `tools`, `logprobs`) are checked in `app`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP = 16
+
+
+class _Lenient(BaseModel):
+    """Unknown fields are ignored; known ones are strict (no "1" -> 1 or 0.0 -> false coercion)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
+
+
+class ImageURL(_Lenient):
+    url: str = Field(description="data:image/...;base64,... or http(s) URL (file paths only when enabled)")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Lenient):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool | None = None
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str = Field(default="", description="any name: this server serves one model")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, description="0 or omitted: greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, description="extension: 0 = off")
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10, description="extension")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    n: int | None = Field(default=None, description="only 1 is supported")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    # accepted for compatibility, must keep their neutral values (checked in app)
+    logprobs: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One Server-Sent Event of a streamed answer (`data: {...}`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llava-ov"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "failed"]

@@ -1,0 +1,41 @@
+"""Server options and limits: what `llava-ov serve` flags set, with safe defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the app needs besides the pipeline itself."""
+
+    model: str = ""  # export directory or hub id to load
+    model_id: str = ""  # the name /v1/models reports (default: derived from `model`)
+    device: str = "CPU"
+    weight_format: str = "int4"  # for a hub id converted on first use
+    properties: dict[str, Any] = field(default_factory=dict)  # OpenVINO properties (e.g. f32 pins)
+    cache_dir: str | None = "default"  # compiled-model cache (None: off)
+    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer KEY`
+    max_queue: int = 16  # requests waiting behind the running one; more get 429
+    max_body_bytes: int = 32 * MiB
+    max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = 40_000_000
+    max_images: int = 8  # per request
+    allow_local_files: bool = False  # file:// URLs and plain paths in image_url
+    allow_private_urls: bool = False  # http(s) image URLs reaching loopback/private/link-local addresses
+    max_tokens: int = 1024  # cap on max_tokens, and the default when a request gives none
+    request_timeout_s: float = 600.0  # queue wait + generation; the answer is cut when it runs out
+    fetch_timeout_s: float = 10.0  # total time to download one image URL
+    max_redirects: int = 3
+
+    @property
+    def served_name(self) -> str:
+        """Model id shown to clients: explicit name, else the folder name or hub id."""
+        if self.model_id:
+            return self.model_id
+        path = Path(self.model)
+        return path.name if path.is_dir() else (self.model or "llava-ov")

@@ -1,0 +1,580 @@
+"""OpenAI-compatible server: real uvicorn servers on loopback, the official `openai` client, the reference Pipeline.
+
+Answers must equal `Pipeline.generate` with the same settings; every error is an
+OpenAI error body with the right status and leaves the server healthy; client
+disconnects cancel generation; the OpenAPI schema is fuzzed with schemathesis.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import dataclasses
+import http.server
+import json
+import re
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import F32
+from llava_ov.generate import GenerationConfig
+from llava_ov.pipeline import Message, Pipeline
+from llava_ov.server import ServerSettings, create_app
+from llava_ov.server.mapping import FINISH_REASONS
+
+LIMIT = 2 * 1024 * 1024  # body limit of the main test server
+CONVERSATION = [
+    {"role": "system", "content": "You are a careful assistant."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": [{"type": "text", "text": "And another one?"}]},
+]
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+@contextmanager
+def running(app):
+    """Serve `app` with uvicorn on a free loopback port in a background thread."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def wait_ready(base: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while HTTP.get(f"{base}/health").status_code != 200:
+        assert time.monotonic() < deadline, "model did not load"
+        time.sleep(0.05)
+
+
+class Proxy:
+    """Test hook around the reference pipeline: optional gate before generating, delay per token, records results."""
+
+    def __init__(self, pipe: Pipeline, delay: float = 0.0, gate: threading.Event | None = None):
+        self.pipe, self.delay, self.gate = pipe, delay, gate
+        self.started = threading.Event()
+        self.calls = 0
+        self.results = []
+
+    def stream(self, messages, config=None, cancel=None):
+        self.calls += 1
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(30)
+        if self.delay:  # long answers that only a cancel can stop early
+            config = dataclasses.replace(config, ignore_eos=True)
+        for chunk in self.pipe.stream(messages, config=config, cancel=cancel):
+            if chunk.result is not None:
+                self.results.append(chunk.result)
+            yield chunk
+            time.sleep(self.delay)
+
+
+@pytest.fixture(scope="module")
+def reference(exports) -> Pipeline:
+    return Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
+
+
+@pytest.fixture(scope="module")
+def server(exports):
+    """The main server: loads the export itself (default factory) with the same F32 properties as the reference."""
+    settings = ServerSettings(model=str(exports["llava-next"]), properties=F32, cache_dir=None, max_body_bytes=LIMIT)
+    with running(create_app(settings)) as base:
+        wait_ready(base)
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def jpeg_url(photos) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(photos["chelsea"]).read_bytes()).decode()
+
+
+HTTP = httpx.Client(timeout=60)  # one client: a new one per call costs ~0.1 s here
+
+
+def post(base: str, body, **kw) -> httpx.Response:
+    return HTTP.post(f"{base}/v1/chat/completions", json=body, **kw)
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    """An OpenAI error body with the given status, no stack trace and no server path."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"]
+    assert "Traceback" not in response.text and "/tmp/" not in response.text and "/work/" not in response.text
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def assert_healthy(base: str) -> None:
+    assert HTTP.get(f"{base}/health").status_code == 200
+    answer = post(base, {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def metric(base: str, name: str) -> float:
+    """A sample's value from /metrics (0 when absent)."""
+    text = HTTP.get(f"{base}/metrics").text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def messages_for(conversation, images=()) -> list[Message]:
+    """The runtime messages an OpenAI conversation stands for (images on the last user turn)."""
+    out = []
+    for m in conversation:
+        content = m["content"]
+        text = content if isinstance(content, str) else "\n".join(p["text"] for p in content if p["type"] == "text")
+        out.append(Message(m["role"], text))
+    out[-1].images = list(images)
+    return out
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_health_and_models(server, client):
+    assert HTTP.get(f"{server}/health").json() == {"status": "ok"}
+    models = client.models.list().data
+    assert [m.id for m in models] == ["ov-llava-next"] and models[0].object == "model"
+
+
+def test_non_streaming_answer_equals_pipeline(client, reference):
+    answer = client.chat.completions.create(model="any", messages=CONVERSATION, max_tokens=12, temperature=0)
+    expected = reference.generate(messages_for(CONVERSATION), config=GenerationConfig(max_new_tokens=12))
+    assert answer.choices[0].message.content == expected.text
+    assert answer.choices[0].finish_reason == FINISH_REASONS[expected.finish_reason]
+    assert answer.usage.prompt_tokens == expected.prompt_tokens
+    assert answer.usage.completion_tokens == len(expected.token_ids)
+    assert answer.usage.total_tokens == expected.prompt_tokens + len(expected.token_ids)
+    assert answer.object == "chat.completion" and answer.model == "ov-llava-next"
+
+
+def test_streaming_answer_with_image_equals_pipeline(client, reference, photos, jpeg_url):
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                                 {"type": "image_url", "image_url": {"url": jpeg_url}}]}]  # fmt: skip
+    stream = client.chat.completions.create(
+        model="any", messages=conversation, max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    messages = messages_for(conversation, [photos["chelsea"]])
+    expected = reference.generate(messages, config=GenerationConfig(max_new_tokens=16))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text and expected.image_tokens > 0
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [FINISH_REASONS[expected.finish_reason]]
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == expected.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_ends_with_done_marker(server):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+    with HTTP.stream("POST", f"{server}/v1/chat/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_sampling_and_stop_settings_equal_pipeline(client, reference):
+    prompt = [{"role": "user", "content": "Tell me a story."}]
+    sampled = GenerationConfig(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=1234)
+    expected = reference.generate(messages_for(prompt), config=sampled)
+    answer = client.chat.completions.create(model="m", messages=prompt, max_completion_tokens=10, temperature=0.8,
+                                            top_p=0.9, seed=1234)  # fmt: skip
+    assert answer.choices[0].message.content == expected.text
+    greedy = reference.generate(messages_for(prompt), config=GenerationConfig(max_new_tokens=10))
+    stop = greedy.text.split()[2]  # a word from the middle of the greedy answer
+    expected = reference.generate(messages_for(prompt), config=GenerationConfig(max_new_tokens=10, stop=[stop]))
+    answer = client.chat.completions.create(model="m", messages=prompt, max_tokens=10, temperature=0, stop=[stop, "@@"])
+    assert expected.finish_reason == "stop" and answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.content == expected.text and stop not in expected.text
+
+
+def test_max_tokens_is_capped(exports, reference):
+    settings = ServerSettings(model=str(exports["llava-next"]), max_tokens=3)
+    with running(create_app(settings, lambda: Proxy(reference))) as base:
+        wait_ready(base)
+        body = {"messages": [{"role": "user", "content": "Count to a hundred."}], "max_tokens": 500}
+        usage = post(base, body).json()["usage"]
+    assert usage["completion_tokens"] <= 3
+
+
+def test_metrics_exposition_counts_tokens_and_requests(server, client):
+    before = {k: metric(server, k) for k in ("llava_ov_prompt_tokens_total", "llava_ov_completion_tokens_total")}
+    ok = metric(server, 'llava_ov_http_requests_total{path="/v1/chat/completions",status="200"}')
+    answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+    text = HTTP.get(f"{server}/metrics").text
+    assert metric(server, "llava_ov_prompt_tokens_total") == (
+        before["llava_ov_prompt_tokens_total"] + answer.usage.prompt_tokens
+    )
+    assert metric(server, "llava_ov_completion_tokens_total") == (
+        before["llava_ov_completion_tokens_total"] + answer.usage.completion_tokens
+    )
+    assert metric(server, 'llava_ov_http_requests_total{path="/v1/chat/completions",status="200"}') == ok + 1
+    for name in ("llava_ov_time_to_first_token_seconds", "llava_ov_time_per_output_token_seconds"):
+        assert f"# TYPE {name} histogram" in text
+        buckets = [float(v) for v in re.findall(rf'^{name}_bucket{{le="[^"]+"}} (\S+)$', text, re.M)]
+        assert buckets == sorted(buckets) and buckets[-1] == metric(server, f"{name}_count") > 0
+    assert "# TYPE llava_ov_queue_depth gauge" in text and metric(server, "llava_ov_model_ready") == 1
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+HELLO = [{"role": "user", "content": "Hello"}]
+BAD_REQUESTS = {
+    "no messages": {"model": "m"},
+    "empty messages": {"messages": []},
+    "unknown role": {"messages": [{"role": "robot", "content": "Hi"}]},
+    "bad part type": {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]},
+    "negative max_tokens": {"messages": HELLO, "max_tokens": -1},
+    "temperature too high": {"messages": HELLO, "temperature": 5},
+    "n=2": {"messages": HELLO, "n": 2},
+    "logprobs": {"messages": HELLO, "logprobs": True},
+    "string body": "just a string",
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_requests_get_400(server, case):
+    error = assert_error(post(server, BAD_REQUESTS[case]), 400)
+    assert error["type"] == "invalid_request_error"
+    if case == "n=2":
+        assert error["param"] == "n" and "n must be 1" in error["message"]
+
+
+def test_invalid_json_gets_400(server):
+    headers = {"content-type": "application/json"}
+    response = HTTP.post(f"{server}/v1/chat/completions", content=b'{"messages": [', headers=headers)
+    assert "not valid JSON" in assert_error(response, 400)["message"]
+    assert_healthy(server)
+
+
+def image_request(url: str, stream: bool = False) -> dict:
+    content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, "stream": stream}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "data:image/png;base64," + base64.b64encode(b"certainly not an image").decode(),
+        "data:image/png;base64,@@not base64@@",
+        "data:image/png,rawbytes",
+        "data:image/png;base64,",
+    ],
+    ids=["undecodable", "bad-base64", "not-base64", "empty"],
+)
+def test_undecodable_image_gets_400(server, url):
+    error = assert_error(post(server, image_request(url)), 400, "invalid_image")
+    assert error["param"] == "messages[0].content[1].image_url"
+    assert_healthy(server)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_too_long_prompt_gets_400(server, stream):
+    body = {"messages": [{"role": "user", "content": "word " * 40_000}], "stream": stream}
+    error = assert_error(post(server, body), 400, "context_length_exceeded")
+    assert "context" in error["message"]
+    assert_healthy(server)
+
+
+def test_body_over_limit_gets_413(server):
+    big = {"messages": [{"role": "user", "content": "x" * (LIMIT + 10)}]}
+    assert_error(post(server, big), 413, "body_too_large")
+    chunks = (b"x" * 65536 for _ in range(LIMIT // 65536 + 2))  # chunked upload: no Content-Length to check
+    response = HTTP.post(f"{server}/v1/chat/completions", content=chunks, headers={"content-type": "application/json"})
+    assert_error(response, 413, "body_too_large")
+    assert_healthy(server)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:{port}/health", "http://localhost:{port}/metrics",
+                                 "http://[::1]:{port}/", "http://169.254.169.254/latest/meta-data/"])  # fmt: skip
+def test_private_image_urls_are_refused(server, url):
+    url = url.format(port=server.rsplit(":", 1)[1])
+    error = assert_error(post(server, image_request(url)), 400, "invalid_image")
+    assert "private" in error["message"]
+    assert_healthy(server)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "/etc/passwd", "{photo}", "file://{photo}"])
+def test_local_files_are_refused(server, photos, url):
+    url = url.format(photo=photos["chelsea"])
+    error = assert_error(post(server, image_request(url)), 400, "invalid_image")
+    assert "local files are not allowed" in error["message"]
+    assert_healthy(server)
+
+
+def test_unknown_path_and_method_get_openai_errors(server):
+    assert_error(HTTP.get(f"{server}/v1/nothing"), 404)
+    assert_error(HTTP.get(f"{server}/v1/chat/completions"), 405)
+
+
+def test_api_key_and_allowed_local_sources(exports, reference, photos, jpeg_url, tmp_path):
+    """A second app with a key (constant-time check) that also allows local files and private URLs."""
+    settings = ServerSettings(model=str(exports["llava-next"]), api_key="s3cret", allow_local_files=True,
+                              allow_private_urls=True)  # fmt: skip
+    with running(create_app(settings, lambda: Proxy(reference))) as base, photo_server(photos["chelsea"]) as photo_url:
+        assert HTTP.get(f"{base}/health").status_code in (200, 503)  # no key needed
+        wait_ready(base)
+        assert_error(post(base, image_request(jpeg_url)), 401, "invalid_api_key")
+        assert_error(post(base, image_request(jpeg_url), headers={"Authorization": "Bearer wrong"}), 401)
+        assert_error(HTTP.get(f"{base}/v1/models", headers={"Authorization": "Basic s3cret"}), 401)
+        keyed = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="s3cre", max_retries=0).models.list()
+        answers = {
+            src: keyed.chat.completions.create(model="m", **image_request(src)).choices[0].message.content
+            for src in (jpeg_url, photo_url, str(photos["chelsea"]), Path(photos["chelsea"]).as_uri())
+        }
+    assert len(set(answers.values())) == 1  # the same image from every source: the same answer
+
+
+@contextmanager
+def photo_server(path: Path):
+    """A plain HTTP server on loopback serving one photo at /photo."""
+    data = Path(path).read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/photo"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_health_is_503_while_loading(exports, reference):
+    release = threading.Event()
+
+    def slow_factory():
+        assert release.wait(30)
+        return Proxy(reference)
+
+    with running(create_app(ServerSettings(model=str(exports["llava-next"])), slow_factory)) as base:
+        response = HTTP.get(f"{base}/health")
+        assert response.status_code == 503 and response.json() == {"status": "loading"}
+        assert_error(post(base, {"messages": HELLO}), 503, "model_loading")
+        assert metric(base, "llava_ov_model_ready") == 0
+        release.set()
+        wait_ready(base)
+        assert_healthy(base)
+
+
+def test_failed_load_is_reported_without_paths():
+    failed = threading.Event()
+    settings = ServerSettings(model="/srv/secret-models/missing")  # the default factory: ModelNotFoundError
+    with running(create_app(settings, on_load_failure=failed.set)) as base:
+        assert failed.wait(30)
+        response = HTTP.get(f"{base}/health")
+        assert response.status_code == 503 and response.json() == {"status": "failed"}
+        response = post(base, {"messages": HELLO})
+        assert_error(response, 503, "model_failed")
+        assert "secret-models" not in response.text
+
+
+# ----------------------------------------------------------------------------- queue and cancellation
+
+
+@pytest.fixture
+def gated(exports, reference):
+    """An app with a one-place queue whose generations wait for `gate`."""
+    proxy = Proxy(reference, gate=threading.Event())
+    with running(create_app(ServerSettings(model=str(exports["llava-next"]), max_queue=1), lambda: proxy)) as base:
+        wait_ready(base)
+        yield base, proxy
+        proxy.gate.set()
+
+
+def test_full_queue_gets_429(gated):
+    base, proxy = gated
+    body = {"messages": HELLO, "max_tokens": 2}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running_one = pool.submit(post, base, body)
+        assert proxy.started.wait(30)
+        queued = pool.submit(post, base, body)
+        wait_for(lambda: metric(base, "llava_ov_queue_depth") == 1)
+        error = assert_error(post(base, body), 429, "queue_full")
+        assert error["type"] == "rate_limit_error"
+        proxy.gate.set()
+        assert running_one.result().status_code == 200 and queued.result().status_code == 200
+    assert metric(base, 'llava_ov_http_errors_total{status="429"}') == 1
+    assert_healthy(base)
+
+
+def test_queued_request_of_a_departed_client_is_dropped(gated):
+    base, proxy = gated
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, base, {"messages": HELLO, "max_tokens": 2})
+        assert proxy.started.wait(30)
+        with pytest.raises(httpx.ReadTimeout):  # this client gives up while its request waits in the queue
+            httpx.post(f"{base}/v1/chat/completions", json={"messages": HELLO}, timeout=0.5)
+        proxy.gate.set()
+        assert first.result().status_code == 200
+    wait_for(lambda: metric(base, "llava_ov_dropped_requests_total") == 1)
+    assert proxy.calls == 1  # the departed client's request never reached the pipeline
+    assert_healthy(base)
+
+
+@contextmanager
+def slow_app(exports, reference, **settings):
+    """An app whose generations take ~20 ms per token and ignore EOS: only a cancel ends them early."""
+    proxy = Proxy(reference, delay=0.02)
+    with running(create_app(ServerSettings(model=str(exports["llava-next"]), **settings), lambda: proxy)) as base:
+        wait_ready(base)
+        yield base, proxy
+
+
+@pytest.fixture
+def slow(exports, reference):
+    with slow_app(exports, reference) as (base, proxy):
+        yield base, proxy
+
+
+MANY = 1000  # tokens that would take ~20 s
+
+
+def test_disconnecting_streaming_client_cancels_generation(slow):
+    base, proxy = slow
+    body = {"messages": HELLO, "max_tokens": MANY, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert [next(lines) for _ in range(4)]  # a few chunks arrive, then the client leaves
+    wait_for(lambda: len(proxy.results) == 1)
+    assert proxy.results[0].finish_reason == "cancelled" and len(proxy.results[0].token_ids) < MANY
+    assert metric(base, 'llava_ov_generations_total{finish_reason="cancelled"}') == 1
+    assert_healthy(base)
+
+
+def test_disconnecting_client_cancels_non_streaming_generation(slow):
+    base, proxy = slow
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/chat/completions", json={"messages": HELLO, "max_tokens": MANY}, timeout=0.5)
+    wait_for(lambda: len(proxy.results) == 1)
+    assert proxy.results[0].finish_reason == "cancelled" and len(proxy.results[0].token_ids) < MANY
+    assert_healthy(base)
+
+
+def test_request_timeout_cuts_the_answer(exports, reference):
+    with slow_app(exports, reference, request_timeout_s=2) as (base, proxy):
+        answer = post(base, {"messages": HELLO, "max_tokens": MANY}).json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert 0 < answer["usage"]["completion_tokens"] < MANY
+    assert proxy.results[0].finish_reason == "cancelled"
+
+
+def wait_for(condition, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- fuzzing and tools
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(exports, reference):
+    """Fuzz target: the real app, with answers capped at 2 tokens so examples stay fast."""
+    app = create_app(ServerSettings(model=str(exports["llava-next"]), max_tokens=2), lambda: Proxy(reference))
+    with running(app) as base:
+        wait_ready(base)
+        yield base
+
+
+def test_openapi_fuzzing_finds_no_server_errors(fuzz_base):
+    """Schema-valid and schema-violating requests: no 5xx, violations get 400, responses match the schema."""
+    import hypothesis
+    import schemathesis
+    from schemathesis.generation.modes import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    schema = schemathesis.openapi.from_url(f"{fuzz_base}/openapi.json")
+    statuses = []
+    for mode, examples in ((GenerationMode.POSITIVE, 40), (GenerationMode.NEGATIVE, 30)):
+        for operation in schema.get_all_operations():
+            op = operation.ok()
+            if op.method != "post" and mode == GenerationMode.NEGATIVE:
+                continue  # GETs without parameters have no invalid input
+
+            @hypothesis.settings(max_examples=examples if op.method == "post" else 3, deadline=None, database=None,
+                                 suppress_health_check=list(hypothesis.HealthCheck))  # fmt: skip
+            @hypothesis.given(case=op.as_strategy(generation_mode=mode))
+            def check(case):
+                response = case.call(base_url=fuzz_base, timeout=30)
+                statuses.append(response.status_code)
+                # semantic checks (an unreachable image URL...) may refuse schema-valid data with 400
+                case.validate_response(response, excluded_checks=[positive_data_acceptance])
+
+            check()
+    assert 200 in statuses and 400 in statuses and max(statuses) < 500
+    assert_healthy(fuzz_base)
+
+
+def test_serve_command_options(tmp_path):
+    from llava_ov.cli import build_parser
+    from llava_ov.server.cli import settings_from_args
+
+    (tmp_path / "x").mkdir()
+    args = build_parser().parse_args(["serve", str(tmp_path / "x"), "--api-key", "k", "--max-queue", "3", "--f32",
+                                      "--allow-local-files", "--max-body-mb", "1"])  # fmt: skip
+    settings = settings_from_args(args)
+    assert (settings.api_key, settings.max_queue, settings.allow_local_files) == ("k", 3, True)
+    assert not settings.allow_private_urls
+    assert settings.properties == F32 and settings.max_body_bytes == 1024 * 1024 and settings.served_name == "x"
+
+
+def test_load_test_script_smoke(server):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "load_test.py"
+    spec = importlib.util.spec_from_file_location("load_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["load_test"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    report = module.run(server, clients=3, requests=6, max_tokens=2)
+    assert report["statuses"] == {200: 6} and report["requests"] == 6
+    assert 0 < report["latency_s"]["p50"] <= report["latency_s"]["p99"]
