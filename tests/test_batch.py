@@ -21,14 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from llava_ov.batch import (
-    FetchOptions,
-    JsonlSink,
-    fetch_url,
-    read_rows,
-    run_batch,
-)
+from llava_ov.batch import FetchOptions, JsonlSink, read_rows, run_batch
 from llava_ov.errors import InvalidImageError, LlavaOvError
+from llava_ov.fetch import fetch_url
 from llava_ov.generate import GenerationConfig
 
 MAX_NEW = 12
@@ -295,30 +290,33 @@ def test_url_rows_are_fetched_within_limits(pipe, reference, photos, http_root, 
         {"id": "ftp", "image": "ftp://example.com/a.png"},
     ])  # fmt: skip
     out = tmp_path / "o.jsonl"
-    run_batch(pipe, table, out, config=CONFIG, fetch=FetchOptions(allow_private=True), progress=False)
+    run_batch(pipe, table, out, config=CONFIG, fetch=FetchOptions(allow_private_urls=True), progress=False)
     by_id = {r["id"]: r for r in read_jsonl(out)}
     assert_matches(by_id["cat"], reference("chelsea"))
-    assert "HTTP 404" in by_id["404"]["error"]
+    assert "HTTP status 404" in by_id["404"]["error"]
     assert "only http:// and https://" in by_id["ftp"]["error"]
 
     # by default a URL may not reach loopback/private hosts
     out2 = tmp_path / "o2.jsonl"
     run_batch(pipe, table, out2, config=CONFIG, progress=False)
-    assert "private/loopback" in {r["id"]: r for r in read_jsonl(out2)}["cat"]["error"]
+    assert "loopback, private" in {r["id"]: r for r in read_jsonl(out2)}["cat"]["error"]
 
 
 def test_fetch_url_limits(http_root, photos):
+    """The batch limits (shared fetcher, batch defaults): bytes, private hosts, total time."""
+    defaults = FetchOptions()
+    assert (defaults.max_bytes, defaults.fetch_timeout_s, defaults.max_redirects) == (20_000_000, 20, 5)
     url = f"{http_root}/{photos['chelsea'].name}"
-    assert fetch_url(url, FetchOptions(allow_private=True)) == photos["chelsea"].read_bytes()
-    with pytest.raises(InvalidImageError, match="over"):
-        fetch_url(url, FetchOptions(allow_private=True, max_bytes=1000))
-    with pytest.raises(InvalidImageError, match="private/loopback"):
-        fetch_url(url.replace("127.0.0.1", "localhost"))
+    assert fetch_url(url, FetchOptions(allow_private_urls=True)) == photos["chelsea"].read_bytes()
+    with pytest.raises(InvalidImageError, match="over the limit of 1,000 bytes"):
+        fetch_url(url, FetchOptions(allow_private_urls=True, max_bytes=1000))
+    with pytest.raises(InvalidImageError, match="loopback, private"):
+        fetch_url(url.replace("127.0.0.1", "localhost"), FetchOptions())
     with socket.socket() as silent:  # accepts the connection, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        quick = FetchOptions(allow_private=True, timeout_s=0.3)
-        with pytest.raises(InvalidImageError, match="timed out"):
+        quick = FetchOptions(allow_private_urls=True, fetch_timeout_s=0.3)
+        with pytest.raises(InvalidImageError, match="longer than 0.3 s"):
             fetch_url(f"http://127.0.0.1:{silent.getsockname()[1]}/x.png", quick)
 
 

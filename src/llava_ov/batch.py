@@ -3,11 +3,12 @@
 `llava-ov batch MODEL INPUT -o OUTPUT` reads a folder of images or a
 CSV/JSONL/Parquet table of image paths/URLs, answers every row with the same
 `Pipeline.generate` the other front ends use, and writes one result per row to
-JSONL or Parquet.  Owns: reading inputs into `Row`s, fetching image URLs
-safely, the crash-safe output sinks (a rerun skips rows already done; a crash
-loses at most the rows in flight), the `--workers K` process pool (a single
-writer: the parent) and the end-of-job summary.  `llava_ov.ray_batch` runs the
-same rows on Ray Data.  See docs/batch.md.
+JSONL or Parquet.  Owns: reading inputs into `Row`s, the crash-safe output
+sinks (a rerun skips rows already done; a crash loses at most the rows in
+flight), the `--workers K` process pool (a single writer: the parent) and the
+end-of-job summary.  Image URLs are fetched by `llava_ov.fetch` (the server's
+safe fetcher) with batch limits.  `llava_ov.ray_batch` runs the same rows on
+Ray Data.  See docs/batch.md.
 """
 
 from __future__ import annotations
@@ -15,24 +16,20 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import ipaddress
 import json
 import os
 import queue
 import signal
-import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidImageError, LlavaOvError
+from .fetch import FetchPolicy, fetch_url
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 TABLE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -192,79 +189,12 @@ def check_unique_ids(rows: list[Row]) -> None:
 
 
 @dataclass(frozen=True)
-class FetchOptions:
-    """Limits for image URLs: http(s) only, bounded bytes and time, no private hosts unless allowed."""
+class FetchOptions(FetchPolicy):
+    """The shared `llava_ov.fetch.FetchPolicy` with batch defaults: 20 MB, 20 s, at most 5 redirects."""
 
     max_bytes: int = 20_000_000
-    timeout_s: float = 20.0
-    allow_private: bool = False
+    fetch_timeout_s: float = 20.0
     max_redirects: int = 5
-
-
-def check_url(url: str, options: FetchOptions) -> None:
-    """Refuse non-http(s) URLs and (unless allowed) hosts that resolve to private/loopback addresses."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidImageError(f"unsupported image URL {url!r}: only http:// and https:// are fetched")
-    if options.allow_private:
-        return
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as e:
-        raise InvalidImageError(f"cannot resolve image URL host {parts.hostname!r}: {e}") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not address.is_global:
-            raise InvalidImageError(
-                f"image URL host {parts.hostname!r} is a private/loopback address ({address}); "
-                "pass --allow-private-urls to fetch it"
-            )
-
-
-class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow a few redirects, checking every target like the first URL."""
-
-    def __init__(self, options: FetchOptions):
-        self.options = options
-        self.max_redirections = options.max_redirects
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        check_url(newurl, self.options)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def fetch_url(url: str, options: FetchOptions = FetchOptions()) -> bytes:
-    """The bytes at an image URL, within the size and time limits; InvalidImageError otherwise."""
-    check_url(url, options)
-    opener = urllib.request.build_opener(_CheckedRedirects(options))
-    deadline = time.monotonic() + options.timeout_s
-    request = urllib.request.Request(url, headers={"User-Agent": "llava-ov"})
-    try:
-        with opener.open(request, timeout=options.timeout_s) as r:
-            length = r.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > options.max_bytes:
-                raise InvalidImageError(f"image URL body is {int(length):,} bytes, over {options.max_bytes:,}")
-            return _read_limited(r, options.max_bytes, deadline)
-    except urllib.error.HTTPError as e:
-        raise InvalidImageError(f"image URL answered HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise InvalidImageError(f"cannot fetch image URL: {e.reason}") from None
-    except (TimeoutError, socket.timeout):
-        raise InvalidImageError(f"image URL timed out after {options.timeout_s:g} s") from None
-    except OSError as e:
-        raise InvalidImageError(f"cannot fetch image URL: {e}") from None
-
-
-def _read_limited(response, max_bytes: int, deadline: float) -> bytes:
-    chunks, total = [], 0
-    while chunk := response.read(65536):
-        total += len(chunk)
-        if total > max_bytes:
-            raise InvalidImageError(f"image URL body is over the limit of {max_bytes:,} bytes")
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def load_source(row: Row, options: FetchOptions) -> str | bytes:
@@ -771,7 +701,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     common = dict(
         prompt=args.prompt, config=generation_config(args), workers=args.workers, threads=args.threads,
         columns={"image": args.image_column, "prompt": args.prompt_column, "id": args.id_column},
-        fetch=FetchOptions(timeout_s=args.url_timeout, allow_private=args.allow_private_urls),
+        fetch=FetchOptions(fetch_timeout_s=args.url_timeout, allow_private_urls=args.allow_private_urls),
         retry_errors=args.retry_errors,
     )  # fmt: skip
     if args.ray or args.ray_address:

@@ -345,11 +345,9 @@ def _list_images(items: Sequence, count: int) -> CalibrationImages:
 
 
 def _fetch_image(url: str, max_bytes: int = 20_000_000):
-    import urllib.request
+    from .fetch import FetchPolicy, fetch_url
 
-    with urllib.request.urlopen(url, timeout=5) as resp:  # the caller allows http(s) URLs only
-        data = resp.read(max_bytes + 1)
-    return load_image(data, max_bytes=max_bytes)
+    return load_image(fetch_url(url, FetchPolicy(max_bytes=max_bytes, fetch_timeout_s=5.0)), max_bytes=max_bytes)
 
 
 def _dataset_images(dataset_id: str, count: int) -> CalibrationImages:

@@ -1,4 +1,5 @@
-"""Server image URLs: address checks (SSRF), redirects, size limits, data URLs, local paths (no model needed)."""
+"""Image URLs (llava_ov.fetch, used by the server and batch): address checks (SSRF), pinning, redirects,
+size limits, data URLs, local paths (no model needed)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from contextlib import contextmanager
 import pytest
 
 from llava_ov.errors import InvalidImageError
-from llava_ov.server.images import ImageFetcher, ImagePolicy, decode_data_url, is_public_ip, local_path
+from llava_ov.fetch import FetchPolicy, ImageFetcher, decode_data_url, fetch_url, is_public_ip, local_path
+from llava_ov.server.images import ImagePolicy
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -33,7 +35,7 @@ def test_public_addresses(address, public):
     assert is_public_ip(ipaddress.ip_address(address)) is public
 
 
-class LoopbackOnly(ImagePolicy):
+class LoopbackOnly(FetchPolicy):
     """Lets the test server on 127.0.0.1 stand in for a public host; everything else private stays refused."""
 
     def ip_allowed(self, ip) -> bool:
@@ -42,10 +44,18 @@ class LoopbackOnly(ImagePolicy):
 
 @contextmanager
 def image_host():
-    """/img: a PNG; /big: 1 MB; /to-metadata: redirect to a link-local address; /to-img: redirect to /img."""
+    """/img: a PNG; /big: 1 MB; /host: the Host header; /to-metadata: redirect to a link-local address;
+    /to-img: redirect to /img."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/host":
+                body = self.headers["Host"].encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             if self.path.startswith("/to-"):
                 target = "http://169.254.169.254/latest" if self.path == "/to-metadata" else "/img"
                 self.send_response(302)
@@ -70,8 +80,14 @@ def image_host():
         httpd.server_close()
 
 
-def fetch(url: str, policy: ImagePolicy) -> bytes:
+def fetch(url: str, policy: FetchPolicy) -> bytes:
     return asyncio.run(ImageFetcher(policy).fetch(url))
+
+
+def test_server_policy_extends_the_shared_one():
+    policy = ImagePolicy(max_bytes=5, allow_private_urls=True, fetch_timeout_s=1.5, max_pixels=7)
+    assert isinstance(policy, FetchPolicy) and policy.ip_allowed(ipaddress.ip_address("10.0.0.1"))
+    assert (policy.max_bytes, policy.fetch_timeout_s, policy.max_pixels, policy.allow_local_files) == (5, 1.5, 7, False)
 
 
 def test_fetch_and_redirect_within_allowed_addresses():
@@ -88,8 +104,36 @@ def test_redirect_to_link_local_address_is_refused():
 def test_loopback_is_refused_by_default_and_allowed_when_enabled():
     with image_host() as host:
         with pytest.raises(InvalidImageError, match="private"):
-            fetch(f"{host}/img", ImagePolicy())
-        assert fetch(f"{host}/img", ImagePolicy(allow_private_urls=True)) == PNG
+            fetch(f"{host}/img", FetchPolicy())
+        assert fetch(f"{host}/img", FetchPolicy(allow_private_urls=True)) == PNG
+
+
+def test_connection_goes_to_the_checked_address_with_the_name_in_host():
+    """A name no DNS knows: the download works only because it is pinned to the address the resolver checked."""
+    seen = []
+
+    async def resolver(host, port):
+        seen.append((host, port))
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    with image_host() as host:
+        port = int(host.rsplit(":", 1)[1])
+        body = asyncio.run(ImageFetcher(LoopbackOnly(), resolver).fetch(f"http://images.invalid:{port}/host"))
+    assert body == f"images.invalid:{port}".encode() and seen == [("images.invalid", port)]
+
+
+def test_sync_fetch_url_works_in_threads_without_a_loop():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with image_host() as host, ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda p: fetch_url(f"{host}/{p}", LoopbackOnly()), ["img", "to-img"])) == [PNG, PNG]
+        with pytest.raises(InvalidImageError, match="private"):
+            pool.submit(fetch_url, f"{host}/img").result()  # default policy: loopback refused
+
+
+def test_too_many_redirects_are_refused():
+    with image_host() as host, pytest.raises(InvalidImageError, match="redirected more than 0 times"):
+        fetch(f"{host}/to-img", LoopbackOnly(max_redirects=0))
 
 
 def test_names_resolving_to_private_addresses_are_refused():
@@ -97,7 +141,7 @@ def test_names_resolving_to_private_addresses_are_refused():
         return [ipaddress.ip_address("93.184.216.34"), ipaddress.ip_address("10.0.0.5")]
 
     with pytest.raises(InvalidImageError, match="private"):
-        asyncio.run(ImageFetcher(ImagePolicy(), resolver).fetch("http://images.example/cat.png"))
+        asyncio.run(ImageFetcher(FetchPolicy(), resolver).fetch("http://images.example/cat.png"))
 
 
 def test_download_size_limit_and_http_errors():
@@ -111,7 +155,7 @@ def test_download_size_limit_and_http_errors():
 @pytest.mark.parametrize("url", ["ftp://example.com/x.png", "http:///nohost", "http://[::1"])
 def test_malformed_or_unsupported_urls(url):
     with pytest.raises(InvalidImageError):
-        fetch(url, ImagePolicy())
+        fetch(url, FetchPolicy())
 
 
 def test_data_urls():
