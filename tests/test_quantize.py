@@ -7,7 +7,6 @@ untouched).  Tiny models are dominated by their 32k-row embeddings and lm_head
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import types

@@ -49,3 +49,16 @@ class ExportInfo:
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def library_versions(packages=("llava-ov", "openvino", "openvino-tokenizers", "nncf", "torch", "transformers")):
+    """Installed versions of `packages` (missing ones left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

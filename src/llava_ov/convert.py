@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from . import config as layout
-from .errors import DiskFullError, ExportExistsError, LlavaOvError, ModelNotFoundError
+from .errors import DiskFullError, LlavaOvError, ModelNotFoundError
 from .families import Family, family_for
 from .progress import Phases
+from .staging import publish, staging_dir
 from .stateful import kv_names, make_stateful, name_ports
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
@@ -292,41 +293,7 @@ def source_notes(src: str) -> list[str]:
     return [marker.read_text().strip()] if marker.exists() else []
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("llava-ov", "openvino", "openvino-tokenizers", "nncf", "torch", "transformers"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 # ---------------------------------------------------------------- driver
-
-
-def prepare_output(out: Path, overwrite: bool) -> Path:
-    """Refuse an existing OUT unless overwriting; return the temporary sibling to write into."""
-    if out.exists() and not overwrite:
-        raise ExportExistsError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move a finished export into place, replacing an old one only now."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def convert(src: str, out: str | Path, options: ConvertOptions | None = None) -> Path:
@@ -339,7 +306,7 @@ def convert(src: str, out: str | Path, options: ConvertOptions | None = None) ->
     family = family_for(source_cfg)
     compress = opts.weight_format in ("int8", "int4")
     phases = Phases("convert", 6, enabled=opts.show_progress)
-    tmp = prepare_output(out, opts.overwrite)
+    tmp = staging_dir(out, opts.overwrite)
     try:
         info = _convert_into(src, tmp, family, opts, phases)
         info.revision = opts.revision or resolved
@@ -400,7 +367,7 @@ def _convert_parts(src: str, out: Path, family: Family, opts: ConvertOptions, ph
         source=str(src),
         family=family.model_type,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        versions=library_versions(),
+        versions=layout.library_versions(),
         parts=parts,
         compression={"source_dtype": stored_dtype, "weight_format": fmt},
         timings_s={k: round(v, 2) for k, v in phases.timings.items()},

@@ -55,16 +55,16 @@ import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import config as layout
-from .errors import ExportExistsError, LlavaOvError, ModelNotFoundError
+from .errors import LlavaOvError, ModelNotFoundError
 from .image import load_image  # bounded decode, EXIF orientation, any mode -> RGB
 from .progress import Phases
+from .staging import publish, staging_dir
 
 LM_MODES = ("int4_sym", "int4_asym", "int8", "none")
 VISION_MODES = ("none", "int8", "int8_ptq")
@@ -502,16 +502,6 @@ def compress_vision(model, mode: str, pixels: list[np.ndarray] | None = None):
 # ---------------------------------------------------------------- driver
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("nncf", "openvino"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def _load_info(export_dir: Path) -> layout.ExportInfo:
     try:
         return layout.ExportInfo.load(export_dir)
@@ -526,28 +516,15 @@ def _tmp_name(path: Path) -> Path:
 
 def _stage_copy(src: Path, out: Path, skip: set[str], overwrite: bool) -> Path:
     """A temporary sibling of `out` holding every file of `src` except `skip`."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportExistsError(f"{out} already exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
+    stage = staging_dir(out, overwrite)
     skip_files = skip | {Path(name).with_suffix(".bin").name for name in skip}
     try:
-        shutil.copytree(src, stage, ignore=lambda d, names: [n for n in names if Path(d) == src and n in skip_files])
+        shutil.copytree(src, stage, dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if Path(d) == src and n in skip_files])  # fmt: skip
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return stage
-
-
-def _publish(stage: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        stage.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        stage.rename(out)
 
 
 def compress_export(
@@ -670,7 +647,7 @@ def compress_export(
             os.replace(written[-1], stage / layout.EXPORT_INFO)
         else:
             info.save(stage)
-            _publish(stage, out)
+            publish(stage, out)
     except BaseException:
         for path in written if in_place else []:
             path.unlink(missing_ok=True)
@@ -696,6 +673,6 @@ def _settings_record(q: QuantConfig, weight_format: str | None, info: layout.Exp
         "scale_estimation": q.awq,
         "sensitivity_metric": "max_activation_variance" if q.awq else "weight_quantization_error",
         **({"vision_model_type": "transformer", "vision_smooth_quant_alpha_matmul": SMOOTH_QUANT_ALPHA} if ptq else {}),
-        **_versions(),
+        **layout.library_versions(("nncf", "openvino")),
         "parts": {},
     }
