@@ -205,3 +205,30 @@ def test_mixing_precisions_per_part(exports, tmp_path, photos):
     mixed = Pipeline(exports["llava"], part_paths={"language": str(int8)}, cache_dir=None)
     assert mixed.model.part_path("language") == int8 / "openvino_language_model.xml"
     assert mixed.generate("Describe.", [photos["coffee"]], GenerationConfig(max_new_tokens=4)).token_ids
+
+
+def test_context_overflow_keeps_the_turn_with_the_latest_image(exports, photos):
+    pipe = Pipeline(exports["llava"], properties=F32, cache_dir=None)
+    session = ChatSession(pipe)
+    session.ask("Describe the photo.", [photos["chelsea"]], GenerationConfig(max_new_tokens=4))
+    for _ in range(4):
+        session.ask("Tell me more. " + "more words " * 500, config=GenerationConfig(max_new_tokens=4))
+    assert session.dropped_turns >= 1
+    assert session.messages[0].images == [photos["chelsea"]] and session.last_image == photos["chelsea"]
+    assert pipe.count_tokens(session.history()) <= pipe.model.max_context
+
+
+def test_parallel_sessions_on_one_pipeline_give_their_own_answers(exports, photos):
+    pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
+    cfg = GenerationConfig(max_new_tokens=8)
+    expected = {name: pipe.generate("What is it?", [photos[name]], cfg).token_ids for name in ("rocket", "coffee")}
+    results: dict[str, list[int]] = {}
+
+    def ask(name):
+        results[name] = ChatSession(pipe).ask("What is it?", [photos[name]], cfg).token_ids
+
+    for _ in range(3):
+        threads = [threading.Thread(target=ask, args=(n,)) for n in expected]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert results == expected

@@ -85,11 +85,17 @@ class ChatSession:
             )
 
     def _drop_oldest_turn(self) -> bool:
-        """Remove the first user turn and its answer; False if only the current turn is left."""
-        if len(self.messages) <= 1:
-            return False
-        del self.messages[0]
-        while len(self.messages) > 1 and self.messages[0].role != "user":
-            del self.messages[0]
-        self.dropped_turns += 1
-        return True
+        """Remove the oldest user turn (and its answer) that does not carry the latest image.
+
+        Follow-up questions refer to the latest image, so its turn stays; False when
+        nothing but the current turn and that image's turn is left."""
+        last_image_turn = max((i for i, m in enumerate(self.messages) if m.images), default=None)
+        for i, message in enumerate(self.messages[:-1]):
+            if message.role == "user" and i != last_image_turn:
+                end = i + 1
+                while end < len(self.messages) - 1 and self.messages[end].role != "user":
+                    end += 1
+                del self.messages[i:end]
+                self.dropped_turns += 1
+                return True
+        return False

@@ -86,6 +86,13 @@ class Tokenizer:
         return self._dec_req.get_output_tensor(0).str_data[0]
 
 
+def _plain(value: Any) -> str:
+    """OpenVINO property values as text: Type -> 'f32', lists joined."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    return value.to_string() if isinstance(value, ov.Type) else str(value)
+
+
 class ExportedModel:
     """Compiled parts of one export plus the language model's KV state."""
 
@@ -133,16 +140,19 @@ class ExportedModel:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LlavaOvError(f"cannot compile the {part} model on {device}: {first}") from None
 
-    def runtime_info(self) -> dict[str, Any]:
-        """Device and precision each part actually runs with."""
+    def runtime_info(self) -> dict[str, dict[str, str]]:
+        """Per part: the device and precisions it actually runs with, as plain strings ('f32', 'u8', 'CPU')."""
         info = {}
         for part, compiled in self._compiled.items():
             props = {}
-            for key in ("EXECUTION_DEVICES", "INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION"):
+            for key in ("EXECUTION_DEVICES", "INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION",
+                        "DYNAMIC_QUANTIZATION_GROUP_SIZE", "INFERENCE_NUM_THREADS"):  # fmt: skip
                 try:
-                    props[key] = str(compiled.get_property(key))
-                except RuntimeError:
+                    props[key] = _plain(compiled.get_property(key))
+                except RuntimeError:  # not every device reports every property
                     pass
+            if part != "language":
+                props.pop("KV_CACHE_PRECISION", None)
             info[part] = props
         return info
 

@@ -132,7 +132,8 @@ class Pipeline:
         self.eos_ids = self._eos_ids()
         self._features: OrderedDict[str, PreparedImage] = OrderedDict()
         self._keys = np.empty(self.model.max_context + 1, dtype=np.int64)  # what the KV cache holds
-        self._lock = threading.Lock()
+        # One generation at a time; also guards the shared infer requests used by prepare/count_tokens.
+        self._lock = threading.RLock()
         self._cancel: threading.Event | None = None
 
     def _eos_ids(self) -> set[int]:
@@ -174,6 +175,10 @@ class Pipeline:
 
     def prepare(self, messages: Sequence[Message]) -> PreparedPrompt:
         """Render, tokenize and expand `<image>` into each image's feature positions."""
+        with self._lock:  # the tokenizer and vision requests are shared with a running generation
+            return self._prepare_locked(messages)
+
+    def _prepare_locked(self, messages: Sequence[Message]) -> PreparedPrompt:
         ids = self.model.tokenizer.encode(self.render(messages))
         sources = [img for m in messages for img in m.images]
         positions = np.flatnonzero(ids == self.model.image_token_id)
@@ -295,7 +300,9 @@ class Pipeline:
         raise RuntimeError("generation ended without a result")  # unreachable: streams always finish
 
     def cancel(self) -> None:
-        """Stop the running generation (from any thread) before its next token."""
+        """Stop the running generation, whoever started it, before its next token.
+
+        With several users, give each `stream` call its own cancel Event instead."""
         if self._cancel is not None:
             self._cancel.set()
 
@@ -310,12 +317,16 @@ class Pipeline:
     def info(self) -> dict[str, Any]:
         from .config import EXPORT_INFO, read_json
 
-        export = self.model.dir / EXPORT_INFO
+        export = read_json(self.model.dir / EXPORT_INFO) if (self.model.dir / EXPORT_INFO).exists() else {}
+        stored = {part: export.get("parts", {}).get(part, {}).get("precision", "?") for part in self.model._compiled}
+        for part, path in self.model.options.part_paths.items():
+            stored[part] = f"from {path}"
         return {
             "model_dir": str(self.model.dir),
             "family": self.model.family.model_type,
             "device": self.model.options.device,
-            "export": read_json(export) if export.exists() else {},
+            "weights": stored,  # how each part's weights are stored (fp16, int4_sym g64 r0.6 + int8, ...)
+            "export": export,
             "runtime": self.model.runtime_info(),
         }
 
