@@ -252,3 +252,17 @@ def test_checkpoint_with_mismatched_weights_fails_strictly(tmp_path, checkpoints
     save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LlavaOvError, match="do not match"):
         convert(str(bad), tmp_path / "out", ConvertOptions(show_progress=False))
+
+
+def test_bad_compression_settings_fail_before_converting(tmp_path, checkpoints, monkeypatch):
+    from llava_ov import convert as convert_module
+    from llava_ov.quantize import QuantConfig
+
+    monkeypatch.setattr(convert_module, "load_checkpoint", lambda *a, **k: pytest.fail("should not load weights"))
+    with pytest.raises(LlavaOvError, match="group size 48 does not divide"):
+        convert(str(checkpoints["llava"]), tmp_path / "out",
+                ConvertOptions(weight_format="int4", quant=QuantConfig(group_size=48), show_progress=False))  # fmt: skip
+    with pytest.raises(LlavaOvError, match="ratio must be in"):
+        convert(str(checkpoints["llava"]), tmp_path / "out",
+                ConvertOptions(weight_format="int4", quant=QuantConfig(ratio=2.0), show_progress=False))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

@@ -265,9 +265,15 @@ def awq_layers(model) -> int:
 
 def check_group_size(model, group_size: int) -> None:
     """Raise LlavaOvError unless `group_size` divides the input channels of every MatMul weight."""
+    channels = {layer["in_channels"] for layer in weight_layers(model) if "in_channels" in layer}
+    check_group_size_channels(channels, group_size)
+
+
+def check_group_size_channels(channels, group_size: int) -> None:
+    """The same check on a set of input-channel counts."""
     if group_size == -1:
         return
-    channels = sorted({layer["in_channels"] for layer in weight_layers(model) if "in_channels" in layer})
+    channels = sorted(set(channels))
     bad = [c for c in channels if c % group_size]
     if bad:
         common = int(np.gcd.reduce(channels))
@@ -277,6 +283,13 @@ def check_group_size(model, group_size: int) -> None:
             f"(all input channel counts: {channels}); valid group sizes for this model: "
             f"{', '.join(map(str, valid + [-1]))} (-1 = per channel)"
         )
+
+
+def check_settings_for_config(quant: QuantConfig | None, weight_format: str | None, text_channels) -> None:
+    """Validate compression settings before converting (modes, ratio, group size vs the LM's channels)."""
+    q = resolve_config(quant, weight_format)
+    if q.lm_mode.startswith("int4"):
+        check_group_size_channels(text_channels, q.group_size)
 
 
 # ---------------------------------------------------------------- calibration
