@@ -125,7 +125,12 @@ def build_random_checkpoint(spec: RandomModelSpec, out_dir: str | Path, dtype: s
     config_cls = transformers.AutoConfig.for_model(cfg_dict.pop("model_type")).__class__
     config = config_cls.from_dict(cfg_dict)
     torch.manual_seed(spec.seed)
-    model = getattr(transformers, arch)(config).to(getattr(torch, dtype)).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # initialise in the target dtype: no fp32 copy of a big model
+    try:
+        model = getattr(transformers, arch)(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     model.save_pretrained(out)
 
     folder = model_config_dir(spec.config_name)
