@@ -11,7 +11,8 @@ Writes into WORK_DIR:
   ov-<L>L-fp16/              export, fp16 weights
   ov-<L>L-int8/              LM INT8_ASYM weights (+ INT8 text embeddings)
   ov-<L>L-int4/              LM INT4_SYM g64 r0.6 (+ INT8)
-  ov-<L>L-fp16-vision-int8/  fp16 LM, INT8 PTQ vision encoder (SmoothQuant, 16 calibration images)
+  ov-<L>L-fp16-vision-int8/  fp16 LM, INT8 PTQ vision encoder (SmoothQuant, 16 calibration images);
+                             first layer count only (the vision encoder does not depend on it)
 
 Usage: python scripts/build_bench_models.py --layers 4 --work-dir artifacts/bench
 """
@@ -29,7 +30,7 @@ def run(*args: str) -> None:
     subprocess.run(args, check=True)
 
 
-def build(layers: int, work: Path, vision_calib: int) -> None:
+def build(layers: int, work: Path, vision_calib: int, vision: bool) -> None:
     from llava_ov.random_models import RandomModelSpec, build_random_checkpoint
 
     ckpt = work / f"ckpt-{layers}L"
@@ -46,9 +47,9 @@ def build(layers: int, work: Path, vision_calib: int) -> None:
         if not out.exists():
             lm = "int8" if fmt == "int8" else "int4_sym"
             run(*cli, "compress", str(fp16), "-o", str(out), "--lm", lm)
-    vision = work / f"ov-{layers}L-fp16-vision-int8"
-    if not vision.exists():
-        run(*cli, "compress", str(fp16), "-o", str(vision), "--lm", "none", "--vision", "int8_ptq",
+    vision_dir = work / f"ov-{layers}L-fp16-vision-int8"
+    if vision and not vision_dir.exists():  # the vision encoder does not depend on the decoder depth
+        run(*cli, "compress", str(fp16), "-o", str(vision_dir), "--lm", "none", "--vision", "int8_ptq",
             "--calib-images", str(vision_calib))  # fmt: skip
 
 
@@ -59,8 +60,8 @@ def main() -> int:
     parser.add_argument("--vision-calib-images", type=int, default=16)
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    for layers in args.layers:
-        build(layers, args.work_dir, args.vision_calib_images)
+    for i, layers in enumerate(args.layers):
+        build(layers, args.work_dir, args.vision_calib_images, vision=i == 0)
     return 0
 
 

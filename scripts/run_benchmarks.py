@@ -5,7 +5,7 @@
   python scripts/run_benchmarks.py report                # tables + plots from those JSON files
 
 Suites (each one `llava_ov.bench.run_bench`, engines interleaved in one process):
-  <L>L-fp16   ours vs openvino_genai vs transformers (float32, same export source)
+  <L>L-fp16   ours vs openvino_genai (+ transformers float32 and per-engine peak RSS on the smallest model)
   <L>L-int8   ours vs openvino_genai
   <L>L-int4   ours vs openvino_genai
   <L>L-vision-int8   ours (INT8 PTQ vision encoder, fp16 LM)
@@ -26,15 +26,19 @@ IMAGE = ROOT / "examples" / "cat.jpg"
 SIZES = [(336, 336), (336, 672), (672, 672), (1008, 336)]  # (height, width): 1x2 (tie), 1x2, 2x2, 3x1 grids
 
 
-def suite_plan(layers: int, work: Path) -> list[tuple[str, dict]]:
-    base = dict(image=IMAGE, runs=3, warmup=1, max_new_tokens=32)
+def suite_plan(layers: int, work: Path, full: bool) -> list[tuple[str, dict]]:
+    """`full` (the smallest model): also PyTorch and per-engine peak RSS; deeper models feed the extrapolation."""
+    base = dict(image=IMAGE, runs=3, warmup=1, max_new_tokens=32, isolated_rss=full)
     fp16 = work / f"ov-{layers}L-fp16"
-    return [
-        (f"{layers}L-fp16", dict(model=fp16, compare=("genai", "transformers"), **base)),
+    plan = [
+        (f"{layers}L-fp16", dict(model=fp16, compare=("genai", "transformers") if full else ("genai",), **base)),
         (f"{layers}L-int8", dict(model=work / f"ov-{layers}L-int8", compare=("genai",), **base)),
         (f"{layers}L-int4", dict(model=work / f"ov-{layers}L-int4", compare=("genai",), **base)),
-        (f"{layers}L-vision-int8", dict(model=work / f"ov-{layers}L-fp16-vision-int8", compare=(), **base)),
     ]
+    vision = work / f"ov-{layers}L-fp16-vision-int8"
+    if vision.exists():  # built for one layer count only
+        plan.append((f"{layers}L-vision-int8", dict(model=vision, compare=(), **base)))
+    return plan
 
 
 def run_suites(layers_list: list[int], work: Path, only: set[str]) -> None:
@@ -43,13 +47,14 @@ def run_suites(layers_list: list[int], work: Path, only: set[str]) -> None:
     results = work / "results"
     results.mkdir(parents=True, exist_ok=True)
     for layers in layers_list:
-        for name, kwargs in suite_plan(layers, work):
+        full = layers == min(layers_list)
+        for name, kwargs in suite_plan(layers, work, full):
             if only and name not in only:
                 continue
             print(f"=== {name}", flush=True)
             report = run_bench(BenchOptions(**kwargs), log=lambda m: print(m, flush=True))
             (results / f"{name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        if not only or f"{layers}L-ttft-sizes" in only:
+        if (full and not only) or f"{layers}L-ttft-sizes" in only:
             ttft_vs_size(layers, work, results)
 
 

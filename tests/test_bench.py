@@ -12,7 +12,7 @@ def test_bench_smoke_with_comparisons(exports, checkpoints, photos, tmp_path):
     out = tmp_path / "bench.json"
     args = [sys.executable, "-m", "llava_ov.cli", "bench", str(exports["llava-next"]), "--image", str(photos["coffee"]),
             "--runs", "2", "--warmup", "1", "--max-new-tokens", "6", "--compare", "genai,transformers",
-            "--source", str(checkpoints["llava-next"]), "--json", str(out)]  # fmt: skip
+            "--source", str(checkpoints["llava-next"]), "--isolated-rss", "--json", str(out)]  # fmt: skip
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -20,6 +20,7 @@ def test_bench_smoke_with_comparisons(exports, checkpoints, photos, tmp_path):
     for name, engine in report["engines"].items():
         assert engine["ttft_s"]["mean"] > 0 and engine["tpot_s"]["mean"] > 0, name
         assert engine["ttft_s"]["n"] == 2 and engine["generated"] == 6, name
+        assert engine["isolated_peak_rss_mb"] > 50, name
     ours = report["engines"]["ours"]
     assert ours["vision_s"]["mean"] > 0 and ours["image_tokens"] > 576
     assert 0 <= ours["python_overhead_share"]["mean"] < 1
