@@ -38,7 +38,8 @@ from pathlib import Path
 from llava_ov import config as layout
 from llava_ov.evaluate import DEFAULT_PROMPTS, evaluate, example_images
 from llava_ov.model import F32_PROPERTIES
-from llava_ov.quantize import SKIMAGE_PHOTOS, QuantConfig, compress_export
+from llava_ov.calibration import SKIMAGE_PHOTOS
+from llava_ov.quantize import QuantConfig, compress_export
 
 EVAL_SOURCES = {"chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"}  # what examples/ holds
 RUNTIMES = {"f32": dict(F32_PROPERTIES), "default": {}}

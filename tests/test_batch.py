@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from llava_ov.batch import FetchOptions, JsonlSink, read_rows, run_batch
+from llava_ov.batch import FetchOptions, run_batch
+from llava_ov.batch_io import JsonlSink, read_rows
 from llava_ov.errors import InvalidImageError, LlavaOvError
 from llava_ov.fetch import fetch_url
 from llava_ov.generate import GenerationConfig

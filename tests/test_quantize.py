@@ -20,13 +20,8 @@ from conftest import F32
 from llava_ov import config as layout
 from llava_ov.errors import ExportExistsError, LlavaOvError
 from llava_ov.image import ImageConfig, preprocess
-from llava_ov.quantize import (
-    QuantConfig,
-    calibration_images,
-    compress_export,
-    resolve_config,
-    weight_stats,
-)
+from llava_ov.calibration import calibration_images
+from llava_ov.quantize import QuantConfig, compress_export, resolve_config, weight_stats
 
 core = ov.Core()
 VOCAB = 32064

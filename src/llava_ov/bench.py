@@ -401,8 +401,13 @@ def isolated_peak_rss(opts: BenchOptions, engine: str) -> float:
 
 
 def _child_peak_rss(opts: BenchOptions, engine: str) -> float:
-    import resource
+    # Sampled, not ru_maxrss: Linux carries the parent's high-water mark into children across fork and exec.
+    with RssSampler() as sampler:
+        _child_run(opts, engine)
+    return sampler.peak / 2**20
 
+
+def _child_run(opts: BenchOptions, engine: str) -> None:
     if engine == "ours":
         runner = OursEngine(opts.model, opts.device, opts.properties)
     elif engine == "genai":
@@ -416,7 +421,6 @@ def _child_peak_rss(opts: BenchOptions, engine: str) -> float:
         prompt = Pipeline(opts.model, cache_dir=None).render([Message("user", prompt, [opts.image])])
         prompt = prompt.replace("<image>\n", "<image>")
     runner.run(opts.image, prompt, opts.max_new_tokens)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _export_source(export: Path) -> str:

@@ -18,17 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .batch import (
-    DEFAULT_PROMPT,
-    BatchSummary,
-    FetchOptions,
-    PipelineSpec,
-    Row,
-    arrow_schema,
-    caption_row,
-    cpu_count,
-    read_rows,
-)
+from .batch import BatchSummary, FetchOptions, PipelineSpec, caption_row, cpu_count
+from .batch_io import DEFAULT_PROMPT, Row, arrow_schema, read_rows
 from .errors import LlavaOvError
 
 if TYPE_CHECKING:
