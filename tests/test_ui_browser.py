@@ -160,7 +160,8 @@ def stats_tokens(stats: str) -> int:
 def test_chat_with_photo_follow_up_and_stop(open_tab, server):
     _, pipe = server
     tab = open_tab()
-    assert "CPU" in tab.inner_text("#header") and "float32" in tab.inner_text("#header")
+    header = tab.inner_text("#header")
+    assert "device CPU" in header and "language fp32" in header and "compute f32" in header, header
 
     watch_growth(tab)
     send(tab, "What is in this picture?", CAT)
