@@ -9,8 +9,11 @@ LLAVA_OV_TEST_CACHE to a folder to reuse the built models between sessions
 from __future__ import annotations
 
 import hashlib
+import http.server
 import os
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,18 @@ import pytest
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
 FAMILIES = {"llava-next": "llava-v1.6-mistral-7b-hf", "llava": "llava-1.5-7b-hf"}
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
+
+
+@contextmanager
+def serve_http(handler: type[http.server.BaseHTTPRequestHandler]):
+    """Serve `handler` on a loopback port in a thread; yields the base URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def _source_digest() -> str:

@@ -24,6 +24,8 @@ def test_bench_smoke_with_comparisons(exports, checkpoints, photos, tmp_path):
     ours = report["engines"]["ours"]
     assert ours["vision_s"]["mean"] > 0 and ours["image_tokens"] > 576
     assert 0 <= ours["python_overhead_share"]["mean"] < 1
+    assert report["engines"]["genai"]["tpot_wall_s"]["mean"] > 0  # genai timed per token in Python, like ours
+    assert report["ratios"]["tpot_genai_wall_over_ours"] > 0
     assert report["follow_up"]["follow_up_ttft"]["mean"] > 0
     bound = report["bound"]
     assert bound["bandwidth"]["gb_s"]["mean"] > 0 and bound["weight_bytes"] > 0 and bound["share_of_bound"] > 0

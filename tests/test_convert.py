@@ -96,22 +96,27 @@ def hf_logits_steps(model, embeds, decode_ids):
     return out
 
 
+def lm_step(request, chunk: np.ndarray, pos: int) -> np.ndarray:
+    """One stateful LM call on `chunk` (tokens x hidden) at position `pos`; the last position's logits."""
+    end = pos + len(chunk)
+    request.infer(
+        {
+            "inputs_embeds": chunk[None],
+            "attention_mask": np.ones((1, end), np.int64),
+            "position_ids": np.arange(pos, end)[None],
+            "beam_idx": np.zeros(1, np.int32),
+        }
+    )
+    return request.get_tensor("logits").data[0, -1]
+
+
 def ov_logits_steps(export, embeds, decode_ids, table):
     request = compile_part(export, layout.LANGUAGE_MODEL).create_infer_request()
     request.reset_state()
     out, pos = [], 0
     for chunk in [embeds, *[table[[t]] for t in decode_ids]]:
-        end = pos + len(chunk)
-        request.infer(
-            {
-                "inputs_embeds": chunk[None],
-                "attention_mask": np.ones((1, end), np.int64),
-                "position_ids": np.arange(pos, end)[None],
-                "beam_idx": np.zeros(1, np.int32),
-            }
-        )
-        out.append(request.get_tensor("logits").data[0, -1].copy())
-        pos = end
+        out.append(lm_step(request, chunk, pos).copy())
+        pos += len(chunk)
     return out
 
 
@@ -140,17 +145,8 @@ def test_language_model_32_greedy_tokens_match_generate(family, exports, hf_mode
     request = compile_part(exports[family], layout.LANGUAGE_MODEL).create_infer_request()
     tokens, pos, chunk = [], 0, table[ids[0].numpy()]
     for _ in range(32):
-        end = pos + len(chunk)
-        request.infer(
-            {
-                "inputs_embeds": chunk[None],
-                "attention_mask": np.ones((1, end), np.int64),
-                "position_ids": np.arange(pos, end)[None],
-                "beam_idx": np.zeros(1, np.int32),
-            }
-        )
-        tokens.append(int(request.get_tensor("logits").data[0, -1].argmax()))
-        pos, chunk = end, table[[tokens[-1]]]
+        tokens.append(int(lm_step(request, chunk, pos).argmax()))
+        pos, chunk = pos + len(chunk), table[[tokens[-1]]]
     assert len(set(ref_tokens)) > 4, "reference collapsed into repeats; the comparison would mean little"
     assert tokens == ref_tokens
 

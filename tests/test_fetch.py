@@ -7,11 +7,11 @@ import asyncio
 import base64
 import http.server
 import ipaddress
-import threading
 from contextlib import contextmanager
 
 import pytest
 
+from conftest import serve_http
 from llava_ov.errors import InvalidImageError
 from llava_ov.fetch import FetchPolicy, ImageFetcher, decode_data_url, fetch_url, is_public_ip, local_path
 from llava_ov.server.images import ImagePolicy
@@ -71,13 +71,8 @@ def image_host():
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve_http(Handler) as base:
+        yield base
 
 
 def fetch(url: str, policy: FetchPolicy) -> bytes:

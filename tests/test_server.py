@@ -24,7 +24,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import F32
+from conftest import F32, serve_http
 from llava_ov.generate import GenerationConfig
 from llava_ov.pipeline import Message, Pipeline
 from llava_ov.server import ServerSettings, create_app
@@ -378,13 +378,8 @@ def photo_server(path: Path):
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/photo"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve_http(Handler) as base:
+        yield base + "/photo"
 
 
 def test_health_is_503_while_loading(exports, reference):
