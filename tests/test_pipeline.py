@@ -188,6 +188,15 @@ def test_runtime_runs_with_torch_and_transformers_blocked(exports, photos):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
+def test_default_cache_covers_gpu_and_npu_not_cpu(tmp_path):
+    from llava_ov.model import cache_dir_for, default_cache_dir
+
+    assert cache_dir_for("default", "CPU") is None  # imported CPU blobs decode slower (docs/benchmarks.md)
+    assert cache_dir_for("default", "GPU.1") == cache_dir_for("default", "NPU") == str(default_cache_dir())
+    assert cache_dir_for(str(tmp_path), "CPU") == str(tmp_path)  # an explicit dir is honoured everywhere
+    assert cache_dir_for(None, "GPU") is None
+
+
 def test_compiled_model_cache_is_written_and_reused(exports, tmp_path):
     cache = tmp_path / "ov-cache"
     Pipeline(exports["llava"], cache_dir=str(cache))
