@@ -98,29 +98,51 @@ def engine_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-TARGETS = [  # (target, how it is read from one suite's report, pass test)
-    ("TPOT no worse than genai (genai's own TPOT / ours)",
-     lambda r: r.get("ratios", {}).get("tpot_genai_over_ours"), lambda v: v >= 1.0, "{:.3f}"),
+def _relative_spread(rep: dict, key: str, engines: tuple[str, str] = ("ours", "genai")) -> float | None:
+    """Combined relative standard deviation of `key` for two engines: the noise of their ratio."""
+    try:
+        stats = [rep["engines"][e][key] for e in engines]
+    except KeyError:
+        return None
+    return sum((s["std"] / s["mean"]) ** 2 for s in stats) ** 0.5
+
+
+TARGETS = [  # (target, value read from one suite's report, pass test, format, noise of the value or None)
+    ("TPOT no worse than genai (genai's own TPOT / ours)", lambda r: r.get("ratios", {}).get("tpot_genai_over_ours"),
+     lambda v: v >= 1.0, "{:.3f}", lambda r: _relative_spread(r, "tpot_s")),
     ("TPOT no worse than genai (both timed per token in Python)",
-     lambda r: r.get("ratios", {}).get("tpot_genai_wall_over_ours"), lambda v: v >= 1.0, "{:.3f}"),
-    ("TTFT within 5 % of genai", lambda r: r.get("ratios", {}).get("ttft_ours_over_genai"), lambda v: v <= 1.05, "{:.3f}"),
-    ("decode >= 3x PyTorch", lambda r: r.get("ratios", {}).get("tpot_transformers_over_ours"), lambda v: v >= 3.0, "{:.2f}x"),
-    ("decode >= 80 % of bandwidth bound", lambda r: r.get("bound", {}).get("share_of_bound"), lambda v: v >= 0.8, "{:.0%}"),
+     lambda r: r.get("ratios", {}).get("tpot_genai_wall_over_ours"), lambda v: v >= 1.0, "{:.3f}",
+     lambda r: _relative_spread(r, "tpot_s")),
+    ("TTFT within 5 % of genai", lambda r: r.get("ratios", {}).get("ttft_ours_over_genai"), lambda v: v <= 1.05,
+     "{:.3f}", None),
+    ("decode >= 3x PyTorch", lambda r: r.get("ratios", {}).get("tpot_transformers_over_ours"), lambda v: v >= 3.0,
+     "{:.2f}x", None),
+    ("decode >= 80 % of bandwidth bound", lambda r: r.get("bound", {}).get("share_of_bound"), lambda v: v >= 0.8,
+     "{:.0%}", None),
     ("Python overhead < 2 % of TPOT",
-     lambda r: (r["engines"]["ours"].get("python_overhead_share") or {}).get("mean"), lambda v: v < 0.02, "{:.2%}"),
-    ("follow-up TTFT < 15 % of first", lambda r: r.get("follow_up", {}).get("ratio"), lambda v: v < 0.15, "{:.1%}"),
+     lambda r: (r["engines"]["ours"].get("python_overhead_share") or {}).get("mean"), lambda v: v < 0.02, "{:.2%}", None),
+    ("follow-up TTFT < 15 % of first", lambda r: r.get("follow_up", {}).get("ratio"), lambda v: v < 0.15, "{:.1%}",
+     None),
 ]  # fmt: skip
 
 
 def targets_table(results: dict[str, dict]) -> str:
-    """Each speed target of the project against every suite that measures it: value and met / missed."""
+    """Each speed target against every suite that measures it: value and met / missed.
+
+    A ratio target missed by less than the combined relative spread of the two engines'
+    runs is marked "missed, within noise"."""
     names = [n for n in results if not n.endswith("vision-int8")]
     rows = ["| target | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for label, read, ok, form in TARGETS:
+    for label, read, ok, form, noise_of in TARGETS:
         cells = []
         for name in names:
             value = read(results[name])
-            cells.append("-" if value is None else f"{form.format(value)} {'met' if ok(value) else '**missed**'}")
+            if value is None:
+                cells.append("-")
+                continue
+            noise = noise_of(results[name]) if noise_of else None
+            verdict = "met" if ok(value) else ("missed, within noise" if noise and value >= 1 - noise else "**missed**")
+            cells.append(f"{form.format(value)} {verdict}")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -156,18 +178,24 @@ def bound_table(results: dict[str, dict]) -> str:
 
 
 def extrapolation(results: dict[str, dict]) -> str:
-    """Fit TPOT and TTFT = a + b * layers over the measured layer counts; evaluate at 32 (extrapolated)."""
-    out = ["| precision | engine | TPOT ms at 32 layers (extrapolated) | TTFT s at 32 layers (extrapolated) |",
-           "|---|---|---|---|"]  # fmt: skip
+    """TPOT and TTFT at 32 layers (extrapolated): linear fits over the measured layer counts, and for
+    ours a steadier TPOT estimate: bytes read per token at 32 layers / the deepest model's achieved bytes/s."""
+    out = ["| precision | engine | TPOT ms at 32 layers, linear fit | TPOT ms at 32 layers, bytes / achieved bandwidth | "
+           "TTFT s at 32 layers, linear fit |", "|---|---|---|---|---|"]  # fmt: skip
     for prec in ("fp16", "int8", "int4"):
         points = {int(n.split("L-")[0]): rep for n, rep in results.items() if n.endswith(f"L-{prec}")}
         if len(points) < 2:
             continue
+        xs = sorted(points)
+        deepest = points[xs[-1]]["bound"]
+        per_token = [points[x]["bound"]["weight_bytes"] + points[x]["bound"]["kv_bytes_per_token"] for x in xs]
+        achieved = deepest["decode_tokens_per_s"] * (deepest["weight_bytes"] + deepest["kv_bytes_per_token"])
         for engine in ("ours", "genai"):
-            xs = sorted(points)
             tpot = [points[x]["engines"][engine]["tpot_s"]["mean"] for x in xs]
             ttft = [points[x]["engines"][engine]["ttft_s"]["mean"] for x in xs]
-            out.append(f"| {prec} | {engine} | {linear_at(xs, tpot, 32) * 1e3:.0f} | {linear_at(xs, ttft, 32):.1f} |")
+            by_bytes = f"{linear_at(xs, per_token, 32) / achieved * 1e3:.0f}" if engine == "ours" else "-"
+            out.append(f"| {prec} | {engine} | {linear_at(xs, tpot, 32) * 1e3:.0f} | {by_bytes} | "
+                       f"{linear_at(xs, ttft, 32):.1f} |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -199,6 +227,7 @@ def plots(results: dict[str, dict], sizes: dict[str, list], out_dir: Path) -> li
     if sizes:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rows in sizes.items():
+            rows = sorted(rows, key=lambda r: r["image_tokens"])
             tokens = [r["image_tokens"] for r in rows]
             for key, label in (("ours_ttft_s", "ours"), ("genai_ttft_s", "genai")):
                 ax.errorbar(tokens, [r[key]["mean"] for r in rows], yerr=[r[key]["std"] for r in rows],
@@ -264,6 +293,27 @@ PyTorch on the source checkpoint in float32 (same compute precision as OpenVINO 
 
 {targets}
 
+## What the targets show (this machine)
+
+- **TPOT vs genai**: both engines run the same IR with the same plugin settings; ratios swing
+  both ways between suites (0.88–1.20) by more than any systematic difference. Timing genai per
+  token in Python (like ours) gives the same ratio as its own perf metrics, so the method is not
+  the difference. `scripts/decode_variants.py` on the 2L-fp16 export, 3 interleaved rounds:
+  genai 59.2 ± 4.0 ms, our `Pipeline.step` loop 60.7 ± 4.6 ms, a bare `infer` loop 59.9 ± 3.9 ms —
+  a tie within noise; our Python overhead is 0.5–1.4 % of TPOT.
+- **A real slowdown found and fixed on the way**: models imported from OpenVINO's compiled-model
+  cache decoded the fp16 export 1.8x slower on this CPU (108–119 ms vs 54–63 ms per token); CPU
+  parts are now compiled fresh by default (about 1 s), see docs/architecture.md.
+- **Bandwidth bound**: fp16 reaches ~80 %; INT8/INT4 reach 53–73 %: decompressing INT4/INT8
+  weights on 2 AVX2 cores (no AVX-512/VNNI) is compute-bound, and genai is equally far from the
+  bound (same kernels). DYNAMIC_QUANTIZATION_GROUP_SIZE 0/32/64/128/256 made no measurable
+  difference for INT4.
+- **PyTorch**: transformers float32 vs our fp16-weights/f32-compute export: 2.3x in this run
+  (3.0x in an earlier run of the same suite) — below the 3x target on this machine. Torch reads
+  twice the weight bytes; the ratio moves with the machine's load.
+- **TTFT** is dominated by the CLIP-L encoder on 5 tiles (~10 s of ~22 s on 2 cores); ours and
+  genai are within 5 % except one noisy suite (±15 % spread).
+
 ## Bandwidth bound
 
 Decode reads every language-model weight once per token plus the KV cache. Bound = sustained
@@ -274,11 +324,18 @@ per token.
 
 ## Extrapolation to 32 decoder layers (extrapolated, not measured)
 
-Linear fit of TPOT and TTFT over the measured layer counts.
+Linear fits over 2 and 4 layers put a 16x lever on the noise of short runs (an INT4 TPOT above
+INT8's is that noise, not a property of INT4). The bytes-based column assumes the 32-layer model
+reads its weights and KV cache at the bytes/s the 4-layer model achieved; the real 32-layer fp16 LM
+is ~14.5 GB, so on this machine's ~23 GB/s its decode bound is ~0.6 s per token.
 
 {extrapolation}
 
 ## TTFT vs image size
+
+INT4 export, 4 new tokens, 2 runs after a warm-up per size. "image tokens" are ours (transformers'
+count); for the 336×336 image genai picks another anyres grid (its pinpoint-order difference,
+see the strict xfail in tests/test_genai.py), so its prompt differs there.
 
 {sizes}
 
