@@ -86,8 +86,10 @@ def analyse(runs: list[dict], target: int, ram_gib: float) -> dict:
         xs = [r["layers"] for r in ok]
         a, b = linear_fit(xs, [r["peak_gib"] for r in ok])
         la, lb = linear_fit(xs, [r["lm_fp16_gb"] for r in ok])
+        aa, ab = linear_fit(xs, [r["peak_anon_gib"] for r in ok])
         out[mode] = dict(peak_a_gib=round(a, 3), peak_per_layer_gib=round(b, 4),
                          extrapolated_peak_gib=round(a + b * target, 2),
+                         extrapolated_anon_gib=round(aa + ab * target, 2),
                          extrapolated_lm_fp16_gb=round(la + lb * target, 2),
                          fits_in_ram=a + b * target < ram_gib)  # fmt: skip
     return dict(target_layers=target, machine_ram_gib=round(ram_gib, 1), modes=out)
@@ -95,17 +97,20 @@ def analyse(runs: list[dict], target: int, ram_gib: float) -> dict:
 
 def markdown(runs: list[dict], analysis: dict) -> str:
     """The measured runs and the extrapolation as markdown tables."""
-    lines = ["| decoder layers | LM mode | fp16 LM IR (GB) | peak memory (GiB) | time (s) | output export (GB) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| decoder layers | LM mode | fp16 LM IR (GB) | peak memory (GiB) | of which anonymous (GiB) | time (s) | "
+             "output export (GB) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
-        lines.append(f"| {r['layers']} | {r['mode']} | {r['lm_fp16_gb']:.2f} | {r['peak_gib']:.2f} | {r['wall_s']:.0f} | "
+        lines.append(f"| {r['layers']} | {r['mode']} | {r['lm_fp16_gb']:.2f} | {r['peak_gib']:.2f} | "
+                     f"{r['peak_anon_gib']:.2f} | {r['wall_s']:.0f} | "
                      f"{r['output_gb'] if r['output_gb'] is not None else 'failed'} |")  # fmt: skip
     lines += ["", f"| LM mode | peak = a + b·layers | extrapolated to {analysis['target_layers']} layers (GiB) | "
+                  f"anonymous at {analysis['target_layers']} layers (GiB, extrapolated) | "
                   f"fp16 LM IR at {analysis['target_layers']} layers (GB) | fits {analysis['machine_ram_gib']} GiB |",
-              "|---|---|---|---|---|"]  # fmt: skip
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for mode, m in analysis["modes"].items():
         lines.append(f"| {mode} | {m['peak_a_gib']:.2f} + {m['peak_per_layer_gib']:.3f}·L | "
-                     f"**{m['extrapolated_peak_gib']:.1f}** (extrapolated) | {m['extrapolated_lm_fp16_gb']:.1f} | "
+                     f"**{m['extrapolated_peak_gib']:.1f}** (extrapolated) | {m['extrapolated_anon_gib']:.1f} | "
+                     f"{m['extrapolated_lm_fp16_gb']:.1f} | "
                      f"{'yes' if m['fits_in_ram'] else 'no'} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -119,7 +124,13 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts/compress-memory"))
     parser.add_argument("--interval", type=float, default=0.05)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--render", type=Path, help="print the tables of an earlier --json file; run nothing")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        analysis = analyse(saved["runs"], REAL_LAYERS, saved["analysis"]["machine_ram_gib"])
+        print(markdown(saved["runs"], analysis))
+        return
     args.work_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for layers in args.layers:
