@@ -115,7 +115,7 @@ class ExportedModel:
 
     def __init__(self, export_dir: str | Path, options: LoadOptions | None = None):
         self.dir = check_export_dir(export_dir)
-        self.options = opts = options or LoadOptions()
+        self.options = options or LoadOptions()
         self.config: dict[str, Any] = json.loads((self.dir / "config.json").read_text())
         self.family: Family = family_for(self.config)
         import openvino_tokenizers  # noqa: F401  (adds the tokenizer operations to Cores made after it)
