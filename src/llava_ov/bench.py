@@ -351,31 +351,37 @@ class BenchOptions:
     isolated_rss: bool = False  # peak RSS of each engine alone, in a child process (one extra run each)
 
 
-def _engine_prompt(engine, ours, image: Path, prompt: str) -> str:
+def engine_prompt(name: str, export: Path, image: Path, prompt: str) -> str:
     """genai takes the rendered prompt (it adds the newline after <image> itself); others the question."""
-    if engine.name != "genai":
+    if name != "genai":
         return prompt
     from .pipeline import Message
+    from .template import ChatTemplate
 
-    return ours.pipe.render([Message("user", prompt, [image])]).replace("<image>\n", "<image>")
+    message = Message("user", prompt, [image]).for_template()
+    return ChatTemplate.from_export(export).render([message], add_generation_prompt=True).replace("<image>\n", "<image>")
+
+
+def make_engine(name: str, opts: BenchOptions):
+    """Load one engine on the export (or, for transformers, its source checkpoint)."""
+    if name == "ours":
+        return OursEngine(opts.model, opts.device, opts.properties)
+    if name == "genai":
+        return GenaiEngine(opts.model, opts.device, opts.properties, opts.genai_backend)
+    if name == "transformers":
+        return TorchEngine(opts.source or _export_source(opts.model), opts.torch_dtype)
+    raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES[1:])}")
 
 
 def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
     """Load every engine, warm up, then interleave the timed runs; returns the report dict."""
-    rss0 = current_rss()
-    engines = [OursEngine(opts.model, opts.device, opts.properties)]
-    loaded_rss = {"ours": current_rss() - rss0}
-    for name in opts.compare:
+    engines, loaded_rss = [], {}
+    for name in ("ours", *opts.compare):
         before = current_rss()
-        if name == "genai":
-            engines.append(GenaiEngine(opts.model, opts.device, opts.properties, opts.genai_backend))
-        elif name == "transformers":
-            engines.append(TorchEngine(opts.source or _export_source(opts.model), opts.torch_dtype))
-        else:
-            raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES[1:])}")
+        engines.append(make_engine(name, opts))
         loaded_rss[name] = current_rss() - before
     ours = engines[0]
-    prompts = {e.name: _engine_prompt(e, ours, opts.image, opts.prompt) for e in engines}
+    prompts = {e.name: engine_prompt(e.name, opts.model, opts.image, opts.prompt) for e in engines}
     runs: dict[str, list[RunMetrics]] = {e.name: [] for e in engines}
     with RssSampler() as sampler:
         for i in range(opts.warmup + opts.runs):
@@ -422,19 +428,8 @@ def _child_peak_rss(opts: BenchOptions, engine: str) -> float:
 
 
 def _child_run(opts: BenchOptions, engine: str) -> None:
-    if engine == "ours":
-        runner = OursEngine(opts.model, opts.device, opts.properties)
-    elif engine == "genai":
-        runner = GenaiEngine(opts.model, opts.device, opts.properties, opts.genai_backend)
-    else:
-        runner = TorchEngine(opts.source or _export_source(opts.model), opts.torch_dtype)
-    prompt = opts.prompt
-    if engine == "genai":
-        from .pipeline import Message, Pipeline
-
-        prompt = Pipeline(opts.model, cache_dir=None).render([Message("user", prompt, [opts.image])])
-        prompt = prompt.replace("<image>\n", "<image>")
-    runner.run(opts.image, prompt, opts.max_new_tokens)
+    make_engine(engine, opts).run(opts.image, engine_prompt(engine, opts.model, opts.image, opts.prompt),
+                                  opts.max_new_tokens)  # fmt: skip
 
 
 def _export_source(export: Path) -> str:

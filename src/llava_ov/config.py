@@ -15,6 +15,7 @@ TOKENIZER_MODEL = "openvino_tokenizer.xml"
 DETOKENIZER_MODEL = "openvino_detokenizer.xml"
 EXPORT_INFO = "export_info.json"
 CHAT_TEMPLATE = "chat_template.jinja"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # the example photos of a source checkout
 
 MODEL_PARTS = {
     "vision": VISION_MODEL,

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import EXAMPLES_DIR
 from .errors import InvalidImageError, LlavaOvError
 
 EXAMPLE_IMAGES = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
@@ -57,10 +58,9 @@ METRICS = {
 
 def example_images() -> list[Path]:
     """The bundled example photos (examples/ in a source checkout)."""
-    folder = Path(__file__).resolve().parents[2] / "examples"
-    found = [folder / name for name in EXAMPLE_IMAGES if (folder / name).is_file()]
+    found = [EXAMPLES_DIR / name for name in EXAMPLE_IMAGES if (EXAMPLES_DIR / name).is_file()]
     if not found:
-        raise InvalidImageError(f"the example photos are not in {folder}; pass images explicitly (--images)")
+        raise InvalidImageError(f"the example photos are not in {EXAMPLES_DIR}; pass images explicitly (--images)")
     return found
 
 

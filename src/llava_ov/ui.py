@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from .chat import ChatSession
+from .config import EXAMPLES_DIR
 from .errors import LlavaOvError
 from .generate import GenerationConfig
 from .pipeline import GenerationResult, Pipeline
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLES = (
     ("cat.jpg", "What animal is this, and what is it doing?"),
     ("coffee.jpg", "What is in the cup?"),
