@@ -168,6 +168,57 @@ class TextStream(Protocol):
     def flush(self) -> str: ...
 
 
+class DecodeState:
+    """One sequence's decoding: sample from its logits, stream its text, decide when it stops.
+
+    The engine calls `next(logits)` once per forward that produced this sequence's logits;
+    each call returns the event for one token (or the final event without one)."""
+
+    def __init__(
+        self,
+        detok: TextStream,
+        config: GenerationConfig,
+        eos_ids: set[int],
+        *,
+        history: Sequence[int] = (),
+        max_tokens: int | None = None,
+    ):
+        self.sampler = Sampler(config)
+        self.stops = StopStrings(config.stop)
+        self.detok = detok
+        self.config = config
+        self.eos_ids = eos_ids
+        self.limit = min(config.max_new_tokens, max_tokens if max_tokens is not None else config.max_new_tokens)
+        self.seen = list(history)  # only read by the repetition penalty
+        self.produced = 0
+        self.finished: str | None = None
+        self._last = time.perf_counter()
+
+    def _final(self, reason: str) -> TokenEvent:
+        self.finished = reason
+        return TokenEvent(None, self.stops.feed(self.detok.flush())[0] + self.stops.flush(), reason)
+
+    def cancel(self) -> TokenEvent:
+        return self._final("cancelled")
+
+    def next(self, logits: np.ndarray) -> TokenEvent:
+        """Sample the next token from `logits`; the event's finish_reason says whether to go on."""
+        token = self.sampler(logits, self.seen)
+        if token in self.eos_ids and not self.config.ignore_eos:
+            return self._final("eos")
+        self.produced += 1
+        self.seen.append(token)
+        text, stopped = self.stops.feed(self.detok.push(token))
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        if stopped:
+            self.finished = "stop"
+        elif self.produced >= self.limit:
+            self.finished = "length"
+            text += self.stops.feed(self.detok.flush())[0] + self.stops.flush()
+        return TokenEvent(token, text, self.finished, elapsed)
+
+
 def decode_tokens(
     first_logits: np.ndarray,
     step: Callable[[int], np.ndarray],
@@ -179,29 +230,15 @@ def decode_tokens(
     max_tokens: int | None = None,
     cancel: threading.Event | None = None,
 ) -> Iterator[TokenEvent]:
-    """Sample, stream and stop. `max_tokens` caps generation at the context limit."""
-    sampler = Sampler(config)
-    stops = StopStrings(config.stop)
-    limit = min(config.max_new_tokens, max_tokens if max_tokens is not None else config.max_new_tokens)
-    seen = list(history)
-    logits, last = first_logits, time.perf_counter()
-    for produced in range(1, limit + 1):
+    """Sample, stream and stop with one sequence. `max_tokens` caps generation at the context limit."""
+    state = DecodeState(detok, config, eos_ids, history=history, max_tokens=max_tokens)
+    logits = first_logits
+    while True:
         if cancel is not None and cancel.is_set():
-            yield TokenEvent(None, stops.feed(detok.flush())[0] + stops.flush(), "cancelled")
+            yield state.cancel()
             return
-        token = sampler(logits, seen)
-        if token in eos_ids and not config.ignore_eos:
-            yield TokenEvent(None, stops.feed(detok.flush())[0] + stops.flush(), "eos")
+        event = state.next(logits)
+        yield event
+        if event.finish_reason is not None:
             return
-        seen.append(token)
-        text, stopped = stops.feed(detok.push(token))
-        now = time.perf_counter()
-        elapsed, last = now - last, now
-        if stopped:
-            yield TokenEvent(token, text, "stop", elapsed)
-            return
-        if produced == limit:
-            yield TokenEvent(token, text + stops.feed(detok.flush())[0] + stops.flush(), "length", elapsed)
-            return
-        yield TokenEvent(token, text, None, elapsed)
-        logits = step(token)
+        logits = step(event.token_id)

@@ -67,6 +67,17 @@ class LoadOptions:
     # Compiled-model cache. "default": the user cache dir, for GPU/NPU parts only (see cache_dir_for);
     # a path: that dir, for every device; None: off.
     cache_dir: str | None = "default"
+    # The language model's KV cache: "paged" (the engine's block pool, many sequences), "stateful"
+    # (the export's own state, one sequence), or "auto": paged, except on NPU (no PagedAttention there).
+    kv_cache: str = "auto"
+
+    def kv_backend(self) -> str:
+        if self.kv_cache not in ("auto", "paged", "stateful"):
+            raise LlavaOvError(f"unknown KV cache kind {self.kv_cache!r} (auto, paged, stateful)")
+        if self.kv_cache != "auto":
+            return self.kv_cache
+        device = self.devices.get("language", self.device).upper()
+        return "stateful" if "NPU" in device else "paged"
 
 
 # Tiny graphs (string ops, a gather): one thread avoids thread-pool wake-ups that cost more than the work.
@@ -121,11 +132,18 @@ class ExportedModel:
         import openvino_tokenizers  # noqa: F401  (adds the tokenizer operations to Cores made after it)
 
         self.core = ov.Core()
+        self.kv_backend = self.options.kv_backend()
         self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
         self.tokenizer = Tokenizer(self.core, self.dir)
         self._vision = self._compiled["vision"].create_infer_request()
         self._embed = self._compiled["text_embeddings"].create_infer_request()
-        self._lm = self._compiled["language"].create_infer_request()
+        self.paged = None  # the PagedLanguageModel, when kv_backend == "paged"
+        if self.kv_backend == "paged":
+            from .paged import PagedLanguageModel
+
+            self.paged = PagedLanguageModel(self._compiled["language"])
+        else:
+            self._lm = self._compiled["language"].create_infer_request()
         newline = self.config.get("image_newline")
         self.image_newline = np.asarray(newline, dtype=np.float32) if newline is not None else None
         self.kv_len = 0
@@ -151,8 +169,13 @@ class ExportedModel:
         if cache:
             props["CACHE_DIR"] = cache
         props.update(self.options.properties)
+        source: Any = self.part_path(part)
+        if part == "language" and self.kv_backend == "paged":
+            from .paged import derive_paged_model
+
+            source = derive_paged_model(self.core, source)
         try:
-            return self.core.compile_model(self.part_path(part), device, props)
+            return self.core.compile_model(source, device, props)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LlavaOvError(f"cannot compile the {part} model on {device}: {first}") from None
@@ -205,7 +228,9 @@ class ExportedModel:
         return self._embed.get_output_tensor(0).data[0]
 
     def forward(self, embeds: np.ndarray) -> np.ndarray:
-        """Run [T, hidden] embeddings after the cached prefix; returns the last position's logits."""
+        """Run [T, hidden] embeddings after the cached prefix; returns the last position's logits.
+
+        The stateful path only (kv_backend "stateful"); the paged one runs through the engine."""
         steps = embeds.shape[0]
         start, end = self.kv_len, self.kv_len + steps
         if end > self.max_context:

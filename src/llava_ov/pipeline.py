@@ -1,10 +1,13 @@
 """`Pipeline`: the Python API every front end calls.
 
-Three layers: `step` (one forward of one token after the cached prefix),
-`stream` (an iterator of text pieces ending with a finish reason) and
-`generate` (collects a stream).  A prompt is a list of chat messages; the KV
-cache keeps the longest prefix shared with the previous call, so a follow-up
-turn prefills only its new tokens, and image features are cached by content.
+`stream` (an iterator of text pieces ending with a finish reason) and `generate`
+(collects a stream).  A prompt is a list of chat messages.  With the paged KV cache (the
+default) every call becomes a sequence of the shared `Engine`: calls from many threads run
+together in one forward, and any prompt that starts like an earlier one (a follow-up chat
+turn, a second user's conversation) reuses its cached KV blocks.  With the stateful cache
+(`kv_cache="stateful"`, the NPU path) one call runs at a time and the cache keeps the longest
+prefix shared with the previous call; `prefill`/`step` (one forward) exist there only.
+Image features are cached by content either way.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from .errors import ContextLengthError, LlavaOvError
+from .engine import Engine, EngineConfig, Failed, Progress
 from .features import merge_embeddings, pack_features
-from .generate import GenerationConfig, decode_tokens
+from .generate import DecodeState, GenerationConfig, TokenEvent
 from .image import ImageConfig, load_image, preprocess
 from .model import ExportedModel, LoadOptions
 from .template import ChatTemplate
@@ -46,6 +50,7 @@ class Message:
 
 @dataclass
 class Timings:
+    queue_s: float = 0.0  # waiting for the engine to start the prompt (other sequences ran)
     preprocess_s: float = 0.0
     vision_s: float = 0.0
     prefill_s: float = 0.0
@@ -112,6 +117,15 @@ class PreparedPrompt:
     def image_tokens(self) -> int:
         return sum(len(im.features) for im in self.images)
 
+    def image_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per position the row of `features` embedded there (-1: a text token), and the features."""
+        rows = np.full(len(self.keys), -1, dtype=np.int64)
+        at = np.flatnonzero(self.keys < 0)
+        rows[at] = np.arange(len(at))
+        hidden = self.images[0].features.shape[-1] if self.images else 0
+        features = np.concatenate([im.features for im in self.images]) if self.images else np.zeros((0, hidden))
+        return rows, features.astype(np.float32, copy=False)
+
 
 def as_messages(prompt: str | Sequence[Message], images: Sequence[Any] = ()) -> list[Message]:
     """A plain prompt (+ images) becomes one user message."""
@@ -125,16 +139,22 @@ def as_messages(prompt: str | Sequence[Message], images: Sequence[Any] = ()) -> 
 class Pipeline:
     """A loaded export ready to answer questions about images."""
 
-    def __init__(self, model_dir: str | Path, device: str = "CPU", **load: Any):
+    def __init__(
+        self, model_dir: str | Path, device: str = "CPU", engine: EngineConfig | None = None, **load: Any
+    ):
         self.model = ExportedModel(model_dir, LoadOptions(device=device, **load))
         self.image_config = ImageConfig.from_export(self.model.dir)
         self.template = ChatTemplate.from_export(self.model.dir)
         self.eos_ids = self._eos_ids()
         self._features: OrderedDict[str, PreparedImage] = OrderedDict()
-        self._keys = np.empty(self.model.max_context + 1, dtype=np.int64)  # what the KV cache holds
-        # One generation at a time; also guards the shared infer requests used by prepare/count_tokens.
+        self.engine: Engine | None = None
+        if self.model.paged is not None:
+            self.engine = Engine(self.model.paged, self.model.embed_tokens, self.model.max_context, engine)
+        self._keys = np.empty(self.model.max_context + 1, dtype=np.int64)  # what the stateful cache holds
+        # Guards the tokenizer and vision requests (prepare/count_tokens); on the stateful path
+        # it is also held for a whole generation, one at a time.
         self._lock = threading.RLock()
-        self._cancel: threading.Event | None = None
+        self._cancels: set[threading.Event] = set()
 
     def _eos_ids(self) -> set[int]:
         import json
@@ -207,13 +227,19 @@ class Pipeline:
 
     # ---------------------------------------------------------------- forward
 
+    def _stateful_only(self, what: str) -> None:
+        if self.engine is not None:
+            raise LlavaOvError(f"{what} needs the stateful KV cache: load with kv_cache='stateful'")
+
     def step(self, token_id: int) -> np.ndarray:
-        """One forward of `token_id` after the cached sequence; returns next-token logits."""
+        """One forward of `token_id` after the cached sequence; returns next-token logits (stateful)."""
+        self._stateful_only("Pipeline.step")
         self._keys[self.model.kv_len] = token_id  # valid once forward advances kv_len
         return self.model.forward(self.model.embed_tokens(np.array([token_id])))
 
     def prefill(self, prompt: PreparedPrompt) -> tuple[np.ndarray, int]:
-        """Feed what the cache lacks of `prompt`; returns (last logits, reused prefix length)."""
+        """Feed what the cache lacks of `prompt`; returns (last logits, reused prefix length) (stateful)."""
+        self._stateful_only("Pipeline.prefill")
         reuse = common_prefix(self._keys[: self.model.kv_len], prompt.keys)
         reuse = min(reuse, len(prompt.keys) - 1)  # the last position must run to give logits
         self.model.trim(reuse)
@@ -232,7 +258,22 @@ class Pipeline:
         return logits, reuse
 
     def reset(self) -> None:
-        self.model.reset()
+        """Forget cached KV: the stateful cache, or the engine's idle prefix blocks."""
+        if self.engine is not None:
+            self.engine.clear_prefix_cache()
+        else:
+            self.model.reset()
+
+    def clear_caches(self) -> None:
+        """Forget cached KV and cached image features (first-turn measurements)."""
+        self.reset()
+        with self._lock:
+            self._features.clear()
+
+    def close(self) -> None:
+        """Stop the engine thread (cancels what runs); the pipeline cannot generate afterwards."""
+        if self.engine is not None:
+            self.engine.close()
 
     # ---------------------------------------------------------------- generation
 
@@ -242,55 +283,74 @@ class Pipeline:
         images: Sequence[Any] = (),
         config: GenerationConfig | None = None,
         cancel: threading.Event | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Iterator[StreamChunk]:
-        """Yield text pieces as they are decoded; the last chunk has finish_reason and the result."""
+        """Yield text pieces as they are decoded; the last chunk has finish_reason and the result.
+
+        `progress(done, total)` is called (in the caller's thread) as prompt chunks are prefilled.
+        Closing the iterator early, or setting `cancel`, cancels the generation."""
         config = config or GenerationConfig()
         config.validate()
         messages = as_messages(prompt, images)
-        with self._lock:
-            self._cancel = cancel = cancel or threading.Event()
-            try:
-                yield from self._stream_locked(messages, config, cancel)
-            finally:
-                self._cancel = None
+        cancel = cancel or threading.Event()
+        self._cancels.add(cancel)
+        try:
+            if self.engine is None:
+                with self._lock:
+                    yield from self._stream_stateful(messages, config, cancel)
+            else:
+                yield from self._stream_engine(messages, config, cancel, progress)
+        finally:
+            self._cancels.discard(cancel)
 
-    def _stream_locked(self, messages, config, cancel) -> Iterator[StreamChunk]:
-        started = time.perf_counter()
+    def _start(self, messages: Sequence[Message], config: GenerationConfig) -> tuple[PreparedPrompt, Timings, DecodeState]:
         timings = Timings()
         prompt = self.prepare(messages)
         self._check_context(prompt)
         timings.preprocess_s = sum(im.preprocess_s for im in prompt.images)
         timings.vision_s = sum(im.vision_s for im in prompt.images)
+        state = DecodeState(
+            self.model.tokenizer.stream(), config, self.eos_ids,
+            history=prompt.token_ids.tolist() if config.repetition_penalty != 1.0 else (),
+            max_tokens=self.model.max_context - len(prompt.token_ids),
+        )  # fmt: skip
+        return prompt, timings, state
+
+    def _stream_engine(self, messages, config, cancel, progress) -> Iterator[StreamChunk]:
+        started = time.perf_counter()
+        prompt, timings, state = self._start(messages, config)
+        rows, features = prompt.image_rows()
+        handle = self.engine.submit(prompt.keys, prompt.token_ids, rows, features, state, cancel)
+        collect = _Collector(prompt, timings, started)
+        try:
+            for item in handle:
+                if isinstance(item, Progress):
+                    if progress is not None:
+                        progress(item.done, item.total)
+                    continue
+                if isinstance(item, Failed):
+                    raise item.error
+                if item.token_id is not None and collect.tokens == []:
+                    timings.queue_s, timings.prefill_s = handle.stats.queue_s, handle.stats.prefill_s
+                collect.reused = handle.stats.cached_tokens
+                yield collect.chunk(item)
+        finally:
+            if not handle.done:
+                handle.cancel()  # the consumer stopped reading
+
+    def _stream_stateful(self, messages, config, cancel) -> Iterator[StreamChunk]:
+        started = time.perf_counter()
+        prompt, timings, state = self._start(messages, config)
         prefill_start = time.perf_counter()
         logits, reused = self.prefill(prompt)
         timings.prefill_s = time.perf_counter() - prefill_start
-        tokens: list[int] = []
-        texts: list[str] = []
-        events = decode_tokens(
-            logits,
-            self.step,
-            self.model.tokenizer.stream(),
-            config,
-            self.eos_ids,
-            history=prompt.token_ids.tolist() if config.repetition_penalty != 1.0 else (),
-            max_tokens=self.model.max_context - len(prompt.token_ids),
-            cancel=cancel,
-        )
-        for event in events:
-            if event.token_id is not None:
-                tokens.append(event.token_id)
-                if len(tokens) == 1:
-                    timings.ttft_s = time.perf_counter() - started
-                else:
-                    timings.token_s.append(event.time_s)
-            texts.append(event.text)
-            chunk = StreamChunk(event.text, [] if event.token_id is None else [event.token_id], event.finish_reason)
+        collect = _Collector(prompt, timings, started, reused)
+        while True:
+            event = state.cancel() if cancel.is_set() else state.next(logits)
+            yield collect.chunk(event)
             if event.finish_reason is not None:
-                chunk.result = GenerationResult(
-                    "".join(texts), tokens, event.finish_reason, len(prompt.token_ids),
-                    prompt.image_tokens, reused, timings,
-                )  # fmt: skip
-            yield chunk
+                return
+            logits = self.step(event.token_id)
 
     def generate(self, prompt, images=(), config=None, cancel=None) -> GenerationResult:
         """Run `stream` to the end and return the collected result."""
@@ -300,11 +360,11 @@ class Pipeline:
         raise RuntimeError("generation ended without a result")  # unreachable: streams always finish
 
     def cancel(self) -> None:
-        """Stop the running generation, whoever started it, before its next token.
+        """Stop every running generation, whoever started it, before its next token.
 
         With several users, give each `stream` call its own cancel Event instead."""
-        if self._cancel is not None:
-            self._cancel.set()
+        for event in list(self._cancels):
+            event.set()
 
     def warnings(self) -> list[str]:
         """Things a user must know about this export (e.g. random demo weights)."""
@@ -329,6 +389,31 @@ class Pipeline:
             "export": export,
             "runtime": self.model.runtime_info(),
         }
+
+
+class _Collector:
+    """Turns TokenEvents into StreamChunks and the final GenerationResult."""
+
+    def __init__(self, prompt: PreparedPrompt, timings: Timings, started: float, reused: int = 0):
+        self.prompt, self.timings, self.started, self.reused = prompt, timings, started, reused
+        self.tokens: list[int] = []
+        self.texts: list[str] = []
+
+    def chunk(self, event: TokenEvent) -> StreamChunk:
+        if event.token_id is not None:
+            self.tokens.append(event.token_id)
+            if len(self.tokens) == 1:
+                self.timings.ttft_s = time.perf_counter() - self.started
+            else:
+                self.timings.token_s.append(event.time_s)
+        self.texts.append(event.text)
+        chunk = StreamChunk(event.text, [] if event.token_id is None else [event.token_id], event.finish_reason)
+        if event.finish_reason is not None:
+            chunk.result = GenerationResult(
+                "".join(self.texts), self.tokens, event.finish_reason, len(self.prompt.token_ids),
+                self.prompt.image_tokens, self.reused, self.timings,
+            )  # fmt: skip
+        return chunk
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:

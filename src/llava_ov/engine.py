@@ -1,0 +1,304 @@
+"""The engine: one thread that runs many generations over one paged language model.
+
+Clients `submit` a prepared prompt (token ids, cache keys, image features) with its own
+generation settings and read a `Generation` handle: a thread-safe stream of progress, token
+and final events. The engine thread loops: take new submissions, drop cancelled ones, ask the
+scheduler for the next forward (decode tokens of running sequences plus prefill chunks),
+embed and run it, sample every sequence that reached its last position, and publish the KV
+blocks that became full to the prefix cache. It is the only place in the project that owns
+concurrency: front ends submit and read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ContextLengthError, LlavaOvError
+from .generate import DecodeState, GenerationConfig, TokenEvent
+from .kvcache import BlockPool
+from .paged import ForwardBatch, PagedLanguageModel
+from .scheduler import Chunk, Scheduler, Sequence
+
+log = logging.getLogger("llava_ov.engine")
+
+DEFAULT_KV_CACHE_GB = 4.0  # at most; also at most a quarter of the memory available at load time
+CONTEXTS_IN_POOL = 16  # the default pool holds at most this many full contexts (small models)
+
+
+@dataclass
+class EngineConfig:
+    kv_cache_gb: float | None = None  # None: DEFAULT_KV_CACHE_GB, capped by available memory
+    max_step_tokens: int = 256  # tokens per forward: decode tokens + prefill chunks
+    max_running: int = 32  # sequences decoding at once
+
+
+@dataclass
+class Progress:
+    """Prefill progress of one generation: `done` of `total` prompt positions are in the cache."""
+
+    done: int
+    total: int
+
+
+@dataclass
+class Finished:
+    """The generation ended (its last TokenEvent had the finish reason)."""
+
+
+@dataclass
+class Failed:
+    error: BaseException
+
+
+@dataclass
+class SequenceStats:
+    submitted_at: float = field(default_factory=time.perf_counter)
+    scheduled_at: float | None = None  # first admitted into a forward
+    first_token_at: float | None = None
+    cached_tokens: int = 0
+    preemptions: int = 0
+
+    @property
+    def queue_s(self) -> float:
+        return (self.scheduled_at or self.submitted_at) - self.submitted_at
+
+    @property
+    def prefill_s(self) -> float:
+        if self.first_token_at is None or self.scheduled_at is None:
+            return 0.0
+        return self.first_token_at - self.scheduled_at
+
+
+class Generation:
+    """A client's handle on one submitted sequence."""
+
+    def __init__(self, state: DecodeState, cancel: threading.Event):
+        self.state = state
+        self.cancel_event = cancel
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.stats = SequenceStats()
+        self.done = False
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def __iter__(self):
+        """Events in order: Progress, TokenEvent (the last one has finish_reason), or Failed."""
+        while True:
+            item = self.events.get()
+            if isinstance(item, Finished):
+                return
+            yield item
+            if isinstance(item, Failed):
+                return
+
+
+def default_pool_blocks(lm: PagedLanguageModel, kv_cache_gb: float | None, max_context: int) -> int:
+    """Blocks within the budget: the given GiB, else min(4 GiB, a quarter of available memory,
+    CONTEXTS_IN_POOL full contexts); never less than one full context."""
+    one_context = -(-max_context // lm.block_size)
+    if kv_cache_gb is not None:
+        if kv_cache_gb <= 0:
+            raise LlavaOvError("--kv-cache-gb must be > 0")
+        return max(1, int(kv_cache_gb * 2**30 // lm.bytes_per_block))
+    budget = min(DEFAULT_KV_CACHE_GB * 2**30, _available_memory() / 4)
+    return max(one_context, min(int(budget // lm.bytes_per_block), CONTEXTS_IN_POOL * one_context))
+
+
+def _available_memory() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+class Engine:
+    """Continuous batching over a `PagedLanguageModel` and a text-embedding function."""
+
+    def __init__(self, lm: PagedLanguageModel, embed, max_context: int, config: EngineConfig | None = None):
+        self.lm = lm
+        self.embed = embed  # [T] ids -> [T, hidden]; only the engine thread calls it
+        self.max_context = max_context
+        self.config = config or EngineConfig()
+        num_blocks = default_pool_blocks(lm, self.config.kv_cache_gb, max_context)
+        lm.allocate(num_blocks)
+        self.pool = BlockPool(num_blocks, lm.block_size)
+        self.scheduler = Scheduler(self.pool, self.config.max_step_tokens, self.config.max_running)
+        self._inbox: list[Sequence] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._clear_cache = False
+        self.steps = 0
+
+    # ---------------------------------------------------------------- clients
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.num_blocks * self.pool.block_size
+
+    def submit(
+        self,
+        keys: np.ndarray,
+        ids: np.ndarray,
+        image_rows: np.ndarray,
+        features: np.ndarray,
+        state: DecodeState,
+        cancel: threading.Event | None = None,
+    ) -> Generation:
+        """Queue one sequence; its tokens are capped by the context and the pool's size."""
+        prompt = len(keys)
+        room = min(self.max_context, self.capacity_tokens) - prompt
+        if room < 1:
+            where = "context" if self.max_context <= self.capacity_tokens else "KV cache (raise --kv-cache-gb)"
+            limit = min(self.max_context, self.capacity_tokens)
+            raise ContextLengthError(f"the prompt is {prompt} tokens; the {where} holds {limit}")
+        state.limit = min(state.limit, room)
+        handle = Generation(state, cancel or threading.Event())
+        seq = Sequence(keys, ids, image_rows, features, capacity=prompt + state.limit, payload=handle)
+        with self._wake:
+            if self._stopping:
+                raise LlavaOvError("the engine is shut down")
+            self._inbox.append(seq)
+            self._start_thread()
+            self._wake.notify()
+        return handle
+
+    def clear_prefix_cache(self) -> None:
+        """Forget cached blocks nobody holds (done by the engine thread before its next step)."""
+        with self._wake:
+            self._clear_cache = True
+            self._wake.notify()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._inbox),
+            "blocks_total": self.pool.num_blocks, "blocks_used": self.pool.used, "block_size": self.pool.block_size,
+            "blocks_cached_idle": len(self.pool.idle), "prefix_hit_blocks": self.pool.hits,
+            "preemptions": self.scheduler.preemptions, "steps": self.steps,
+        }  # fmt: skip
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel everything and stop the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _start_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="llava-ov-engine", daemon=True)
+            self._thread.start()
+
+    # ---------------------------------------------------------------- the loop
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._inbox or self.scheduler.has_work() or self._stopping or self._clear_cache):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                for seq in self._inbox:
+                    self.scheduler.add(seq)
+                self._inbox.clear()
+                if self._clear_cache:
+                    self.pool.clear_cache()
+                    self._clear_cache = False
+            try:
+                self._step()
+            except Exception as exc:  # never let the thread die: fail what ran, keep serving
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running):
+                    self._fail(seq, exc)
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + self._inbox:
+            self._finish(seq, seq.payload.state.cancel())
+
+    def _step(self) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.payload.cancel_event.is_set():
+                self._finish(seq, seq.payload.state.cancel())
+        plan = self.scheduler.schedule()
+        if not plan:
+            return
+        now = time.perf_counter()
+        for chunk in plan:
+            stats = chunk.seq.payload.stats
+            if stats.scheduled_at is None:
+                stats.scheduled_at, stats.cached_tokens = now, chunk.seq.cached
+        try:
+            logits = self.lm.forward(self._batch(plan))
+        except Exception as exc:
+            for chunk in plan:
+                self._fail(chunk.seq, exc)
+            if not isinstance(exc, LlavaOvError):
+                log.exception("forward failed")
+            return
+        self.steps += 1
+        sampled = [c for c in plan if c.sample]
+        for chunk in plan:
+            self.scheduler.advance(chunk)
+            if not chunk.sample and chunk.seq.computed <= chunk.seq.prompt_len:
+                chunk.seq.payload.events.put(Progress(chunk.seq.computed, chunk.seq.prompt_len))
+        for chunk, row in zip(sampled, logits):
+            self._sample(chunk.seq, row)
+
+    def _batch(self, plan: list[Chunk]) -> ForwardBatch:
+        ids = np.concatenate([c.seq.ids[c.start : c.start + c.count] for c in plan])
+        embeds = np.array(self.embed(ids), dtype=np.float32)
+        offset = 0
+        for c in plan:
+            rows = c.seq.image_rows[c.start : min(c.start + c.count, c.seq.prompt_len)]
+            at = np.flatnonzero(rows >= 0)
+            if len(at):
+                embeds[offset + at] = c.seq.features[rows[at]]
+            offset += c.count
+        ends = np.cumsum([c.count for c in plan])
+        return ForwardBatch(
+            embeds=embeds,
+            positions=np.concatenate([np.arange(c.start, c.start + c.count) for c in plan]),
+            past_lens=[c.start for c in plan],
+            chunk_lens=[c.count for c in plan],
+            block_tables=[c.seq.blocks[: self.scheduler.blocks_for(c.start + c.count)] for c in plan],
+            logits_rows=[int(end) - 1 for c, end in zip(plan, ends) if c.sample],
+        )
+
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
+        handle = seq.payload
+        if handle.stats.first_token_at is None:
+            handle.stats.first_token_at = time.perf_counter()
+        event = handle.state.next(logits)
+        if event.finish_reason is not None:
+            self._finish(seq, event)
+            return
+        seq.append(event.token_id)
+        handle.events.put(event)
+
+    def _finish(self, seq: Sequence, event: TokenEvent) -> None:
+        self.scheduler.remove(seq)
+        handle = seq.payload
+        if handle.done:
+            return
+        handle.done = True
+        handle.stats.preemptions = seq.preemptions
+        handle.events.put(event)
+        handle.events.put(Finished())
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        self.scheduler.remove(seq)
+        if not seq.payload.done:
+            seq.payload.done = True
+            seq.payload.events.put(Failed(error))
