@@ -3,8 +3,9 @@
 `llava-ov batch MODEL INPUT -o OUTPUT` reads a folder of images or a
 CSV/JSONL/Parquet table of image paths/URLs, answers every row with the same
 `Pipeline.generate` the other front ends use, and writes one result per row to
-JSONL or Parquet.  Owns: answering rows, the `--workers K` process pool (a
-single writer: the parent) and the end-of-job summary; reading inputs into
+JSONL or Parquet.  Owns: answering rows, keeping `--in-flight N` rows in the
+engine at once (threads in one process over one model; a single writer) and the
+end-of-job summary; reading inputs into
 `Row`s and the crash-safe output sinks (a rerun skips rows already done; a crash
 loses at most the rows in flight) are in `llava_ov.batch_io`.  Image URLs are fetched by `llava_ov.fetch` (the server's
 safe fetcher) with batch limits.  `llava_ov.ray_batch` runs the same rows on
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
-import queue
-import signal
 import sys
 import threading
 import time
@@ -62,6 +62,8 @@ class PipelineSpec:
     cache_dir: str | None = "default"
     devices: dict[str, str] = field(default_factory=dict)  # per part, as Pipeline(devices=...)
     part_paths: dict[str, str] = field(default_factory=dict)  # per part, as Pipeline(part_paths=...)
+    kv_cache: str = "auto"
+    engine: Any = None  # an EngineConfig, or None for the defaults
 
     def with_threads(self, threads: int | None) -> "PipelineSpec":
         """The same spec pinning OpenVINO's CPU threads (one worker of several shares the cores)."""
@@ -74,17 +76,16 @@ class PipelineSpec:
 
         return Pipeline(
             self.model_dir, self.device, properties=dict(self.properties), cache_dir=self.cache_dir,
-            devices=dict(self.devices), part_paths=dict(self.part_paths),
+            devices=dict(self.devices), part_paths=dict(self.part_paths), kv_cache=self.kv_cache, engine=self.engine,
         )  # fmt: skip
 
 
-def caption_row(pipe, row: Row, config, fetch: FetchOptions = FetchOptions()) -> dict[str, Any]:
+def caption_row(pipe, row: Row, config, fetch: FetchOptions = FetchOptions(), cancel=None) -> dict[str, Any]:
     """Answer one row; any failure becomes an error record instead of an exception."""
     start = time.perf_counter()
     try:
         source = load_source(row, fetch)
-        pipe.reset()  # every row from an empty KV cache: answers do not depend on row order or worker
-        result = pipe.generate(row.prompt, [source], config)
+        result = pipe.generate(row.prompt, [source], config, cancel=cancel)
     except LlavaOvError as e:
         return error_record(row, str(e), time.perf_counter() - start)
     except Exception as e:  # e.g. an OpenVINO runtime error: record it, keep the job going
@@ -148,8 +149,7 @@ def run_batch(
     *,
     prompt: str = DEFAULT_PROMPT,
     config=None,
-    workers: int = 1,
-    threads: int | None = None,
+    in_flight: int = 4,
     device: str = "CPU",
     properties: dict[str, Any] | None = None,
     cache_dir: str | None = "default",
@@ -160,9 +160,9 @@ def run_batch(
 ) -> BatchSummary:
     """Caption every row of `input_path` into `output` (.jsonl or .parquet), skipping rows already there.
 
-    `model` is an export directory or a `PipelineSpec` (loaded in-process, or
-    once per worker when `workers` > 1), or a loaded `Pipeline` (in-process
-    only).  `properties` are OpenVINO properties for the Pipeline (e.g. f32).
+    `model` is an export directory, a `PipelineSpec` or a loaded `Pipeline`; `in_flight`
+    rows are in the engine at once (they decode together in one forward, so rows finish
+    out of order).  `properties` are OpenVINO properties for the Pipeline (e.g. f32).
     `columns` maps "image"/"prompt"/"id" to table column names.  Ctrl-C stops
     the job with `summary.interrupted` set; everything written so far is kept.
     """
@@ -170,15 +170,13 @@ def run_batch(
 
     config = config or GenerationConfig()
     config.validate()
-    if workers < 1:
-        raise LlavaOvError("--workers must be >= 1")
+    if in_flight < 1:
+        raise LlavaOvError("--in-flight must be >= 1")
     cols = columns or {}
     rows = read_rows(input_path, prompt, cols.get("image"), cols.get("prompt"), cols.get("id"))
     spec = _as_spec(model, device, properties, cache_dir)
-    if spec is None and workers > 1:
-        raise LlavaOvError("workers > 1 need a model directory, not a loaded Pipeline")
     sink = open_sink(Path(output).expanduser())
-    results = functools.partial(_results, model, spec, config, fetch, workers, threads)
+    results = functools.partial(_results, model, spec, config, fetch, in_flight)
     return _run(rows, sink, results, retry_errors, progress)
 
 
@@ -191,13 +189,23 @@ def _as_spec(model: Any, device: str, properties: dict | None, cache_dir: str | 
     return PipelineSpec(str(model), device, dict(properties or {}), cache_dir)
 
 
-def _results(model, spec, config, fetch, workers, threads, todo: list[Row]) -> Iterator[dict[str, Any]]:
-    """The result records of `todo`: in this process, or from a pool of workers."""
-    if workers == 1:
-        pipe = model if spec is None else _load_with_warnings(spec.with_threads(threads))
-        return (caption_row(pipe, row, config, fetch) for row in todo)
-    threads = threads or max(1, cpu_count() // workers)
-    return pool_results(spec.with_threads(threads), todo, config, fetch, workers)
+def _results(model, spec, config, fetch, in_flight: int, todo: list[Row]) -> Iterator[dict[str, Any]]:
+    """The result records of `todo`, `in_flight` rows at a time in the engine (in completion order)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    pipe = model if spec is None else _load_with_warnings(spec)
+    rows, stop = iter(todo), threading.Event()
+    answer = functools.partial(caption_row, pipe, config=config, fetch=fetch, cancel=stop)
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="llava-ov-batch") as pool:
+        pending = {pool.submit(answer, row) for row in itertools.islice(rows, in_flight)}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+                    pending.update(pool.submit(answer, row) for row in itertools.islice(rows, 1))
+        finally:
+            stop.set()  # rows still running stop at their next step; their results are not written
 
 
 def _load_with_warnings(spec: PipelineSpec):
@@ -246,77 +254,6 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-# ----------------------------------------------------------------------------- worker processes
-
-
-def pool_results(spec: PipelineSpec, rows: list[Row], config, fetch: FetchOptions, workers: int) -> Iterator[dict]:
-    """Results of `rows` from `workers` spawned processes, each loading the model once (unordered)."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    tasks, results = ctx.Queue(), ctx.Queue()
-    procs = [
-        ctx.Process(target=_worker_main, args=(spec, config, fetch, tasks, results), daemon=True)
-        for _ in range(min(workers, len(rows)))
-    ]
-    for p in procs:
-        p.start()
-    for row in rows:
-        tasks.put(row)
-    for _ in procs:
-        tasks.put(None)
-    try:
-        yield from _collect(results, procs, len(rows))
-    finally:
-        _stop(procs, tasks)
-
-
-def _collect(results, procs, pending: int) -> Iterator[dict]:
-    warned = False
-    while pending:
-        try:
-            kind, payload = results.get(timeout=1.0)
-        except queue.Empty:
-            if not any(p.is_alive() for p in procs):
-                raise LlavaOvError(f"the worker processes exited with {pending} rows left; rerun to resume") from None
-            continue
-        if kind == "failed":
-            raise LlavaOvError(f"a worker could not load the model: {payload}")
-        if kind == "ready":
-            for warning in payload if not warned else ():
-                print(f"warning: {warning}", file=sys.stderr)
-            warned = True
-            continue
-        pending -= 1
-        yield payload
-
-
-def _stop(procs, tasks) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=10)
-    tasks.cancel_join_thread()
-
-
-def _worker_main(spec: PipelineSpec, config, fetch: FetchOptions, tasks, results) -> None:
-    """A worker process: load once, answer rows until the None sentinel; the parent writes."""
-    import multiprocessing as mp
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    parent = mp.parent_process()
-    threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()  # die with the parent
-    try:
-        pipe = spec.load()
-    except Exception as e:
-        results.put(("failed", f"{type(e).__name__}: {e}"))
-        return
-    results.put(("ready", pipe.warnings()))
-    for row in iter(tasks.get, None):
-        results.put(("row", caption_row(pipe, row, config, fetch)))
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -325,7 +262,7 @@ def register(subparsers) -> None:
     from .cli import add_generation_args, add_model_args
 
     p = subparsers.add_parser(
-        "batch", help="caption a folder or table of images into JSONL/Parquet (resumable; --workers, --ray)"
+        "batch", help="caption a folder or table of images into JSONL/Parquet (resumable; --in-flight, --ray)"
     )
     add_model_args(p)
     p.add_argument("input", help="folder of images (recursive), or a .csv/.jsonl/.parquet table of image paths/URLs")
@@ -334,8 +271,10 @@ def register(subparsers) -> None:
     p.add_argument("--image-column", default=None, help="table column with the image path or URL (default: image)")
     p.add_argument("--prompt-column", default=None, help="table column with a per-row prompt (default: prompt, if any)")
     p.add_argument("--id-column", default=None, help="table column with a unique row id (default: id, else row index)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (with --ray: actors), each loads the model")
-    p.add_argument("--threads", type=int, default=None, help="OpenVINO threads per worker (default: cores // workers)")
+    p.add_argument("--in-flight", type=int, default=4,
+                   help="rows in the engine at once (one process, one model; they decode together)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, help="with --ray: actors, each loads the model")
+    p.add_argument("--threads", type=int, default=None, help="with --ray: OpenVINO threads per actor")
     p.add_argument("--retry-errors", action="store_true", help="run again the rows recorded with an error")
     p.add_argument("--allow-private-urls", action="store_true", help="let image URLs reach private/loopback hosts")
     p.add_argument("--url-timeout", type=float, default=20.0, help="seconds allowed to fetch one image URL")
@@ -359,7 +298,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     spec = pipeline_spec(args)
     common = dict(
-        prompt=args.prompt, config=generation_config(args), workers=args.workers, threads=args.threads,
+        prompt=args.prompt, config=generation_config(args),
         columns={"image": args.image_column, "prompt": args.prompt_column, "id": args.id_column},
         fetch=FetchOptions(fetch_timeout_s=args.url_timeout, allow_private_urls=args.allow_private_urls),
         retry_errors=args.retry_errors,
@@ -367,8 +306,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.ray or args.ray_address:
         from .ray_batch import run_ray_batch
 
-        summary = run_ray_batch(spec, args.input, args.output, address=args.ray_address, **common)
+        summary = run_ray_batch(spec, args.input, args.output, address=args.ray_address, workers=args.workers,
+                                threads=args.threads, **common)  # fmt: skip
     else:
-        summary = run_batch(spec, args.input, args.output, progress=not args.no_progress, **common)
+        if args.workers != 1 or args.threads is not None:
+            raise LlavaOvError("--workers and --threads are for --ray; on one machine use --in-flight N")
+        summary = run_batch(spec, args.input, args.output, progress=not args.no_progress, in_flight=args.in_flight,
+                            **common)  # fmt: skip
     print(summary.line(), file=sys.stderr)
     return summary.exit_code

@@ -179,23 +179,6 @@ def kv_bytes_read(config: dict, context: int, bytes_per_value: float) -> float:
 # ---------------------------------------------------------------- engines
 
 
-class _TimedRequest:
-    """Wraps an OpenVINO infer request and accumulates the time spent in `infer`."""
-
-    def __init__(self, request):
-        self._request, self.seconds = request, 0.0
-
-    def infer(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self._request.infer(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-    def __getattr__(self, name):
-        return getattr(self._request, name)
-
-
 class OursEngine:
     name = "ours"
 
@@ -205,25 +188,21 @@ class OursEngine:
         start = time.perf_counter()
         self.pipe = Pipeline(export, device, properties=properties)
         self.load_s = time.perf_counter() - start
-        self.pipe.model._lm = _TimedRequest(self.pipe.model._lm)
-        self.pipe.model._embed = _TimedRequest(self.pipe.model._embed)
 
     def run(self, image: Path, prompt: str, max_new: int) -> RunMetrics:
         from .generate import GenerationConfig
 
-        self.pipe.reset()  # first-turn numbers: no KV reuse
-        self.pipe._features.clear()  # and no cached image features
-        model = self.pipe.model
+        self.pipe.clear_caches()  # first-turn numbers: no KV reuse, no cached image features
+        engine = self.pipe.engine
         cfg = GenerationConfig(max_new_tokens=max_new, ignore_eos=True)
         chunks = self.pipe.stream(prompt, [image], cfg)
         result = next(c for c in chunks if True)  # first token: start counting OpenVINO time after it
-        infer_before = model._lm.seconds + model._embed.seconds
+        infer_before = engine.infer_s if engine else 0.0
         for result in chunks:  # noqa: B007
             pass
         res = result.result
-        infer_s = model._lm.seconds + model._embed.seconds - infer_before
         t = res.timings
-        overhead = 1 - infer_s / t.decode_s if t.decode_s else None
+        overhead = 1 - (engine.infer_s - infer_before) / t.decode_s if engine and t.decode_s else None
         return RunMetrics(t.preprocess_s, t.vision_s, t.ttft_s, t.tpot_s, res.image_tokens, res.prompt_tokens,
                           len(res.token_ids), overhead)  # fmt: skip
 
@@ -232,8 +211,7 @@ class OursEngine:
         from .chat import ChatSession
         from .generate import GenerationConfig
 
-        self.pipe.reset()
-        self.pipe._features.clear()
+        self.pipe.clear_caches()
         session = ChatSession(self.pipe)
         cfg = GenerationConfig(max_new_tokens=max_new, ignore_eos=True)
         first = session.ask(prompt, [image], cfg)

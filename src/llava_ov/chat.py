@@ -10,7 +10,7 @@ that cannot fit is an error and leaves the conversation unchanged.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .errors import ContextLengthError
@@ -50,13 +50,14 @@ class ChatSession:
         images: Sequence[Any] = (),
         config: GenerationConfig | None = None,
         cancel: threading.Event | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Iterator[StreamChunk]:
-        """Add a user turn, stream the answer, and keep it in the history."""
+        """Add a user turn, stream the answer, and keep it in the history (`progress` as Pipeline.stream)."""
         self.messages.append(Message("user", text, list(images)))
         try:
             self._fit_context(config or GenerationConfig())
             result = None
-            for chunk in self.pipeline.stream(self.history(), config=config, cancel=cancel):
+            for chunk in self.pipeline.stream(self.history(), config=config, cancel=cancel, progress=progress):
                 result = chunk.result or result
                 yield chunk
         except BaseException:

@@ -40,6 +40,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "e.g. language=exports/int4 to mix precisions")  # fmt: skip
     p.add_argument("--part-device", action="append", default=[], metavar="PART=DEVICE",
                    help="run one part on another device, e.g. vision=GPU")  # fmt: skip
+    add_engine_args(p)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    from .engine import EngineConfig
+
+    d = EngineConfig()
+    g = p.add_argument_group("engine (paged KV cache, continuous batching)")
+    g.add_argument("--kv-cache", default="auto", choices=["auto", "paged", "stateful"],
+                   help="paged: many sequences share a KV block pool (default; auto picks stateful on NPU); "
+                        "stateful: the export's own cache, one sequence at a time")  # fmt: skip
+    g.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV block pool size (default: min(4 GiB, a quarter of free memory))")  # fmt: skip
+    g.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens,
+                   help="tokens per forward: decode tokens plus prefill chunks")  # fmt: skip
+    g.add_argument("--max-running", type=int, default=d.max_running, help="sequences decoding at once")
 
 
 def parse_parts(pairs: list[str], what: str) -> dict[str, str]:
@@ -64,6 +80,17 @@ def generation_config(args: argparse.Namespace):
     )  # fmt: skip
 
 
+def engine_config(args: argparse.Namespace):
+    from .engine import EngineConfig
+
+    d = EngineConfig()
+    return EngineConfig(
+        kv_cache_gb=getattr(args, "kv_cache_gb", None),
+        max_step_tokens=getattr(args, "max_step_tokens", d.max_step_tokens),
+        max_running=getattr(args, "max_running", d.max_running),
+    )
+
+
 def pipeline_options(args: argparse.Namespace) -> dict:
     """Pipeline keyword arguments from the model options (MODEL resolved, converted if needed)."""
     from .hub import resolve_model
@@ -74,6 +101,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         properties=dict(F32_PROPERTIES) if args.f32 else {},
         part_paths=parse_parts(getattr(args, "part_model", []), "model"),
         devices=parse_parts(getattr(args, "part_device", []), "device"),
+        kv_cache=getattr(args, "kv_cache", "auto"), engine=engine_config(args),
     )  # fmt: skip
 
 
@@ -112,7 +140,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(), ensure_ascii=False))
         return 0
     result = None
-    for chunk in pipe.stream(args.prompt, images, config):
+    shown = False
+
+    def progress(done: int, total: int) -> None:
+        nonlocal shown
+        shown = True
+        print(f"\r[prefill {done:,}/{total:,} tokens]", end="", file=sys.stderr, flush=True)
+
+    for chunk in pipe.stream(args.prompt, images, config, progress=progress if args.verbose else None):
+        if shown:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+            shown = False
         print(chunk.text, end="", flush=True)
         result = chunk.result or result
     print()

@@ -39,6 +39,16 @@ class EngineConfig:
     max_step_tokens: int = 256  # tokens per forward: decode tokens + prefill chunks
     max_running: int = 32  # sequences decoding at once
 
+    def validate(self) -> None:
+        checks = [
+            (self.kv_cache_gb is None or self.kv_cache_gb > 0, "--kv-cache-gb must be > 0"),
+            (self.max_step_tokens >= 1, "--max-step-tokens must be >= 1"),
+            (self.max_running >= 1, "--max-running must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LlavaOvError(message)
+
 
 @dataclass
 class Progress:
@@ -106,8 +116,6 @@ def default_pool_blocks(lm: PagedLanguageModel, kv_cache_gb: float | None, max_c
     CONTEXTS_IN_POOL full contexts); never less than one full context."""
     one_context = -(-max_context // lm.block_size)
     if kv_cache_gb is not None:
-        if kv_cache_gb <= 0:
-            raise LlavaOvError("--kv-cache-gb must be > 0")
         return max(1, int(kv_cache_gb * 2**30 // lm.bytes_per_block))
     budget = min(DEFAULT_KV_CACHE_GB * 2**30, _available_memory() / 4)
     return max(one_context, min(int(budget // lm.bytes_per_block), CONTEXTS_IN_POOL * one_context))
@@ -132,6 +140,7 @@ class Engine:
         self.embed = embed  # [T] ids -> [T, hidden]; only the engine thread calls it
         self.max_context = max_context
         self.config = config or EngineConfig()
+        self.config.validate()
         num_blocks = default_pool_blocks(lm, self.config.kv_cache_gb, max_context)
         lm.allocate(num_blocks)
         self.pool = BlockPool(num_blocks, lm.block_size)
@@ -142,6 +151,7 @@ class Engine:
         self._stopping = False
         self._clear_cache = False
         self.steps = 0
+        self.infer_s = 0.0  # time inside OpenVINO (embeddings + LM forwards): the rest is Python overhead
 
     # ---------------------------------------------------------------- clients
 
@@ -186,7 +196,7 @@ class Engine:
         return {
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._inbox),
             "blocks_total": self.pool.num_blocks, "blocks_used": self.pool.used, "block_size": self.pool.block_size,
-            "blocks_cached_idle": len(self.pool.idle), "prefix_hit_blocks": self.pool.hits,
+            "blocks_cached_idle": len(self.pool.idle), "prefix_hit_blocks": self.scheduler.cached_blocks,
             "preemptions": self.scheduler.preemptions, "steps": self.steps,
         }  # fmt: skip
 
@@ -239,6 +249,7 @@ class Engine:
             stats = chunk.seq.payload.stats
             if stats.scheduled_at is None:
                 stats.scheduled_at, stats.cached_tokens = now, chunk.seq.cached
+        started = time.perf_counter()
         try:
             logits = self.lm.forward(self._batch(plan))
         except Exception as exc:
@@ -248,6 +259,7 @@ class Engine:
                 log.exception("forward failed")
             return
         self.steps += 1
+        self.infer_s += time.perf_counter() - started
         sampled = [c for c in plan if c.sample]
         for chunk in plan:
             self.scheduler.advance(chunk)

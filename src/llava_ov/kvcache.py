@@ -41,8 +41,6 @@ class BlockPool:
         self.by_hash: dict[bytes, int] = {}
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # never held, no content: pop() takes 0 first
         self.idle: OrderedDict[int, None] = OrderedDict()  # held by nobody, content kept (LRU first)
-        self.hits = 0  # blocks found in the cache (tokens saved = hits * block_size)
-        self.lookups = 0
 
     @property
     def available(self) -> int:
@@ -74,22 +72,11 @@ class BlockPool:
             if block is None:
                 break
             found.append(block)
-        self.lookups += len(hashes)
-        self.hits += len(found)
         for block in found:
             if self.refs[block] == 0:
                 del self.idle[block]
             self.refs[block] += 1
         return found
-
-    def cached_prefix(self, hashes: Sequence[bytes]) -> int:
-        """How many leading blocks of `hashes` are cached (without taking them)."""
-        count = 0
-        for h in hashes:
-            if h not in self.by_hash:
-                break
-            count += 1
-        return count
 
     def publish(self, block: int, content: bytes) -> int:
         """Name a block that just became full; returns the block to keep using.

@@ -94,6 +94,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.cached_blocks = 0  # blocks admissions found in the prefix cache (tokens not prefilled / block_size)
 
     def blocks_for(self, positions: int) -> int:
         return -(-positions // self.pool.block_size)
@@ -166,11 +167,14 @@ class Scheduler:
         """Start `seq` from its cached prefix if its whole known sequence fits the pool now."""
         hashes = block_hashes(seq.keys[: seq.length], self.pool.block_size)
         usable = hashes[: (seq.length - 1) // self.pool.block_size]  # the last position always runs
-        hit = self.pool.cached_prefix(usable)
+        blocks = self.pool.match(usable)  # taking them first: a matched idle block is no longer available
+        hit = len(blocks)
         if self.pool.available < self.blocks_for(seq.length) - hit:
+            self.pool.release(blocks)
             return None
-        seq.blocks = self.pool.match(usable[:hit])
+        seq.blocks = blocks
         seq.hashes = usable[:hit]
+        self.cached_blocks += hit
         seq.computed = hit * self.pool.block_size
         if not seq.admitted:
             seq.cached, seq.admitted = seq.computed, True

@@ -88,10 +88,7 @@ class ChatPage:
     def __init__(self, pipe: Pipeline, config: GenerationConfig | None = None, system: str | None = None):
         self.pipe = pipe
         self.config = config or GenerationConfig()
-        self.system = system
-        # one turn at a time, token counting included: ChatSession counts a prompt's tokens outside the
-        # Pipeline's own lock, and the tokenizer and vision encoder requests are shared
-        self.turns = threading.Lock()
+        self.system = system  # tabs answer concurrently: each turn is a sequence of the pipeline's engine
 
     def new_state(self) -> TabState:
         """A fresh conversation for a newly opened tab."""
@@ -144,9 +141,9 @@ class ChatPage:
             state.chat.reset()  # a new image starts a new conversation (LLaVA answers about one image)
         state.cancel = cancel = threading.Event()
         chunks: queue.Queue = queue.Queue()
-        state.worker = threading.Thread(
-            target=_pump, args=(state, state.chat.stream(text, images, config, cancel), chunks, self.turns), daemon=True
-        )
+        on_progress = lambda done, total: chunks.put(Prefill(done, total))  # noqa: E731
+        stream = state.chat.stream(text, images, config, cancel, progress=on_progress)
+        state.worker = threading.Thread(target=_pump, args=(state, stream, chunks), daemon=True)
         state.display.append({"role": "assistant", "content": ""})
         state.last_result, state.stats = None, "generating…"
         state.worker.start()
@@ -216,6 +213,9 @@ class ChatPage:
 
     def _show(self, state: TabState, chunks: list) -> None:
         for chunk in chunks:
+            if isinstance(chunk, Prefill):
+                state.stats = f"reading the prompt… {chunk.done:,} of {chunk.total:,} tokens"
+                continue
             state.display[-1]["content"] += chunk.text
             if chunk.result is not None:
                 state.stats = format_stats(chunk.result)
@@ -265,14 +265,21 @@ def describe_pipeline(info: dict[str, Any]) -> str:
     )
 
 
-def _pump(state: TabState, chunks: Iterator, out: queue.Queue, turns: threading.Lock) -> None:
+@dataclass
+class Prefill:
+    """Progress of a long prompt, shown in the stats line."""
+
+    done: int
+    total: int
+
+
+def _pump(state: TabState, chunks: Iterator, out: queue.Queue) -> None:
     """Worker thread: run the whole stream into a queue (so the conversation stays whole
     even when the page stops listening) and keep the result in the tab's state."""
     try:
-        with turns:
-            for chunk in chunks:
-                state.last_result = chunk.result or state.last_result
-                out.put(chunk)
+        for chunk in chunks:
+            state.last_result = chunk.result or state.last_result
+            out.put(chunk)
     except BaseException as exc:  # handed to the page's generator, which reports it
         out.put(exc)
     finally:

@@ -1,18 +1,20 @@
-"""One generation at a time: a FIFO worker thread with a bounded queue.
+"""Admission of requests into the engine: a bounded number waiting, each streamed back to its loop.
 
-Requests become `Job`s; the worker thread runs them one by one through
-`Pipeline.stream` and hands every chunk back to the request's event loop
-through a thread-safe bridge (`loop.call_soon_threadsafe` into an
-`asyncio.Queue`).  A job whose cancel Event is set before it starts is dropped;
-one that is running stops before its next token.  No conversation state lives
-here: each job carries its whole conversation.
+Requests become `Job`s. Each accepted job gets a thread that prepares its prompt (image
+work included) and runs it through `Pipeline.stream`, where the engine batches it with every
+other running job; chunks go back to the request's event loop through a thread-safe bridge
+(`loop.call_soon_threadsafe` into an `asyncio.Queue`). A job counts as *waiting* until the
+engine starts its prompt, then as *running*; at most `max_queue` may wait (429 beyond), and
+the engine itself bounds how many run. A job whose cancel Event is set before it starts is
+dropped; one that is running stops within one engine step. No conversation state lives here:
+each job carries its whole conversation, and the engine's prefix cache finds what it shares
+with earlier requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,12 +29,12 @@ log = logging.getLogger("llava_ov.server")
 
 
 class QueueFull(Exception):
-    """The queue holds `max_queue` waiting jobs already."""
+    """`max_queue` jobs are waiting already."""
 
 
 @dataclass
 class Started:
-    """The worker took the job (after `wait_s` in the queue)."""
+    """The engine started the job's prompt (after `wait_s` since the request arrived)."""
 
     wait_s: float
 
@@ -47,7 +49,7 @@ class Dropped:
     """The job was cancelled before it started."""
 
 
-@dataclass
+@dataclass(eq=False)  # a dict key, by identity
 class Job:
     messages: list[Message]
     config: GenerationConfig
@@ -55,6 +57,7 @@ class Job:
     received_at: float = field(default_factory=time.perf_counter)  # when the request arrived
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    started: bool = False
 
     def emit(self, item: Any) -> None:
         """Hand an event to the request's loop (from any thread)."""
@@ -69,73 +72,75 @@ class Job:
 
 
 class GenerationWorker:
-    """Runs jobs FIFO on one thread; at most `max_queue` wait behind the running one."""
+    """Runs every accepted job concurrently through the pipeline's engine."""
 
     def __init__(self, max_queue: int, metrics: ServerMetrics):
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, max_queue))
+        self.max_queue = max(1, max_queue)
         self.metrics = metrics
         self.pipeline: Any = None
-        self.current: Job | None = None
-        self._thread: threading.Thread | None = None
+        self._jobs: dict[Job, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Jobs accepted but not started by the engine yet."""
+        with self._lock:
+            return sum(not job.started for job in self._jobs)
 
     @property
     def running(self) -> int:
-        return int(self.current is not None)
+        with self._lock:
+            return sum(job.started for job in self._jobs)
 
     def start(self, pipeline: Any) -> None:
         self.pipeline = pipeline
-        self._thread = threading.Thread(target=self._run, name="llava-ov-generation", daemon=True)
-        self._thread.start()
 
     def submit(self, job: Job) -> None:
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
+        with self._lock:
+            if self._stopping or sum(not j.started for j in self._jobs) >= self.max_queue:
+                raise QueueFull
+            thread = threading.Thread(target=self._run, args=(job,), name="llava-ov-request", daemon=True)
+            self._jobs[job] = thread
+        thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel everything, let the thread finish."""
-        if self._thread is None:
-            return
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel.set()
-                job.emit(Dropped())
-        if self.current is not None:
-            self.current.cancel.set()
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:  # requests still arriving; the daemon thread ends with the process
-            return
-        self._thread.join(timeout)
+        """Cancel every job and wait for their threads."""
+        with self._lock:
+            self._stopping = True
+            jobs = dict(self._jobs)
+        for job in jobs:
+            job.cancel.set()
+        deadline = time.monotonic() + timeout
+        for thread in jobs.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+    def _run(self, job: Job) -> None:
+        try:
             if job.cancel.is_set():
                 self.metrics.dropped.inc()
                 job.emit(Dropped())
-                continue
-            self.current = job
-            try:
-                self._generate(job)
-            finally:
-                self.current = None
+                return
+            self._generate(job)
+        finally:
+            with self._lock:
+                self._jobs.pop(job, None)
+
+    def _mark_started(self, job: Job) -> None:
+        if not job.started:
+            job.started = True
+            wait_s = time.perf_counter() - job.received_at
+            self.metrics.queue_wait.observe(wait_s)
+            job.emit(Started(wait_s))
 
     def _generate(self, job: Job) -> None:
-        wait_s = time.perf_counter() - job.received_at
-        self.metrics.queue_wait.observe(wait_s)
-        job.emit(Started(wait_s))
         first = True
         try:
-            for chunk in self.pipeline.stream(job.messages, config=job.config, cancel=job.cancel):
+            chunks = self.pipeline.stream(
+                job.messages, config=job.config, cancel=job.cancel, progress=lambda done, total: self._mark_started(job)
+            )
+            for chunk in chunks:
+                self._mark_started(job)
                 if first and chunk.token_ids:
                     first = False
                     self.metrics.ttft.observe(time.perf_counter() - job.received_at)

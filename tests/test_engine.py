@@ -1,0 +1,276 @@
+"""The engine: paged KV cache, continuous batching, chunked prefill, prefix cache, preemption.
+
+Exactness is checked against the stateful path (itself equal to transformers, see
+test_pipeline.py, which now runs through the engine by default) and against transformers
+directly; the block pool and scheduler are also tested on their own, without a model.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import F32, FAMILIES
+from llava_ov.chat import ChatSession
+from llava_ov.engine import EngineConfig
+from llava_ov.errors import ContextLengthError
+from llava_ov.generate import GenerationConfig
+from llava_ov.image import DEFAULT_PINPOINTS
+from llava_ov.kvcache import BlockPool, PoolExhausted, block_hashes
+from llava_ov.paged import ForwardBatch
+from llava_ov.pipeline import Message, Pipeline
+from llava_ov.scheduler import Scheduler, Sequence
+from reference import hf_generate
+
+GREEDY = GenerationConfig(max_new_tokens=24)
+PROMPTS = ["hi", "What is this?", "Tell me a story about a cat on a boat.", "Describe the picture in detail."]
+
+
+@pytest.fixture(scope="module")
+def stateful(exports):
+    return {fam: Pipeline(exports[fam], properties=F32, cache_dir=None, kv_cache="stateful") for fam in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def paged(exports):
+    pipes = {fam: Pipeline(exports[fam], properties=F32, cache_dir=None) for fam in FAMILIES}
+    yield pipes
+    for pipe in pipes.values():
+        pipe.close()
+
+
+def small_pool(export, blocks: int, **engine) -> Pipeline:
+    probe = Pipeline(export, properties=F32, cache_dir=None, engine=EngineConfig(kv_cache_gb=0.001))
+    gb = blocks * probe.model.paged.bytes_per_block / 2**30
+    probe.close()
+    return Pipeline(export, properties=F32, cache_dir=None, engine=EngineConfig(kv_cache_gb=gb, **engine))
+
+
+# ----------------------------------------------------------------------------- the block pool alone
+
+
+def test_block_hashes_chain_over_the_whole_prefix():
+    a = np.arange(100, dtype=np.int64)
+    b = a.copy()
+    b[3] = -7  # an earlier difference changes every later block's hash
+    ha, hb = block_hashes(a, 32), block_hashes(b, 32)
+    assert len(ha) == 3 and all(x != y for x, y in zip(ha, hb))
+    assert block_hashes(a[:64], 32) == ha[:2]
+
+
+def test_pool_shares_reuses_and_evicts_lru():
+    pool = BlockPool(3, 4)
+    hashes = block_hashes(np.arange(8, dtype=np.int64), 4)
+    first = [pool.allocate(), pool.allocate()]
+    first = [pool.publish(b, h) for b, h in zip(first, hashes)]
+    pool.release(first)
+    assert pool.available == 3 and len(pool.idle) == 2
+    assert pool.match(hashes) == first  # a later sequence finds both
+    pool.release(first)
+    other = [pool.allocate(), pool.allocate()]  # 1 free + the least recently used idle one
+    assert first[0] in other and first[1] not in other
+    assert pool.match(hashes) == []  # the first block was recycled: the chain is broken
+    pool.allocate()
+    with pytest.raises(PoolExhausted):
+        pool.allocate()
+
+
+def test_publish_of_equal_content_keeps_one_block():
+    pool = BlockPool(4, 4)
+    (h,) = block_hashes(np.arange(4, dtype=np.int64), 4)
+    a, b = pool.allocate(), pool.allocate()
+    assert pool.publish(a, h) == a
+    assert pool.publish(b, h) == a  # b computed the same content: it is freed, a is shared
+    assert pool.refs[a] == 2 and pool.available == 3
+
+
+def _seq(length: int, new: int, start: int = 0) -> Sequence:
+    keys = np.arange(start, start + length, dtype=np.int64)
+    return Sequence(keys, keys.copy(), np.full(length, -1), np.zeros((0, 4), np.float32), capacity=length + new)
+
+
+def test_scheduler_decodes_first_chunks_prompts_and_preempts_when_the_pool_runs_out():
+    pool = BlockPool(6, 4)
+    sched = Scheduler(pool, max_step_tokens=6, max_running=8)
+    a, b = _seq(10, 10), _seq(5, 10, start=100)  # 5 and 4 blocks at the end: each fits alone, not both
+    sched.add(a)
+    sched.add(b)
+    plan = sched.schedule()
+    assert [(c.seq, c.start, c.count) for c in plan] == [(a, 0, 6)]  # the budget caps the chunk
+    for c in plan:
+        sched.advance(c)
+    plan = sched.schedule()
+    assert [(c.seq, c.start, c.count) for c in plan] == [(a, 6, 4), (b, 0, 2)]
+    for _ in range(60):  # decode both; a needs blocks b holds: b is preempted, then recomputed
+        for c in plan:
+            sched.advance(c)
+            if c.sample and c.seq.length >= c.seq.capacity:
+                sched.remove(c.seq)
+            elif c.sample:
+                c.seq.append(7)
+        if not sched.has_work():
+            break
+        plan = sched.schedule()
+        assert sum(c.count for c in plan) <= 6
+        assert pool.used <= pool.num_blocks
+    assert not sched.has_work() and sched.preemptions >= 1 and b.preemptions >= 1
+    assert pool.used == 0
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def _pinpoint_image(tmp_path, h: int, w: int):
+    path = tmp_path / f"grid-{h}x{w}.png"
+    rng = np.random.default_rng(h * 7 + w)
+    Image.fromarray(rng.integers(0, 255, (h - 40, w - 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("pinpoint", DEFAULT_PINPOINTS)
+def test_engine_equals_stateful_path_for_every_grid_shape(pinpoint, paged, stateful, tmp_path):
+    image = _pinpoint_image(tmp_path, *pinpoint)
+    ref = stateful["llava-next"].generate("Describe it.", [image], GREEDY)
+    ours = paged["llava-next"].generate("Describe it.", [image], GREEDY)
+    assert ours.token_ids == ref.token_ids and ours.prompt_tokens == ref.prompt_tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_equals_transformers_and_stateful(family, paged, stateful, hf_models, photos):
+    model, processor = hf_models[family]
+    messages = [Message("user", "What is in this picture?", [photos["rocket"]])]
+    ref = hf_generate(model, processor, messages, max_new_tokens=24)
+    assert paged[family].generate(messages, config=GREEDY).token_ids == ref
+    assert stateful[family].generate(messages, config=GREEDY).token_ids == ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_four_requests_together_give_what_they_give_alone(family, paged, photos):
+    pipe = paged[family]
+    jobs = [(p, [photos["chelsea"]] if i % 2 else []) for i, p in enumerate(PROMPTS)]
+    alone = []
+    for prompt, images in jobs:
+        pipe.clear_caches()
+        alone.append(pipe.generate(prompt, images, GREEDY).token_ids)
+    pipe.clear_caches()
+    together: list = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def run(i):
+        start.wait()
+        together[i] = pipe.generate(jobs[i][0], jobs[i][1], GREEDY).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == alone
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_chunks_of_1_7_256_give_the_same_logits(family, exports, stateful, photos):
+    """The same prompt split into chunks of 1, 7 and 256 tokens: last-position logits within 1e-4."""
+    ref_pipe = stateful[family]
+    prompt = ref_pipe.prepare([Message("user", "What is this?", [photos["coffee"]])])
+    ref_pipe.reset()
+    reference, _ = ref_pipe.prefill(prompt)
+    ref_pipe.reset()
+    pipe = Pipeline(exports[family], properties=F32, cache_dir=None, engine=EngineConfig(kv_cache_gb=0.05))
+    lm, embeds = pipe.model.paged, pipe.model.embed_tokens(prompt.token_ids).copy()
+    rows, features = prompt.image_rows()
+    embeds[rows >= 0] = features[rows[rows >= 0]]
+    total = len(embeds)
+    blocks = list(range(-(-total // lm.block_size)))
+    for chunk in (1, 7, 256):
+        past, logits = 0, None
+        while past < total:
+            n = min(chunk, total - past)
+            used = blocks[: -(-(past + n) // lm.block_size)]
+            batch = ForwardBatch(embeds[past : past + n], np.arange(past, past + n), [past], [n], [used], [n - 1])
+            logits = lm.forward(batch)[0]
+            past += n
+        np.testing.assert_allclose(logits, reference, atol=1e-4, err_msg=f"chunks of {chunk}")
+    pipe.close()
+
+
+# ----------------------------------------------------------------------------- prefix cache
+
+
+def test_two_interleaved_conversations_each_find_their_own_prefix(paged, photos):
+    pipe = paged["llava-next"]
+    pipe.clear_caches()
+    chats = [ChatSession(pipe), ChatSession(pipe)]
+    first = [chat.ask("What is this?", [photos[name]], GREEDY) for chat, name in zip(chats, ("chelsea", "rocket"))]
+    for turn in ("Say more.", "And the colours?"):
+        for chat, earlier in zip(chats, first):
+            result = chat.ask(turn, config=GREEDY)
+            assert result.cached_tokens >= earlier.prompt_tokens - pipe.engine.pool.block_size
+            assert result.prompt_tokens - result.cached_tokens < 100
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+def test_cancel_takes_effect_during_prefill_and_frees_the_blocks(exports, photos):
+    pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None, engine=EngineConfig(max_step_tokens=16))
+    cancel = threading.Event()
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        cancel.set()
+
+    chunks = list(pipe.stream("Describe it.", [photos["astronaut"]], GREEDY, cancel=cancel, progress=progress))
+    result = chunks[-1].result
+    assert result.finish_reason == "cancelled" and result.token_ids == []
+    assert len(seen) <= 2 and seen[0] == 16  # stopped within a step of the cancel
+    assert pipe.engine.pool.used == 0
+    assert pipe.generate("hi", config=GREEDY).finish_reason in ("eos", "length")  # the engine goes on
+    pipe.close()
+
+
+def test_a_full_pool_queues_or_preempts_and_every_request_completes(exports):
+    export = exports["llava"]
+    alone_pipe = Pipeline(export, properties=F32, cache_dir=None)
+    config = GenerationConfig(max_new_tokens=60, ignore_eos=True)  # ~3 blocks each: one fits, four do not
+    alone = [alone_pipe.generate(p, config=config).token_ids for p in PROMPTS]
+    alone_pipe.close()
+    pipe = small_pool(export, blocks=5)
+    out: list = [None] * len(PROMPTS)
+
+    def run(i):
+        out[i] = pipe.generate(PROMPTS[i], config=config)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [r.token_ids for r in out] == alone
+    stats = pipe.engine.stats()
+    assert stats["blocks_total"] == 5 and stats["blocks_used"] == 0
+    assert stats["preemptions"] >= 1
+    pipe.close()
+
+
+def test_a_prompt_larger_than_the_pool_is_refused_clearly(exports, photos):
+    pipe = small_pool(exports["llava-next"], blocks=4)
+    with pytest.raises(ContextLengthError, match="KV cache"):
+        pipe.generate("Describe it.", [photos["astronaut"]], GREEDY)
+    assert pipe.generate("hi", config=GenerationConfig(max_new_tokens=4)).token_ids  # still serving
+    pipe.close()
+
+
+def test_engine_at_the_plugin_default_precision(exports, photos):
+    """Default precision (bf16 where the CPU has it, u8 KV cache): runs, batches, and is deterministic."""
+    pipe = Pipeline(exports["llava-next"], cache_dir=None)
+    first = pipe.generate("What is this?", [photos["chelsea"]], GREEDY)
+    pipe.clear_caches()
+    again = pipe.generate("What is this?", [photos["chelsea"]], GREEDY)
+    assert first.token_ids == again.token_ids and len(first.token_ids) > 0
+    assert pipe.info()["runtime"]["language"].get("KV_CACHE_PRECISION")
+    pipe.close()
