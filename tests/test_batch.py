@@ -179,8 +179,8 @@ def test_table_input_with_per_row_prompts(pipe, reference, photos, tmp_path, fmt
     summary = run_batch(pipe, table, out, config=CONFIG, columns=cols, progress=False)
     assert (summary.succeeded, summary.failed, summary.skipped) == (0, 1, 3)
     again = read_output(out)
-    assert [r["id"] for r in again] == ["r1", "r2", "r3", "r4"]
-    assert again[0]["answer"] == by_id["r1"]["answer"]
+    assert sorted(r["id"] for r in again) == ["r1", "r2", "r3", "r4"]
+    assert {r["id"]: r for r in again}["r1"]["answer"] == by_id["r1"]["answer"]
 
 
 def test_default_columns_and_row_index_ids(tmp_path, photos):

@@ -72,7 +72,9 @@ def wait_ready(base: str, timeout: float = 60) -> None:
 
 
 class Proxy:
-    """Test hook around the reference pipeline: optional gate before generating, delay per token, records results."""
+    """Test hook around the reference pipeline: optional gate before generating, records results.
+
+    With `delay`, answers ignore EOS (slow_app also slows the engine's forwards by `delay`)."""
 
     def __init__(self, pipe: Pipeline, delay: float = 0.0, gate: threading.Event | None = None):
         self.pipe, self.delay, self.gate = pipe, delay, gate
@@ -80,18 +82,17 @@ class Proxy:
         self.calls = 0
         self.results = []
 
-    def stream(self, messages, config=None, cancel=None):
+    def stream(self, messages, config=None, cancel=None, progress=None):
         self.calls += 1
         self.started.set()
         if self.gate is not None:
             assert self.gate.wait(30)
         if self.delay:  # long answers that only a cancel can stop early
             config = dataclasses.replace(config, ignore_eos=True)
-        for chunk in self.pipe.stream(messages, config=config, cancel=cancel):
+        for chunk in self.pipe.stream(messages, config=config, cancel=cancel, progress=progress):
             if chunk.result is not None:
                 self.results.append(chunk.result)
             yield chunk
-            time.sleep(self.delay)
 
 
 @pytest.fixture(scope="module")
@@ -461,9 +462,19 @@ def test_queued_request_of_a_departed_client_is_dropped(gated):
 def slow_app(exports, reference, **settings):
     """An app whose generations take ~20 ms per token and ignore EOS: only a cancel ends them early."""
     proxy = Proxy(reference, delay=0.02)
-    with running(create_app(ServerSettings(model=str(exports["llava-next"]), **settings), lambda: proxy)) as base:
-        wait_ready(base)
-        yield base, proxy
+    fast_forward = reference.engine.lm.forward
+
+    def slow_forward(batch):  # the model is slow, not the client: the engine itself paces the tokens
+        time.sleep(proxy.delay)
+        return fast_forward(batch)
+
+    reference.engine.lm.forward = slow_forward
+    try:
+        with running(create_app(ServerSettings(model=str(exports["llava-next"]), **settings), lambda: proxy)) as base:
+            wait_ready(base)
+            yield base, proxy
+    finally:
+        del reference.engine.lm.forward  # back to the class's method
 
 
 @pytest.fixture

@@ -46,13 +46,13 @@ def expected(pipe: Pipeline, messages: list[Message], max_new_tokens: int = GREE
 
 
 def test_answer_with_image_streams_and_equals_generate(page, pipe, monkeypatch):
-    fast_step = pipe.step
+    fast_forward = pipe.engine.lm.forward
 
-    def step(token_id):  # paced like a real model (the page updates at most ten times a second)
+    def forward(batch):  # paced like a real model (the page updates at most ten times a second)
         time.sleep(0.01)
-        return fast_step(token_id)
+        return fast_forward(batch)
 
-    monkeypatch.setattr(pipe, "step", step)
+    monkeypatch.setattr(pipe.engine.lm, "forward", forward)
     state = page.new_state()
     updates = turn(page, state, "What is in this picture?", [CAT], settings=(48, 0.0, 1.0))
     answer = updates[-1]

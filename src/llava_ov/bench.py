@@ -464,7 +464,18 @@ def machine_info() -> dict[str, Any]:
     import openvino as ov
 
     cpu = ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "openvino": ov.__version__}
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": matrix_flags(), "python": platform.python_version(),
+            "openvino": ov.__version__}  # fmt: skip
+
+
+def matrix_flags() -> list[str]:
+    """The CPU flags that decide OpenVINO's kernels (AVX2, AVX-512, VNNI, bf16, AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -515,6 +526,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth-bound measurement")
     p.add_argument("--isolated-rss", action="store_true",
                    help="also measure each engine's peak RSS alone in a child process (one extra run each)")  # fmt: skip
+    p.add_argument("--concurrency", default="",
+                   help="comma list of concurrent streams, e.g. 1,2,4,8: aggregate decode throughput of the engine "
+                        "vs the one-at-a-time path (and genai's ContinuousBatchingPipeline with --compare genai)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the report as JSON to this file ('-' for stdout)")
     p.set_defaults(func=cmd_bench)
 
@@ -538,11 +552,22 @@ def cmd_bench(args) -> int:
         compare=tuple(c for c in args.compare.split(",") if c), source=args.source, torch_dtype=args.torch_dtype,
         bandwidth=not args.no_bandwidth, isolated_rss=args.isolated_rss,
     )  # fmt: skip
-    report = run_bench(opts, log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.concurrency:
+        from .bench_serving import format_concurrency, run_concurrency
+
+        levels = [int(n) for n in args.concurrency.split(",") if n]
+        report = run_concurrency(opts.model, opts.image, levels, opts.max_new_tokens, opts.runs, opts.device,
+                                 opts.properties, opts.compare, log)  # fmt: skip
+        report["machine"] = machine_info()
+        formatted = format_concurrency(report)
+    else:
+        report = run_bench(opts, log=log)
+        formatted = format_report(report)
     if args.json == "-":
         print(json.dumps(report, indent=2))
         return 0
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(format_report(report))
+    print(formatted)
     return 0

@@ -132,12 +132,7 @@ def teacher_forced_logits(pipe, messages, tokens: Sequence[int], include_last: b
     tokens[n-1] (the position that predicted EOS).
     """
     pipe.reset()
-    logits, _ = pipe.prefill(pipe.prepare(messages))
-    rows = [np.array(logits, dtype=np.float32)]
-    feed = list(tokens) if include_last else list(tokens)[:-1]
-    for token in feed:
-        rows.append(np.array(pipe.step(int(token)), dtype=np.float32))
-    return np.stack(rows)
+    return pipe.score(messages, list(tokens) if include_last else list(tokens)[:-1])
 
 
 def greedy(pipe, messages, max_new_tokens: int):

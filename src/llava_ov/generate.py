@@ -219,6 +219,29 @@ class DecodeState:
         return TokenEvent(token, text, self.finished, elapsed)
 
 
+class ForcedDecode:
+    """Feeds the given tokens instead of sampling and keeps the logits of every step (scoring).
+
+    Stands in for a DecodeState: the engine runs it like any other sequence."""
+
+    def __init__(self, tokens: Sequence[int]):
+        self.tokens = [int(t) for t in tokens]
+        self.limit = len(self.tokens) + 1
+        self.rows: list[np.ndarray] = []
+        self.finished: str | None = None
+
+    def next(self, logits: np.ndarray) -> TokenEvent:
+        self.rows.append(np.array(logits, dtype=np.float32))
+        if len(self.rows) > len(self.tokens):
+            self.finished = "length"
+            return TokenEvent(None, "", "length")
+        return TokenEvent(self.tokens[len(self.rows) - 1], "")
+
+    def cancel(self) -> TokenEvent:
+        self.finished = "cancelled"
+        return TokenEvent(None, "", "cancelled")
+
+
 def decode_tokens(
     first_logits: np.ndarray,
     step: Callable[[int], np.ndarray],

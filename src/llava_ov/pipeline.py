@@ -26,7 +26,7 @@ import numpy as np
 from .errors import ContextLengthError, LlavaOvError
 from .engine import Engine, EngineConfig, Failed, Progress
 from .features import merge_embeddings, pack_features
-from .generate import DecodeState, GenerationConfig, TokenEvent
+from .generate import DecodeState, ForcedDecode, GenerationConfig, TokenEvent
 from .image import ImageConfig, load_image, preprocess
 from .model import ExportedModel, LoadOptions
 from .template import ChatTemplate
@@ -156,6 +156,11 @@ class Pipeline:
         self._lock = threading.RLock()
         self._cancels: set[threading.Event] = set()
 
+    @property
+    def max_concurrency(self) -> int:
+        """How many generations make progress at once (the engine's max_running; 1 when stateful)."""
+        return self.engine.config.max_running if self.engine is not None else 1
+
     def _eos_ids(self) -> set[int]:
         import json
 
@@ -256,6 +261,25 @@ class Pipeline:
             raise
         self._keys[: len(prompt.keys)] = prompt.keys
         return logits, reuse
+
+    def score(self, messages: Sequence[Message], tokens: Sequence[int]) -> np.ndarray:
+        """[len(tokens) + 1, vocab] next-token logits after the prompt and after each of `tokens`."""
+        if self.engine is None:
+            with self._lock:
+                logits, _ = self.prefill(self.prepare(messages))
+                rows = [np.array(logits, dtype=np.float32)]
+                rows += [np.array(self.step(int(t)), dtype=np.float32) for t in tokens]
+            return np.stack(rows)
+        prompt = self.prepare(messages)
+        self._check_context(prompt)
+        forced = ForcedDecode(tokens)
+        handle = self.engine.submit(prompt.keys, prompt.token_ids, *prompt.image_rows(), forced)
+        for item in handle:
+            if isinstance(item, Failed):
+                raise item.error
+        if forced.finished != "length" or len(forced.rows) != len(tokens) + 1:
+            raise LlavaOvError(f"scoring stopped after {len(forced.rows)} of {len(tokens) + 1} positions (context full?)")
+        return np.stack(forced.rows)
 
     def reset(self) -> None:
         """Forget cached KV: the stateful cache, or the engine's idle prefix blocks."""

@@ -150,6 +150,8 @@ class ChatPage:
         try:
             yield state.view(), state.stats
             for batch in _batches(chunks, lambda: update_interval(len(state.display[-1]["content"]))):
+                if cancel.is_set():  # Stop or Clear: they show the answer as it stands (or clear it)
+                    break
                 error = next((c for c in batch if isinstance(c, BaseException)), None)
                 if error is not None:
                     state.chat.messages[:] = earlier  # a failed turn leaves the conversation as it was

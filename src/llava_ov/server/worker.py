@@ -1,12 +1,13 @@
-"""Admission of requests into the engine: a bounded number waiting, each streamed back to its loop.
+"""Admission of requests into the engine: bounded slots and a bounded queue, each job streamed back.
 
-Requests become `Job`s. Each accepted job gets a thread that prepares its prompt (image
-work included) and runs it through `Pipeline.stream`, where the engine batches it with every
-other running job; chunks go back to the request's event loop through a thread-safe bridge
-(`loop.call_soon_threadsafe` into an `asyncio.Queue`). A job counts as *waiting* until the
-engine starts its prompt, then as *running*; at most `max_queue` may wait (429 beyond), and
-the engine itself bounds how many run. A job whose cancel Event is set before it starts is
-dropped; one that is running stops within one engine step. No conversation state lives here:
+Requests become `Job`s, each with a thread. A job takes one of the pipeline's
+`max_concurrency` slots (the engine's --max-running; 1 on the stateful path), prepares its
+prompt (image work included) and runs it through `Pipeline.stream`, where the engine batches
+it with every other running job; chunks go back to the request's event loop through a
+thread-safe bridge (`loop.call_soon_threadsafe` into an `asyncio.Queue`). Jobs waiting for a
+slot form the queue: at most `max_queue` (429 beyond), served in arrival order. A job whose
+cancel Event is set before it gets a slot is dropped; one that is running stops within one
+engine step. No conversation state lives here:
 each job carries its whole conversation, and the engine's prefix cache finds what it shares
 with earlier requests.
 """
@@ -57,7 +58,6 @@ class Job:
     received_at: float = field(default_factory=time.perf_counter)  # when the request arrived
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    started: bool = False
 
     def emit(self, item: Any) -> None:
         """Hand an event to the request's loop (from any thread)."""
@@ -79,68 +79,77 @@ class GenerationWorker:
         self.metrics = metrics
         self.pipeline: Any = None
         self._jobs: dict[Job, threading.Thread] = {}
-        self._lock = threading.Lock()
+        self._waiting: list[Job] = []  # arrival order
+        self._slots = 1
+        self._lock = threading.Condition()
         self._stopping = False
 
     @property
     def depth(self) -> int:
-        """Jobs accepted but not started by the engine yet."""
+        """Jobs waiting for a slot."""
         with self._lock:
-            return sum(not job.started for job in self._jobs)
+            return len(self._waiting)
 
     @property
     def running(self) -> int:
         with self._lock:
-            return sum(job.started for job in self._jobs)
+            return len(self._jobs) - len(self._waiting)
 
     def start(self, pipeline: Any) -> None:
         self.pipeline = pipeline
+        self._slots = max(1, int(getattr(pipeline, "max_concurrency", 1)))
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._stopping or sum(not j.started for j in self._jobs) >= self.max_queue:
+            if self._stopping or len(self._waiting) >= self.max_queue:
                 raise QueueFull
             thread = threading.Thread(target=self._run, args=(job,), name="llava-ov-request", daemon=True)
             self._jobs[job] = thread
+            self._waiting.append(job)
         thread.start()
+
+    def _take_slot(self, job: Job) -> bool:
+        """Wait for a free slot in arrival order; False if the job was cancelled meanwhile."""
+        with self._lock:
+            while not job.cancel.is_set() and not (
+                self._waiting[0] is job and len(self._jobs) - len(self._waiting) < self._slots
+            ):
+                self._lock.wait(0.05)  # also wakes to notice a cancel
+            self._waiting.remove(job)
+            self._lock.notify_all()
+            return not job.cancel.is_set()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel every job and wait for their threads."""
         with self._lock:
             self._stopping = True
             jobs = dict(self._jobs)
-        for job in jobs:
-            job.cancel.set()
+            for job in jobs:
+                job.cancel.set()
+            self._lock.notify_all()
         deadline = time.monotonic() + timeout
         for thread in jobs.values():
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self, job: Job) -> None:
         try:
-            if job.cancel.is_set():
+            if not self._take_slot(job):
                 self.metrics.dropped.inc()
                 job.emit(Dropped())
                 return
+            wait_s = time.perf_counter() - job.received_at
+            self.metrics.queue_wait.observe(wait_s)
+            job.emit(Started(wait_s))
             self._generate(job)
         finally:
             with self._lock:
                 self._jobs.pop(job, None)
-
-    def _mark_started(self, job: Job) -> None:
-        if not job.started:
-            job.started = True
-            wait_s = time.perf_counter() - job.received_at
-            self.metrics.queue_wait.observe(wait_s)
-            job.emit(Started(wait_s))
+                self._lock.notify_all()
 
     def _generate(self, job: Job) -> None:
         first = True
         try:
-            chunks = self.pipeline.stream(
-                job.messages, config=job.config, cancel=job.cancel, progress=lambda done, total: self._mark_started(job)
-            )
-            for chunk in chunks:
-                self._mark_started(job)
+            for chunk in self.pipeline.stream(job.messages, config=job.config, cancel=job.cancel):
                 if first and chunk.token_ids:
                     first = False
                     self.metrics.ttft.observe(time.perf_counter() - job.received_at)
