@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LLAVA_OV_API_KEY)")
     p.add_argument("--model-name", default="", help="model id reported to clients (default: the folder name)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests waiting behind the running one; more get 429")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot (--max-running); more get 429")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens (and the default)")
     p.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
     p.add_argument("--max-image-mb", type=float, default=20, help="largest image (encoded)")

@@ -98,12 +98,13 @@ class ServerMetrics:
     """All metrics of one server instance."""
 
     def __init__(self, queue_depth: Callable[[], float] = lambda: 0, running: Callable[[], float] = lambda: 0,
-                 ready: Callable[[], float] = lambda: 0):  # fmt: skip
+                 ready: Callable[[], float] = lambda: 0, engine: Callable[[], dict] = dict):  # fmt: skip
         p = "llava_ov_"
         self.requests = Counter(p + "http_requests_total", "HTTP responses by path and status.", ("path", "status"))
         self.errors = Counter(p + "http_errors_total", "HTTP error responses (status >= 400) by status.", ("status",))
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens processed (image tokens included).")
         self.completion_tokens = Counter(p + "completion_tokens_total", "Tokens generated.")
+        self.cached_tokens = Counter(p + "prefix_cached_tokens_total", "Prompt tokens found in the prefix cache.")
         self.generations = Counter(
             p + "generations_total", "Finished generations by finish reason.", ("finish_reason",)
         )
@@ -120,20 +121,27 @@ class ServerMetrics:
         )
         self.gauges = [
             Gauge(p + "queue_depth", "Requests waiting in the queue.", queue_depth),
-            Gauge(p + "requests_running", "Generations running now (0 or 1).", running),
+            Gauge(p + "requests_running", "Requests holding a slot (preparing or generating).", running),
             Gauge(p + "model_ready", "1 once the model is loaded.", ready),
-        ]
+            Gauge(p + "kv_blocks_used", "KV cache blocks held by running sequences.",
+                  lambda: engine().get("blocks_used", 0)),
+            Gauge(p + "kv_blocks_total", "KV cache blocks in the pool.", lambda: engine().get("blocks_total", 0)),
+            Gauge(p + "engine_preemptions", "Sequences paused for lack of KV blocks so far.",
+                  lambda: engine().get("preemptions", 0)),
+        ]  # fmt: skip
 
     def record_result(self, result: Any) -> None:
         """Count one finished generation (a `GenerationResult`)."""
         self.generations.inc(finish_reason=result.finish_reason)
         self.prompt_tokens.inc(result.prompt_tokens)
         self.completion_tokens.inc(len(result.token_ids))
+        self.cached_tokens.inc(result.cached_tokens)
         for seconds in result.timings.token_s:
             self.tpot.observe(seconds)
 
     def render(self) -> str:
-        parts = [self.requests, self.errors, self.prompt_tokens, self.completion_tokens, self.generations,
+        parts = [self.requests, self.errors, self.prompt_tokens, self.completion_tokens, self.cached_tokens,
+                 self.generations,
                  self.dropped, self.queue_wait, self.ttft, self.tpot, *self.gauges]  # fmt: skip
         return "\n".join(line for metric in parts for line in metric.render()) + "\n"
 

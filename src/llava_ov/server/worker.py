@@ -95,6 +95,10 @@ class GenerationWorker:
         with self._lock:
             return len(self._jobs) - len(self._waiting)
 
+    def engine_stats(self) -> dict:
+        engine = getattr(self.pipeline, "engine", None)
+        return engine.stats() if engine is not None else {}
+
     def start(self, pipeline: Any) -> None:
         self.pipeline = pipeline
         self._slots = max(1, int(getattr(pipeline, "max_concurrency", 1)))
