@@ -242,7 +242,8 @@ class Engine:
             if seq.payload.cancel_event.is_set():
                 self._finish(seq, seq.payload.state.cancel())
         plan = self.scheduler.schedule()
-        if not plan:
+        if not plan:  # nothing can run now (cannot happen while the pool holds any sequence alone)
+            time.sleep(0.005)
             return
         now = time.perf_counter()
         for chunk in plan:

@@ -40,7 +40,7 @@ class ForwardBatch:
 def add_logits_indices(model: ov.Model) -> None:
     """Gather the LM head's input rows by a new `logits_indices` input (token axis 0), as genai does."""
     node = model.output(0).get_node().input_value(0).get_node()
-    while node.get_type_name() in ("Convert", "Add", "Transpose", "Multiply") and node.get_type_name() != "MatMul":
+    while node.get_type_name() in ("Convert", "Add", "Transpose", "Multiply"):  # what may follow the LM head
         node = node.input_value(0).get_node()
     if node.get_type_name() != "MatMul":
         raise LlavaOvError(f"cannot find the LM head in the language model (found {node.get_type_name()})")
