@@ -11,6 +11,10 @@ reports throughput, latency percentiles (and time to first token with
 With --model it starts `llava-ov serve` on a free port, waits for /health and
 stops it afterwards; with --url it measures a running server (RSS from --pid,
 or from the process listening on the URL's port).
+
+--mix cycles every client through four kinds of request: text JSON, image JSON,
+image streaming, and image streaming whose client disconnects after the first
+chunk; a prober hits /health every 0.2 s throughout and reports its slowest answer.
 """
 
 from __future__ import annotations
@@ -63,8 +67,19 @@ def request_body(prompt: str, image: str | None, max_tokens: int, stream: bool) 
     return body
 
 
+MIX = ("text-json", "image-json", "image-stream", "image-disconnect")
+
+
+def mix_body(kind: str, prompt: str, image: str, max_tokens: int) -> dict[str, Any]:
+    body = request_body(prompt, None if kind == "text-json" else image, max_tokens, kind.endswith(("stream", "disconnect")))
+    if kind == "image-disconnect":
+        body["disconnect"] = True  # not sent: the client leaves after the first chunk
+    return body
+
+
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcome:
     start = time.perf_counter()
+    leave = body.pop("disconnect", False)
     try:
         if not body["stream"]:
             response = await client.post(url, json=body)
@@ -78,6 +93,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcom
                 event = json.loads(line[6:])
                 if ttft is None and any(c["delta"].get("content") for c in event.get("choices", [])):
                     ttft = time.perf_counter() - start
+                    if leave:
+                        return Outcome("disconnected", time.perf_counter() - start, ttft)
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
         return Outcome(response.status_code, time.perf_counter() - start, ttft, tokens)
@@ -85,21 +102,42 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcom
         return Outcome(type(exc).__name__, time.perf_counter() - start)
 
 
-async def drive(base: str, clients: int, requests: int, body: dict, api_key: str | None) -> tuple[list[Outcome], float]:
-    """Run `requests` requests over `clients` concurrent connections; (outcomes, wall seconds)."""
+async def drive(base: str, clients: int, requests: int, bodies, api_key: str | None):
+    """Run `requests` requests (body i from `bodies(i)`) over `clients` connections, probing /health.
+
+    Returns (outcomes, wall seconds, health probe latencies, failed probes)."""
     todo = iter(range(requests))
     outcomes: list[Outcome] = []
+    probes: list[float] = []
+    failed_probes = 0
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients)
+    done = asyncio.Event()
 
     async def client_loop(client: httpx.AsyncClient) -> None:
-        for _ in todo:  # shared iterator: each request is taken by exactly one client
-            outcomes.append(await one_request(client, f"{base}/v1/chat/completions", body))
+        for i in todo:  # shared iterator: each request is taken by exactly one client
+            outcomes.append(await one_request(client, f"{base}/v1/chat/completions", bodies(i)))
+
+    async def prober() -> None:
+        nonlocal failed_probes
+        async with httpx.AsyncClient(timeout=10) as probe:
+            while not done.is_set():
+                start = time.perf_counter()
+                try:
+                    ok = (await probe.get(f"{base}/health")).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                probes.append(time.perf_counter() - start)
+                failed_probes += not ok
+                await asyncio.sleep(0.2)
 
     async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
         start = time.perf_counter()
+        watch = asyncio.create_task(prober())
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
-        return outcomes, time.perf_counter() - start
+        done.set()
+        await watch
+        return outcomes, time.perf_counter() - start, probes, failed_probes
 
 
 def server_rss_mb(pid: int | None) -> float | None:
@@ -124,12 +162,20 @@ def listening_pid(base: str) -> int | None:
 def run(
     base: str, clients: int = 32, requests: int = 200, max_tokens: int = 16, prompt: str = "Describe the picture.",
     image: str | None = None, stream: bool = False, api_key: str | None = None, pid: int | None = None,
+    mix: bool = False,
 ) -> dict:  # fmt: skip
     """One load test against a running server; returns the report dict."""
     pid = pid or (listening_pid(base) if urlsplit(base).hostname in ("127.0.0.1", "localhost") else None)
     rss_before = server_rss_mb(pid)
-    body = request_body(prompt, image, max_tokens, stream)
-    outcomes, wall = asyncio.run(drive(base, clients, requests, body, api_key))
+    if mix:
+        if not image:
+            raise SystemExit("--mix needs --image")
+        bodies = lambda i: mix_body(MIX[i % len(MIX)], prompt, image, max_tokens)  # noqa: E731
+    else:
+        body = request_body(prompt, image, max_tokens, stream)
+        bodies = lambda i: dict(body)  # noqa: E731
+    outcomes, wall, probes, failed_probes = asyncio.run(drive(base, clients, requests, bodies, api_key))
+    time.sleep(2)  # let the server release what the last requests held
     ok = [o for o in outcomes if o.status == 200]
     latencies = [o.latency_s for o in ok]
     ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
@@ -139,6 +185,8 @@ def run(
         "throughput_rps": round(len(ok) / wall, 2), "tokens_per_s": round(sum(o.tokens for o in ok) / wall, 1),
         "latency_s": {f"p{q}": round(percentile(latencies, q), 3) for q in (50, 90, 99)},
         "rss_mb_before": rss_before and round(rss_before, 1), "rss_mb_after": pid and round(server_rss_mb(pid), 1),
+        "health": {"probes": len(probes), "failed": failed_probes, "max_s": round(max(probes, default=0.0), 3),
+                   "p50_s": round(percentile(probes, 50), 4)},
     }  # fmt: skip
     if ttfts:
         report["ttft_s"] = {f"p{q}": round(percentile(ttfts, q), 3) for q in (50, 90, 99)}
@@ -185,20 +233,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default="Describe the picture.")
     p.add_argument("--image", default=None, help="send this image (data URL) with every request")
     p.add_argument("--stream", action="store_true", help="stream answers (measures time to first token)")
+    p.add_argument("--mix", action="store_true", help="text/image, JSON/stream and disconnecting clients (needs --image)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the whole test (RSS after each: flat?)")
     p.add_argument("--api-key", default=os.environ.get("LLAVA_OV_API_KEY"))
     p.add_argument("--pid", type=int, default=None, help="server process for RSS (default: found from the port)")
     p.add_argument("--label", default="", help="first column of the markdown row")
     args = p.parse_args(argv)
     proc, base = start_server(args.model, args.serve_arg) if args.model else (None, args.url)
+    reports = []
     try:
-        report = run(base, args.clients, args.requests, args.max_tokens, args.prompt, args.image, args.stream,
-                     args.api_key, args.pid or (proc.pid if proc else None))  # fmt: skip
+        for _ in range(args.rounds):
+            reports.append(run(base, args.clients, args.requests, args.max_tokens, args.prompt, args.image,
+                               args.stream, args.api_key, args.pid or (proc.pid if proc else None), args.mix))  # fmt: skip
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    print(json.dumps(report, indent=2))
-    print(markdown_row(report, args.label or ("stream" if args.stream else "json")))
+    for report in reports:
+        print(json.dumps(report, indent=2))
+    for report in reports:
+        print(markdown_row(report, args.label or ("mix" if args.mix else "stream" if args.stream else "json")))
     return 0
 
 

@@ -30,3 +30,20 @@ def test_bench_smoke_with_comparisons(exports, checkpoints, photos, tmp_path):
     bound = report["bound"]
     assert bound["bandwidth"]["gb_s"]["mean"] > 0 and bound["weight_bytes"] > 0 and bound["share_of_bound"] > 0
     assert "| ours |" in proc.stdout and "tokens/s" in proc.stdout
+
+
+def test_bench_concurrency_smoke(exports, photos, tmp_path):
+    """`--concurrency`: every engine and level reported, positive rates, ratios present (no timing assertions)."""
+    out = tmp_path / "conc.json"
+    args = [sys.executable, "-m", "llava_ov.cli", "bench", str(exports["llava"]), "--image", str(photos["coffee"]),
+            "--runs", "1", "--max-new-tokens", "6", "--concurrency", "1,3", "--compare", "genai", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["engines"]) == {"ours", "fifo", "genai"} and report["machine"]["cpu_flags"] is not None
+    for name, levels in report["engines"].items():
+        assert set(levels) == {"1", "3"}, name
+        for level in levels.values():
+            assert level["steady_decode_tokens_per_s"]["mean"] > 0 and level["mean_ttft_s"]["mean"] > 0, name
+    assert {"ours_over_fifo_at_3", "ours_over_genai_at_3"} <= set(report["ratios"])
+    assert "| fifo | 3 |" in proc.stdout

@@ -89,3 +89,17 @@ def test_demo_model_command(tmp_path):
 @pytest.mark.parametrize("command", ["convert", "run", "chat", "demo-model", "info"])
 def test_help(command):
     assert cli(command, "--help").returncode == 0
+
+
+def test_engine_options_and_progress(exports, photos):
+    """--kv-cache stateful gives the same tokens as the engine; -v shows prefill progress; bad values are clean errors."""
+    common = ("run", exports["llava-next"], "--image", photos["chelsea"], "--prompt", "What is it?",
+              "--max-new-tokens", "8", "--f32")  # fmt: skip
+    paged = cli(*common, "--json", "--max-step-tokens", "64", "--kv-cache-gb", "0.05")
+    stateful = cli(*common, "--json", "--kv-cache", "stateful")
+    assert paged.returncode == 0 and stateful.returncode == 0, paged.stderr + stateful.stderr
+    assert json.loads(paged.stdout)["token_ids"] == json.loads(stateful.stdout)["token_ids"]
+    verbose = cli(*common, "-v", "--max-step-tokens", "64")
+    assert verbose.returncode == 0 and "[prefill 64/" in verbose.stderr, verbose.stderr
+    assert_clean_error(cli(*common, "--kv-cache-gb", "0"), "--kv-cache-gb must be > 0")
+    assert_clean_error(cli(*common, "--max-step-tokens", "0"), "--max-step-tokens must be >= 1")

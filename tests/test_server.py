@@ -76,8 +76,9 @@ class Proxy:
 
     With `delay`, answers ignore EOS (slow_app also slows the engine's forwards by `delay`)."""
 
-    def __init__(self, pipe: Pipeline, delay: float = 0.0, gate: threading.Event | None = None):
+    def __init__(self, pipe: Pipeline, delay: float = 0.0, gate: threading.Event | None = None, slots: int = 1):
         self.pipe, self.delay, self.gate = pipe, delay, gate
+        self.max_concurrency = slots  # the server's slots (1: one request at a time, to test the queue)
         self.started = threading.Event()
         self.calls = 0
         self.results = []
@@ -428,6 +429,28 @@ def gated(exports, reference):
         proxy.gate.set()
 
 
+def test_requests_run_concurrently_in_the_engine(exports, reference):
+    """Two long answers overlap in time (they are batched), and each equals the pipeline's answer alone."""
+    with slow_app(exports, reference, slots=reference.max_concurrency, delay=0.005) as (base, proxy):
+        body = {"messages": HELLO, "max_tokens": 40, "stream": True}
+        stamps: dict[int, list[float]] = {0: [], 1: []}
+
+        def read(i):
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if '"content":"' in line and '"content":""' not in line:
+                        stamps[i].append(time.monotonic())
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(read, (0, 1)))
+    assert min(len(s) for s in stamps.values()) > 10
+    first_end = min(s[-1] for s in stamps.values())
+    last_start = max(s[0] for s in stamps.values())
+    assert last_start < first_end  # both streams produced tokens at the same time
+    answers = [r.token_ids for r in proxy.results]
+    assert len(answers) == 2 and answers[0] == answers[1]
+
+
 def test_full_queue_gets_429(gated):
     base, proxy = gated
     body = {"messages": HELLO, "max_tokens": 2}
@@ -459,9 +482,9 @@ def test_queued_request_of_a_departed_client_is_dropped(gated):
 
 
 @contextmanager
-def slow_app(exports, reference, **settings):
-    """An app whose generations take ~20 ms per token and ignore EOS: only a cancel ends them early."""
-    proxy = Proxy(reference, delay=0.02)
+def slow_app(exports, reference, slots: int = 1, delay: float = 0.02, **settings):
+    """An app whose generations take ~`delay` s per token and ignore EOS: only a cancel ends them early."""
+    proxy = Proxy(reference, delay=delay, slots=slots)
     fast_forward = reference.engine.lm.forward
 
     def slow_forward(batch):  # the model is slow, not the client: the engine itself paces the tokens

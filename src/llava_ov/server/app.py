@@ -60,7 +60,7 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = ServerMetrics(
             queue_depth=lambda: self.worker.depth, running=lambda: self.worker.running,
-            ready=lambda: float(self.status == "ok"), engine=self.worker.engine_stats,
+            ready=lambda: float(self.status == "ok"), engine=lambda: self.worker.engine_stats(),
         )  # fmt: skip
         self.worker = GenerationWorker(settings.max_queue, self.metrics)
         policy = ImagePolicy(
