@@ -161,18 +161,20 @@ def listening_pid(base: str) -> int | None:
 
 def run(
     base: str, clients: int = 32, requests: int = 200, max_tokens: int = 16, prompt: str = "Describe the picture.",
-    image: str | None = None, stream: bool = False, api_key: str | None = None, pid: int | None = None,
+    image: str | list[str] | None = None, stream: bool = False, api_key: str | None = None, pid: int | None = None,
     mix: bool = False,
 ) -> dict:  # fmt: skip
     """One load test against a running server; returns the report dict."""
     pid = pid or (listening_pid(base) if urlsplit(base).hostname in ("127.0.0.1", "localhost") else None)
     rss_before = server_rss_mb(pid)
+    images = [image] if isinstance(image, str) else list(image or [])
     if mix:
-        if not image:
+        if not images:
             raise SystemExit("--mix needs --image")
-        bodies = lambda i: mix_body(MIX[i % len(MIX)], prompt, image, max_tokens)  # noqa: E731
+        pick = lambda i: images[(i // len(MIX)) % len(images)]  # noqa: E731
+        bodies = lambda i: mix_body(MIX[i % len(MIX)], prompt, pick(i), max_tokens)  # noqa: E731
     else:
-        body = request_body(prompt, image, max_tokens, stream)
+        body = request_body(prompt, images[0] if images else None, max_tokens, stream)
         bodies = lambda i: dict(body)  # noqa: E731
     outcomes, wall, probes, failed_probes = asyncio.run(drive(base, clients, requests, bodies, api_key))
     time.sleep(2)  # let the server release what the last requests held
@@ -180,7 +182,7 @@ def run(
     latencies = [o.latency_s for o in ok]
     ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
     report = {
-        "clients": clients, "requests": len(outcomes), "wall_s": round(wall, 3),
+        "clients": clients, "requests": len(outcomes), "images": len(images), "wall_s": round(wall, 3),
         "statuses": dict(Counter(o.status for o in outcomes)),
         "throughput_rps": round(len(ok) / wall, 2), "tokens_per_s": round(sum(o.tokens for o in ok) / wall, 1),
         "latency_s": {f"p{q}": round(percentile(latencies, q), 3) for q in (50, 90, 99)},
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--prompt", default="Describe the picture.")
-    p.add_argument("--image", default=None, help="send this image (data URL) with every request")
+    p.add_argument("--image", action="append", default=[],
+                   help="send this image (data URL) with every request; repeat it to rotate images with --mix")  # fmt: skip
     p.add_argument("--stream", action="store_true", help="stream answers (measures time to first token)")
     p.add_argument("--mix", action="store_true", help="text/image, JSON/stream and disconnecting clients (needs --image)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the whole test (RSS after each: flat?)")

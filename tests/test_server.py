@@ -26,6 +26,7 @@ import openai
 import pytest
 
 from conftest import F32, serve_http
+from llava_ov.config import EXAMPLES_DIR
 from llava_ov.generate import GenerationConfig
 from llava_ov.pipeline import Message, Pipeline
 from llava_ov.server import ServerSettings, create_app
@@ -610,3 +611,7 @@ def test_load_test_script_smoke(server):
     report = module.run(server, clients=3, requests=6, max_tokens=2)
     assert report["statuses"] == {200: 6} and report["requests"] == 6
     assert 0 < report["latency_s"]["p50"] <= report["latency_s"]["p99"]
+    # the mixed load: text/image, JSON/stream, clients that leave after the first chunk; /health probed
+    mixed = module.run(server, clients=4, requests=8, max_tokens=4, image=[str(EXAMPLES_DIR / "cat.jpg")], mix=True)
+    assert mixed["statuses"] == {200: 6, "disconnected": 2}
+    assert mixed["health"]["probes"] >= 1 and mixed["health"]["failed"] == 0
