@@ -254,14 +254,17 @@ def report(work: Path, doc: Path) -> None:
         for r in rows:
             size_rows.append(f"| {name} | {r['size'][0]}×{r['size'][1]} | {r['image_tokens']} | "
                              f"{fmt(r['ours_ttft_s'], 1, 2)} | {fmt(r['genai_ttft_s'], 1, 2)} |")  # fmt: skip
+    kept = doc.read_text().partition(KEPT_MARKER)[2] if doc.exists() else ""  # hand-written engine section
     doc.write_text(TEMPLATE.format(
         machine=f"{machine['cpu']}, {machine['cores']} cores, OpenVINO {machine['openvino']}, Python {machine['python']}",
         engines=engine_table(results), ratios=ratio_table(results), bound=bound_table(results),
         extrapolation=extrapolation(results), sizes="\n".join(size_rows), targets=targets_table(results),
         plots="\n".join(f"![{p}]({p})" for p in images),
-    ))  # fmt: skip
+    ) + (KEPT_MARKER + kept if kept else ""))  # fmt: skip
     print(f"wrote {doc}")
 
+
+KEPT_MARKER = "<!-- below: kept as it is by run_benchmarks.py report -->"
 
 TEMPLATE = """# Benchmarks
 

@@ -404,3 +404,28 @@ def test_cli_ctrl_c_with_two_in_flight_then_resumed(model, big_folder, tmp_path,
     assert rerun.returncode == 1, rerun.stderr
     check_resumed(read_output(out), before, rerun.stderr, reference)
     assert not journal.exists()
+
+
+def test_a_failed_write_leaves_no_partial_line(tmp_path, monkeypatch):
+    """A short write (full disk) is undone and reported; the file holds only whole lines."""
+    from llava_ov.batch_io import JsonlSink
+
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    sink.open()
+    sink.write({"id": "a", "answer": "ok"})
+    real_write = os.write
+    calls = []
+
+    def short_write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:5]))  # the disk takes 5 bytes ...
+        raise OSError(28, "No space left on device")  # ... then is full
+
+    monkeypatch.setattr(os, "write", short_write)
+    with pytest.raises(LlavaOvError, match="No space left"):
+        sink.write({"id": "b", "answer": "x" * 100})
+    monkeypatch.setattr(os, "write", real_write)
+    sink.close()
+    assert (tmp_path / "out.jsonl").read_bytes().count(b"\n") == 1
+    assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["a"]

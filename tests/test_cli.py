@@ -53,9 +53,12 @@ def test_run_bad_inputs_are_one_line_errors(exports, tmp_path):
     assert_clean_error(cli("run", "some-org/not-a-model", "--prompt", "x"), "could not be fetched")
 
 
-def test_convert_errors(tmp_path, exports):
+def test_convert_errors(tmp_path, exports, checkpoints):
     assert_clean_error(cli("convert", tmp_path / "nope", "-o", tmp_path / "out"), "no such directory")
-    assert_clean_error(cli("convert", exports["llava"], "-o", exports["llava"]), "already exists")
+    assert_clean_error(cli("convert", exports["llava"], "-o", tmp_path / "out"), "already a llava-ov export")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    assert_clean_error(cli("convert", checkpoints["llava"], "-o", tmp_path / "taken"), "already exists")
 
 
 def test_chat_commands_and_follow_up(exports, photos):
@@ -103,3 +106,40 @@ def test_engine_options_and_progress(exports, photos):
     assert verbose.returncode == 0 and "[prefill 64/" in verbose.stderr, verbose.stderr
     assert_clean_error(cli(*common, "--kv-cache-gb", "0"), "--kv-cache-gb must be > 0")
     assert_clean_error(cli(*common, "--max-step-tokens", "0"), "--max-step-tokens must be >= 1")
+
+
+def test_huge_max_new_tokens_is_capped_and_said(exports):
+    proc = cli("run", exports["llava"], "--prompt", "hi", "--max-new-tokens", "100000000", "--f32", "--json",
+               "--kv-cache-gb", "0.01")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "capped by the model's context" in proc.stderr
+    assert json.loads(proc.stdout)["finish_reason"] in ("eos", "length")
+
+
+def test_serve_refuses_an_out_of_range_port(exports):
+    proc = cli("serve", exports["llava"], "--port", "99999")
+    assert proc.returncode == 2 and "port 99999 is out of range" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_device_names_the_reason_and_the_devices(exports):
+    proc = cli("run", exports["llava"], "--prompt", "hi", "--device", "NPU")
+    assert_clean_error(proc, "cannot compile")
+    assert "devices on this machine: CPU" in proc.stderr and "core.cpp" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, module, hint",
+    [
+        (["bench", "{model}", "--compare", "genai", "--runs", "1"], "openvino_genai", "llava-ov[bench]"),
+        (["batch", "{model}", "{tmp}", "-o", "{tmp}/out.parquet"], "pyarrow", "llava-ov[batch]"),
+        (["ui", "{model}"], "gradio", "llava-ov[ui]"),
+    ],
+)
+def test_missing_extras_print_the_pip_command(argv, module, hint, exports, tmp_path):
+    """An optional package that is not installed: one line naming the extra, before the model loads."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+    args = [a.format(model=exports["llava"], tmp=tmp_path) for a in argv]
+    proc = cli(*args, env={"PYTHONPATH": str(blocker)}, timeout=120)
+    assert_clean_error(proc, f"pip install '{hint}'")

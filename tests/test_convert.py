@@ -199,6 +199,24 @@ def test_missing_directory_is_a_clear_error(tmp_path):
         convert(str(tmp_path / "nope"), tmp_path / "out")
 
 
+def test_an_export_given_to_convert_is_a_clear_error(exports, tmp_path):
+    with pytest.raises(ModelNotFoundError, match="already a llava-ov export"):
+        convert(str(exports["llava"]), tmp_path / "out")
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """`models/nodemo` with a models/ folder here: a missing path at once, no download attempts."""
+    from llava_ov.hub import looks_like_path, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert looks_like_path("models/nodemo") and not looks_like_path("llava-hf/llava-1.5-7b-hf")
+    with pytest.raises(ModelNotFoundError, match="no such model directory: models/nodemo"):
+        resolve_model("models/nodemo")
+    with pytest.raises(ModelNotFoundError, match="no such directory"):
+        convert("models/nodemo", tmp_path / "out")
+
+
 def test_non_llava_checkpoint_is_rejected(tmp_path):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))

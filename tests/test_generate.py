@@ -8,12 +8,13 @@ import torch
 
 from llava_ov.errors import LlavaOvError
 from llava_ov.generate import (
+    DecodeState,
+    ForcedDecode,
     GenerationConfig,
     IncrementalDetokenizer,
     Sampler,
     StopStrings,
     apply_repetition_penalty,
-    decode_tokens,
 )
 from llava_ov.model import ExportedModel, LoadOptions
 from llava_ov.template import ChatTemplate
@@ -119,21 +120,34 @@ def test_stop_strings_hold_back_partial_matches():
     assert stops.feed("x") == ("Ex", False)
 
 
-def test_decode_tokens_finishes_on_eos_and_length():
-    logits = {0: np.array([0, 0, 5.0]), 1: np.array([5.0, 0, 0])}  # token 2 then token 0
-    state = {"n": 0}
-
-    def step(token):
-        state["n"] += 1
-        return logits[1]
+def test_decode_state_finishes_on_eos_length_and_stop_strings():
+    logits = {0: np.array([0, 0, 5.0]), 1: np.array([5.0, 0, 0])}  # token 2 then token 0 (EOS)
 
     def text():
         return IncrementalDetokenizer(lambda ids: "x" * len(ids))
 
-    events = list(decode_tokens(logits[0], step, text(), GenerationConfig(), {0}))
-    assert [e.token_id for e in events] == [2, None] and events[-1].finish_reason == "eos"
-    events = list(decode_tokens(logits[0], step, text(), GenerationConfig(max_new_tokens=1), {0}))
-    assert events[-1].finish_reason == "length" and state["n"] == 1  # the last token is not fed back
+    state = DecodeState(text(), GenerationConfig(), {0})
+    first, last = state.next(logits[0]), state.next(logits[1])
+    assert (first.token_id, first.finish_reason) == (2, None) and first.text == "x"
+    assert (last.token_id, last.finish_reason) == (None, "eos") and state.finished == "eos"
+    state = DecodeState(text(), GenerationConfig(max_new_tokens=1), {0})
+    event = state.next(logits[0])
+    assert (event.token_id, event.finish_reason) == (2, "length")  # the last token carries the finish reason
+    state = DecodeState(text(), GenerationConfig(), {0}, max_tokens=1)  # the context caps max_new_tokens
+    assert state.next(logits[0]).finish_reason == "length"
+    state = DecodeState(text(), GenerationConfig(stop=["xx"]), {0})
+    assert state.next(logits[0]).finish_reason is None
+    event = state.next(logits[0])
+    assert event.finish_reason == "stop" and event.text == ""  # the stop string itself is not shown
+    assert DecodeState(text(), GenerationConfig(), {0}).cancel().finish_reason == "cancelled"
+
+
+def test_forced_decode_feeds_the_given_tokens_and_keeps_every_row():
+    forced = ForcedDecode([5, 7])
+    rows = [np.full(3, i, np.float32) for i in range(3)]
+    events = [forced.next(r) for r in rows]
+    assert [e.token_id for e in events] == [5, 7, None] and events[-1].finish_reason == "length"
+    np.testing.assert_array_equal(np.stack(forced.rows), np.stack(rows))
 
 
 def test_multi_turn_template_matches_transformers(hf_models, exports):

@@ -282,6 +282,15 @@ def test_bad_requests_get_400(server, case):
         assert error["param"] == "n" and "n must be 1" in error["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_lone_surrogate_gets_400_without_a_traceback(server, stream, caplog):
+    body = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}], "stream": %s}' % (b"true" if stream else b"false")
+    response = HTTP.post(f"{server}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert "not valid Unicode" in assert_error(response, 400)["message"]
+    assert "Traceback" not in caplog.text and "generation failed" not in caplog.text
+    assert_healthy(server)
+
+
 def test_invalid_json_gets_400(server):
     headers = {"content-type": "application/json"}
     response = HTTP.post(f"{server}/v1/chat/completions", content=b'{"messages": [', headers=headers)

@@ -44,13 +44,13 @@ def server(exports):
     from llava_ov.ui import ChatPage, build_demo, launch
 
     pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
-    fast_step = pipe.step
+    fast_forward = pipe.engine.lm.forward
 
-    def step(token_id: int):
+    def forward(batch):
         time.sleep(STEP_S)
-        return fast_step(token_id)
+        return fast_forward(batch)
 
-    pipe.step = step  # paced like a real model, so answers stream for a while and the page keeps up
+    pipe.engine.lm.forward = forward  # paced like a real model, so answers stream for a while and the page keeps up
     page = ChatPage(pipe, GenerationConfig(max_new_tokens=DEFAULT_TOKENS, ignore_eos=True))  # noise never ends early
     demo = build_demo(page)
     port = free_port()

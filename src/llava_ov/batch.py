@@ -295,7 +295,13 @@ def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
 def cmd_batch(args: argparse.Namespace) -> int:
     """Exit status: 0 every row answered, 1 some rows have errors, 130 interrupted (see BatchSummary.exit_code)."""
     from .cli import generation_config
+    from .errors import require_extra
 
+    if args.ray or args.ray_address:
+        require_extra("ray", "batch", "--ray")
+    parquet = [x for x in (args.input, args.output) if str(x).endswith(".parquet")]
+    if parquet or args.ray or args.ray_address:
+        require_extra("pyarrow", "batch", "Parquet input/output" if parquet else "--ray")
     spec = pipeline_spec(args)
     common = dict(
         prompt=args.prompt, config=generation_config(args),

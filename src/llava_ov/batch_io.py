@@ -11,6 +11,7 @@ there and skips the ids already done.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 from collections.abc import Iterable
@@ -235,8 +236,19 @@ class JsonlSink:
         _lock(self._fd, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        os.write(self._fd, _line(record))  # one write of one whole line, then make it durable
-        os.fsync(self._fd)
+        """Append one whole line and make it durable; a failed or short write leaves no partial line."""
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        view = memoryview(_line(record))
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                if written == 0:
+                    raise OSError(errno.ENOSPC, "no space left on device")
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError as exc:
+            os.ftruncate(self._fd, start)  # never leave half a line behind
+            raise LlavaOvError(f"cannot write to {self.path}: {exc.strerror or exc}; rerun to resume") from None
 
     def close(self, order: list[str] | None = None) -> None:
         if self._fd is not None:
@@ -244,7 +256,9 @@ class JsonlSink:
             self._fd = None
 
     def remove(self) -> None:
+        """Delete the file while still holding its lock (no other job can open it in between), then close."""
         self.path.unlink(missing_ok=True)
+        self.close()
 
 
 class ParquetSink:
@@ -269,16 +283,15 @@ class ParquetSink:
     def close(self, order: list[str] | None = None) -> None:
         """Finish: merge, write atomically, drop the journal.  `order`: ids in input order."""
         if order is None:  # interrupted: keep the journal (unless empty), write nothing
-            empty = not self.journal.recover()
-            self.journal.close()
-            if empty:
+            if self.journal.recover():
+                self.journal.close()
+            else:
                 self.journal.remove()
             return
         records = {**self.previous, **self.journal.recover()}
         rank = {row_id: i for i, row_id in enumerate(order)}
         rows = sorted(records.values(), key=lambda r: (rank.get(r["id"], len(rank)), r["id"]))
         write_parquet_atomic(self.path, rows)
-        self.journal.close()
         self.journal.remove()
 
 

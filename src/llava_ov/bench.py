@@ -478,15 +478,20 @@ def matrix_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
+def _mb(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"  # not measured (without --isolated-rss): a dash, not nan
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Markdown tables of the report."""
-    rows = ["| engine | load s | preprocess ms | vision ms | TTFT ms | TPOT ms | tokens/s | peak RSS MB (alone) |",
+    rows = ["| engine | load s | preprocess ms | vision ms | TTFT ms (image encoding included) | TPOT ms | tokens/s | "
+            "peak RSS MB (alone, --isolated-rss) |",
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, e in report["engines"].items():
         rows.append(f"| {name} | {e['load_s']:.1f} | {Stat(**e['preprocess_s']).fmt(1e3)} | "
                     f"{Stat(**e['vision_s']).fmt(1e3)} | {Stat(**e['ttft_s']).fmt(1e3)} | "
                     f"{Stat(**e['tpot_s']).fmt(1e3, 2)} | {Stat(**e['tokens_per_s']).fmt(1, 2)} | "
-                    f"{e.get('isolated_peak_rss_mb', float('nan')):.0f} |")  # fmt: skip
+                    f"{_mb(e.get('isolated_peak_rss_mb'))} |")  # fmt: skip
     ours = report["engines"]["ours"]
     lines = ["\n".join(rows), "",
              f"prompt tokens {ours['prompt_tokens']} ({ours['image_tokens']} image), generated {ours['generated']}",
@@ -494,8 +499,9 @@ def format_report(report: dict[str, Any]) -> str:
     if "python_overhead_share" in ours:
         lines.append(f"Python overhead: {Stat(**ours['python_overhead_share']).fmt(100, 2)} % of decode time")
     f = report["follow_up"]
-    lines.append(f"follow-up TTFT {Stat(**f['follow_up_ttft']).fmt(1e3)} ms vs first turn "
-                 f"{Stat(**f['first_ttft']).fmt(1e3)} ms (ratio {f['ratio']:.1%})")  # fmt: skip
+    lines.append(f"chat (ChatSession, 8 new tokens): turn-2 TTFT {Stat(**f['follow_up_ttft']).fmt(1e3)} ms vs "
+                 f"turn-1 TTFT {Stat(**f['first_ttft']).fmt(1e3)} ms (ratio {f['ratio']:.1%}; turn 1 here excludes "
+                 "image encoding, which the chat does while it counts the prompt's tokens)")  # fmt: skip
     for key, value in report.get("ratios", {}).items():
         lines.append(f"{key}: {value:.3f}")
     if "bound" in report:
@@ -552,6 +558,12 @@ def cmd_bench(args) -> int:
         compare=tuple(c for c in args.compare.split(",") if c), source=args.source, torch_dtype=args.torch_dtype,
         bandwidth=not args.no_bandwidth, isolated_rss=args.isolated_rss,
     )  # fmt: skip
+    from .errors import require_extra
+
+    if "genai" in opts.compare:
+        require_extra("openvino_genai", "bench", "--compare genai")
+    if "transformers" in opts.compare:
+        require_extra("transformers", "convert", "--compare transformers")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.concurrency:
         from .bench_serving import format_concurrency, run_concurrency

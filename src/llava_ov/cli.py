@@ -131,10 +131,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_token_cap(pipe, config) -> None:
+    """Say so when --max-new-tokens cannot be reached: answers stop at the context."""
+    limit = pipe.model.max_context
+    if config.max_new_tokens >= limit:
+        print(f"note: --max-new-tokens {config.max_new_tokens:,} is capped by the model's context of {limit:,} "
+              "tokens (prompt included)", file=sys.stderr)  # fmt: skip
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     images = [args.image] if args.image else []
     config = generation_config(args)
+    warn_token_cap(pipe, config)
     if args.json:
         result = pipe.generate(args.prompt, images, config)
         print(json.dumps(result.as_dict(), ensure_ascii=False))
@@ -164,7 +173,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .terminal_chat import run_terminal_chat
 
-    return run_terminal_chat(load_pipeline(args), generation_config(args), system=args.system)
+    pipe, config = load_pipeline(args), generation_config(args)
+    warn_token_cap(pipe, config)
+    return run_terminal_chat(pipe, config, system=args.system)
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:

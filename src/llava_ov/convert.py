@@ -17,7 +17,6 @@ import datetime as _dt
 import errno
 import gc
 import json
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 from . import config as layout
 from .errors import DiskFullError, LlavaOvError, ModelNotFoundError
 from .families import Family, family_for
+from .hub import looks_like_path
 from .progress import Phases
 from .staging import publish, staging_dir
 from .stateful import kv_names, make_stateful, name_ports
@@ -53,10 +53,12 @@ def read_source_config(src: str, revision: str | None = None) -> tuple[dict, str
         if not path.is_dir():
             raise ModelNotFoundError(f"{src} is a file; expected a checkpoint directory or a hub id")
         cfg = path / "config.json"
+        if (path / layout.LANGUAGE_MODEL).exists():
+            raise ModelNotFoundError(f"{src} is already a llava-ov export; convert takes a transformers checkpoint")
         if not cfg.exists():
             raise ModelNotFoundError(f"{src} has no config.json; is it a transformers checkpoint?")
         return json.loads(cfg.read_text()), None
-    if _looks_like_path(src):
+    if looks_like_path(src):
         raise ModelNotFoundError(f"no such directory: {src}")
     try:
         from huggingface_hub import hf_hub_download
@@ -69,10 +71,6 @@ def read_source_config(src: str, revision: str | None = None) -> tuple[dict, str
         ) from None
     resolved = Path(cfg_path).parent.name  # snapshots/<commit>/config.json
     return json.loads(Path(cfg_path).read_text()), resolved
-
-
-def _looks_like_path(src: str) -> bool:
-    return src.startswith((".", "/", "~")) or src.count("/") != 1 or os.sep in src.replace("/", "")
 
 
 def text_input_channels(config: dict) -> set[int]:

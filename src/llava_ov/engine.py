@@ -11,18 +11,20 @@ concurrency: front ends submit and read.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .errors import ContextLengthError, LlavaOvError
-from .generate import DecodeState, GenerationConfig, TokenEvent
+from .generate import DecodeState, TokenEvent
 from .kvcache import BlockPool
 from .paged import ForwardBatch, PagedLanguageModel
 from .scheduler import Chunk, Scheduler, Sequence
@@ -121,6 +123,23 @@ def default_pool_blocks(lm: PagedLanguageModel, kv_cache_gb: float | None, max_c
     return max(one_context, min(int(budget // lm.bytes_per_block), CONTEXTS_IN_POOL * one_context))
 
 
+_LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_at_exit(engine: Engine) -> None:
+    """Stop engine threads before the interpreter finalizes: a daemon thread that comes back from
+    an OpenVINO call during finalization is unwound through C++ frames, and the process aborts."""
+    if not hasattr(_close_all, "registered"):
+        atexit.register(_close_all)
+        _close_all.registered = True  # type: ignore[attr-defined]
+    _LIVE_ENGINES.add(engine)
+
+
+def _close_all() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.close()
+
+
 def _available_memory() -> float:
     try:
         with open("/proc/meminfo") as f:
@@ -210,6 +229,7 @@ class Engine:
 
     def _start_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            _close_at_exit(self)
             self._thread = threading.Thread(target=self._run, name="llava-ov-engine", daemon=True)
             self._thread.start()
 

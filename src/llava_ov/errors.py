@@ -29,3 +29,17 @@ class ContextLengthError(LlavaOvError):
 
 class DiskFullError(LlavaOvError):
     """No space left while writing an export."""
+
+
+class InvalidTextError(LlavaOvError):
+    """Text that is not valid Unicode (e.g. a lone surrogate from a JSON escape)."""
+
+
+def require_extra(module: str, extra: str, what: str):
+    """Import `module`, or say which pip extra brings it (one line, no traceback)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise LlavaOvError(f"{what} needs the {extra} extra: pip install 'llava-ov[{extra}]' ({exc.name} missing)") from None

@@ -1,15 +1,16 @@
 """The decode loop: sampling, streaming detokenisation, stop conditions, finish reasons.
 
-`decode_tokens` takes the logits of the prefill, a `step(token_id) -> logits`
-function and a text stream (token id -> text delta), and yields one `TokenEvent` per generated token, ending with a finish
-reason: "eos", "length", "stop" (a stop string), or "cancelled".
+`DecodeState` is one sequence's decoding: fed the logits of each forward that reached
+its last position, it samples, streams text (token id -> text delta) and returns one
+`TokenEvent` per token, the last with a finish reason: "eos", "length", "stop" (a stop
+string) or "cancelled". The engine drives one per running sequence; `ForcedDecode` stands
+in for it when scoring given tokens.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -240,28 +241,3 @@ class ForcedDecode:
     def cancel(self) -> TokenEvent:
         self.finished = "cancelled"
         return TokenEvent(None, "", "cancelled")
-
-
-def decode_tokens(
-    first_logits: np.ndarray,
-    step: Callable[[int], np.ndarray],
-    detok: TextStream,
-    config: GenerationConfig,
-    eos_ids: set[int],
-    *,
-    history: Sequence[int] = (),
-    max_tokens: int | None = None,
-    cancel: threading.Event | None = None,
-) -> Iterator[TokenEvent]:
-    """Sample, stream and stop with one sequence. `max_tokens` caps generation at the context limit."""
-    state = DecodeState(detok, config, eos_ids, history=history, max_tokens=max_tokens)
-    logits = first_logits
-    while True:
-        if cancel is not None and cancel.is_set():
-            yield state.cancel()
-            return
-        event = state.next(logits)
-        yield event
-        if event.finish_reason is not None:
-            return
-        logits = step(event.token_id)

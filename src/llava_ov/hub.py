@@ -26,6 +26,13 @@ def cache_name(source: str, weight_format: str) -> str:
     return f"{safe}-{weight_format}"
 
 
+def looks_like_path(model: str) -> bool:
+    """A MODEL argument meant as a local folder: ./x, /x, ~/x, a/b/c, or org/name whose org is a local folder."""
+    if model.startswith((".", "/", "~")) or model.count("/") != 1 or os.sep in model.replace("/", ""):
+        return True
+    return Path(model).parent.is_dir()  # models/nodemo when models/ exists: a mistyped path, not a hub id
+
+
 def resolve_model(model: str, weight_format: str = "int4") -> Path:
     """Path of a ready export for `model`, converting it first if needed."""
     path = Path(model).expanduser()
@@ -34,8 +41,8 @@ def resolve_model(model: str, weight_format: str = "int4") -> Path:
     if path.is_dir() and not (path / "config.json").exists():
         raise ModelNotFoundError(f"{path} is neither a llava-ov export nor a transformers checkpoint")
     is_checkpoint = path.is_dir()
-    if not is_checkpoint and (model.startswith((".", "/", "~")) or model.count("/") != 1):
-        raise ModelNotFoundError(f"no such model directory: {model} (and it does not look like a hub id org/name)")
+    if not is_checkpoint and looks_like_path(model):
+        raise ModelNotFoundError(f"no such model directory: {model}")
     target = models_cache_dir() / cache_name(str(path.resolve()) if is_checkpoint else model, weight_format)
     if (target / LANGUAGE_MODEL).exists():
         return target

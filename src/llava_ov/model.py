@@ -17,7 +17,7 @@ import numpy as np
 import openvino as ov
 
 from . import config as layout
-from .errors import LlavaOvError, ModelNotFoundError
+from .errors import InvalidTextError, LlavaOvError, ModelNotFoundError
 from .families import Family, family_for
 from .stateful import SEQ_AXIS
 
@@ -103,6 +103,10 @@ class Tokenizer:
         return self.pieces.stream() if self.pieces is not None else IncrementalDetokenizer(self.decode)
 
     def encode(self, text: str) -> np.ndarray:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates ("\ud800" in JSON) have no UTF-8 form
+            raise InvalidTextError(f"the text is not valid Unicode (character {exc.start}: a lone surrogate)") from None
         self._enc_req.infer([text])
         return self._enc_req.get_tensor("input_ids").data[0].astype(np.int64)
 
@@ -177,8 +181,17 @@ class ExportedModel:
         try:
             return self.core.compile_model(source, device, props)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LlavaOvError(f"cannot compile the {part} model on {device}: {first}") from None
+            raise LlavaOvError(f"cannot compile the {part} model on {device}: {self._reason(exc, device)}") from None
+
+    def _reason(self, exc: RuntimeError, device: str) -> str:
+        """OpenVINO's message without its source-location lines, and the devices this machine has."""
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+        reason = lines[-1] if lines else type(exc).__name__
+        available = self.core.available_devices
+        name = device.split(":")[0].split(".")[0].upper()
+        if name not in ("AUTO", "HETERO", "MULTI", "BATCH") and name not in {d.split(".")[0] for d in available}:
+            reason += f" (devices on this machine: {', '.join(available) or 'none'})"
+        return reason
 
     def runtime_info(self) -> dict[str, dict[str, str]]:
         """Per part: the device and precisions it actually runs with, as plain strings ('f32', 'u8', 'CPU')."""

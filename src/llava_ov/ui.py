@@ -400,6 +400,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     config = generation_config(args)
     config.validate()
+    _gradio()  # before loading the model: a missing extra is said at once
     page = ChatPage(load_pipeline(args), config, system=args.system)
     launch(build_demo(page), args.host, args.port, args.share)
     return 0

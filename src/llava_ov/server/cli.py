@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (0: any free port)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LLAVA_OV_API_KEY)")
     p.add_argument("--model-name", default="", help="model id reported to clients (default: the folder name)")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot (--max-running); more get 429")
@@ -29,6 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="let image URLs reach loopback, private and link-local addresses")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port (uvicorn would otherwise log one port and listen on another)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range (0-65535)")
+    return value
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
