@@ -155,6 +155,10 @@ def test_malformed_or_unsupported_urls(url):
 
 def test_data_urls():
     assert decode_data_url("data:image/png;base64," + base64.b64encode(PNG).decode(), 10_000) == PNG
+    for mime in ("application/postscript", "text/html", ""):
+        with pytest.raises(InvalidImageError, match="must be image/png"):
+            decode_data_url(f"data:{mime};base64," + base64.b64encode(PNG).decode(), 10_000)
+    assert decode_data_url("data:image/JPEG;charset=x;base64," + base64.b64encode(PNG).decode(), 10_000) == PNG
     for bad in ("data:image/png,abc", "data:image/png;base64,%%%", "data:image/png;base64"):
         with pytest.raises(InvalidImageError):
             decode_data_url(bad, 10_000)
@@ -167,3 +171,46 @@ def test_local_path_detection():
     assert local_path("/etc/passwd") == "/etc/passwd" and local_path("cat.jpg") == "cat.jpg"
     assert local_path("C:/images/cat.jpg") == "C:/images/cat.jpg"
     assert local_path("https://example.com/cat.jpg") is None and local_path("data:image/png;base64,AA") is None
+
+
+@contextmanager
+def encoded_host():
+    """/gzip-img: the PNG gzip-encoded; /gzip-bomb: 200 MB of zeros in ~200 KB of gzip, sent as gzip;
+    /br: bytes claimed as brotli. Records the Accept-Encoding the fetcher sent."""
+    import gzip
+
+    bomb = gzip.compress(b"\0" * 200_000_000, compresslevel=9)
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Accept-Encoding"))
+            body, coding = {"/gzip-img": (gzip.compress(PNG), "gzip"), "/gzip-bomb": (bomb, "gzip"),
+                            "/br": (b"\x1b\xff\xff\x7f" * 200, "br")}[self.path]  # fmt: skip
+            self.send_response(200)
+            self.send_header("Content-Encoding", coding)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with serve_http(Handler) as base:
+        yield base, seen
+
+
+def test_compressed_transfer_encodings_are_bounded_while_decoding():
+    """An encoding bomb is refused by its decoded size without ever holding more than the limit."""
+    import resource
+
+    with encoded_host() as (host, seen):
+        assert fetch(f"{host}/gzip-img", LoopbackOnly()) == PNG  # a server that gzips anyway still works
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(InvalidImageError, match="over the limit of 1,000,000 bytes"):
+            fetch(f"{host}/gzip-bomb", LoopbackOnly(max_bytes=1_000_000))
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert grown_mb < 50, grown_mb  # 200 MB decoded would show here
+        with pytest.raises(InvalidImageError, match="Content-Encoding 'br'"):
+            fetch(f"{host}/br", LoopbackOnly())
+    assert set(seen) == {"identity"}

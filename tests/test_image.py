@@ -301,6 +301,15 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
+def _ico_with_big_png() -> bytes:
+    """An ICO whose directory claims 16x16 but whose entry is a 2000x2000 PNG (Pillow decodes it on open)."""
+    import struct
+
+    png = encode(Image.new("RGB", (2000, 2000)))
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
 def _truncated_png() -> bytes:
     data = encode(Image.fromarray(pattern(200, 200)))
     return data[: len(data) // 2]
@@ -311,7 +320,9 @@ ERRORS = {
     "directory": (lambda tmp: tmp, {}, "not an image file"),
     "zero-bytes": (lambda tmp: b"", {}, "empty"),
     "empty-file": (lambda tmp: _write(tmp / "e.png", b""), {}, "empty"),
-    "corrupt-bytes": (lambda tmp: b"this is not an image " * 20, {}, "not a recognised image format"),
+    "corrupt-bytes": (lambda tmp: b"this is not an image " * 20, {}, "not a supported image"),
+    "ico-hiding-a-big-png": (lambda tmp: _ico_with_big_png(), {"max_pixels": 1_000_000}, "not a supported image"),
+    "eps": (lambda tmp: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", {}, "not a supported image"),
     "truncated-png": (lambda tmp: _truncated_png(), {}, "truncated"),
     "bomb-pillow-limit": (lambda tmp: png_header_only(100_000, 100_000), {}, "decompression bomb"),
     "bomb-own-limit": (lambda tmp: png_header_only(4000, 3000), {"max_pixels": 10_000_000}, "decompression bomb"),
@@ -337,6 +348,22 @@ def test_invalid_images(case, tmp_path):
     msg = str(info.value)
     assert "\n" not in msg and "Traceback" not in msg and len(msg) < 300
     assert info.value.__suppress_context__ or info.value.__cause__ is None  # no chained traceback to print
+
+
+def test_only_allowed_formats_are_opened(monkeypatch):
+    """Formats outside the allow-list never reach a Pillow plugin (an ICO decodes its PNG on open)."""
+    opened = []
+    real_open = Image.open
+
+    def spy(fp, mode="r", formats=None):
+        opened.append(formats)
+        return real_open(fp, mode, formats)
+
+    monkeypatch.setattr(Image, "open", spy)
+    with pytest.raises(InvalidImageError, match="not a supported image"):
+        load_image(_ico_with_big_png(), max_pixels=1_000_000)
+    assert opened and all(f is not None and "ICO" not in f and "EPS" not in f for f in opened)
+    assert load_image(encode(Image.fromarray(pattern(20, 30)), "WEBP")).size == (30, 20)
 
 
 def test_header_checked_before_decoding(monkeypatch):

@@ -58,9 +58,14 @@ def is_public_ip(ip: IPAddress) -> bool:
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:
     """The bytes of a `data:[mediatype];base64,...` URL."""
+    from .image import IMAGE_MIME_TYPES
+
     header, sep, payload = url.partition(",")
     if not sep or not header.lower().endswith(";base64"):
         raise InvalidImageError("a data URL image must be base64: data:image/png;base64,...")
+    mime = header[5:-7].split(";")[0].strip().lower()  # data:<mime>[;params];base64
+    if mime not in IMAGE_MIME_TYPES:
+        raise InvalidImageError(f"a data URL image must be image/png, jpeg, webp, gif, bmp or tiff, not {mime or 'none'!r}")
     if len(payload) * 3 // 4 > max_bytes + 3:
         raise InvalidImageError(f"image is over the limit of {max_bytes:,} bytes")
     try:
@@ -136,7 +141,8 @@ class ImageFetcher:
                 "unless private URLs are allowed (--allow-private-urls)"
             )
         pinned = _pinned_url(url, addresses[0])
-        headers = {"Host": parts.netloc.rpartition("@")[2], "Accept": "image/*", "User-Agent": "llava-ov"}
+        headers = {"Host": parts.netloc.rpartition("@")[2], "Accept": "image/*", "User-Agent": "llava-ov",
+                   "Accept-Encoding": "identity"}  # images are compressed already; see _read_bounded  # fmt: skip
         request = client.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": parts.hostname})
         response = await client.send(request, stream=True)
         try:
@@ -153,12 +159,51 @@ class ImageFetcher:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise InvalidImageError(f"image is over the limit of {limit:,} bytes")
-        data = bytearray()
-        async for piece in response.aiter_bytes():
-            data += piece
-            if len(data) > limit:
-                raise InvalidImageError(f"image is over the limit of {limit:,} bytes")
-        return bytes(data)
+        decoded = BoundedDecoder(response.headers.get("content-encoding", ""), limit)
+        async for piece in response.aiter_raw():  # raw: httpx would inflate each chunk without a bound
+            decoded.feed(piece)
+        return decoded.finish()
+
+
+class BoundedDecoder:
+    """The body as sent, or gzip/deflate inflated, never holding more than `limit` decoded bytes.
+
+    A few hundred bytes of brotli or gzip can stand for gigabytes; httpx decodes every chunk
+    whole, so the fetcher asks for identity and decodes what a server compresses anyway here,
+    bounded. Encodings it cannot bound (br, zstd, ...) are refused."""
+
+    def __init__(self, encoding: str, limit: int):
+        import zlib
+
+        self.limit = limit
+        self.data = bytearray()
+        codings = [c.strip().lower() for c in encoding.split(",") if c.strip() and c.strip().lower() != "identity"]
+        if len(codings) > 1 or (codings and codings[0] not in ("gzip", "x-gzip", "deflate")):
+            raise InvalidImageError(f"the image was sent with Content-Encoding {encoding!r}, which is not accepted")
+        self.inflate = zlib.decompressobj(32 + zlib.MAX_WBITS) if codings else None  # gzip or zlib header
+
+    def _add(self, piece: bytes) -> None:
+        self.data += piece
+        if len(self.data) > self.limit:
+            raise InvalidImageError(f"image is over the limit of {self.limit:,} bytes")
+
+    def feed(self, raw: bytes) -> None:
+        if self.inflate is None:
+            self._add(raw)
+            return
+        import zlib
+
+        try:
+            while raw:
+                self._add(self.inflate.decompress(raw, self.limit - len(self.data) + 1))
+                raw = self.inflate.unconsumed_tail
+        except zlib.error:
+            raise InvalidImageError("the image's compressed transfer encoding is corrupt") from None
+
+    def finish(self) -> bytes:
+        if self.inflate is not None:
+            self._add(self.inflate.flush(self.limit - len(self.data) + 1))
+        return bytes(self.data)
 
 
 def _httpx() -> Any:

@@ -33,6 +33,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 EXIF_ORIENTATION = 0x0112
+# What users send; nothing else is opened (no ICO/EPS/PSD/...: decoders that decode before any size check,
+# or hand the bytes to Ghostscript). JPEG includes MPO, the JPEG variant phone cameras write.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+IMAGE_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/pjpeg", "image/webp", "image/gif",
+                              "image/bmp", "image/x-ms-bmp", "image/tiff"})  # fmt: skip
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -168,11 +173,14 @@ _PIL_BOMB = "image header claims more pixels than Pillow will decode (possible d
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
     """Decode bytes, checking the header's pixel count before decoding any pixels."""
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     except Image.DecompressionBombError:
         raise InvalidImageError(_PIL_BOMB) from None
     except Image.UnidentifiedImageError:
-        raise InvalidImageError("image data is not a recognised image format (corrupt or not an image)") from None
+        raise InvalidImageError(
+            f"image data is not a supported image ({', '.join(IMAGE_FORMATS)}), "
+            "or it is corrupt"
+        ) from None
     except Exception as e:  # Pillow plugins raise many types on bad headers; all mean "corrupt"
         raise InvalidImageError(f"image data is corrupt: {_one_line(e)}") from None
     _check_pixels(img.width, img.height, max_pixels)
