@@ -274,3 +274,20 @@ def test_engine_at_the_plugin_default_precision(exports, photos):
     assert first.token_ids == again.token_ids and len(first.token_ids) > 0
     assert pipe.info()["runtime"]["language"].get("KV_CACHE_PRECISION")
     pipe.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_tokens_are_counted_before_encoding(family, paged, photos, tmp_path, monkeypatch):
+    """The token count from image sizes equals the packed features, for every grid shape, and a prompt
+    too long for the context or the pool is refused before the vision encoder runs."""
+    pipe = paged[family]
+    for pinpoint in DEFAULT_PINPOINTS:
+        image = _pinpoint_image(tmp_path, *pinpoint)
+        pipe.clear_caches()
+        _, processed, _ = pipe._lookup_image(image)
+        assert pipe._image_tokens(processed) == len(pipe.prepare_image(image).features), pinpoint
+    pipe.clear_caches()
+    monkeypatch.setattr(pipe.model, "encode_image_tiles", lambda px: pytest.fail("encoded a refused prompt"))
+    many = [Message("user", "Compare them.", [photos["astronaut"]] * 60)]
+    with pytest.raises(ContextLengthError, match="for images"):
+        pipe.generate(many, config=GREEDY)

@@ -74,7 +74,7 @@ class ChatSession:
 
     def _fit_context(self, config: GenerationConfig) -> None:
         """Drop the oldest turns until the prompt leaves room to answer."""
-        limit = self.pipeline.model.max_context
+        limit = self.pipeline.prompt_limit
         room = min(config.max_new_tokens, max(1, limit // 8))
         while True:
             size = self.pipeline.count_tokens(self.history())
@@ -82,7 +82,7 @@ class ChatSession:
                 break
         if size >= limit:
             raise ContextLengthError(
-                f"this message needs {size} tokens with its images; the model's context is {limit} tokens"
+                f"this message needs {size} tokens with its images; the model's context (or KV cache) holds {limit}"
             )
 
     def _drop_oldest_turn(self) -> bool:

@@ -45,6 +45,19 @@ def pack_anyres(
     return np.concatenate([base, fmap.reshape(-1, channels)], axis=0)
 
 
+def packed_length(
+    tokens_per_tile: int, image_size: tuple[int, int], grid: tuple[int, int], tiles: int, newline: bool, packs: bool
+) -> int:
+    """How many tokens `pack_features` will make of an image, from its sizes alone (before encoding)."""
+    if not packs:
+        return tokens_per_tile
+    if tiles == 1:
+        return tokens_per_tile + int(newline)
+    side = int(round(np.sqrt(tokens_per_tile)))
+    rows, cols = unpad_bounds((grid[0] * side, grid[1] * side), image_size)
+    return tokens_per_tile + (rows.stop - rows.start) * (cols.stop - cols.start + int(newline))
+
+
 def pack_single(tile_features: np.ndarray, image_size=None, grid=None, newline=None) -> np.ndarray:
     """LLaVA-1.5: the one tile's tokens, unchanged."""
     return tile_features.reshape(-1, tile_features.shape[-1])

@@ -224,6 +224,13 @@ class ExportedModel:
         return int(self.config.get("image_token_index", self.config.get("image_token_id", 32000)))
 
     @property
+    def tokens_per_tile(self) -> int:
+        """Image tokens per vision tile: (image_size / patch_size)^2 (576 for CLIP-L/336), + CLS if kept."""
+        vision = self.config.get("vision_config", {})
+        patches = (int(vision.get("image_size", 336)) // int(vision.get("patch_size", 14))) ** 2
+        return patches + int(self.config.get("vision_feature_select_strategy", "default") == "full")
+
+    @property
     def hidden_size(self) -> int:
         return int(self.text_config.get("hidden_size", 4096))
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from .errors import ContextLengthError, LlavaOvError
 from .engine import Engine, EngineConfig, Failed, Progress
-from .features import merge_embeddings, pack_features
+from .features import merge_embeddings, pack_features, packed_length
 from .generate import DecodeState, ForcedDecode, GenerationConfig, TokenEvent
-from .image import ImageConfig, load_image, preprocess
+from .image import ImageConfig, ProcessedImage, load_image, preprocess
 from .model import ExportedModel, LoadOptions
 from .template import ChatTemplate
 
@@ -175,23 +175,39 @@ class Pipeline:
 
     def prepare_image(self, source: Any) -> PreparedImage:
         """Preprocess + encode + pack one image, cached by pixel content."""
+        digest, found, prep_s = self._lookup_image(source)
+        return found if isinstance(found, PreparedImage) else self._encode_image(digest, found, prep_s)
+
+    def _lookup_image(self, source: Any) -> tuple[str, PreparedImage | ProcessedImage, float]:
+        """(digest, cached features or preprocessed pixels, preprocessing seconds): no vision encoding."""
         start = time.perf_counter()
         image = load_image(source)
         digest = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.size).encode()[:16]).hexdigest()
         if digest in self._features:
             self._features.move_to_end(digest)
-            return PreparedImage(self._features[digest].key, self._features[digest].features)
+            return digest, PreparedImage(self._features[digest].key, self._features[digest].features), 0.0
         processed = preprocess(image, self.image_config, self.model.family.preprocessing)
-        prep_s = time.perf_counter() - start
+        return digest, processed, time.perf_counter() - start
+
+    def _encode_image(self, digest: str, processed: ProcessedImage, prep_s: float) -> PreparedImage:
+        start = time.perf_counter()
         tiles = self.model.encode_image_tiles(processed.pixel_values)
         packed = pack_features(
             tiles, processed.image_size, processed.grid, self.model.image_newline, self.model.family.packs_features
         )
-        entry = PreparedImage(-(int(digest[:15], 16) + 1), packed, prep_s, time.perf_counter() - start - prep_s)
+        entry = PreparedImage(-(int(digest[:15], 16) + 1), packed, prep_s, time.perf_counter() - start)
         self._features[digest] = entry
         if len(self._features) > FEATURE_CACHE_SIZE:
             self._features.popitem(last=False)
         return entry
+
+    def _image_tokens(self, found: PreparedImage | ProcessedImage) -> int:
+        if isinstance(found, PreparedImage):
+            return len(found.features)
+        return packed_length(
+            self.model.tokens_per_tile, found.image_size, found.grid, len(found.pixel_values),
+            self.model.image_newline is not None, self.model.family.packs_features,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- prompts
 
@@ -203,13 +219,20 @@ class Pipeline:
         with self._lock:  # the tokenizer and vision requests are shared with a running generation
             return self._prepare_locked(messages)
 
-    def _prepare_locked(self, messages: Sequence[Message]) -> PreparedPrompt:
+    def _tokenize(self, messages: Sequence[Message]) -> tuple[np.ndarray, np.ndarray, list, int]:
+        """(ids, <image> positions, looked-up images, image tokens): everything but vision encoding."""
         ids = self.model.tokenizer.encode(self.render(messages))
         sources = [img for m in messages for img in m.images]
         positions = np.flatnonzero(ids == self.model.image_token_id)
         if len(positions) != len(sources):
             raise LlavaOvError(f"the prompt has {len(positions)} <image> tokens but {len(sources)} images were given")
-        images = [self.prepare_image(src) for src in sources]
+        found = [self._lookup_image(src) for src in sources]
+        return ids, positions, found, sum(self._image_tokens(f) for _, f, _ in found)
+
+    def _prepare_locked(self, messages: Sequence[Message]) -> PreparedPrompt:
+        ids, positions, found, image_tokens = self._tokenize(messages)
+        self._check_length(len(ids) - len(found) + image_tokens, image_tokens)  # before any vision encoding
+        images = [f if isinstance(f, PreparedImage) else self._encode_image(d, f, t) for d, f, t in found]
         pieces_ids, pieces_keys, prev = [], [], 0
         for pos, image in zip(positions, images):
             pieces_ids += [ids[prev:pos], np.full(len(image.features), self.model.image_token_id, np.int64)]
@@ -220,14 +243,28 @@ class Pipeline:
         return PreparedPrompt(np.concatenate(pieces_ids), np.concatenate(pieces_keys), images)
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
-        return len(self.prepare(messages).token_ids)
+        """Prompt tokens of `messages`, image tokens included, from the image sizes (nothing is encoded)."""
+        with self._lock:
+            ids, _, found, image_tokens = self._tokenize(messages)
+        return len(ids) - len(found) + image_tokens
+
+    @property
+    def prompt_limit(self) -> int:
+        """The most tokens a prompt plus its answer may take: the context, or the engine's KV pool if smaller."""
+        if self.engine is not None:
+            return min(self.model.max_context, self.engine.capacity_tokens)
+        return self.model.max_context
 
     def _check_context(self, prompt: PreparedPrompt) -> None:
-        total, limit = len(prompt.token_ids), self.model.max_context
+        self._check_length(len(prompt.token_ids), prompt.image_tokens)
+
+    def _check_length(self, total: int, image_tokens: int) -> None:
+        """A prompt must leave room for one new token in the context (and in the engine's KV pool)."""
+        limit = self.prompt_limit
+        where = "the model's context is" if limit == self.model.max_context else "the KV cache (raise --kv-cache-gb) holds"
         if total >= limit:
             raise ContextLengthError(
-                f"the prompt is {total} tokens ({prompt.image_tokens} of them for images); "
-                f"the model's context is {limit} tokens"
+                f"the prompt is {total} tokens ({image_tokens} of them for images); {where} {limit} tokens"
             )
 
     # ---------------------------------------------------------------- forward
