@@ -51,7 +51,10 @@ def running(app):
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    from llava_ov.server.http import uvicorn_config
+
+    config = uvicorn_config(app, app.state.server.settings, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -624,3 +627,35 @@ def test_load_test_script_smoke(server):
     mixed = module.run(server, clients=4, requests=8, max_tokens=4, image=[str(EXAMPLES_DIR / "cat.jpg")], mix=True)
     assert mixed["statuses"] == {200: 6, "disconnected": 2}
     assert mixed["health"]["probes"] >= 1 and mixed["health"]["failed"] == 0
+
+
+def test_slow_and_oversized_clients_are_cut_off(exports, reference):
+    """Headers trickled past the deadline, oversized headers and idle keep-alive connections are closed
+    by the server itself, while /health keeps answering."""
+    settings = ServerSettings(model=str(exports["llava-next"]), header_timeout_s=0.5, max_header_bytes=8192,
+                              keep_alive_s=0.5)  # fmt: skip
+    with running(create_app(settings, lambda: Proxy(reference))) as base:
+        wait_ready(base)
+        port = int(base.rsplit(":", 1)[1])
+
+        def connect() -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            return sock
+
+        slow = connect()
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        started = time.monotonic()
+        assert HTTP.get(f"{base}/health").status_code == 200  # others are served meanwhile
+        assert slow.recv(100) == b"" and time.monotonic() - started < 3  # closed at the deadline
+        big = connect()
+        big.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        reply = big.recv(200)
+        assert reply.startswith(b"HTTP/1.1 431")  # refused before it is parsed
+        idle = connect()
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert idle.recv(1000).startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)
+        assert idle.recv(100) == b""  # the idle keep-alive connection was closed
+        for sock in (slow, big, idle):
+            sock.close()
+        assert_healthy(base)

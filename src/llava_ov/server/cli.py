@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-local-files", action="store_true", help="accept file:// URLs and server paths as images")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let image URLs reach loopback, private and link-local addresses")  # fmt: skip
+    p.add_argument("--max-connections", type=int, default=200, help="connections at once; more get 503")
+    p.add_argument("--header-timeout", type=float, default=10, help="seconds for a request's headers to arrive")
+    p.add_argument("--max-header-kb", type=float, default=64, help="largest request line + headers")
+    p.add_argument("--keep-alive", type=float, default=5, help="seconds an idle keep-alive connection stays open")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -55,6 +59,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_image_bytes=int(args.max_image_mb * MiB), max_image_pixels=args.max_image_pixels,
         max_images=args.max_images, request_timeout_s=args.request_timeout, fetch_timeout_s=args.fetch_timeout,
         allow_local_files=args.allow_local_files, allow_private_urls=args.allow_private_urls,
+        max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+        max_header_bytes=int(args.max_header_kb * 1024), keep_alive_s=args.keep_alive,
     )  # fmt: skip
 
 
@@ -70,9 +76,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hint = f"pip install 'llava-ov[serve]' ({exc.name} missing)"
         raise LlavaOvError(f"the server needs the serve extra: {hint}") from None
     settings = settings_from_args(args)
-    for name, value in (("--max-queue", settings.max_queue), ("--max-tokens", settings.max_tokens)):
-        if value < 1:
-            raise LlavaOvError(f"{name} must be >= 1")
+    for name, value in (("--max-queue", settings.max_queue), ("--max-tokens", settings.max_tokens),
+                        ("--max-connections", settings.max_connections), ("--max-header-kb", settings.max_header_bytes),
+                        ("--header-timeout", settings.header_timeout_s), ("--keep-alive", settings.keep_alive_s)):  # fmt: skip
+        if value <= 0:
+            raise LlavaOvError(f"{name} must be > 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failed = []
 
@@ -81,7 +89,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app = create_app(settings, lambda: load_pipeline(args), stop_on_failure)  # every model option applies
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    from .http import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, settings, host=args.host, port=args.port, log_level=args.log_level))
     server.run()
     if failed:
         raise LlavaOvError("the model failed to load (see the log above)")

@@ -31,6 +31,10 @@ class ServerSettings:
     request_timeout_s: float = 600.0  # queue wait + generation; the answer is cut when it runs out
     fetch_timeout_s: float = 10.0  # total time to download one image URL
     max_redirects: int = 3
+    max_connections: int = 200  # open connections + requests in progress; more get 503 at once
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    max_header_bytes: int = 64 * 1024  # request line + headers
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
 
     @property
     def served_name(self) -> str:
