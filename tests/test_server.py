@@ -356,6 +356,11 @@ def test_local_files_are_refused(server, photos, url):
     assert_healthy(server)
 
 
+def test_docs_routes(server):
+    assert HTTP.get(f"{server}/openapi.json").status_code == 200 and HTTP.get(f"{server}/docs").status_code == 200
+    assert_error(HTTP.get(f"{server}/redoc"), 404)
+
+
 def test_unknown_path_and_method_get_openai_errors(server):
     assert_error(HTTP.get(f"{server}/v1/nothing"), 404)
     assert_error(HTTP.get(f"{server}/v1/chat/completions"), 405)

@@ -112,7 +112,8 @@ def create_app(
     `on_load_failure` is called if loading fails (the CLI stops the server then; an embedding app may keep
     answering 503 `model_failed`)."""
     state = ServerState(settings, pipeline_factory or (lambda: load_pipeline(settings)), on_load_failure)
-    app = FastAPI(title="llava-ov", version=__version__, lifespan=state.lifespan,
+    # /docs and /openapi.json are documented routes; /redoc is closed (it only duplicates /docs)
+    app = FastAPI(title="llava-ov", version=__version__, lifespan=state.lifespan, redoc_url=None,
                   description="OpenAI-compatible chat completions with images, served by llava-ov.")  # fmt: skip
     app.state.server = state
     _add_routes(app, state)
