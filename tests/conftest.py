@@ -23,6 +23,15 @@ FAMILIES = {"llava-next": "llava-v1.6-mistral-7b-hf", "llava": "llava-1.5-7b-hf"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
 
 
+def reply(handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes = b"", **headers: str) -> None:
+    """Send one whole response from a test handler (Content-Length set; header names with _ become -)."""
+    handler.send_response(status)
+    for name, value in {**headers, "Content_Length": str(len(body))}.items():
+        handler.send_header(name.replace("_", "-"), value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 @contextmanager
 def serve_http(handler: type[http.server.BaseHTTPRequestHandler]):
     """Serve `handler` on a loopback port in a thread; yields the base URL."""

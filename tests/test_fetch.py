@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import serve_http
+from conftest import reply, serve_http
 from llava_ov.errors import InvalidImageError
 from llava_ov.fetch import FetchPolicy, ImageFetcher, decode_data_url, fetch_url, is_public_ip, local_path
 from llava_ov.server.images import ImagePolicy
@@ -50,23 +50,14 @@ def image_host():
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             if self.path == "/host":
-                body = self.headers["Host"].encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                reply(self, 200, self.headers["Host"].encode())
                 return
             if self.path.startswith("/to-"):
                 target = "http://169.254.169.254/latest" if self.path == "/to-metadata" else "/img"
-                self.send_response(302)
-                self.send_header("Location", target)
-                self.end_headers()
+                reply(self, 302, Location=target)
                 return
             body = PNG if self.path == "/img" else b"\0" * 1_000_000
-            self.send_response(200 if self.path in ("/img", "/big") else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            reply(self, 200 if self.path in ("/img", "/big") else 404, body)
 
         def log_message(self, *args):
             pass
@@ -187,11 +178,7 @@ def encoded_host():
             seen.append(self.headers.get("Accept-Encoding"))
             body, coding = {"/gzip-img": (gzip.compress(PNG), "gzip"), "/gzip-bomb": (bomb, "gzip"),
                             "/br": (b"\x1b\xff\xff\x7f" * 200, "br")}[self.path]  # fmt: skip
-            self.send_response(200)
-            self.send_header("Content-Encoding", coding)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            reply(self, 200, body, Content_Encoding=coding)
 
         def log_message(self, *args):
             pass
