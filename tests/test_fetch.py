@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
+import io
 import ipaddress
+import time
 from contextlib import contextmanager
 
 import pytest
+from PIL import Image
 
 from conftest import reply, serve_http
 from llava_ov.errors import InvalidImageError
 from llava_ov.fetch import FetchPolicy, ImageFetcher, decode_data_url, fetch_url, is_public_ip, local_path
-from llava_ov.server.images import ImagePolicy
+from llava_ov.server.images import ImageLoader, ImagePolicy
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -201,3 +204,27 @@ def test_compressed_transfer_encodings_are_bounded_while_decoding():
         with pytest.raises(InvalidImageError, match="Content-Encoding 'br'"):
             fetch(f"{host}/br", LoopbackOnly())
     assert set(seen) == {"identity"}
+
+
+def test_slow_downloads_do_not_hold_the_decode_slots():
+    """Two image URLs that take long to download must not delay decoding another request's data URL."""
+
+    class SlowFetcher:
+        async def fetch(self, url):
+            await asyncio.sleep(2.0)
+            return PNG
+
+    loader = ImageLoader(ImagePolicy(), fetcher=SlowFetcher(), concurrency=2)
+    data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+    async def scenario():
+        slow = [asyncio.create_task(loader.load(f"https://example.com/{i}.png")) for i in range(2)]
+        await asyncio.sleep(0.1)  # both downloads are under way
+        start = time.monotonic()
+        image = await loader.load(data_url)
+        waited = time.monotonic() - start
+        await asyncio.gather(*slow)
+        return image, waited
+
+    image, waited = asyncio.run(scenario())
+    assert image.size == Image.open(io.BytesIO(PNG)).size and waited < 1.0, waited

@@ -5,7 +5,7 @@ Sources: `data:image/...;base64,` URLs; http(s) URLs, downloaded by
 connection pinned to a checked address, redirects checked again); `file://`
 URLs and plain paths only when local files are allowed.  This module adds what
 is per request: the policy's pixel limit and local-file permission, a few
-decodes at a time, and decoding off the event loop.  Decoding is bounded in
+decodes at a time (downloads have slots of their own), and decoding off the event loop.  Decoding is bounded in
 bytes and pixels by `llava_ov.image.load_image`.
 """
 
@@ -32,25 +32,30 @@ class ImagePolicy(FetchPolicy):
 class ImageLoader:
     """Turns an `image_url.url` into an RGB PIL image, a few decodes at a time (bounding memory under load)."""
 
-    def __init__(self, policy: ImagePolicy, fetcher: ImageFetcher | None = None, concurrency: int = 2):
+    def __init__(
+        self, policy: ImagePolicy, fetcher: ImageFetcher | None = None, concurrency: int = 2, downloads: int = 16
+    ):
         self.policy = policy
         self.fetcher = fetcher or ImageFetcher(policy)
-        self._slots = asyncio.Semaphore(concurrency)
+        self._decodes = asyncio.Semaphore(concurrency)  # CPU and memory: a few at a time
+        self._downloads = asyncio.Semaphore(downloads)  # waiting on the network: separate, so slow hosts never
+        # hold the decode slots of other requests
 
     async def load(self, url: str) -> Any:
         """InvalidImageError with a client-safe message for anything refused or undecodable."""
         from starlette.concurrency import run_in_threadpool
 
         limits = {"max_bytes": self.policy.max_bytes, "max_pixels": self.policy.max_pixels}
-        async with self._slots:
-            if url[:5].lower() == "data:":
-                source: Any = decode_data_url(url, self.policy.max_bytes)
-            elif urlsplit(url).scheme.lower() in ("http", "https"):
+        if url[:5].lower() == "data:":
+            source: Any = decode_data_url(url, self.policy.max_bytes)
+        elif urlsplit(url).scheme.lower() in ("http", "https"):
+            async with self._downloads:
                 source = await self.fetcher.fetch(url)
-            elif (path := local_path(url)) is not None:
-                if not self.policy.allow_local_files:
-                    raise InvalidImageError("local files are not allowed as images here; send a data: or http(s) URL")
-                source = path
-            else:
-                raise InvalidImageError("unsupported image URL scheme; use data:image/...;base64, or http(s)")
+        elif (path := local_path(url)) is not None:
+            if not self.policy.allow_local_files:
+                raise InvalidImageError("local files are not allowed as images here; send a data: or http(s) URL")
+            source = path
+        else:
+            raise InvalidImageError("unsupported image URL scheme; use data:image/...;base64, or http(s)")
+        async with self._decodes:
             return await run_in_threadpool(load_image, source, **limits)
