@@ -291,3 +291,11 @@ def test_image_tokens_are_counted_before_encoding(family, paged, photos, tmp_pat
     many = [Message("user", "Compare them.", [photos["astronaut"]] * 60)]
     with pytest.raises(ContextLengthError, match="for images"):
         pipe.generate(many, config=GREEDY)
+
+
+def test_a_huge_text_prompt_is_refused_before_tokenizing(paged, monkeypatch):
+    pipe = paged["llava"]
+    monkeypatch.setattr(pipe.model.tokenizer, "encode", lambda text: pytest.fail("tokenized a refused prompt"))
+    huge = "word " * (pipe.prompt_limit * pipe.model.tokenizer.max_piece_bytes)  # 5 chars a word: over 4 x limit
+    with pytest.raises(ContextLengthError, match="at least"):
+        pipe.generate(huge, config=GREEDY)

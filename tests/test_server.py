@@ -273,6 +273,7 @@ BAD_REQUESTS = {
     "temperature too high": {"messages": HELLO, "temperature": 5},
     "n=2": {"messages": HELLO, "n": 2},
     "logprobs": {"messages": HELLO, "logprobs": True},
+    "too many messages": {"messages": HELLO * 1025},
     "string body": "just a string",
 }
 

@@ -96,6 +96,13 @@ class Tokenizer:
         self._dec_req = self._decoder.create_infer_request()
         self.pieces = PieceDecoder.from_export(export_dir)
 
+    @property
+    def max_piece_bytes(self) -> int:
+        """The longest vocabulary piece in UTF-8 bytes (64 when the vocabulary is not readable)."""
+        if self.pieces is None:
+            return 64
+        return max((len(p) for p in self.pieces.pieces if p), default=64)
+
     def stream(self):
         """A text stream for one generation: vocabulary table when possible, else the detokenizer IR."""
         from .generate import IncrementalDetokenizer

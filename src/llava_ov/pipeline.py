@@ -221,7 +221,9 @@ class Pipeline:
 
     def _tokenize(self, messages: Sequence[Message]) -> tuple[np.ndarray, np.ndarray, list, int]:
         """(ids, <image> positions, looked-up images, image tokens): everything but vision encoding."""
-        ids = self.model.tokenizer.encode(self.render(messages))
+        text = self.render(messages)
+        self._check_text_size(text)
+        ids = self.model.tokenizer.encode(text)
         sources = [img for m in messages for img in m.images]
         positions = np.flatnonzero(ids == self.model.image_token_id)
         if len(positions) != len(sources):
@@ -257,6 +259,17 @@ class Pipeline:
 
     def _check_context(self, prompt: PreparedPrompt) -> None:
         self._check_length(len(prompt.token_ids), prompt.image_tokens)
+
+    def _check_text_size(self, text: str) -> None:
+        """Refuse text that cannot fit before tokenizing it: no token covers more than the longest
+        vocabulary piece, so a prompt has at least bytes / longest piece tokens (x4: normalization
+        may shorten the text)."""
+        floor = len(text) // (4 * self.model.tokenizer.max_piece_bytes)  # chars <= UTF-8 bytes
+        if floor >= self.prompt_limit:
+            raise ContextLengthError(
+                f"the prompt is {len(text):,} characters, at least {floor:,} tokens; "
+                f"the limit is {self.prompt_limit:,} tokens"
+            )
 
     def _check_length(self, total: int, image_tokens: int) -> None:
         """A prompt must leave room for one new token in the context (and in the engine's KV pool)."""

@@ -44,13 +44,16 @@ class ChatMessage(_Lenient):
     name: str | None = None
 
 
+MAX_MESSAGES = 1024  # a conversation longer than this cannot fit any LLaVA context anyway
+
+
 class StreamOptions(_Lenient):
     include_usage: bool | None = None
 
 
 class ChatCompletionRequest(_Lenient):
     model: str = Field(default="", description="any name: this server serves one model")
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 or omitted: greedy")
