@@ -143,3 +143,14 @@ def test_missing_extras_print_the_pip_command(argv, module, hint, exports, tmp_p
     args = [a.format(model=exports["llava"], tmp=tmp_path) for a in argv]
     proc = cli(*args, env={"PYTHONPATH": str(blocker)}, timeout=120)
     assert_clean_error(proc, f"pip install '{hint}'")
+
+
+def test_an_unreachable_hub_fails_fast_in_one_line():
+    """No HF_HUB_OFFLINE: a hub id on a machine that cannot resolve the Hub fails at once, not after retries."""
+    import time
+
+    start = time.monotonic()
+    proc = cli("run", "some-org/not-a-model", "--prompt", "x",
+               env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid"}, timeout=60)  # fmt: skip
+    assert_clean_error(proc, "cannot be reached")
+    assert time.monotonic() - start < 15 and "hub.invalid" in proc.stderr

@@ -46,6 +46,38 @@ class ConvertOptions:
 # ---------------------------------------------------------------- loading
 
 
+def _check_hub_reachable(src: str, timeout_s: float = 5.0) -> None:
+    """Fail in one line, at once, when the Hub's host cannot even be resolved (offline machine):
+    huggingface_hub would retry for ~25 s first. Offline mode (HF_HUB_OFFLINE=1) skips this."""
+    import threading
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    host = urlsplit(constants.ENDPOINT).hostname or "huggingface.co"
+    failure: list[BaseException] = []
+    probe = threading.Thread(target=lambda: _resolve(host, failure), daemon=True)  # getaddrinfo has no timeout
+    probe.start()
+    probe.join(timeout_s)
+    if failure or probe.is_alive():
+        reason = f"{type(failure[0]).__name__}: {failure[0]}" if failure else f"no answer in {timeout_s:g} s"
+        raise ModelNotFoundError(
+            f"{src!r} is not a local directory, and the Hugging Face Hub ({host}) cannot be reached ({reason}); "
+            "give a local checkpoint or export directory, or set HF_HUB_OFFLINE=1 to use the local Hub cache"
+        )
+
+
+def _resolve(host: str, failure: list[BaseException]) -> None:
+    import socket
+
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        failure.append(exc)
+
+
 def read_source_config(src: str, revision: str | None = None) -> tuple[dict, str | None]:
     """config.json of a local checkpoint dir or hub id, and the resolved revision."""
     path = Path(src).expanduser()
@@ -60,6 +92,7 @@ def read_source_config(src: str, revision: str | None = None) -> tuple[dict, str
         return json.loads(cfg.read_text()), None
     if looks_like_path(src):
         raise ModelNotFoundError(f"no such directory: {src}")
+    _check_hub_reachable(src)
     try:
         from huggingface_hub import hf_hub_download
 
