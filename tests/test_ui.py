@@ -209,7 +209,8 @@ def test_page_wiring(page):
     demo = build_demo(page)
     fns = {f.name: f for f in demo.fns.values()}
     respond = fns["respond"]
-    assert respond.concurrency_limit == 1 and respond.trigger_only_on_success  # one answer at a time
+    # as many answers at once as the engine runs
+    assert respond.concurrency_limit == page.pipe.max_concurrency > 1 and respond.trigger_only_on_success
     assert fns["add_message"].concurrency_limit is None  # accepting a message never waits for the model
     assert fns["view"].concurrency_limit is None and fns["view"].trigger_only_on_success
     cancelling = [f for f in demo.fns.values() if f.cancels]
@@ -242,3 +243,32 @@ def test_cli_registers_ui_and_stays_light():
 def test_long_answers_update_the_page_less_often():
     intervals = [update_interval(n) for n in (0, 500, 5_000, 20_000, 1_000_000)]
     assert intervals == sorted(intervals) and intervals[0] > 0 and intervals[-1] <= 2.0
+
+
+def test_two_tabs_are_answered_at_the_same_time(page, pipe, monkeypatch):
+    """Two tabs' answers overlap in time (no page lock), and each equals its answer alone."""
+    fast_forward = pipe.engine.lm.forward
+
+    def forward(batch):
+        time.sleep(0.005)
+        return fast_forward(batch)
+
+    monkeypatch.setattr(pipe.engine.lm, "forward", forward)
+    tabs = [page.new_state(), page.new_state()]
+    spans: dict[int, list[float]] = {0: [], 1: []}
+
+    def run(i):
+        page.add_message({"text": f"Question {i}: what is it?", "files": [CAT]}, tabs[i])
+        for display, _ in page.respond(tabs[i], 40, 0.0, 1.0):
+            if display[-1]["role"] == "assistant" and display[-1]["content"]:  # the answer has text
+                spans[i].append(time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(spans.values()) and max(s[0] for s in spans.values()) < min(s[-1] for s in spans.values())  # overlap
+    for i, tab in enumerate(tabs):
+        alone = expected(pipe, [Message("user", f"Question {i}: what is it?", [CAT])], 40)
+        assert tab.display[-1]["content"] == alone

@@ -370,7 +370,8 @@ def build_demo(page: ChatPage):
         shown = accepted.success(TabState.view, [state], [chatbot], **quick)
         answer = shown.success(
             page.respond, [state, max_new, temperature, top_p], [chatbot, stats],
-            concurrency_limit=1, concurrency_id="model",  # one answer at a time; the rest wait in the queue
+            # as many answers at once as the engine runs (one on the stateful path); the rest wait in the queue
+            concurrency_limit=page.pipe.max_concurrency, concurrency_id="model",
         )  # fmt: skip
         stop.click(page.stop, [state], [chatbot, stats], cancels=[answer], **quick)
         for new_chat in (clear.click, chatbot.clear):  # the button, and the Chatbot's own trash icon
