@@ -154,3 +154,13 @@ def test_an_unreachable_hub_fails_fast_in_one_line():
                env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid"}, timeout=60)  # fmt: skip
     assert_clean_error(proc, "cannot be reached")
     assert time.monotonic() - start < 15 and "hub.invalid" in proc.stderr
+
+
+def test_demo_model_and_compress_print_phases_not_library_chatter(tmp_path):
+    built = cli("demo-model", tmp_path / "demo")
+    assert built.returncode == 0, built.stderr
+    assert "Loading weights" not in built.stdout + built.stderr and "Writing model shards" not in built.stderr
+    assert "[convert 6/6]" in built.stdout + built.stderr
+    compressed = cli("compress", tmp_path / "demo", "-o", tmp_path / "int4", "--lm", "int4_sym")
+    assert compressed.returncode == 0, compressed.stderr
+    assert "Statistics of the bitwidth distribution" not in compressed.stdout + compressed.stderr

@@ -389,6 +389,7 @@ def _convert_into(src: str, out: Path, family: Family, opts: ConvertOptions, pha
     import transformers
 
     transformers.logging.set_verbosity_error()  # our phases report progress; tracer chatter is noise
+    transformers.utils.logging.disable_progress_bar()  # and one line per phase, not "Loading weights" bars
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _convert_parts(src, out, family, opts, phases)

@@ -392,8 +392,7 @@ def compress_export(
     stage = src if in_place else _stage_copy(src, out, set(plan.values()), overwrite)
     written: list[Path] = []
     level = nncf_logger.level
-    if not progress:
-        nncf.set_log_level(logging.WARNING)  # NNCF's progress bars still show
+    nncf.set_log_level(logging.WARNING)  # our phases report progress; NNCF's INFO tables are noise
     try:
         record = _settings_record(q, weight_format, info)
         pixels = lm_samples = None

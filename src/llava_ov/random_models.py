@@ -118,6 +118,7 @@ def build_random_checkpoint(spec: RandomModelSpec, out_dir: str | Path, dtype: s
     import torch
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars in demo-model's output
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = scaled_config_dict(spec)
