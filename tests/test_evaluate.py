@@ -22,7 +22,7 @@ from PIL import Image
 
 from conftest import F32
 from llava_ov.errors import InvalidImageError, LlavaOvError
-from llava_ov.evaluate import METRICS, evaluate, format_table, identical_prefix, kl_divergence, text_similarity
+from llava_ov.evaluate import LEGEND, METRICS, evaluate, format_table, identical_prefix, kl_divergence, text_similarity
 from llava_ov.generate import GenerationConfig
 from llava_ov.pipeline import Pipeline
 from llava_ov.quantize import QuantConfig, compress_export, weight_stats
@@ -129,7 +129,8 @@ def test_report_json_and_table(lm_reports, tmp_path):
     assert all(sample_keys <= s.keys() for s in report["samples"])
     assert report["candidate"]["runtime"]["language"]["INFERENCE_PRECISION_HINT"] == "f32"
     table = format_table(report)
-    assert "top-1" in table and "mean" in table and len(table.splitlines()) == 2 + len(report["samples"]) + 4
+    assert "top-1" in table and "mean" in table and len(table.splitlines()) == 2 + len(report["samples"]) + 4 + len(LEGEND)
+    assert "higher is better" in table and "lower is better" in table  # says which values are good
 
 
 def test_vision_ptq_changes_features_a_little(ref_pipe, compressed, images):

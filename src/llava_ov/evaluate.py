@@ -263,6 +263,18 @@ def evaluate(
 # ---------------------------------------------------------------- reporting
 
 
+LEGEND = [
+    "what the columns mean (candidate against reference; identical exports give the ideal values):",
+    "  pos     positions compared: the reference's greedy answer, teacher-forced into both models",
+    "  top-1   share of positions where both pick the same next token (ideal 1.000; higher is better)",
+    "  KL      KL divergence of the candidate's next-token distribution from the reference's "
+    "(ideal 0; lower is better)",
+    "  prefix  tokens the candidate's own greedy answer shares with the reference's before they differ (ideal: all)",
+    "  sim     similarity of the two answers' texts, 0..1 (ideal 1.000)",
+    "  vision cosine  image features of the two vision encoders (ideal 1.00000)",
+]
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table: one row per sample, then the means."""
     head = f"{'image':<14} {'prompt':<32} {'pos':>4} {'top-1':>6} {'KL mean':>9} {'KL max':>9} {'prefix':>7} {'sim':>6}"
@@ -281,6 +293,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"vision features: cosine {a['vision_cosine']:.5f} (mean over images), "
                  f"lowest token cosine {a['vision_min_token_cosine']:.5f}")  # fmt: skip
     lines.append(f"properties: {json.dumps(report['properties'])}")
+    lines += LEGEND
     if "candidate_properties" in report:
         lines.append(f"candidate properties (differ!): {json.dumps(report['candidate_properties'])}")
     return "\n".join(lines)
