@@ -178,6 +178,15 @@ class Engine:
     def capacity_tokens(self) -> int:
         return self.pool.num_blocks * self.pool.block_size
 
+    @property
+    def token_limit(self) -> int:
+        """The most tokens one sequence may hold: the context, or the whole pool if that is smaller."""
+        return min(self.max_context, self.capacity_tokens)
+
+    def limit_reason(self) -> str:
+        return "the model's context is" if self.token_limit == self.max_context else (
+            "the KV cache (raise --kv-cache-gb) holds")
+
     def submit(
         self,
         keys: np.ndarray,
@@ -189,11 +198,9 @@ class Engine:
     ) -> Generation:
         """Queue one sequence; its tokens are capped by the context and the pool's size."""
         prompt = len(keys)
-        room = min(self.max_context, self.capacity_tokens) - prompt
+        room = self.token_limit - prompt
         if room < 1:
-            where = "context" if self.max_context <= self.capacity_tokens else "KV cache (raise --kv-cache-gb)"
-            limit = min(self.max_context, self.capacity_tokens)
-            raise ContextLengthError(f"the prompt is {prompt} tokens; the {where} holds {limit}")
+            raise ContextLengthError(f"the prompt is {prompt} tokens; {self.limit_reason()} {self.token_limit} tokens")
         state.limit = min(state.limit, room)
         handle = Generation(state, cancel or threading.Event())
         seq = Sequence(keys, ids, image_rows, features, capacity=prompt + state.limit, payload=handle)
@@ -321,17 +328,16 @@ class Engine:
         handle.events.put(event)
 
     def _finish(self, seq: Sequence, event: TokenEvent) -> None:
-        self.scheduler.remove(seq)
-        handle = seq.payload
-        if handle.done:
-            return
-        handle.done = True
-        handle.stats.preemptions = seq.preemptions
-        handle.events.put(event)
-        handle.events.put(Finished())
+        seq.payload.stats.preemptions = seq.preemptions
+        self._end(seq, event, Finished())
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
+        self._end(seq, Failed(error))
+
+    def _end(self, seq: Sequence, *events: Any) -> None:
+        """Release the sequence and send its last events (once, however it ended)."""
         self.scheduler.remove(seq)
         if not seq.payload.done:
             seq.payload.done = True
-            seq.payload.events.put(Failed(error))
+            for event in events:
+                seq.payload.events.put(event)

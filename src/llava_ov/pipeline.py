@@ -150,7 +150,7 @@ class Pipeline:
         self.engine: Engine | None = None
         if self.model.paged is not None:
             self.engine = Engine(self.model.paged, self.model.embed_tokens, self.model.max_context, engine)
-        self._keys = np.empty(self.model.max_context + 1, dtype=np.int64)  # what the stateful cache holds
+        self._keys = None if self.engine is not None else np.empty(self.model.max_context + 1, np.int64)  # the stateful cache's
         # Guards the tokenizer and vision requests (prepare/count_tokens); on the stateful path
         # it is also held for a whole generation, one at a time.
         self._lock = threading.RLock()
@@ -253,9 +253,7 @@ class Pipeline:
     @property
     def prompt_limit(self) -> int:
         """The most tokens a prompt plus its answer may take: the context, or the engine's KV pool if smaller."""
-        if self.engine is not None:
-            return min(self.model.max_context, self.engine.capacity_tokens)
-        return self.model.max_context
+        return self.engine.token_limit if self.engine is not None else self.model.max_context
 
     def _check_context(self, prompt: PreparedPrompt) -> None:
         self._check_length(len(prompt.token_ids), prompt.image_tokens)
@@ -274,7 +272,7 @@ class Pipeline:
     def _check_length(self, total: int, image_tokens: int) -> None:
         """A prompt must leave room for one new token in the context (and in the engine's KV pool)."""
         limit = self.prompt_limit
-        where = "the model's context is" if limit == self.model.max_context else "the KV cache (raise --kv-cache-gb) holds"
+        where = self.engine.limit_reason() if self.engine is not None else "the model's context is"
         if total >= limit:
             raise ContextLengthError(
                 f"the prompt is {total} tokens ({image_tokens} of them for images); {where} {limit} tokens"
