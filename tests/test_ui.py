@@ -124,13 +124,16 @@ def test_stop_cancels_the_model_and_the_next_answer_works(pipe):
         pass
     with pytest.raises(gr.Error, match="Stop"):
         page.add_message({"text": "Another?", "files": []}, state)  # one message at a time per tab
-    display, stats = page.stop(state)
-    assert state.cancel.is_set() and not state.worker.is_alive()
-    rest = [d[-1]["content"] for d, _ in stream]
+    shown = page.stop(state)
+    assert all(isinstance(v, type(gr.skip())) for v in shown)  # the running answer's respond shows the end
+    assert state.cancel.is_set()
+    rest = list(stream)  # ends within a step of the model
+    assert not state.worker.is_alive() and not state.answering
     result = state.last_result
     assert result.finish_reason == "cancelled" and 0 < len(result.token_ids) < 2000
-    assert display[-1]["content"] == result.text and (not rest or rest[-1] == result.text)
-    assert "stopped" in stats
+    display, stats = rest[-1]
+    assert display[-1]["content"] == result.text and "stopped" in stats
+    assert page.stop(state) == (display, stats)  # Stop again, after the end: the same page
     assert state.chat.messages[-1] == Message("assistant", result.text)  # the stopped answer stays in the chat
 
     turn(page, state, "Go on.", settings=(4, 0.0, 1.0))
@@ -149,6 +152,19 @@ def test_page_closing_the_stream_stops_the_model(pipe):
     assert not state.worker.is_alive() and state.last_result.finish_reason == "cancelled"
     assert state.chat.messages[-1].role == "assistant"  # the conversation stays whole
     assert pipe.generate("Hi?", [CAT], GenerationConfig(max_new_tokens=2)).finish_reason == "length"
+
+
+def test_new_chat_during_an_answer_clears_the_page_for_good(pipe):
+    page = ChatPage(pipe, GenerationConfig(ignore_eos=True))
+    state = page.new_state()
+    page.add_message({"text": "Tell me everything.", "files": [CAT]}, state)
+    stream = page.respond(state, 2000, 0.0, 1.0)
+    while not next(stream)[0][-1]["content"]:
+        pass
+    assert page.clear(state) == ([], "", None) and not state.worker.is_alive()
+    assert list(stream)[-1] == ([], "")  # respond's last word is the cleared page, not the old answer
+    assert state.chat.messages == [] and state.display == [] and not state.busy
+    assert turn(page, state, "What is it?", [CAT], settings=(3, 0.0, 1.0))  # the tab works on
 
 
 def test_stop_before_the_model_starts_withdraws_the_message(page):
@@ -213,10 +229,10 @@ def test_page_wiring(page):
     assert respond.concurrency_limit == page.pipe.max_concurrency > 1 and respond.trigger_only_on_success
     assert fns["add_message"].concurrency_limit is None  # accepting a message never waits for the model
     assert fns["view"].concurrency_limit is None and fns["view"].trigger_only_on_success
-    cancelling = [f for f in demo.fns.values() if f.cancels]
-    assert len(cancelling) == 3 and all(c.cancels == [respond._id] for c in cancelling)  # Stop, New chat, trash
-    handlers = {tuple(f.targets): f.name for f in demo.fns.values() if not f.is_cancel_function}
-    assert sorted(handlers[tuple(c.targets)] for c in cancelling) == ["clear", "clear", "stop"]
+    # Stop, New chat and the trash icon never cancel respond: it must live to show the answer's end
+    assert not any(f.cancels for f in demo.fns.values())
+    assert sorted(f.name for f in demo.fns.values() if f.name in ("stop", "clear")) == ["clear", "clear", "stop"]
+    assert all(fns[name].concurrency_limit is None for name in ("stop", "clear"))  # never wait for the model
     assert len(page.examples()) == 4
 
 

@@ -113,11 +113,15 @@ def answers(tab) -> list[str]:
 
 def wait_answer(tab, count: int, finished: str = "token limit reached", timeout: int = 60_000) -> str:
     """Wait for the `count`-th answer to finish (its stats line says how); returns the stats line."""
-    tab.wait_for_function(
-        "([n, how]) => document.querySelectorAll('#chat [data-testid=bot]').length >= n"
-        " && (document.querySelector('#stats')?.innerText || '').includes(how)",
-        arg=[count, finished], timeout=timeout,
-    )  # fmt: skip
+    try:
+        tab.wait_for_function(
+            "([n, how]) => document.querySelectorAll('#chat [data-testid=bot]').length >= n"
+            " && (document.querySelector('#stats')?.innerText || '').includes(how)",
+            arg=[count, finished], timeout=timeout,
+        )  # fmt: skip
+    except Exception as exc:  # say what the page showed instead
+        raise AssertionError(f"answer {count} not {finished!r}: stats {tab.inner_text('#stats')!r}, "
+                             f"{len(answers(tab))} answers") from exc  # fmt: skip
     return tab.inner_text("#stats")
 
 

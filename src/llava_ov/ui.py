@@ -4,9 +4,12 @@
 ChatSession calls and can be tested without a browser.  `build_demo` wires
 them into a `gr.Blocks` page, `register` adds the subcommand.  Every browser
 tab gets its own `TabState` (a ChatSession, what its chat shows, and the
-cancel Event of its running answer) through `gr.State`; the model serves one
-answer at a time through the Gradio queue.  Gradio is imported only inside
-functions so `llava-ov --help` stays fast.
+cancel Event of its running answer) through `gr.State`; as many tabs are answered at
+once as the pipeline's engine runs, the rest wait in the Gradio queue.  While an
+answer runs, its `respond` generator is the only writer of the chat and the stats
+line: Stop and New chat set the cancel Event and let it show the end (a second
+writer would race it in the browser).  Gradio is imported only inside functions so
+`llava-ov --help` stays fast.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class TabState:
     worker: threading.Thread | None = None
     last_result: GenerationResult | None = None
     stats: str = ""
+    answering: bool = False  # a respond generator owns the chat
+    epoch: int = 0  # counts New chats: an answer begun before one shows nothing of itself
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # pending/cancel/epoch handovers
 
     def view(self) -> list[dict[str, Any]]:
         """A copy of the chat for the page (gradio streams the diff to the value it sent last)."""
@@ -134,12 +140,15 @@ class ChatPage:
             self._drop_unanswered(state)
             yield state.view(), state.stats
             raise
-        text, images = state.pending
-        state.pending = None
+        with state.lock:  # Stop either withdraws the pending message or cancels this answer
+            if state.pending is None:
+                return
+            (text, images), state.pending = state.pending, None
+            state.cancel = cancel = threading.Event()
+            epoch, state.answering = state.epoch, True
         earlier = list(state.chat.messages)
         if images and state.chat.last_image is not None:
             state.chat.reset()  # a new image starts a new conversation (LLaVA answers about one image)
-        state.cancel = cancel = threading.Event()
         chunks: queue.Queue = queue.Queue()
         on_progress = lambda done, total: chunks.put(Prefill(done, total))  # noqa: E731
         stream = state.chat.stream(text, images, config, cancel, progress=on_progress)
@@ -147,11 +156,13 @@ class ChatPage:
         state.display.append({"role": "assistant", "content": ""})
         state.last_result, state.stats = None, "generating…"
         state.worker.start()
+        answer = state.display[-1]
         try:
             yield state.view(), state.stats
-            for batch in _batches(chunks, lambda: update_interval(len(state.display[-1]["content"]))):
-                if cancel.is_set():  # Stop or Clear: they show the answer as it stands (or clear it)
-                    break
+            # after Stop the model ends within a step: the rest is shown, ending with "stopped"
+            for batch in _batches(chunks, lambda: update_interval(len(answer["content"]))):
+                if state.epoch != epoch:  # New chat: the page was cleared, the answer is dropped
+                    continue
                 error = next((c for c in batch if isinstance(c, BaseException)), None)
                 if error is not None:
                     state.chat.messages[:] = earlier  # a failed turn leaves the conversation as it was
@@ -163,27 +174,33 @@ class ChatPage:
                     raise error
                 self._show(state, batch)
                 yield state.view(), state.stats
+            if state.epoch != epoch:
+                yield state.view(), state.stats  # the cleared page, as New chat left it
         finally:
-            cancel.set()  # the page stopped listening (Stop, Clear, closed tab): stop the model too
+            cancel.set()  # the page stopped listening (closed tab, lost connection): stop the model too
+            state.answering = False
 
-    def stop(self, state: TabState) -> tuple[list[dict], str]:
-        """Stop button: stop the model within a token and show the answer as it stands."""
-        state.cancel.set()
-        self._wait(state)
-        self._drop_unanswered(state)
-        result = state.last_result
-        if result is not None and state.display and state.display[-1]["role"] == "assistant":
-            state.display[-1]["content"] = result.text
-            state.stats = format_stats(result)
-        return state.view(), state.stats
+    def stop(self, state: TabState) -> tuple[Any, Any]:
+        """Stop button: withdraw a message still waiting for the model, or stop the running
+        answer within a step (its `respond` then shows the end; the page is left to it)."""
+        with state.lock:
+            state.cancel.set()
+            self._drop_unanswered(state)
+            if not state.answering:
+                return state.view(), state.stats
+        gr = _gradio()
+        return gr.skip(), gr.skip()
 
     def clear(self, state: TabState) -> tuple[list[dict], str, None]:
         """New chat: stop any answer and forget the conversation."""
-        state.cancel.set()
-        self._wait(state)
+        with state.lock:
+            state.cancel.set()
+            state.epoch += 1
+            state.pending = None
+        self._wait(state)  # the stopped answer is added to the conversation before it is forgotten
         state.chat.reset()
         state.display.clear()
-        state.pending, state.last_result, state.stats = None, None, ""
+        state.last_result, state.stats = None, ""
         return state.view(), state.stats, None
 
     # ---------------------------------------------------------------- helpers
@@ -228,12 +245,14 @@ class ChatPage:
             state.worker.join(STOP_WAIT_S)
 
     @staticmethod
-    def _drop_unanswered(state: TabState) -> None:
-        """Remove a message whose request was cancelled before the model took it."""
-        if state.pending is not None:
-            del state.display[state.pending_from :]
-            state.pending = None
-            state.stats = format_stats(state.last_result) if state.last_result else ""
+    def _drop_unanswered(state: TabState) -> bool:
+        """Remove a message whose request was cancelled before the model took it (True if one was)."""
+        if state.pending is None:
+            return False
+        del state.display[state.pending_from :]
+        state.pending = None
+        state.stats = format_stats(state.last_result) if state.last_result else ""
+        return True
 
 
 def format_stats(result: GenerationResult) -> str:
@@ -373,9 +392,11 @@ def build_demo(page: ChatPage):
             # as many answers at once as the engine runs (one on the stateful path); the rest wait in the queue
             concurrency_limit=page.pipe.max_concurrency, concurrency_id="model",
         )  # fmt: skip
-        stop.click(page.stop, [state], [chatbot, stats], cancels=[answer], **quick)
+        # no cancels=[answer]: a cancelled respond could not show the stopped answer's end, and its
+        # last update could land after Stop's; the cancel Event stops the model, respond shows the rest
+        stop.click(page.stop, [state], [chatbot, stats], **quick)
         for new_chat in (clear.click, chatbot.clear):  # the button, and the Chatbot's own trash icon
-            new_chat(page.clear, [state], [chatbot, stats, box], cancels=[answer], **quick)
+            new_chat(page.clear, [state], [chatbot, stats, box], **quick)
     return demo
 
 
