@@ -26,3 +26,14 @@ def hf_generate(model, processor, messages: list[Message], max_new_tokens: int =
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     return tokens[: next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
+
+
+def hf_logprobs(model, processor, messages: list[Message], tokens: list[int]):
+    """[len(tokens), vocab] log-softmax of transformers' logits before each of `tokens` (teacher-forced)."""
+    inputs = hf_inputs(processor, messages)
+    prompt = inputs["input_ids"].shape[1]
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([tokens])], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, prompt - 1 : prompt - 1 + len(tokens)].double()
+    return torch.log_softmax(logits, dim=-1).numpy()

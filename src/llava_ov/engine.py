@@ -294,7 +294,11 @@ class Engine:
             if not chunk.sample and chunk.seq.computed <= chunk.seq.prompt_len:
                 chunk.seq.payload.events.put(Progress(chunk.seq.computed, chunk.seq.prompt_len))
         for chunk, row in zip(sampled, logits):
-            self._sample(chunk.seq, row)
+            try:
+                self._sample(chunk.seq, row)
+            except Exception as exc:  # one sequence's sampler or grammar failed: only it ends
+                log.exception("sampling failed")
+                self._fail(chunk.seq, exc)
 
     def _batch(self, plan: list[Chunk]) -> ForwardBatch:
         ids = np.concatenate([c.seq.ids[c.start : c.start + c.count] for c in plan])

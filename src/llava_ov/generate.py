@@ -18,6 +18,8 @@ import numpy as np
 
 from .errors import LlavaOvError
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+
 
 @dataclass
 class GenerationConfig:
@@ -28,7 +30,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # not while a JSON schema is set: the JSON's end ends the answer
+    json_schema: dict | None = None  # constrain the answer to JSON valid under this schema
+    logprobs: int | None = None  # report each token's logprob and this many (0-20) top alternatives
 
     def validate(self) -> None:
         checks = [
@@ -37,10 +41,17 @@ class GenerationConfig:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be in [0.01, 100]"),
-        ]
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"logprobs (top alternatives) must be in [0, {MAX_TOP_LOGPROBS}]"),
+        ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise LlavaOvError(message)
+        if self.json_schema is not None:
+            from .constrained import check_schema
+
+            check_schema(self.json_schema)
+
 
     @property
     def greedy(self) -> bool:
@@ -157,16 +168,45 @@ class StopStrings:
 
 
 @dataclass
+class TokenLogprob:
+    """A sampled token's log-probability under the model (log-softmax of its raw logits: before
+    temperature, penalty or grammar mask) and the `top` most likely tokens, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    scores = logits.astype(np.float64)
+    shifted = scores - scores.max()
+    logp = shifted - np.log(np.exp(shifted).sum())
+    best = np.argpartition(-logp, top - 1)[:top] if 0 < top < logp.size else np.arange(logp.size if top else 0)
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return TokenLogprob(int(token), float(logp[token]), [(int(i), float(logp[i])) for i in best])
+
+
+@dataclass
 class TokenEvent:
     token_id: int | None  # None only on a final event that carries no new token
     text: str
     finish_reason: str | None = None
     time_s: float = 0.0  # time to produce this token
+    logprob: TokenLogprob | None = None  # when the config asks for logprobs
 
 
 class TextStream(Protocol):
     def push(self, token_id: int) -> str: ...
     def flush(self) -> str: ...
+
+
+class Constraint(Protocol):
+    """A grammar over the answer (see `constrained.JsonConstraint`)."""
+
+    complete: bool
+
+    def mask(self, logits: np.ndarray) -> np.ndarray: ...
+    def accept(self, token: int) -> None: ...
 
 
 class DecodeState:
@@ -183,8 +223,10 @@ class DecodeState:
         *,
         history: Sequence[int] = (),
         max_tokens: int | None = None,
+        constraint: Constraint | None = None,
     ):
         self.sampler = Sampler(config)
+        self.constraint = constraint
         self.stops = StopStrings(config.stop)
         self.detok = detok
         self.config = config
@@ -204,9 +246,13 @@ class DecodeState:
 
     def next(self, logits: np.ndarray) -> TokenEvent:
         """Sample the next token from `logits`; the event's finish_reason says whether to go on."""
-        token = self.sampler(logits, self.seen)
-        if token in self.eos_ids and not self.config.ignore_eos:
+        allowed = logits if self.constraint is None else self.constraint.mask(logits)
+        token = self.sampler(allowed, self.seen)
+        if token in self.eos_ids and (self.constraint is not None or not self.config.ignore_eos):
             return self._final("eos")
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        logprob = None if self.config.logprobs is None else token_logprob(logits, token, self.config.logprobs)
         self.produced += 1
         self.seen.append(token)
         text, stopped = self.stops.feed(self.detok.push(token))
@@ -214,10 +260,13 @@ class DecodeState:
         elapsed, self._last = now - self._last, now
         if stopped:
             self.finished = "stop"
+        elif self.constraint is not None and self.constraint.complete:
+            self.finished = "eos"  # the JSON has ended: only the end of the answer could follow
         elif self.produced >= self.limit:
             self.finished = "length"
+        if self.finished in ("eos", "length"):
             text += self.stops.feed(self.detok.flush())[0] + self.stops.flush()
-        return TokenEvent(token, text, self.finished, elapsed)
+        return TokenEvent(token, text, self.finished, elapsed, logprob)
 
 
 class ForcedDecode:

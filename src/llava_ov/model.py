@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ class Tokenizer:
         self._decoder = core.compile_model(export_dir / layout.DETOKENIZER_MODEL, "CPU", SMALL_GRAPH)
         self._enc_req = self._encoder.create_infer_request()
         self._dec_req = self._decoder.create_infer_request()
+        self._dec_lock = threading.Lock()
         self.pieces = PieceDecoder.from_export(export_dir)
 
     @property
@@ -121,8 +123,16 @@ class Tokenizer:
         arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         if arr.shape[1] == 0:
             return ""
-        self._dec_req.infer([arr])
-        return self._dec_req.get_output_tensor(0).str_data[0]
+        with self._dec_lock:
+            self._dec_req.infer([arr])
+            return self._dec_req.get_output_tensor(0).str_data[0]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's text as bytes (b"" for special tokens; a piece may be part of a character)."""
+        if self.pieces is not None:
+            pieces = self.pieces.pieces
+            return (pieces[token_id] if 0 <= token_id < len(pieces) else None) or b""
+        return self.decode([token_id]).encode()
 
 
 def _plain(value: Any) -> str:

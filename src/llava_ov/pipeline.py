@@ -26,8 +26,9 @@ import numpy as np
 from .errors import ContextLengthError, LlavaOvError
 from .engine import Engine, EngineConfig, Failed, Progress
 from .features import merge_embeddings, pack_features, packed_length
-from .generate import DecodeState, ForcedDecode, GenerationConfig, TokenEvent
+from .generate import DecodeState, ForcedDecode, GenerationConfig, TokenEvent, TokenLogprob
 from .image import ImageConfig, ProcessedImage, load_image, preprocess
+from .constrained import JsonConstraint, JsonGrammars
 from .model import ExportedModel, LoadOptions
 from .template import ChatTemplate
 
@@ -84,6 +85,7 @@ class GenerationResult:
     image_tokens: int
     cached_tokens: int  # prompt tokens reused from the KV cache (not prefilled)
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the config asks for them
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -97,6 +99,7 @@ class StreamChunk:
     token_ids: list[int]
     finish_reason: str | None = None
     result: GenerationResult | None = None  # on the last chunk
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of this chunk's tokens, when asked for
 
 
 @dataclass
@@ -155,6 +158,8 @@ class Pipeline:
         # it is also held for a whole generation, one at a time.
         self._lock = threading.RLock()
         self._cancels: set[threading.Event] = set()
+        self._grammars: JsonGrammars | None = None  # built on the first request with a JSON schema
+        self._grammars_lock = threading.Lock()
 
     @property
     def max_concurrency(self) -> int:
@@ -375,8 +380,22 @@ class Pipeline:
         finally:
             self._cancels.discard(cancel)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's text as bytes, for logprobs (thread-safe)."""
+        return self.model.tokenizer.token_bytes(token_id)
+
+    def json_constraint(self, schema: dict[str, Any]) -> JsonConstraint:
+        """A grammar state for one answer under `schema` (InvalidSchemaError naming what is wrong)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                vocab = int(self.model.text_config["vocab_size"])
+                self._grammars = JsonGrammars.from_export(self.model.dir, vocab, self.eos_ids)
+        return self._grammars.constraint(schema)
+
     def _start(self, messages: Sequence[Message], config: GenerationConfig) -> tuple[PreparedPrompt, Timings, DecodeState]:
         timings = Timings()
+        # before any image is encoded: a bad schema costs nothing
+        constraint = None if config.json_schema is None else self.json_constraint(config.json_schema)
         prompt = self.prepare(messages)
         self._check_context(prompt)
         timings.preprocess_s = sum(im.preprocess_s for im in prompt.images)
@@ -384,7 +403,7 @@ class Pipeline:
         state = DecodeState(
             self.model.tokenizer.stream(), config, self.eos_ids,
             history=prompt.token_ids.tolist() if config.repetition_penalty != 1.0 else (),
-            max_tokens=self.model.max_context - len(prompt.token_ids),
+            max_tokens=self.model.max_context - len(prompt.token_ids), constraint=constraint,
         )  # fmt: skip
         return prompt, timings, state
 
@@ -470,6 +489,7 @@ class _Collector:
         self.prompt, self.timings, self.started, self.reused = prompt, timings, started, reused
         self.tokens: list[int] = []
         self.texts: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
 
     def chunk(self, event: TokenEvent) -> StreamChunk:
         if event.token_id is not None:
@@ -480,10 +500,13 @@ class _Collector:
                 self.timings.token_s.append(event.time_s)
         self.texts.append(event.text)
         chunk = StreamChunk(event.text, [] if event.token_id is None else [event.token_id], event.finish_reason)
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
+            chunk.logprobs.append(event.logprob)
         if event.finish_reason is not None:
             chunk.result = GenerationResult(
                 "".join(self.texts), self.tokens, event.finish_reason, len(self.prompt.token_ids),
-                self.prompt.image_tokens, self.reused, self.timings,
+                self.prompt.image_tokens, self.reused, self.timings, self.logprobs if self.logprobs else None,
             )  # fmt: skip
         return chunk
 

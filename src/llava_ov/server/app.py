@@ -21,12 +21,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from .. import __version__
+from ..constrained import InvalidSchemaError
 from ..errors import LlavaOvError
 from .completions import Completion, EventStream
 from .errors import APIError, error_body
 from .guards import APIKeyGuard, BodyLimit
 from .images import ImageLoader, ImagePolicy
-from .mapping import generation_config, to_messages
+from .mapping import generation_config, schema_error, to_messages
 from .metrics import MetricsMiddleware, ServerMetrics
 from .schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
 from .settings import ServerSettings
@@ -137,13 +138,18 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         config = generation_config(body, settings)
         if state.worker.depth >= settings.max_queue:  # fail fast, before fetching and decoding images
             raise queue_full()
+        if config.json_schema is not None:  # a schema that cannot be compiled is refused before images are fetched
+            await asyncio.to_thread(_check_schema_compiles, state.worker.pipeline, config.json_schema)
         job = Job(await to_messages(body, settings, state.images), config, asyncio.get_running_loop())
         try:
             state.worker.submit(job)
         except QueueFull:
             raise queue_full() from None
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-        completion = Completion(job, request.receive, settings.request_timeout_s, settings.served_name, include_usage)
+        completion = Completion(
+            job, request.receive, settings.request_timeout_s, settings.served_name, include_usage,
+            token_bytes=state.worker.pipeline.token_bytes,
+        )  # fmt: skip
         first = await completion.first()
         if body.stream:
             return EventStream(completion.events(first))
@@ -164,6 +170,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def metrics() -> PlainTextResponse:
         """Prometheus text exposition."""
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _check_schema_compiles(pipeline: Any, schema: dict[str, Any]) -> None:
+    try:
+        pipeline.json_constraint(schema)
+    except InvalidSchemaError as exc:
+        raise schema_error(exc) from None
 
 
 def queue_full() -> APIError:

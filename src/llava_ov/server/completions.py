@@ -14,14 +14,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.responses import Response
 
 from ..pipeline import StreamChunk
 from .errors import APIError, error_body
-from .mapping import FINISH_REASONS, api_error, usage
+from .mapping import FINISH_REASONS, api_error, logprobs_content, usage
 from .worker import Dropped, Failed, Job, Started
 
 
@@ -77,8 +77,12 @@ class DisconnectWatch:
 class Completion:
     """One accepted request: its job, output reader, disconnect watch and response ids."""
 
-    def __init__(self, job: Job, receive: Any, timeout_s: float, model: str, include_usage: bool):
+    def __init__(
+        self, job: Job, receive: Any, timeout_s: float, model: str, include_usage: bool,
+        token_bytes: Callable[[int], bytes] | None = None,
+    ):  # fmt: skip
         self.job = job
+        self.token_bytes = token_bytes if job.config.logprobs is not None else None  # logprobs asked for
         self.output = JobOutput(job, timeout_s)
         self.watch = DisconnectWatch(receive, job)
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -115,7 +119,8 @@ class Completion:
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": FINISH_REASONS[result.finish_reason], "logprobs": None}],
+                         "finish_reason": FINISH_REASONS[result.finish_reason],
+                         "logprobs": self._logprobs(result.logprobs or [])}],
             "usage": usage(result),
         }  # fmt: skip
 
@@ -129,8 +134,8 @@ class Completion:
                     if not isinstance(event, ClientGone):
                         yield _sse(error_body(**_error_kwargs(_terminal_error(event))))
                     break
-                if event.text:
-                    yield self._chunk({"content": event.text})
+                if event.text or (event.logprobs and self.token_bytes):
+                    yield self._chunk({"content": event.text}, logprobs=event.logprobs)
                 if event.result is not None:
                     yield self._chunk({}, FINISH_REASONS[event.result.finish_reason])
                     if self.include_usage:
@@ -148,9 +153,15 @@ class Completion:
             out["usage"] = None
         return out
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None, logprobs: list | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
+                  "logprobs": self._logprobs(logprobs) if logprobs else None}  # fmt: skip
         return _sse(self._base(choices=[choice]))
+
+    def _logprobs(self, entries: list) -> dict[str, Any] | None:
+        if self.token_bytes is None:
+            return None
+        return {"content": logprobs_content(entries, self.token_bytes), "refusal": None}
 
 
 def _sse(payload: dict[str, Any]) -> bytes:

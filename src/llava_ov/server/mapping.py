@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from ..constrained import JSON_OBJECT, InvalidSchemaError
 from ..errors import ContextLengthError, InvalidImageError, LlavaOvError
-from ..generate import GenerationConfig
+from ..generate import GenerationConfig, TokenLogprob
 from ..pipeline import Message
 from .errors import APIError
 from .images import ImageLoader
@@ -23,8 +25,8 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
     if req.n not in (None, 1):
         message = "n must be 1: this server returns one choice per request"
         raise APIError(400, message, param="n", code="unsupported_value")
-    if req.logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     if req.tools:
         raise APIError(400, "tools (function calling) are not supported", param="tools", code="unsupported_value")
     wanted = req.max_completion_tokens or req.max_tokens or settings.max_tokens
@@ -36,12 +38,40 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
         repetition_penalty=req.repetition_penalty or 1.0,
         seed=req.seed,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        json_schema=json_schema(req),
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )
     try:
         config.validate()
+    except InvalidSchemaError as exc:
+        raise schema_error(exc) from None
     except LlavaOvError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
     return config
+
+
+def json_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The schema `response_format` asks for (None for text); json_object is any JSON object."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return dict(JSON_OBJECT)
+    return fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else dict(JSON_OBJECT)
+
+
+def schema_error(exc: InvalidSchemaError) -> APIError:
+    return APIError(400, str(exc), param="response_format", code="invalid_json_schema")
+
+
+def logprobs_content(entries: list[TokenLogprob] | None, token_bytes: Callable[[int], bytes]) -> list[dict[str, Any]]:
+    """Runtime logprobs as OpenAI's `logprobs.content` list."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries or []]
 
 
 async def to_messages(req: ChatCompletionRequest, settings: ServerSettings, images: ImageLoader) -> list[Message]:
@@ -76,6 +106,8 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, InvalidImageError):
         return APIError(400, str(exc), param="messages", code="invalid_image")
+    if isinstance(exc, InvalidSchemaError):
+        return schema_error(exc)
     if isinstance(exc, LlavaOvError):
         return APIError(400, str(exc), code="invalid_request")
     return APIError(500, "internal server error while generating (see the server log)", code="internal_error")

@@ -2,7 +2,7 @@
 
 Requests accept (and ignore) OpenAI fields that do not change a greedy or
 sampled answer here (e.g. `user`, `metadata`); fields the server cannot honour
-with a different value (`n`, `tools`, `logprobs`) are checked in `app`.
+with a different value (`n`, `tools`) are checked in `mapping`.
 """
 
 from __future__ import annotations
@@ -51,6 +51,29 @@ class StreamOptions(_Lenient):
     include_usage: bool | None = None
 
 
+class TextFormat(_Lenient):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Lenient):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Lenient):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # omitted: any JSON object
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(_Lenient):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat], Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Lenient):
     model: str = Field(default="", description="any name: this server serves one model")
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -65,8 +88,10 @@ class ChatCompletionRequest(_Lenient):
     n: int | None = Field(default=None, description="only 1 is supported")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    # accepted for compatibility, must keep their neutral values (checked in app)
+    response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema")
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="needs logprobs: true")
+    # accepted for compatibility, must keep their neutral values (checked in mapping)
     tools: list[dict[str, Any]] | None = None
 
 
@@ -81,11 +106,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class Logprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: Logprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -106,7 +146,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: Logprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
