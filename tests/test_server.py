@@ -87,6 +87,9 @@ class Proxy:
         self.calls = 0
         self.results = []
 
+    def __getattr__(self, name):  # the rest of the Pipeline API (token_bytes, json_constraint, ...)
+        return getattr(self.pipe, name)
+
     def stream(self, messages, config=None, cancel=None, progress=None):
         self.calls += 1
         self.started.set()
@@ -272,7 +275,10 @@ BAD_REQUESTS = {
     "negative max_tokens": {"messages": HELLO, "max_tokens": -1},
     "temperature too high": {"messages": HELLO, "temperature": 5},
     "n=2": {"messages": HELLO, "n": 2},
-    "logprobs": {"messages": HELLO, "logprobs": True},
+    "top_logprobs without logprobs": {"messages": HELLO, "top_logprobs": 2},
+    "top_logprobs 21": {"messages": HELLO, "logprobs": True, "top_logprobs": 21},
+    "unknown response_format": {"messages": HELLO, "response_format": {"type": "xml"}},
+    "json_schema without name": {"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {}}},
     "too many messages": {"messages": HELLO * 1025},
     "string body": "just a string",
 }
@@ -665,3 +671,95 @@ def test_slow_and_oversized_clients_are_cut_off(exports, reference):
         for sock in (slow, big, idle):
             sock.close()
         assert_healthy(base)
+
+
+# ----------------------------------------------------------------------------- structured output and logprobs
+
+ITEMS = {
+    "type": "object",
+    "properties": {"kind": {"enum": ["cat", "dog"]}, "count": {"type": "integer", "minimum": 1, "maximum": 9},
+                   "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 1, "maxItems": 3}},
+    "required": ["kind", "count", "tags"], "additionalProperties": False,
+}  # fmt: skip
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "items", "schema": ITEMS, "strict": True}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_validates_and_equals_pipeline(client, reference, stream):
+    import jsonschema
+
+    prompt = [{"role": "user", "content": "List what you see."}]
+    expected = reference.generate(messages_for(prompt), config=GenerationConfig(max_new_tokens=100, json_schema=ITEMS))
+    answer = client.chat.completions.create(model="m", messages=prompt, max_tokens=100, response_format=SCHEMA_FORMAT,
+                                            stream=stream)  # fmt: skip
+    if stream:
+        chunks = [c for c in answer if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    else:
+        text, finish = answer.choices[0].message.content, [answer.choices[0].finish_reason]
+    assert text == expected.text and finish == ["stop"]
+    jsonschema.validate(json.loads(text), ITEMS)
+
+
+def test_response_format_json_object_and_cut_json(client, reference):
+    from llava_ov.constrained import JSON_OBJECT
+
+    prompt = [{"role": "user", "content": "Answer in JSON."}]
+    # any object: keys and strings are unbounded, so a random model may run on; take a seed whose answer ends
+    seed = next(seed for seed in range(20) if reference.generate(messages_for(prompt), config=GenerationConfig(
+        max_new_tokens=200, json_schema=JSON_OBJECT, temperature=0.7, seed=seed)).finish_reason == "eos")  # fmt: skip
+    answer = client.chat.completions.create(model="m", messages=prompt, max_tokens=200, temperature=0.7, seed=seed,
+                                            response_format={"type": "json_object"})  # fmt: skip
+    assert answer.choices[0].finish_reason == "stop" and isinstance(json.loads(answer.choices[0].message.content), dict)
+    cut = client.chat.completions.create(model="m", messages=prompt, max_tokens=3, response_format=SCHEMA_FORMAT)
+    assert cut.choices[0].finish_reason == "length"  # raise max_tokens: the JSON was cut
+    plain = client.chat.completions.create(model="m", messages=prompt, max_tokens=5, response_format={"type": "text"})
+    assert plain.choices[0].message.content == client.chat.completions.create(
+        model="m", messages=prompt, max_tokens=5).choices[0].message.content  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "schema, words",
+    [
+        ({"type": "string", "format": "no-such-format"}, "Unknown format"),
+        ({"$ref": "#/definitions/missing"}, "does not exist"),
+        ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "Unsatisfiable"),
+        ({"enum": ["x" * 1000] * 70}, "the limit is"),
+    ],
+)
+def test_unusable_schema_is_400_naming_the_problem(server, jpeg_url, schema, words):
+    fetched_before = metric(server, "llava_ov_prompt_tokens_total")
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "JSON?"},
+                                                      {"type": "image_url", "image_url": {"url": jpeg_url}}]}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}  # fmt: skip
+    error = assert_error(post(server, body), 400, "invalid_json_schema")
+    assert words in error["message"] and error["param"] == "response_format"
+    assert metric(server, "llava_ov_prompt_tokens_total") == fetched_before  # nothing ran
+    assert_healthy(server)
+
+
+def test_logprobs_as_openai_returns_them(client, reference):
+    import math
+
+    prompt = [{"role": "user", "content": "Name three animals."}]
+    config = GenerationConfig(max_new_tokens=8, logprobs=4)
+    expected = reference.generate(messages_for(prompt), config=config)
+    answer = client.chat.completions.create(model="m", messages=prompt, max_tokens=8, logprobs=True, top_logprobs=4)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens == len(expected.token_ids)
+    for entry, ours in zip(content, expected.logprobs):
+        assert entry.logprob == pytest.approx(ours.logprob) and len(entry.top_logprobs) == 4
+        assert entry.logprob == entry.top_logprobs[0].logprob  # greedy: the chosen token is the most likely
+        assert bytes(entry.bytes) == reference.token_bytes(ours.token_id) and entry.token == bytes(entry.bytes).decode(
+            "utf-8", errors="replace")  # fmt: skip
+        assert all(a.logprob >= b.logprob for a, b in zip(entry.top_logprobs, entry.top_logprobs[1:]))
+        assert sum(math.exp(t.logprob) for t in entry.top_logprobs) <= 1 + 1e-6
+    assert "".join(e.token for e in content).strip() == answer.choices[0].message.content.strip()
+
+    stream = client.chat.completions.create(model="m", messages=prompt, max_tokens=8, logprobs=True, top_logprobs=4,
+                                            stream=True)  # fmt: skip
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    off = client.chat.completions.create(model="m", messages=prompt, max_tokens=3)
+    assert off.choices[0].logprobs is None
