@@ -429,3 +429,47 @@ def test_a_failed_write_leaves_no_partial_line(tmp_path, monkeypatch):
     sink.close()
     assert (tmp_path / "out.jsonl").read_bytes().count(b"\n") == 1
     assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["a"]
+
+
+CATALOGUE = {
+    "type": "object",
+    "properties": {"caption": {"type": "string", "maxLength": 30}, "has_text": {"type": "boolean"},
+                   "objects": {"type": "array", "items": {"enum": ["cat", "cup", "rocket", "sky"]}, "maxItems": 3}},
+    "required": ["caption", "has_text", "objects"], "additionalProperties": False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("out_name", ["out.jsonl", "out.parquet"])
+def test_json_schema_rows_store_the_parsed_object_and_mark_cut_ones(pipe, photos, tmp_path, out_name):
+    import jsonschema
+
+    table = tmp_path / "rows.jsonl"
+    write_table(table, [{"id": n, "image": str(photos[n])} for n in PHOTOS])
+    out = tmp_path / out_name
+    config = GenerationConfig(max_new_tokens=120, json_schema=CATALOGUE)
+    summary = run_batch(pipe, table, out, config=config, progress=False)
+    assert (summary.succeeded, summary.failed) == (3, 0)
+    for record in read_output(out):
+        obj = json.loads(record["json"]) if out.suffix == ".parquet" else record["json"]  # Parquet: JSON text
+        jsonschema.validate(obj, CATALOGUE)
+        assert obj == json.loads(record["answer"]) and record["finish_reason"] == "eos" and record["error"] is None
+
+    cut = tmp_path / ("cut" + out.suffix)
+    short = GenerationConfig(max_new_tokens=5, json_schema=CATALOGUE)
+    summary = run_batch(pipe, table, cut, config=short, progress=False)
+    assert (summary.succeeded, summary.failed, summary.exit_code) == (0, 3, 1)
+    for record in read_output(cut):  # marked: an error naming the fix, the partial text kept
+        assert record["finish_reason"] == "length" and record["json"] is None and record["answer"]
+        assert "raise --max-new-tokens" in record["error"] and "--retry-errors" in record["error"]
+    summary = run_batch(pipe, table, cut, config=config, progress=False, retry_errors=True)  # only those rerun
+    assert (summary.succeeded, summary.failed) == (3, 0)
+    assert all(r["error"] is None for r in read_output(cut))
+
+
+def test_unusable_schema_stops_the_batch_before_any_row(pipe, photos, tmp_path):
+    table = tmp_path / "rows.jsonl"
+    write_table(table, [{"id": "a", "image": str(photos["chelsea"])}])
+    config = GenerationConfig(json_schema={"type": "string", "format": "no-such-format"})
+    with pytest.raises(LlavaOvError, match="Unknown format"):
+        run_batch(pipe, table, tmp_path / "out.jsonl", config=config, progress=False)
+    assert not (tmp_path / "out.jsonl").exists() or read_output(tmp_path / "out.jsonl") == []

@@ -164,3 +164,24 @@ def test_demo_model_and_compress_print_phases_not_library_chatter(tmp_path):
     compressed = cli("compress", tmp_path / "demo", "-o", tmp_path / "int4", "--lm", "int4_sym")
     assert compressed.returncode == 0, compressed.stderr
     assert "Statistics of the bitwidth distribution" not in compressed.stdout + compressed.stderr
+
+
+def test_run_json_schema_prints_only_the_json(exports, photos, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"animal": {"enum": ["cat", "dog"]},
+                                               "legs": {"type": "integer", "minimum": 0, "maximum": 4}},
+              "required": ["animal", "legs"], "additionalProperties": False}  # fmt: skip
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    common = ("run", exports["llava"], "--image", photos["chelsea"], "--prompt", "JSON please.", "--json-schema", path)
+    proc = cli(*common, "--max-new-tokens", "60")
+    assert proc.returncode == 0, proc.stderr
+    jsonschema.validate(json.loads(proc.stdout), schema)  # stdout is the JSON and nothing else
+    cut = cli(*common, "--max-new-tokens", "2")
+    assert cut.returncode == 1 and "raise --max-new-tokens" in cut.stderr and "Traceback" not in cut.stderr
+    (tmp_path / "bad.json").write_text("{oops")
+    assert_clean_error(cli("run", exports["llava"], "--prompt", "x", "--json-schema", tmp_path / "bad.json"), "not JSON")
+    (tmp_path / "odd.json").write_text('{"type": "string", "format": "nope"}')
+    odd = cli("run", exports["llava"], "--image", photos["chelsea"], "--prompt", "x", "--json-schema", tmp_path / "odd.json")
+    assert_clean_error(odd, "Unknown format")

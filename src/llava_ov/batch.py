@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .batch_io import DEFAULT_PROMPT, Row, is_url, open_sink, read_rows
+from .constrained import parse_answer
 from .errors import InvalidImageError, LlavaOvError
 from .fetch import FetchPolicy, fetch_url
 
@@ -91,12 +92,16 @@ def caption_row(pipe, row: Row, config, fetch: FetchOptions = FetchOptions(), ca
     except Exception as e:  # e.g. an OpenVINO runtime error: record it, keep the job going
         return error_record(row, f"{type(e).__name__}: {e}", time.perf_counter() - start)
     t = result.timings
+    parsed, error = None, None
+    if config.json_schema is not None:
+        parsed, error = parse_answer(result.text, result.finish_reason, len(result.token_ids))
+        error = error and f"{error}; then rerun with --retry-errors"  # a cut answer is an error row: redo only those
     return {
         "id": row.id, "image": row.image, "prompt": row.prompt, "answer": result.text,
         "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
         "completion_tokens": len(result.token_ids),
         "timings": {"ttft_s": t.ttft_s, "tpot_s": t.tpot_s, "total_s": time.perf_counter() - start},
-        "error": None,
+        "json": parsed, "error": error,
     }  # fmt: skip
 
 
@@ -104,7 +109,7 @@ def error_record(row: Row, message: str, total_s: float) -> dict[str, Any]:
     return {
         "id": row.id, "image": row.image, "prompt": row.prompt, "answer": None, "finish_reason": "error",
         "prompt_tokens": None, "completion_tokens": None,
-        "timings": {"ttft_s": None, "tpot_s": None, "total_s": total_s}, "error": message,
+        "timings": {"ttft_s": None, "tpot_s": None, "total_s": total_s}, "json": None, "error": message,
     }  # fmt: skip
 
 
@@ -194,6 +199,8 @@ def _results(model, spec, config, fetch, in_flight: int, todo: list[Row]) -> Ite
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     pipe = model if spec is None else _load_with_warnings(spec)
+    if config.json_schema is not None:
+        pipe.json_constraint(config.json_schema)  # an unusable schema stops the job before any row
     rows, stop = iter(todo), threading.Event()
     answer = functools.partial(caption_row, pipe, config=config, fetch=fetch, cancel=stop)
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="llava-ov-batch") as pool:

@@ -25,7 +25,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 TABLE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 DEFAULT_PROMPT = "Describe this image."
 JOURNAL_SUFFIX = ".journal.jsonl"
-FIELDS = ("id", "image", "prompt", "answer", "finish_reason", "prompt_tokens", "completion_tokens", "timings", "error")
+FIELDS = (
+    "id", "image", "prompt", "answer", "finish_reason", "prompt_tokens", "completion_tokens", "timings",
+    "json",  # with a JSON schema: the parsed answer (JSONL: the object; Parquet: its JSON text)
+    "error",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- rows
@@ -183,8 +187,19 @@ def arrow_schema():
     import pyarrow as pa
 
     timings = pa.struct([("ttft_s", pa.float64()), ("tpot_s", pa.float64()), ("total_s", pa.float64())])
-    types = [pa.string()] * 5 + [pa.int64(), pa.int64(), timings, pa.string()]
+    types = [pa.string()] * 5 + [pa.int64(), pa.int64(), timings, pa.string(), pa.string()]
     return pa.schema(list(zip(FIELDS, types)))
+
+
+def arrow_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records as Parquet stores them: the parsed JSON answer as JSON text."""
+    out = []
+    for record in records:
+        value = record.get("json")
+        if value is not None and not isinstance(value, str):
+            record = {**record, "json": json.dumps(value, ensure_ascii=False)}
+        out.append(record)
+    return out
 
 
 
@@ -300,7 +315,7 @@ def write_parquet_atomic(path: Path, records: list[dict[str, Any]]) -> None:
     import pyarrow.parquet as pq
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(pa.Table.from_pylist(records, schema=arrow_schema()), tmp)
+    pq.write_table(pa.Table.from_pylist(arrow_records(records), schema=arrow_schema()), tmp)
     with tmp.open("rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -28,6 +28,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="answer with JSON valid under this JSON Schema (constrained decoding)")  # fmt: skip
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -72,11 +74,14 @@ def parse_parts(pairs: list[str], what: str) -> dict[str, str]:
 
 
 def generation_config(args: argparse.Namespace):
+    from .constrained import load_schema
     from .generate import GenerationConfig
 
+    schema = getattr(args, "json_schema", None)
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop),
+        json_schema=load_schema(schema) if schema else None,
     )  # fmt: skip
 
 
@@ -140,9 +145,10 @@ def warn_token_cap(pipe, config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Exit status 0; 1 when a --json-schema answer was cut before its JSON ended."""
+    config = generation_config(args)  # a bad schema file fails before the model loads
     pipe = load_pipeline(args)
     images = [args.image] if args.image else []
-    config = generation_config(args)
     warn_token_cap(pipe, config)
     if args.json:
         result = pipe.generate(args.prompt, images, config)
@@ -167,6 +173,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         t = result.timings
         print(f"[{result.finish_reason}; {result.prompt_tokens} prompt tokens ({result.image_tokens} image); "
               f"TTFT {t.ttft_s:.2f} s; {t.tokens_per_s:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
+    if result is not None and config.json_schema is not None:
+        from .constrained import parse_answer
+
+        _, problem = parse_answer(result.text, result.finish_reason, len(result.token_ids))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
     return 0
 
 

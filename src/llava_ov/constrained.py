@@ -57,6 +57,17 @@ def load_schema(path: str | Path) -> dict[str, Any]:
     return schema
 
 
+def parse_answer(text: str, finish_reason: str, tokens: int) -> tuple[Any, str | None]:
+    """(parsed JSON, None) for an answer under a schema, or (None, why it is not complete JSON)."""
+    if finish_reason == "length":
+        return None, f"the JSON was cut at {tokens} tokens by the token limit: raise --max-new-tokens"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError:
+        how = "a stop string" if finish_reason == "stop" else f"finish reason {finish_reason!r}"
+        return None, f"the answer ended by {how} before its JSON did"
+
+
 class JsonGrammars:
     """Compiles JSON Schemas for one tokenizer vocabulary (thread-safe; one per pipeline)."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .batch import BatchSummary, FetchOptions, PipelineSpec, caption_row, cpu_count
-from .batch_io import DEFAULT_PROMPT, Row, arrow_schema, read_rows
+from .batch_io import DEFAULT_PROMPT, Row, arrow_records, arrow_schema, read_rows
 from .errors import LlavaOvError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class Captioner:
 
         rows = [Row(**r) for r in batch.to_pylist()]
         records = [caption_row(self.pipe, row, self.config, self.fetch) for row in rows]
-        return pa.Table.from_pylist(records, schema=arrow_schema())
+        return pa.Table.from_pylist(arrow_records(records), schema=arrow_schema())
 
 
 def existing_results(out: Path) -> dict[str, str | None]:
