@@ -47,3 +47,21 @@ def test_bench_concurrency_smoke(exports, photos, tmp_path):
             assert level["steady_decode_tokens_per_s"]["mean"] > 0 and level["mean_ttft_s"]["mean"] > 0, name
     assert {"ours_over_fifo_at_3", "ours_over_genai_at_3"} <= set(report["ratios"])
     assert "| fifo | 3 |" in proc.stdout
+
+
+def test_bench_json_schema_reports_the_grammar_cost(exports, photos, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"caption": {"type": "string", "maxLength": 400}},
+                                  "required": ["caption"]}))  # fmt: skip
+    out = tmp_path / "bench.json"
+    args = [sys.executable, "-m", "llava_ov.cli", "bench", str(exports["llava"]), "--image", str(photos["coffee"]),
+            "--runs", "2", "--warmup", "1", "--max-new-tokens", "12", "--no-bandwidth", "--json-schema", str(schema),
+            "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["engines"]) == {"ours", "ours+json"}
+    constrained = report["engines"]["ours+json"]
+    assert constrained["grammar_per_token_s"]["mean"] > 0 and constrained["generated"]["mean"] > 1
+    assert "grammar_per_token_s" not in report["engines"]["ours"]  # no schema: no grammar work at all
+    assert report["ratios"]["tpot_json_over_plain"] > 0 and "JSON schema: grammar" in proc.stdout

@@ -12,6 +12,7 @@ read per token).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -56,6 +57,7 @@ class RunMetrics:
     prompt_tokens: int
     generated: int
     overhead_share: float | None = None  # ours only: time outside OpenVINO calls / decode time
+    grammar_per_token_s: float | None = None  # ours with --json-schema: the grammar's time per token
     tpot_wall_s: float | None = None  # genai only: mean gap between streamed tokens, timed in Python like ours
 
     @property
@@ -181,6 +183,7 @@ def kv_bytes_read(config: dict, context: int, bytes_per_value: float) -> float:
 
 class OursEngine:
     name = "ours"
+    json_schema: dict | None = None
 
     def __init__(self, export: Path, device: str, properties: dict):
         from .pipeline import Pipeline
@@ -189,12 +192,18 @@ class OursEngine:
         self.pipe = Pipeline(export, device, properties=properties)
         self.load_s = time.perf_counter() - start
 
+    def with_schema(self, schema: dict) -> OursEngine:
+        """The same loaded pipeline, answering under a JSON schema (constrained decoding)."""
+        other = copy.copy(self)
+        other.name, other.json_schema = "ours+json", schema
+        return other
+
     def run(self, image: Path, prompt: str, max_new: int) -> RunMetrics:
         from .generate import GenerationConfig
 
         self.pipe.clear_caches()  # first-turn numbers: no KV reuse, no cached image features
         engine = self.pipe.engine
-        cfg = GenerationConfig(max_new_tokens=max_new, ignore_eos=True)
+        cfg = GenerationConfig(max_new_tokens=max_new, ignore_eos=True, json_schema=self.json_schema)
         chunks = self.pipe.stream(prompt, [image], cfg)
         result = next(c for c in chunks if True)  # first token: start counting OpenVINO time after it
         infer_before = engine.infer_s if engine else 0.0
@@ -203,8 +212,9 @@ class OursEngine:
         res = result.result
         t = res.timings
         overhead = 1 - (engine.infer_s - infer_before) / t.decode_s if engine and t.decode_s else None
+        grammar = t.grammar_s / len(res.token_ids) if self.json_schema is not None and res.token_ids else None
         return RunMetrics(t.preprocess_s, t.vision_s, t.ttft_s, t.tpot_s, res.image_tokens, res.prompt_tokens,
-                          len(res.token_ids), overhead)  # fmt: skip
+                          len(res.token_ids), overhead, grammar_per_token_s=grammar)  # fmt: skip
 
     def follow_up(self, image: Path, prompt: str, follow: str, max_new: int) -> tuple[float, float]:
         """TTFT of a first turn and of a follow-up about the same image (KV and feature reuse)."""
@@ -327,6 +337,7 @@ class BenchOptions:
     torch_dtype: str = "float32"
     bandwidth: bool = True
     isolated_rss: bool = False  # peak RSS of each engine alone, in a child process (one extra run each)
+    json_schema: dict | None = None  # also time ours under this schema ("ours+json", same loaded pipeline)
 
 
 def engine_prompt(name: str, export: Path, image: Path, prompt: str) -> str:
@@ -359,6 +370,9 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
         engines.append(make_engine(name, opts))
         loaded_rss[name] = current_rss() - before
     ours = engines[0]
+    if opts.json_schema is not None:
+        engines.insert(1, ours.with_schema(opts.json_schema))
+        loaded_rss["ours+json"] = 0
     prompts = {e.name: engine_prompt(e.name, opts.model, opts.image, opts.prompt) for e in engines}
     runs: dict[str, list[RunMetrics]] = {e.name: [] for e in engines}
     with RssSampler() as sampler:
@@ -427,6 +441,10 @@ def engine_summary(engine, runs: list[RunMetrics], rss_bytes: int) -> dict[str, 
     walls = [r.tpot_wall_s for r in runs if r.tpot_wall_s is not None]
     if walls:
         out["tpot_wall_s"] = summarize(walls).__dict__
+    grammar = [r.grammar_per_token_s for r in runs if r.grammar_per_token_s is not None]
+    if grammar:
+        out["grammar_per_token_s"] = summarize(grammar).__dict__
+        out["generated"] = summarize([float(r.generated) for r in runs]).__dict__  # the JSON decides the length
     return out
 
 
@@ -435,7 +453,9 @@ def ratios(engines: dict[str, Any]) -> dict[str, float]:
     ours = engines["ours"]
     out = {}
     for name, other in engines.items():
-        if name != "ours":
+        if name == "ours+json":
+            out["tpot_json_over_plain"] = other["tpot_s"]["mean"] / ours["tpot_s"]["mean"]
+        elif name != "ours":
             out[f"tpot_{name}_over_ours"] = other["tpot_s"]["mean"] / ours["tpot_s"]["mean"]
             out[f"ttft_ours_over_{name}"] = ours["ttft_s"]["mean"] / other["ttft_s"]["mean"]
             if "tpot_wall_s" in other:
@@ -498,6 +518,12 @@ def format_report(report: dict[str, Any]) -> str:
              f"process peak RSS {report['peak_rss_mb']:.0f} MB"]  # fmt: skip
     if "python_overhead_share" in ours:
         lines.append(f"Python overhead: {Stat(**ours['python_overhead_share']).fmt(100, 2)} % of decode time")
+    if "ours+json" in report["engines"]:
+        j = report["engines"]["ours+json"]
+        lines.append(f"JSON schema: grammar {Stat(**j['grammar_per_token_s']).fmt(1e3, 3)} ms per token; TPOT "
+                     f"{Stat(**j['tpot_s']).fmt(1e3, 2)} ms vs {Stat(**ours['tpot_s']).fmt(1e3, 2)} ms without "
+                     f"({j['tpot_s']['mean'] / ours['tpot_s']['mean'] - 1:+.1%}); "
+                     f"{Stat(**j['generated']).fmt(1, 0)} tokens per answer")  # fmt: skip
     f = report["follow_up"]
     lines.append(f"chat (ChatSession, 8 new tokens): turn-2 TTFT {Stat(**f['follow_up_ttft']).fmt(1e3)} ms vs "
                  f"turn-1 TTFT {Stat(**f['first_ttft']).fmt(1e3)} ms (ratio {f['ratio']:.1%}; turn 1 here excludes "
@@ -530,6 +556,8 @@ def register(subparsers) -> None:
     p.add_argument("--source", default=None, help="transformers checkpoint for --compare transformers")
     p.add_argument("--torch-dtype", default="float32")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth-bound measurement")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="also time answers constrained to this JSON Schema (grammar cost per token, TPOT ratio)")
     p.add_argument("--isolated-rss", action="store_true",
                    help="also measure each engine's peak RSS alone in a child process (one extra run each)")  # fmt: skip
     p.add_argument("--concurrency", default="",
@@ -549,6 +577,7 @@ def default_image() -> Path:
 
 
 def cmd_bench(args) -> int:
+    from .constrained import load_schema
     from .model import F32_PROPERTIES
 
     opts = BenchOptions(
@@ -557,6 +586,7 @@ def cmd_bench(args) -> int:
         properties=dict(F32_PROPERTIES) if args.f32 else {}, genai_backend=args.genai_backend,
         compare=tuple(c for c in args.compare.split(",") if c), source=args.source, torch_dtype=args.torch_dtype,
         bandwidth=not args.no_bandwidth, isolated_rss=args.isolated_rss,
+        json_schema=load_schema(args.json_schema) if args.json_schema else None,
     )  # fmt: skip
     from .errors import require_extra
 

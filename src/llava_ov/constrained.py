@@ -14,6 +14,7 @@ or that cannot be satisfied are refused with its message.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ class JsonConstraint:
     def __init__(self, matcher: Any, n_vocab: int):
         self.matcher = matcher
         self.n_vocab = n_vocab
+        self.spent_s = 0.0  # in mask() and accept(): the grammar's cost, for benchmarks
 
     def allowed(self) -> np.ndarray:
         """Boolean mask over the vocabulary of the tokens the grammar allows next."""
@@ -114,13 +116,19 @@ class JsonConstraint:
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """A copy of `logits` with every token the grammar forbids at -inf."""
+        start = time.perf_counter()
         allowed = self.allowed()[: logits.shape[-1]]
         if not allowed.any():  # cannot happen for a valid grammar: fail loudly rather than emit junk
             raise LlavaOvError(f"the grammar allows no token here ({self.matcher.get_error() or 'no extension'})")
-        return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+        masked = np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+        self.spent_s += time.perf_counter() - start
+        return masked
 
     def accept(self, token: int) -> None:
-        if not self.matcher.consume_token(int(token)):
+        start = time.perf_counter()
+        ok = self.matcher.consume_token(int(token))
+        self.spent_s += time.perf_counter() - start
+        if not ok:
             raise LlavaOvError(f"token {token} broke the grammar: {self.matcher.get_error()}")
 
     @property

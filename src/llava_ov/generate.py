@@ -204,6 +204,7 @@ class Constraint(Protocol):
     """A grammar over the answer (see `constrained.JsonConstraint`)."""
 
     complete: bool
+    spent_s: float
 
     def mask(self, logits: np.ndarray) -> np.ndarray: ...
     def accept(self, token: int) -> None: ...

@@ -56,6 +56,7 @@ class Timings:
     vision_s: float = 0.0
     prefill_s: float = 0.0
     ttft_s: float = 0.0  # from the call to the first token (includes image work and prefill)
+    grammar_s: float = 0.0  # in the JSON grammar's mask and advance (0 without a schema)
     token_s: list[float] = field(default_factory=list)  # per generated token after the first
 
     @property
@@ -424,6 +425,8 @@ class Pipeline:
                 if item.token_id is not None and collect.tokens == []:
                     timings.queue_s, timings.prefill_s = handle.stats.queue_s, handle.stats.prefill_s
                 collect.reused = handle.stats.cached_tokens
+                if item.finish_reason is not None and state.constraint is not None:
+                    timings.grammar_s = state.constraint.spent_s
                 yield collect.chunk(item)
         finally:
             if not handle.done:
@@ -438,6 +441,8 @@ class Pipeline:
         collect = _Collector(prompt, timings, started, reused)
         while True:
             event = state.cancel() if cancel.is_set() else state.next(logits)
+            if event.finish_reason is not None and state.constraint is not None:
+                timings.grammar_s = state.constraint.spent_s
             yield collect.chunk(event)
             if event.finish_reason is not None:
                 return
