@@ -136,7 +136,3 @@ class JsonConstraint:
         """The JSON has ended: nothing but the end of the answer may follow."""
         return bool(self.matcher.is_stopped())
 
-    @property
-    def accepting(self) -> bool:
-        return bool(self.matcher.is_accepting())
-

@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from .constrained import JsonConstraint, JsonGrammars
 from .errors import ContextLengthError, LlavaOvError
 from .engine import Engine, EngineConfig, Failed, Progress
 from .features import merge_embeddings, pack_features, packed_length
-from .generate import DecodeState, ForcedDecode, GenerationConfig, TokenEvent, TokenLogprob
+from .generate import Constraint, DecodeState, ForcedDecode, GenerationConfig, TokenEvent, TokenLogprob
 from .image import ImageConfig, ProcessedImage, load_image, preprocess
-from .constrained import JsonConstraint, JsonGrammars
 from .model import ExportedModel, LoadOptions
 from .template import ChatTemplate
 
@@ -413,7 +413,7 @@ class Pipeline:
         prompt, timings, state = self._start(messages, config)
         rows, features = prompt.image_rows()
         handle = self.engine.submit(prompt.keys, prompt.token_ids, rows, features, state, cancel)
-        collect = _Collector(prompt, timings, started)
+        collect = _Collector(prompt, timings, started, constraint=state.constraint)
         try:
             for item in handle:
                 if isinstance(item, Progress):
@@ -425,8 +425,6 @@ class Pipeline:
                 if item.token_id is not None and collect.tokens == []:
                     timings.queue_s, timings.prefill_s = handle.stats.queue_s, handle.stats.prefill_s
                 collect.reused = handle.stats.cached_tokens
-                if item.finish_reason is not None and state.constraint is not None:
-                    timings.grammar_s = state.constraint.spent_s
                 yield collect.chunk(item)
         finally:
             if not handle.done:
@@ -438,11 +436,9 @@ class Pipeline:
         prefill_start = time.perf_counter()
         logits, reused = self.prefill(prompt)
         timings.prefill_s = time.perf_counter() - prefill_start
-        collect = _Collector(prompt, timings, started, reused)
+        collect = _Collector(prompt, timings, started, reused, state.constraint)
         while True:
             event = state.cancel() if cancel.is_set() else state.next(logits)
-            if event.finish_reason is not None and state.constraint is not None:
-                timings.grammar_s = state.constraint.spent_s
             yield collect.chunk(event)
             if event.finish_reason is not None:
                 return
@@ -490,8 +486,12 @@ class Pipeline:
 class _Collector:
     """Turns TokenEvents into StreamChunks and the final GenerationResult."""
 
-    def __init__(self, prompt: PreparedPrompt, timings: Timings, started: float, reused: int = 0):
+    def __init__(
+        self, prompt: PreparedPrompt, timings: Timings, started: float, reused: int = 0,
+        constraint: Constraint | None = None,
+    ):  # fmt: skip
         self.prompt, self.timings, self.started, self.reused = prompt, timings, started, reused
+        self.constraint = constraint
         self.tokens: list[int] = []
         self.texts: list[str] = []
         self.logprobs: list[TokenLogprob] = []
@@ -509,6 +509,8 @@ class _Collector:
             self.logprobs.append(event.logprob)
             chunk.logprobs.append(event.logprob)
         if event.finish_reason is not None:
+            if self.constraint is not None:
+                self.timings.grammar_s = self.constraint.spent_s
             chunk.result = GenerationResult(
                 "".join(self.texts), self.tokens, event.finish_reason, len(self.prompt.token_ids),
                 self.prompt.image_tokens, self.reused, self.timings, self.logprobs if self.logprobs else None,
