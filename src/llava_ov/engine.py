@@ -195,15 +195,20 @@ class Engine:
         features: np.ndarray,
         state: DecodeState,
         cancel: threading.Event | None = None,
+        positions: np.ndarray | None = None,
     ) -> Generation:
-        """Queue one sequence; its tokens are capped by the context and the pool's size."""
+        """Queue one sequence; its tokens are capped by the context and the pool's size.
+
+        `positions`: the prompt's position ids when they are not 0..n-1 (pruned image tokens)."""
         prompt = len(keys)
         room = self.token_limit - prompt
         if room < 1:
             raise ContextLengthError(f"the prompt is {prompt} tokens; {self.limit_reason()} {self.token_limit} tokens")
         state.limit = min(state.limit, room)
         handle = Generation(state, cancel or threading.Event())
-        seq = Sequence(keys, ids, image_rows, features, capacity=prompt + state.limit, payload=handle)
+        seq = Sequence(
+            keys, ids, image_rows, features, capacity=prompt + state.limit, payload=handle, positions=positions
+        )
         with self._wake:
             if self._stopping:
                 raise LlavaOvError("the engine is shut down")
@@ -313,7 +318,7 @@ class Engine:
         ends = np.cumsum([c.count for c in plan])
         return ForwardBatch(
             embeds=embeds,
-            positions=np.concatenate([np.arange(c.start, c.start + c.count) for c in plan]),
+            positions=np.concatenate([c.seq.position_ids(c.start, c.count) for c in plan]),
             past_lens=[c.start for c in plan],
             chunk_lens=[c.count for c in plan],
             block_tables=[c.seq.blocks[: self.scheduler.blocks_for(c.start + c.count)] for c in plan],

@@ -58,6 +58,26 @@ def packed_length(
     return tokens_per_tile + (rows.stop - rows.start) * (cols.stop - cols.start + int(newline))
 
 
+def packed_tiles(
+    tokens_per_tile: int, image_size: tuple[int, int], grid: tuple[int, int], tiles: int, newline: bool, packs: bool
+) -> np.ndarray:
+    """Per packed position (as `pack_features` lays them out): the tile it comes from (0: the base
+    image, 1..: grid tiles row-major), or -1 for an `image_newline` token."""
+    base = np.zeros(tokens_per_tile, np.int64)
+    if not packs:
+        return base
+    if tiles == 1:
+        return np.concatenate([base, [-1] * int(newline)]).astype(np.int64)
+    rows, cols = grid
+    side = int(round(np.sqrt(tokens_per_tile)))
+    tile = (np.arange(rows)[:, None] * cols + np.arange(cols)[None, :] + 1).repeat(side, 0).repeat(side, 1)
+    row_slice, col_slice = unpad_bounds(tile.shape, image_size)
+    tile = tile[row_slice, col_slice]
+    if newline:
+        tile = np.concatenate([tile, np.full((tile.shape[0], 1), -1)], axis=1)
+    return np.concatenate([base, tile.reshape(-1)]).astype(np.int64)
+
+
 def pack_single(tile_features: np.ndarray, image_size=None, grid=None, newline=None) -> np.ndarray:
     """LLaVA-1.5: the one tile's tokens, unchanged."""
     return tile_features.reshape(-1, tile_features.shape[-1])

@@ -19,6 +19,7 @@ import numpy as np
 from .errors import LlavaOvError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+MAX_PRUNING = 0.99  # keep at least 1% of the image tokens
 
 
 @dataclass
@@ -33,6 +34,8 @@ class GenerationConfig:
     ignore_eos: bool = False  # not while a JSON schema is set: the JSON's end ends the answer
     json_schema: dict | None = None  # constrain the answer to JSON valid under this schema
     logprobs: int | None = None  # report each token's logprob and this many (0-20) top alternatives
+    max_image_tokens: int | None = None  # the request's images at the largest resolutions within this many tokens
+    visual_token_pruning: float = 0.0  # CDPruner: drop this share (0-0.99) of each image's tokens; 0: off
 
     def validate(self) -> None:
         checks = [
@@ -43,6 +46,8 @@ class GenerationConfig:
             (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be in [0.01, 100]"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"logprobs (top alternatives) must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (self.max_image_tokens is None or self.max_image_tokens >= 1, "max_image_tokens must be >= 1"),
+            (0 <= self.visual_token_pruning <= MAX_PRUNING, f"visual_token_pruning must be in [0, {MAX_PRUNING}]"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

@@ -370,9 +370,15 @@ def _to_float(tiles: list[np.ndarray], cfg: ImageConfig) -> np.ndarray:
 
 
 def preprocess_anyres(image: ImageSource, cfg: ImageConfig) -> ProcessedImage:
-    """LLaVA-NeXT anyres: base image resized whole, then the grid tiles row-major."""
+    """LLaVA-NeXT anyres: base image resized whole, then the grid tiles row-major.
+
+    With no pinpoints (an image-token budget below the smallest grid) only the base tile."""
     img = load_image(image)
     h, w = img.height, img.width
+    bh, bw = cfg.base_size
+    if not cfg.image_grid_pinpoints:
+        base = img.resize((bw, bh), resample=cfg.resample)
+        return ProcessedImage(_to_float([_resize_crop(base, cfg)], cfg), (h, w), (0, 0))
     th, tw = best_resolution((h, w), cfg.image_grid_pinpoints)
     nh, nw = _fit_size((h, w), (th, tw))
     canvas = np.zeros((th, tw, 3), np.uint8)  # zero (black) padding, odd pixel after
@@ -380,7 +386,6 @@ def preprocess_anyres(image: ImageSource, cfg: ImageConfig) -> ProcessedImage:
     canvas[top : top + nh, left : left + nw] = np.asarray(img.resize((nw, nh), resample=cfg.resample))
     p = cfg.patch_size
     tiles = [canvas[i : i + p, j : j + p] for i in range(0, th, p) for j in range(0, tw, p)]
-    bh, bw = cfg.base_size
     base = img.resize((bw, bh), resample=cfg.resample)
     pixels = _to_float([_resize_crop(t, cfg) for t in [base, *tiles]], cfg)
     return ProcessedImage(pixels, (h, w), (math.ceil(th / p), math.ceil(tw / p)))

@@ -158,6 +158,7 @@ class ExportedModel:
         self.tokenizer = Tokenizer(self.core, self.dir)
         self._vision = self._compiled["vision"].create_infer_request()
         self._embed = self._compiled["text_embeddings"].create_infer_request()
+        self._embed_side = None  # for instruction embeddings (pruning), made on first use
         self.paged = None  # the PagedLanguageModel, when kv_backend == "paged"
         if self.kv_backend == "paged":
             from .paged import PagedLanguageModel
@@ -257,6 +258,16 @@ class ExportedModel:
         """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden] projected features."""
         self._vision.infer({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})
         return self._vision.get_output_tensor(0).data.copy()
+
+    def embed_instruction(self, ids: np.ndarray) -> np.ndarray:
+        """[T] ids -> [T, hidden] on a request of its own (the engine thread owns `embed_tokens`'s)."""
+        if len(ids) == 0:
+            return np.zeros((0, self.hidden_size), np.float32)
+        if self._embed_side is None:
+            self._embed_side = self._compiled["text_embeddings"].create_infer_request()
+        self._embed_side.set_input_tensor(ov.Tensor(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)))
+        self._embed_side.infer()
+        return self._embed_side.get_output_tensor(0).data[0].copy()
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         """[T] token ids -> [T, hidden] embeddings."""

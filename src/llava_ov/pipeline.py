@@ -17,18 +17,20 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .budget import ImageTokenRules, Resolution, fit_budget, resolutions
 from .constrained import JsonConstraint, JsonGrammars
 from .errors import ContextLengthError, LlavaOvError
 from .engine import Engine, EngineConfig, Failed, Progress
-from .features import merge_embeddings, pack_features, packed_length
+from .features import merge_embeddings, pack_features, packed_tiles
 from .generate import Constraint, DecodeState, ForcedDecode, GenerationConfig, TokenEvent, TokenLogprob
 from .image import ImageConfig, ProcessedImage, load_image, preprocess
+from .pruning import kept_count, select_tokens
 from .model import ExportedModel, LoadOptions
 from .template import ChatTemplate
 
@@ -87,6 +89,7 @@ class GenerationResult:
     cached_tokens: int  # prompt tokens reused from the KV cache (not prefilled)
     timings: Timings
     logprobs: list[TokenLogprob] | None = None  # one per token, when the config asks for them
+    image_tokens_total: int = 0  # image tokens at the model's own resolution (image_tokens: those kept)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -109,6 +112,13 @@ class PreparedImage:
     features: np.ndarray  # [tokens, hidden]
     preprocess_s: float = 0.0
     vision_s: float = 0.0
+    full_tokens: int = 0  # tokens at the model's own resolution, before any budget or pruning
+    kept: np.ndarray | None = None  # pruned: which of the resolution's packed tokens these features are
+    packed_tokens: int = 0  # tokens at the chosen resolution, before pruning
+
+    def __post_init__(self) -> None:
+        self.full_tokens = self.full_tokens or len(self.features)
+        self.packed_tokens = self.packed_tokens or len(self.features)
 
 
 @dataclass
@@ -116,10 +126,21 @@ class PreparedPrompt:
     token_ids: np.ndarray  # expanded: every image position holds the image token id
     keys: np.ndarray  # token id, or the image's key at image positions
     images: list[PreparedImage]
+    positions: np.ndarray | None = None  # position ids when pruned tokens left gaps (else 0..n-1)
 
     @property
     def image_tokens(self) -> int:
         return sum(len(im.features) for im in self.images)
+
+    @property
+    def image_tokens_total(self) -> int:
+        """Image tokens the model's own resolution would make, without a budget or pruning."""
+        return sum(im.full_tokens for im in self.images)
+
+    @property
+    def position_end(self) -> int:
+        """The position id after the prompt's last position (its length when nothing was pruned)."""
+        return int(self.positions[-1]) + 1 if self.positions is not None and len(self.positions) else len(self.keys)
 
     def image_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """Per position the row of `features` embedded there (-1: a text token), and the features."""
@@ -129,6 +150,24 @@ class PreparedPrompt:
         hidden = self.images[0].features.shape[-1] if self.images else 0
         features = np.concatenate([im.features for im in self.images]) if self.images else np.zeros((0, hidden))
         return rows, features.astype(np.float32, copy=False)
+
+
+@dataclass
+class _ImageJob:
+    """One image of a prompt between loading and encoding."""
+
+    digest: str  # pixel content + chosen resolution: the feature cache's key
+    found: PreparedImage | ProcessedImage  # cached features, or pixels still to encode
+    prep_s: float
+    resolution: Resolution
+    full_tokens: int  # at the model's own resolution
+    instruction: str  # the text of the message carrying the image (CDPruner's query)
+    tiles: np.ndarray  # per packed position: its tile, -1 for image_newline (features.packed_tiles)
+
+
+def _content_key(text: str) -> int:
+    """A negative id standing for an image's positions in the cache keys."""
+    return -(int(hashlib.blake2b(text.encode(), digest_size=8).hexdigest()[:15], 16) + 1)
 
 
 def as_messages(prompt: str | Sequence[Message], images: Sequence[Any] = ()) -> list[Message]:
@@ -179,82 +218,145 @@ class Pipeline:
 
     # ---------------------------------------------------------------- images
 
+    @property
+    def image_rules(self) -> ImageTokenRules:
+        """How this model turns an image into tokens (for budgets and counts before encoding)."""
+        return ImageTokenRules(
+            self.model.tokens_per_tile, self.model.image_newline is not None, self.model.family.packs_features,
+            self.image_config,
+        )  # fmt: skip
+
     def prepare_image(self, source: Any) -> PreparedImage:
-        """Preprocess + encode + pack one image, cached by pixel content."""
-        digest, found, prep_s = self._lookup_image(source)
-        return found if isinstance(found, PreparedImage) else self._encode_image(digest, found, prep_s)
+        """Preprocess + encode + pack one image at the model's own resolution, cached by pixel content."""
+        job = self._plan_images([source], [""], None)[0]
+        return job.found if isinstance(job.found, PreparedImage) else self._encode_image(job)
 
-    def _lookup_image(self, source: Any) -> tuple[str, PreparedImage | ProcessedImage, float]:
-        """(digest, cached features or preprocessed pixels, preprocessing seconds): no vision encoding."""
-        start = time.perf_counter()
-        image = load_image(source)
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.size).encode()[:16]).hexdigest()
-        if digest in self._features:
-            self._features.move_to_end(digest)
-            return digest, PreparedImage(self._features[digest].key, self._features[digest].features), 0.0
-        processed = preprocess(image, self.image_config, self.model.family.preprocessing)
-        return digest, processed, time.perf_counter() - start
+    def _plan_images(self, sources: Sequence[Any], texts: Sequence[str], budget: int | None) -> list[_ImageJob]:
+        """Load every image, choose its resolution within `budget`, and look its features up (no encoding)."""
+        loaded = []
+        for src in sources:
+            started = time.perf_counter()
+            loaded.append((load_image(src), time.perf_counter() - started))
+        rules = self.image_rules
+        options = [resolutions(rules, (img.height, img.width)) for img, _ in loaded]
+        jobs = []
+        for (image, load_s), opts, res, text in zip(loaded, options, fit_budget(options, budget), texts):
+            started = time.perf_counter()
+            size = (image.height, image.width)
+            digest = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.size).encode()[:16]).hexdigest()
+            digest = f"{digest}:{res.label}"
+            found: PreparedImage | ProcessedImage | None = self._features.get(digest)
+            if found is not None:
+                self._features.move_to_end(digest)
+                found, prep_s = PreparedImage(found.key, found.features, full_tokens=opts[0].tokens), 0.0
+            else:
+                cfg = self.image_config
+                if res.pinpoints is not None:
+                    cfg = replace(cfg, image_grid_pinpoints=res.pinpoints)
+                found = preprocess(image, cfg, self.model.family.preprocessing)
+                prep_s = load_s + time.perf_counter() - started
+            tiles = packed_tiles(rules.tokens_per_tile, size, res.grid, 1 + res.grid[0] * res.grid[1],
+                                 rules.newline, rules.packs)  # fmt: skip
+            jobs.append(_ImageJob(digest, found, prep_s, res, opts[0].tokens, text, tiles))
+        return jobs
 
-    def _encode_image(self, digest: str, processed: ProcessedImage, prep_s: float) -> PreparedImage:
+    def _encode_image(self, job: _ImageJob) -> PreparedImage:
+        processed: ProcessedImage = job.found
         start = time.perf_counter()
         tiles = self.model.encode_image_tiles(processed.pixel_values)
         packed = pack_features(
             tiles, processed.image_size, processed.grid, self.model.image_newline, self.model.family.packs_features
         )
-        entry = PreparedImage(-(int(digest[:15], 16) + 1), packed, prep_s, time.perf_counter() - start)
-        self._features[digest] = entry
+        vision_s = time.perf_counter() - start
+        entry = PreparedImage(_content_key(job.digest), packed, job.prep_s, vision_s, job.full_tokens)
+        self._features[job.digest] = entry
         if len(self._features) > FEATURE_CACHE_SIZE:
             self._features.popitem(last=False)
         return entry
 
-    def _image_tokens(self, found: PreparedImage | ProcessedImage) -> int:
-        if isinstance(found, PreparedImage):
-            return len(found.features)
-        return packed_length(
-            self.model.tokens_per_tile, found.image_size, found.grid, len(found.pixel_values),
-            self.model.image_newline is not None, self.model.family.packs_features,
+    def _prune(self, image: PreparedImage, job: _ImageJob, ratio: float) -> PreparedImage:
+        """The image's tokens CDPruner keeps for its instruction (the text of the message carrying it)."""
+        started = time.perf_counter()
+        instruction = self.model.embed_instruction(self._instruction_ids(job.instruction))
+        kept = select_tokens(image.features, job.tiles, instruction, ratio)
+        key = _content_key(f"{job.digest}:{hashlib.blake2b(kept.tobytes(), digest_size=16).hexdigest()}")
+        return PreparedImage(
+            key, image.features[kept], image.preprocess_s, image.vision_s + time.perf_counter() - started,
+            image.full_tokens, kept, len(image.features),
         )  # fmt: skip
+
+    def _instruction_ids(self, text: str) -> np.ndarray:
+        """The instruction's token ids, without the tokenizer's leading special tokens (BOS)."""
+        ids = self.model.tokenizer.encode(text)
+        lead = self.model.tokenizer.encode("")
+        return ids[len(lead) :] if len(ids) >= len(lead) and np.array_equal(ids[: len(lead)], lead) else ids
 
     # ---------------------------------------------------------------- prompts
 
     def render(self, messages: Sequence[Message]) -> str:
         return self.template.render([m.for_template() for m in messages], add_generation_prompt=True)
 
-    def prepare(self, messages: Sequence[Message]) -> PreparedPrompt:
-        """Render, tokenize and expand `<image>` into each image's feature positions."""
-        with self._lock:  # the tokenizer and vision requests are shared with a running generation
-            return self._prepare_locked(messages)
+    def prepare(self, messages: Sequence[Message], config: GenerationConfig | None = None) -> PreparedPrompt:
+        """Render, tokenize and expand `<image>` into each image's feature positions.
 
-    def _tokenize(self, messages: Sequence[Message]) -> tuple[np.ndarray, np.ndarray, list, int]:
-        """(ids, <image> positions, looked-up images, image tokens): everything but vision encoding."""
+        `config` brings the image-token budget and visual-token pruning (none by default)."""
+        with self._lock:  # the tokenizer and vision requests are shared with a running generation
+            return self._prepare_locked(messages, config or GenerationConfig())
+
+    def _tokenize(self, messages: Sequence[Message], config: GenerationConfig) -> tuple[np.ndarray, np.ndarray, list]:
+        """(ids, <image> positions, planned images): everything but vision encoding."""
         text = self.render(messages)
         self._check_text_size(text)
         ids = self.model.tokenizer.encode(text)
         sources = [img for m in messages for img in m.images]
+        texts = [m.text for m in messages for _ in m.images]
         positions = np.flatnonzero(ids == self.model.image_token_id)
         if len(positions) != len(sources):
             raise LlavaOvError(f"the prompt has {len(positions)} <image> tokens but {len(sources)} images were given")
-        found = [self._lookup_image(src) for src in sources]
-        return ids, positions, found, sum(self._image_tokens(f) for _, f, _ in found)
+        if config.visual_token_pruning and self.engine is None:
+            raise LlavaOvError("visual-token pruning needs the paged KV cache (load with kv_cache='paged')")
+        return ids, positions, self._plan_images(sources, texts, config.max_image_tokens)
 
-    def _prepare_locked(self, messages: Sequence[Message]) -> PreparedPrompt:
-        ids, positions, found, image_tokens = self._tokenize(messages)
-        self._check_length(len(ids) - len(found) + image_tokens, image_tokens)  # before any vision encoding
-        images = [f if isinstance(f, PreparedImage) else self._encode_image(d, f, t) for d, f, t in found]
-        pieces_ids, pieces_keys, prev = [], [], 0
+    def _image_tokens(self, job: _ImageJob, ratio: float) -> int:
+        """Tokens an image will take, from its sizes alone (after the budget and pruning)."""
+        if not ratio:
+            return len(job.tiles)
+        newlines = int((job.tiles < 0).sum())
+        return newlines + kept_count(len(job.tiles) - newlines, ratio)
+
+    def _prepare_locked(self, messages: Sequence[Message], config: GenerationConfig) -> PreparedPrompt:
+        ratio = config.visual_token_pruning
+        ids, positions, jobs = self._tokenize(messages, config)
+        image_tokens = sum(self._image_tokens(j, ratio) for j in jobs)
+        self._check_length(len(ids) - len(jobs) + image_tokens, image_tokens)  # before any vision encoding
+        images = [j.found if isinstance(j.found, PreparedImage) else self._encode_image(j) for j in jobs]
+        if ratio:
+            images = [self._prune(image, job, ratio) for image, job in zip(images, jobs)]
+        pieces_ids, pieces_keys, pieces_pos, prev, offset = [], [], [], 0, 0
         for pos, image in zip(positions, images):
-            pieces_ids += [ids[prev:pos], np.full(len(image.features), self.model.image_token_id, np.int64)]
-            pieces_keys += [ids[prev:pos], np.full(len(image.features), image.key, np.int64)]
+            text = ids[prev:pos]
+            pieces_ids += [text, np.full(len(image.features), self.model.image_token_id, np.int64)]
+            pieces_keys += [text, np.full(len(image.features), image.key, np.int64)]
+            start = offset + len(text)
+            kept = image.kept if image.kept is not None else np.arange(len(image.features))
+            pieces_pos += [np.arange(offset, start), start + kept]
+            offset = start + image.packed_tokens
             prev = pos + 1
         pieces_ids.append(ids[prev:])
         pieces_keys.append(ids[prev:])
-        return PreparedPrompt(np.concatenate(pieces_ids), np.concatenate(pieces_keys), images)
+        pieces_pos.append(np.arange(offset, offset + len(ids) - prev))
+        pruned = any(im.kept is not None for im in images)
+        return PreparedPrompt(
+            np.concatenate(pieces_ids), np.concatenate(pieces_keys), images,
+            np.concatenate(pieces_pos).astype(np.int64) if pruned else None,
+        )  # fmt: skip
 
-    def count_tokens(self, messages: Sequence[Message]) -> int:
+    def count_tokens(self, messages: Sequence[Message], config: GenerationConfig | None = None) -> int:
         """Prompt tokens of `messages`, image tokens included, from the image sizes (nothing is encoded)."""
+        config = config or GenerationConfig()
         with self._lock:
-            ids, _, found, image_tokens = self._tokenize(messages)
-        return len(ids) - len(found) + image_tokens
+            ids, _, jobs = self._tokenize(messages, config)
+        return len(ids) - len(jobs) + sum(self._image_tokens(j, config.visual_token_pruning) for j in jobs)
 
     @property
     def prompt_limit(self) -> int:
@@ -397,14 +499,14 @@ class Pipeline:
         timings = Timings()
         # before any image is encoded: a bad schema costs nothing
         constraint = None if config.json_schema is None else self.json_constraint(config.json_schema)
-        prompt = self.prepare(messages)
+        prompt = self.prepare(messages, config)
         self._check_context(prompt)
         timings.preprocess_s = sum(im.preprocess_s for im in prompt.images)
         timings.vision_s = sum(im.vision_s for im in prompt.images)
         state = DecodeState(
             self.model.tokenizer.stream(), config, self.eos_ids,
             history=prompt.token_ids.tolist() if config.repetition_penalty != 1.0 else (),
-            max_tokens=self.model.max_context - len(prompt.token_ids), constraint=constraint,
+            max_tokens=self.model.max_context - prompt.position_end, constraint=constraint,
         )  # fmt: skip
         return prompt, timings, state
 
@@ -412,7 +514,7 @@ class Pipeline:
         started = time.perf_counter()
         prompt, timings, state = self._start(messages, config)
         rows, features = prompt.image_rows()
-        handle = self.engine.submit(prompt.keys, prompt.token_ids, rows, features, state, cancel)
+        handle = self.engine.submit(prompt.keys, prompt.token_ids, rows, features, state, cancel, prompt.positions)
         collect = _Collector(prompt, timings, started, constraint=state.constraint)
         try:
             for item in handle:
@@ -514,6 +616,7 @@ class _Collector:
             chunk.result = GenerationResult(
                 "".join(self.texts), self.tokens, event.finish_reason, len(self.prompt.token_ids),
                 self.prompt.image_tokens, self.reused, self.timings, self.logprobs if self.logprobs else None,
+                self.prompt.image_tokens_total,
             )  # fmt: skip
         return chunk
 

@@ -37,6 +37,7 @@ class Sequence:
     features: np.ndarray  # [image tokens, hidden]
     capacity: int  # prompt + the most tokens it may generate
     payload: Any = None  # the engine's per-sequence state
+    positions: np.ndarray | None = None  # prompt position ids when they have gaps (pruned image tokens)
     id: int = field(default_factory=lambda: next(_ids))
     length: int = 0  # known positions (prompt + generated so far)
     computed: int = 0  # positions whose keys/values are in `blocks`
@@ -59,6 +60,16 @@ class Sequence:
     @property
     def remaining(self) -> int:
         return self.length - self.computed
+
+    def position_ids(self, start: int, count: int) -> np.ndarray:
+        """Position ids of `count` positions from `start`: 0..n-1, or the prompt's own ids and after them
+        consecutive ones."""
+        index = np.arange(start, start + count)
+        if self.positions is None:
+            return index
+        prompt = self.prompt_len
+        after = int(self.positions[-1]) + 1 - prompt if prompt else 0  # the shift of generated positions
+        return np.where(index < prompt, self.positions[np.minimum(index, prompt - 1)], index + after)
 
     def append(self, token: int) -> None:
         self.keys[self.length] = self.ids[self.length] = token
