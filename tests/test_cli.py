@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -185,3 +186,17 @@ def test_run_json_schema_prints_only_the_json(exports, photos, tmp_path):
     (tmp_path / "odd.json").write_text('{"type": "string", "format": "nope"}')
     odd = cli("run", exports["llava"], "--image", photos["chelsea"], "--prompt", "x", "--json-schema", tmp_path / "odd.json")
     assert_clean_error(odd, "Unknown format")
+
+
+@pytest.mark.parametrize("flag", [("--max-image-tokens", "1200"), ("--visual-token-pruning", "0.75")])
+def test_run_verbose_reports_image_tokens_kept_of_total(exports, photos, flag):
+    proc = cli("run", exports["llava-next"], "--image", photos["chelsea"], "--prompt", "Describe.",
+               "--max-new-tokens", "4", "-v", *flag)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\d+ of \d+ image tokens kept", proc.stderr), proc.stderr
+
+
+def test_run_refuses_a_pruning_ratio_out_of_range_before_loading(tmp_path):
+    proc = cli("run", tmp_path / "missing", "--prompt", "x", "--visual-token-pruning", "1.5")
+    assert proc.returncode != 0 and "visual_token_pruning must be in [0, 0.99]" in proc.stderr
+    assert "Traceback" not in proc.stderr

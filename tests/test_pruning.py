@@ -158,7 +158,7 @@ def _hf_greedy_from_embeddings(model, embeds, positions, max_new_tokens) -> list
     nxt = int(pos[0, -1]) + 1
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            out = model.model.language_model(inputs_embeds=x, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = model.model.language_model(inputs_embeds=x, position_ids=pos, cache=cache, use_cache=True)
             token = int(model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
             if token in eos:
                 break

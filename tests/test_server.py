@@ -211,6 +211,20 @@ def test_streaming_answer_with_image_equals_pipeline(client, reference, photos, 
     assert all(c.usage is None for c in chunks[:-1])
 
 
+@pytest.mark.parametrize("extension", [{"max_image_tokens": 1200}, {"visual_token_pruning": 0.75}])
+def test_image_token_budget_and_pruning_equal_pipeline_and_show_in_usage(server, reference, photos, jpeg_url, extension):
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                                 {"type": "image_url", "image_url": {"url": jpeg_url}}]}]  # fmt: skip
+    answer = post(server, {"messages": conversation, "max_tokens": 12, **extension})
+    assert answer.status_code == 200, answer.text
+    config = GenerationConfig(max_new_tokens=12, **extension)
+    expected = reference.generate(messages_for(conversation, [photos["chelsea"]]), config=config)
+    usage = answer.json()["usage"]
+    assert answer.json()["choices"][0]["message"]["content"] == expected.text
+    assert usage["prompt_tokens"] == expected.prompt_tokens
+    assert usage["image_tokens"] == expected.image_tokens < usage["image_tokens_total"] == expected.image_tokens_total
+
+
 def test_stream_ends_with_done_marker(server):
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
     with HTTP.stream("POST", f"{server}/v1/chat/completions", json=body) as r:
@@ -280,6 +294,8 @@ BAD_REQUESTS = {
     "unknown response_format": {"messages": HELLO, "response_format": {"type": "xml"}},
     "json_schema without name": {"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {}}},
     "too many messages": {"messages": HELLO * 1025},
+    "pruning 1.0": {"messages": HELLO, "visual_token_pruning": 1.0},
+    "max_image_tokens 0": {"messages": HELLO, "max_image_tokens": 0},
     "string body": "just a string",
 }
 

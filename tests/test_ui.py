@@ -288,3 +288,15 @@ def test_two_tabs_are_answered_at_the_same_time(page, pipe, monkeypatch):
     for i, tab in enumerate(tabs):
         alone = expected(pipe, [Message("user", f"Question {i}: what is it?", [CAT])], 40)
         assert tab.display[-1]["content"] == alone
+
+
+def test_page_image_token_settings_reach_the_answer_and_the_stats(page, photos):
+    state = page.new_state()
+    page.add_message({"text": "What is it?", "files": [str(photos["chelsea"])]}, state)
+    list(page.respond(state, *GREEDY, 1200, 0.0))
+    assert state.last_result.image_tokens <= 1200 < state.last_result.image_tokens_total
+    assert "image tokens kept" in state.stats
+    page.clear(state)
+    page.add_message({"text": "What is it?", "files": [str(photos["chelsea"])]}, state)
+    list(page.respond(state, *GREEDY, 0, 0.5))
+    assert state.last_result.image_tokens < state.last_result.image_tokens_total

@@ -77,7 +77,7 @@ class ChatSession:
         limit = self.pipeline.prompt_limit
         room = min(config.max_new_tokens, max(1, limit // 8))
         while True:
-            size = self.pipeline.count_tokens(self.history())
+            size = self.pipeline.count_tokens(self.history(), config)
             if size + room <= limit or not self.truncate or not self._drop_oldest_turn():
                 break
         if size >= limit:

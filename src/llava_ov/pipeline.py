@@ -91,6 +91,12 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None  # one per token, when the config asks for them
     image_tokens_total: int = 0  # image tokens at the model's own resolution (image_tokens: those kept)
 
+    def image_token_note(self) -> str:
+        """'2928 image' or, when a budget or pruning removed some, '732 of 2928 image tokens kept'."""
+        if self.image_tokens_total and self.image_tokens != self.image_tokens_total:
+            return f"{self.image_tokens} of {self.image_tokens_total} image tokens kept"
+        return f"{self.image_tokens} image"
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["timings"] = self.timings.as_dict()

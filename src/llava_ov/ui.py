@@ -128,14 +128,15 @@ class ChatPage:
         return None, state.stats
 
     def respond(
-        self, state: TabState, max_new_tokens: float, temperature: float, top_p: float
-    ) -> Iterator[tuple[list[dict], str]]:
+        self, state: TabState, max_new_tokens: float, temperature: float, top_p: float,
+        max_image_tokens: float | None = None, pruning: float | None = None,
+    ) -> Iterator[tuple[list[dict], str]]:  # fmt: skip
         """Stream the answer to the pending message: yields (chat messages, stats line)."""
         gr = _gradio()
         if state.pending is None:
             return
         try:
-            config = self.settings(max_new_tokens, temperature, top_p)
+            config = self.settings(max_new_tokens, temperature, top_p, max_image_tokens, pruning)
         except gr.Error:
             self._drop_unanswered(state)
             yield state.view(), state.stats
@@ -205,11 +206,18 @@ class ChatPage:
 
     # ---------------------------------------------------------------- helpers
 
-    def settings(self, max_new_tokens: float, temperature: float, top_p: float) -> GenerationConfig:
-        """The page's sliders over the command line's generation settings."""
+    def settings(
+        self, max_new_tokens: float, temperature: float, top_p: float,
+        max_image_tokens: float | None = None, pruning: float | None = None,
+    ) -> GenerationConfig:  # fmt: skip
+        """The page's settings over the command line's generation settings (image tokens: 0 = no limit)."""
         config = dataclasses.replace(
             self.config, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p)
         )
+        if max_image_tokens is not None:
+            config.max_image_tokens = int(max_image_tokens) or None
+        if pruning is not None:
+            config.visual_token_pruning = float(pruning)
         try:
             config.validate()
         except LlavaOvError as exc:
@@ -262,7 +270,7 @@ def format_stats(result: GenerationResult) -> str:
     return (
         f"**Last answer:** {len(result.token_ids)} tokens · time to first token {t.ttft_s:.2f} s · "
         f"{t.tokens_per_s:.1f} tokens/s · {reason.get(result.finish_reason, result.finish_reason)} · "
-        f"prompt {result.prompt_tokens} tokens ({result.image_tokens} image, {result.cached_tokens} reused from cache)"
+        f"prompt {result.prompt_tokens} tokens ({result.image_token_note()}, {result.cached_tokens} reused from cache)"
     )
 
 
@@ -380,6 +388,12 @@ def build_demo(page: ChatPage):
             temperature = gr.Slider(0.0, 2.0, value=page.config.temperature, step=0.05,
                                     label="Temperature (0 = greedy)", elem_id="temperature")  # fmt: skip
             top_p = gr.Slider(0.05, 1.0, value=page.config.top_p, step=0.05, label="Top-p", elem_id="top-p")
+            image_tokens = gr.Number(value=page.config.max_image_tokens or 0, precision=0, minimum=0,
+                                     label="Max image tokens (0 = no limit; fewer = faster first answer)",
+                                     elem_id="max-image-tokens")  # fmt: skip
+            pruning = gr.Slider(0.0, 0.95, value=page.config.visual_token_pruning, step=0.05,
+                                label="Visual-token pruning (share of image tokens dropped, CDPruner)",
+                                elem_id="pruning")  # fmt: skip
         if page.examples():
             gr.Examples(page.examples(), inputs=[box], label="Examples")
 
@@ -388,7 +402,7 @@ def build_demo(page: ChatPage):
         accepted = box.submit(page.add_message, [box, state], [box, stats], **quick)
         shown = accepted.success(TabState.view, [state], [chatbot], **quick)
         answer = shown.success(
-            page.respond, [state, max_new, temperature, top_p], [chatbot, stats],
+            page.respond, [state, max_new, temperature, top_p, image_tokens, pruning], [chatbot, stats],
             # as many answers at once as the engine runs (one on the stateful path); the rest wait in the queue
             concurrency_limit=page.pipe.max_concurrency, concurrency_id="model",
         )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..cli import add_model_args, load_pipeline
+from ..cli import add_image_token_args, add_model_args, load_pipeline
 from .settings import MiB, ServerSettings
 
 
@@ -18,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default="", help="model id reported to clients (default: the folder name)")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot (--max-running); more get 429")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens (and the default)")
+    add_image_token_args(p)  # the defaults of requests that do not set max_image_tokens / visual_token_pruning
     p.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
     p.add_argument("--max-image-mb", type=float, default=20, help="largest image (encoded)")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image (decoded pixels)")
@@ -49,6 +50,11 @@ def port_number(text: str) -> int:
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     import os
 
+    from ..generate import GenerationConfig
+
+    # request defaults that no request could use are refused now, not in every request's 400
+    GenerationConfig(max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning).validate()
+
     from ..model import F32_PROPERTIES
 
     return ServerSettings(
@@ -61,6 +67,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         allow_local_files=args.allow_local_files, allow_private_urls=args.allow_private_urls,
         max_connections=args.max_connections, header_timeout_s=args.header_timeout,
         max_header_bytes=int(args.max_header_kb * 1024), keep_alive_s=args.keep_alive,
+        max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
     )  # fmt: skip
 
 

@@ -40,6 +40,9 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         json_schema=json_schema(req),
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        max_image_tokens=req.max_image_tokens or settings.max_image_tokens,
+        visual_token_pruning=settings.visual_token_pruning if req.visual_token_pruning is None
+        else req.visual_token_pruning,
     )
     try:
         config.validate()
@@ -115,4 +118,7 @@ def api_error(exc: BaseException) -> APIError:
 
 def usage(result: Any) -> dict[str, int]:
     prompt, completion = result.prompt_tokens, len(result.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "image_tokens": result.image_tokens, "image_tokens_total": result.image_tokens_total,
+    }  # fmt: skip

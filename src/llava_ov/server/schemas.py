@@ -91,6 +91,8 @@ class ChatCompletionRequest(_Lenient):
     response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="needs logprobs: true")
+    max_image_tokens: int | None = Field(default=None, ge=1, description="extension: image-token budget")
+    visual_token_pruning: float | None = Field(default=None, ge=0, le=0.99, description="extension: CDPruner ratio")
     # accepted for compatibility, must keep their neutral values (checked in mapping)
     tools: list[dict[str, Any]] | None = None
 
@@ -99,6 +101,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    image_tokens: int = Field(default=0, description="extension: image tokens in the prompt (kept)")
+    image_tokens_total: int = Field(default=0, description="extension: before the image-token budget and pruning")
 
 
 class AssistantMessage(BaseModel):
