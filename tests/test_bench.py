@@ -65,3 +65,22 @@ def test_bench_json_schema_reports_the_grammar_cost(exports, photos, tmp_path):
     assert constrained["grammar_per_token_s"]["mean"] > 0 and constrained["generated"]["mean"] > 1
     assert "grammar_per_token_s" not in report["engines"]["ours"]  # no schema: no grammar work at all
     assert report["ratios"]["tpot_json_over_plain"] > 0 and "JSON schema: grammar" in proc.stdout
+
+
+def test_bench_image_token_variants_report_kept_tokens_and_plot(exports, photos, tmp_path):
+    out, plot = tmp_path / "bench.json", tmp_path / "ttft.png"
+    args = [sys.executable, "-m", "llava_ov.cli", "bench", str(exports["llava-next"]), "--image", str(photos["coffee"]),
+            "--runs", "2", "--warmup", "1", "--max-new-tokens", "4", "--no-bandwidth", "--max-image-tokens", "1200",
+            "--visual-token-pruning", "0.75", "--plot", str(plot), "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    engines = report["engines"]
+    assert set(engines) == {"ours", "ours[max_image_tokens=1200]", "ours[pruning=0.75]"}
+    full = engines["ours"]["image_tokens"]
+    assert engines["ours[max_image_tokens=1200]"]["image_tokens"] <= 1200 < full
+    pruned = engines["ours[pruning=0.75]"]
+    assert pruned["image_tokens"] < full == pruned["image_tokens_total"] and pruned["prune_s"]["mean"] > 0
+    assert all(e["prefill_s"]["mean"] > 0 for e in engines.values())
+    assert report["ratios"]["prefill_ours[pruning=0.75]_over_ours"] > 0
+    assert "| ours[pruning=0.75] |" in proc.stdout and plot.stat().st_size > 1000

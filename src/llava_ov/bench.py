@@ -59,6 +59,9 @@ class RunMetrics:
     overhead_share: float | None = None  # ours only: time outside OpenVINO calls / decode time
     grammar_per_token_s: float | None = None  # ours with --json-schema: the grammar's time per token
     tpot_wall_s: float | None = None  # genai only: mean gap between streamed tokens, timed in Python like ours
+    prefill_s: float | None = None  # ours only: the language model's prefill (TTFT less image work and queue)
+    image_tokens_total: int | None = None  # ours only: before the image-token budget and pruning
+    prune_s: float | None = None  # ours only: CDPruner's selection
 
     @property
     def tokens_per_s(self) -> float:
@@ -184,6 +187,8 @@ def kv_bytes_read(config: dict, context: int, bytes_per_value: float) -> float:
 class OursEngine:
     name = "ours"
     json_schema: dict | None = None
+    max_image_tokens: int | None = None
+    pruning: float = 0.0
 
     def __init__(self, export: Path, device: str, properties: dict):
         from .pipeline import Pipeline
@@ -198,12 +203,22 @@ class OursEngine:
         other.name, other.json_schema = "ours+json", schema
         return other
 
+    def with_image_tokens(self, budget: int | None, pruning: float) -> OursEngine:
+        """The same loaded pipeline with an image-token budget and/or visual-token pruning."""
+        other = copy.copy(self)
+        other.max_image_tokens, other.pruning = budget, pruning
+        other.name = "ours[" + ",".join(
+            ([f"max_image_tokens={budget}"] if budget else []) + ([f"pruning={pruning:g}"] if pruning else [])
+        ) + "]"
+        return other
+
     def run(self, image: Path, prompt: str, max_new: int) -> RunMetrics:
         from .generate import GenerationConfig
 
         self.pipe.clear_caches()  # first-turn numbers: no KV reuse, no cached image features
         engine = self.pipe.engine
-        cfg = GenerationConfig(max_new_tokens=max_new, ignore_eos=True, json_schema=self.json_schema)
+        cfg = GenerationConfig(max_new_tokens=max_new, ignore_eos=True, json_schema=self.json_schema,
+                               max_image_tokens=self.max_image_tokens, visual_token_pruning=self.pruning)  # fmt: skip
         chunks = self.pipe.stream(prompt, [image], cfg)
         result = next(c for c in chunks if True)  # first token: start counting OpenVINO time after it
         infer_before = engine.infer_s if engine else 0.0
@@ -214,7 +229,8 @@ class OursEngine:
         overhead = 1 - (engine.infer_s - infer_before) / t.decode_s if engine and t.decode_s else None
         grammar = t.grammar_s / len(res.token_ids) if self.json_schema is not None and res.token_ids else None
         return RunMetrics(t.preprocess_s, t.vision_s, t.ttft_s, t.tpot_s, res.image_tokens, res.prompt_tokens,
-                          len(res.token_ids), overhead, grammar_per_token_s=grammar)  # fmt: skip
+                          len(res.token_ids), overhead, grammar_per_token_s=grammar, prefill_s=t.prefill_s,
+                          image_tokens_total=res.image_tokens_total, prune_s=t.prune_s)  # fmt: skip
 
     def follow_up(self, image: Path, prompt: str, follow: str, max_new: int) -> tuple[float, float]:
         """TTFT of a first turn and of a follow-up about the same image (KV and feature reuse)."""
@@ -338,6 +354,8 @@ class BenchOptions:
     bandwidth: bool = True
     isolated_rss: bool = False  # peak RSS of each engine alone, in a child process (one extra run each)
     json_schema: dict | None = None  # also time ours under this schema ("ours+json", same loaded pipeline)
+    # also time ours with fewer image tokens: (max_image_tokens or None, pruning ratio) per variant
+    image_token_variants: tuple[tuple[int | None, float], ...] = ()
 
 
 def engine_prompt(name: str, export: Path, image: Path, prompt: str) -> str:
@@ -373,6 +391,9 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
     if opts.json_schema is not None:
         engines.insert(1, ours.with_schema(opts.json_schema))
         loaded_rss["ours+json"] = 0
+    for budget, pruning in opts.image_token_variants:
+        engines.insert(1, ours.with_image_tokens(budget, pruning))
+        loaded_rss[engines[1].name] = 0
     prompts = {e.name: engine_prompt(e.name, opts.model, opts.image, opts.prompt) for e in engines}
     runs: dict[str, list[RunMetrics]] = {e.name: [] for e in engines}
     with RssSampler() as sampler:
@@ -441,6 +462,12 @@ def engine_summary(engine, runs: list[RunMetrics], rss_bytes: int) -> dict[str, 
     walls = [r.tpot_wall_s for r in runs if r.tpot_wall_s is not None]
     if walls:
         out["tpot_wall_s"] = summarize(walls).__dict__
+    for key in ("prefill_s", "prune_s"):
+        values = [getattr(r, key) for r in runs if getattr(r, key) is not None]
+        if values:
+            out[key] = summarize(values).__dict__
+    if runs[0].image_tokens_total is not None:
+        out["image_tokens_total"] = runs[0].image_tokens_total
     grammar = [r.grammar_per_token_s for r in runs if r.grammar_per_token_s is not None]
     if grammar:
         out["grammar_per_token_s"] = summarize(grammar).__dict__
@@ -455,6 +482,10 @@ def ratios(engines: dict[str, Any]) -> dict[str, float]:
     for name, other in engines.items():
         if name == "ours+json":
             out["tpot_json_over_plain"] = other["tpot_s"]["mean"] / ours["tpot_s"]["mean"]
+        elif name.startswith("ours["):
+            out[f"ttft_{name}_over_ours"] = other["ttft_s"]["mean"] / ours["ttft_s"]["mean"]
+            out[f"prefill_{name}_over_ours"] = other["prefill_s"]["mean"] / ours["prefill_s"]["mean"]
+            out[f"image_tokens_{name}_over_ours"] = other["image_tokens"] / ours["image_tokens"]
         elif name != "ours":
             out[f"tpot_{name}_over_ours"] = other["tpot_s"]["mean"] / ours["tpot_s"]["mean"]
             out[f"ttft_ours_over_{name}"] = ours["ttft_s"]["mean"] / other["ttft_s"]["mean"]
@@ -524,6 +555,16 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{Stat(**j['tpot_s']).fmt(1e3, 2)} ms vs {Stat(**ours['tpot_s']).fmt(1e3, 2)} ms without "
                      f"({j['tpot_s']['mean'] / ours['tpot_s']['mean'] - 1:+.1%}); "
                      f"{Stat(**j['generated']).fmt(1, 0)} tokens per answer")  # fmt: skip
+    variants = [(n, e) for n, e in report["engines"].items() if n == "ours" or n.startswith("ours[")]
+    if len(variants) > 1:
+        lines += ["", "| setting | image tokens kept / total | vision ms | selection ms | LM prefill ms | TTFT ms |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, e in sorted(variants, key=lambda v: -v[1]["image_tokens"]):
+            prune = Stat(**e["prune_s"]).fmt(1e3) if "prune_s" in e and e["prune_s"]["mean"] else "-"
+            lines.append(f"| {name} | {e['image_tokens']} / {e.get('image_tokens_total', e['image_tokens'])} | "
+                         f"{Stat(**e['vision_s']).fmt(1e3)} | {prune} | {Stat(**e['prefill_s']).fmt(1e3)} | "
+                         f"{Stat(**e['ttft_s']).fmt(1e3)} |")  # fmt: skip
+        lines.append("")
     f = report["follow_up"]
     lines.append(f"chat (ChatSession, 8 new tokens): turn-2 TTFT {Stat(**f['follow_up_ttft']).fmt(1e3)} ms vs "
                  f"turn-1 TTFT {Stat(**f['first_ttft']).fmt(1e3)} ms (ratio {f['ratio']:.1%}; turn 1 here excludes "
@@ -558,6 +599,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth-bound measurement")
     p.add_argument("--json-schema", metavar="FILE", default=None,
                    help="also time answers constrained to this JSON Schema (grammar cost per token, TPOT ratio)")
+    p.add_argument("--max-image-tokens", default="", metavar="N[,N...]",
+                   help="also time ours with each image-token budget (TTFT vs image tokens)")  # fmt: skip
+    p.add_argument("--visual-token-pruning", default="", metavar="RATIO[,RATIO...]",
+                   help="also time ours with each CDPruner ratio, e.g. 0.5,0.75,0.9")  # fmt: skip
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="with --max-image-tokens/--visual-token-pruning: plot TTFT and LM prefill vs image tokens")
     p.add_argument("--isolated-rss", action="store_true",
                    help="also measure each engine's peak RSS alone in a child process (one extra run each)")  # fmt: skip
     p.add_argument("--concurrency", default="",
@@ -576,6 +623,48 @@ def default_image() -> Path:
     raise InvalidImageError("no --image given and the bundled example photo is not available")
 
 
+def image_token_variants(budgets: str, ratios: str) -> tuple[tuple[int | None, float], ...]:
+    """Comma lists of budgets and pruning ratios as bench variants (each on its own, from the full image)."""
+    from .generate import GenerationConfig
+
+    variants = [(int(b), 0.0) for b in budgets.split(",") if b.strip()]
+    variants += [(None, float(r)) for r in ratios.split(",") if r.strip()]
+    for budget, ratio in variants:
+        GenerationConfig(max_image_tokens=budget, visual_token_pruning=ratio).validate()
+    return tuple(variants)
+
+
+def plot_image_tokens(report: dict[str, Any], path: Path) -> None:
+    """TTFT and its language-model part against the image tokens kept, one point per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(
+        (e["image_tokens"], e["ttft_s"]["mean"], e["ttft_s"]["std"], e["prefill_s"]["mean"], e["prefill_s"]["std"], n)
+        for n, e in report["engines"].items() if n == "ours" or n.startswith("ours[")
+    )  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = [p[0] for p in points]
+    ax.errorbar(x, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label="TTFT")
+    ax.errorbar(x, [p[3] for p in points], yerr=[p[4] for p in points], marker="s", capsize=3,
+                label="language-model prefill")  # fmt: skip
+    for p in points:
+        ax.annotate(p[5].replace("ours", "").strip("[]") or "full", (p[0], p[1]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 4))  # fmt: skip
+    ax.set_xlabel("image tokens kept")
+    ax.set_ylabel("seconds")
+    m = report["machine"]
+    ax.set_title(f"TTFT vs image tokens ({m.get('cpu', 'CPU')}, {m.get('cores', '?')} cores)", fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def cmd_bench(args) -> int:
     from .constrained import load_schema
     from .model import F32_PROPERTIES
@@ -587,6 +676,7 @@ def cmd_bench(args) -> int:
         compare=tuple(c for c in args.compare.split(",") if c), source=args.source, torch_dtype=args.torch_dtype,
         bandwidth=not args.no_bandwidth, isolated_rss=args.isolated_rss,
         json_schema=load_schema(args.json_schema) if args.json_schema else None,
+        image_token_variants=image_token_variants(args.max_image_tokens, args.visual_token_pruning),
     )  # fmt: skip
     from .errors import require_extra
 
@@ -606,6 +696,8 @@ def cmd_bench(args) -> int:
     else:
         report = run_bench(opts, log=log)
         formatted = format_report(report)
+        if args.plot:
+            plot_image_tokens(report, Path(args.plot))
     if args.json == "-":
         print(json.dumps(report, indent=2))
         return 0

@@ -56,6 +56,7 @@ class Timings:
     queue_s: float = 0.0  # waiting for the engine to start the prompt (other sequences ran)
     preprocess_s: float = 0.0
     vision_s: float = 0.0
+    prune_s: float = 0.0  # CDPruner's selection of the image tokens to keep
     prefill_s: float = 0.0
     ttft_s: float = 0.0  # from the call to the first token (includes image work and prefill)
     grammar_s: float = 0.0  # in the JSON grammar's mask and advance (0 without a schema)
@@ -121,6 +122,7 @@ class PreparedImage:
     full_tokens: int = 0  # tokens at the model's own resolution, before any budget or pruning
     kept: np.ndarray | None = None  # pruned: which of the resolution's packed tokens these features are
     packed_tokens: int = 0  # tokens at the chosen resolution, before pruning
+    prune_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.full_tokens = self.full_tokens or len(self.features)
@@ -287,8 +289,8 @@ class Pipeline:
         kept = select_tokens(image.features, job.tiles, instruction, ratio)
         key = _content_key(f"{job.digest}:{hashlib.blake2b(kept.tobytes(), digest_size=16).hexdigest()}")
         return PreparedImage(
-            key, image.features[kept], image.preprocess_s, image.vision_s + time.perf_counter() - started,
-            image.full_tokens, kept, len(image.features),
+            key, image.features[kept], image.preprocess_s, image.vision_s, image.full_tokens, kept,
+            len(image.features), time.perf_counter() - started,
         )  # fmt: skip
 
     def _instruction_ids(self, text: str) -> np.ndarray:
@@ -509,6 +511,7 @@ class Pipeline:
         self._check_context(prompt)
         timings.preprocess_s = sum(im.preprocess_s for im in prompt.images)
         timings.vision_s = sum(im.vision_s for im in prompt.images)
+        timings.prune_s = sum(im.prune_s for im in prompt.images)
         state = DecodeState(
             self.model.tokenizer.stream(), config, self.eos_ids,
             history=prompt.token_ids.tolist() if config.repetition_penalty != 1.0 else (),
