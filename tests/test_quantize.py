@@ -182,6 +182,34 @@ def test_vision_int8_ptq_close_to_fp32(family, exports, photos, tmp_path):
         sims[name] = cosine(fp32(pixels)[0], int8(pixels)[0])
     print(f"{family} int8_ptq feature cosine vs fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in sims.items()))
     assert min(sims.values()) > 0.9  # observed > 0.99
+    # the float encoder stays beside it, byte for byte the source's
+    assert (out / layout.VISION_FLOAT_MODEL).read_bytes() == (src / layout.VISION_MODEL).read_bytes()
+    assert info.parts["vision"]["float_file"] == layout.VISION_FLOAT_MODEL
+    assert info.parts["vision"]["float_precision"] == "fp32"
+    if family == "llava":
+        _check_vision_encoder_choice(out, photos)
+
+
+def _check_vision_encoder_choice(export, photos):
+    """auto runs the INT8-PTQ encoder only where the CPU has int8 units; info says which and why."""
+    from unittest import mock
+
+    from llava_ov import hardware
+    from llava_ov.pipeline import Pipeline
+
+    features = {}
+    for flags, expected in ((frozenset({"avx2", "amx_int8"}), "int8_ptq"), (frozenset({"avx2", "fma"}), "fp32")):
+        with mock.patch.object(hardware, "cpu_flags", lambda flags=flags: flags):
+            pipe = Pipeline(export, properties=F32, cache_dir=None)
+            info = pipe.info()
+            assert info["weights"]["vision"] == expected, info["vision_encoder"]
+            assert ("amx_int8" in info["vision_encoder"]) == (expected == "int8_ptq")
+            features[expected] = pipe.prepare_image(photos["chelsea"]).features
+            pipe.close()
+    assert not np.array_equal(features["int8_ptq"], features["fp32"])
+    forced = Pipeline(export, properties=F32, cache_dir=None, vision_encoder="float")
+    np.testing.assert_array_equal(forced.prepare_image(photos["chelsea"]).features, features["fp32"])
+    forced.close()
 
 
 def test_vision_int8_weights_only(exports, tmp_path):

@@ -514,19 +514,11 @@ def machine_info() -> dict[str, Any]:
 
     import openvino as ov
 
+    from .hardware import matrix_flags
+
     cpu = ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
     return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": matrix_flags(), "python": platform.python_version(),
             "openvino": ov.__version__}  # fmt: skip
-
-
-def matrix_flags() -> list[str]:
-    """The CPU flags that decide OpenVINO's kernels (AVX2, AVX-512, VNNI, bf16, AMX)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 def _mb(value: float | None) -> str:

@@ -53,6 +53,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "e.g. language=exports/int4 to mix precisions")  # fmt: skip
     p.add_argument("--part-device", action="append", default=[], metavar="PART=DEVICE",
                    help="run one part on another device, e.g. vision=GPU")  # fmt: skip
+    p.add_argument("--vision-encoder", default="auto", choices=["auto", "int8", "float"],
+                   help="with an INT8-PTQ export: auto runs it where the CPU has int8 units (AMX, VNNI), "
+                        "else the float encoder kept beside it (`llava-ov info` says which and why)")  # fmt: skip
     add_engine_args(p)
 
 
@@ -122,6 +125,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         part_paths=parse_parts(getattr(args, "part_model", []), "model"),
         devices=parse_parts(getattr(args, "part_device", []), "device"),
         kv_cache=getattr(args, "kv_cache", "auto"), engine=engine_config(args),
+        vision_encoder=getattr(args, "vision_encoder", "auto"),
     )  # fmt: skip
 
 

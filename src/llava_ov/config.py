@@ -11,6 +11,8 @@ from typing import Any
 VISION_MODEL = "openvino_vision_embeddings_model.xml"
 TEXT_EMBEDDINGS_MODEL = "openvino_text_embeddings_model.xml"
 LANGUAGE_MODEL = "openvino_language_model.xml"
+# Beside an INT8-PTQ vision encoder, the float one it was made from: the runtime picks per CPU (model.py).
+VISION_FLOAT_MODEL = "openvino_vision_embeddings_model_float.xml"
 TOKENIZER_MODEL = "openvino_tokenizer.xml"
 DETOKENIZER_MODEL = "openvino_detokenizer.xml"
 EXPORT_INFO = "export_info.json"

@@ -71,6 +71,10 @@ class LoadOptions:
     # The language model's KV cache: "paged" (the engine's block pool, many sequences), "stateful"
     # (the export's own state, one sequence), or "auto": paged, except on NPU (no PagedAttention there).
     kv_cache: str = "auto"
+    # An export compressed with an INT8-PTQ vision encoder keeps the float one beside it. "auto": the INT8
+    # one on CPUs with int8 matrix units (AMX-INT8, AVX-512 VNNI, AVX-VNNI), where it is faster, else the
+    # float one; "int8" / "float": that one.
+    vision_encoder: str = "auto"
 
     def kv_backend(self) -> str:
         if self.kv_cache not in ("auto", "paged", "stateful"):
@@ -176,6 +180,8 @@ class ExportedModel:
 
     def part_path(self, part: str) -> Path:
         override = self.options.part_paths.get(part)
+        if not override and part == "vision":
+            return self.dir / self.vision_choice()[0]
         if not override:
             return self.dir / layout.MODEL_PARTS[part]
         path = Path(override).expanduser()
@@ -183,6 +189,37 @@ class ExportedModel:
         if not path.exists():
             raise ModelNotFoundError(f"{part} model not found: {path}")
         return path
+
+    def vision_choice(self) -> tuple[str, str]:
+        """(file, why) of the vision encoder to run: the INT8-PTQ one or the float one beside it."""
+        mode = self.options.vision_encoder
+        if mode not in ("auto", "int8", "float"):
+            raise LlavaOvError(f"unknown vision encoder choice {mode!r} (auto, int8, float)")
+        entry = self._export_parts().get("vision", {})
+        float_file = entry.get("float_file")
+        if not float_file or not (self.dir / float_file).is_file():
+            if mode == "float" and entry.get("precision") == "int8_ptq":
+                raise ModelNotFoundError(f"{self.dir} has only the INT8-PTQ vision encoder (no {layout.VISION_FLOAT_MODEL})")
+            return layout.VISION_MODEL, f"{entry.get('precision', 'the export')}'s only vision encoder"
+        if mode != "auto":
+            chosen = layout.VISION_MODEL if mode == "int8" else float_file
+            return chosen, f"chosen with vision_encoder={mode}"
+        from .hardware import int8_matrix_units
+
+        device = self.options.devices.get("vision", self.options.device).upper()
+        units = int8_matrix_units()
+        if device != "CPU":
+            return layout.VISION_MODEL, f"INT8-PTQ on {device}"
+        if units:
+            return layout.VISION_MODEL, f"INT8-PTQ: this CPU has {', '.join(units)}"
+        return float_file, "float: this CPU has no int8 matrix units (VNNI/AMX), where the INT8 encoder is not faster"
+
+    def _export_parts(self) -> dict[str, Any]:
+        path = self.dir / layout.EXPORT_INFO
+        try:
+            return json.loads(path.read_text()).get("parts", {}) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
 
     def _compile(self, part: str) -> ov.CompiledModel:
         device = self.options.devices.get(part, self.options.device)

@@ -578,10 +578,13 @@ class Pipeline:
         return list(ExportInfo.load(self.model.dir).notes)
 
     def info(self) -> dict[str, Any]:
-        from .config import EXPORT_INFO, read_json
+        from .config import EXPORT_INFO, VISION_MODEL, read_json
 
         export = read_json(self.model.dir / EXPORT_INFO) if (self.model.dir / EXPORT_INFO).exists() else {}
         stored = {part: export.get("parts", {}).get(part, {}).get("precision", "?") for part in self.model._compiled}
+        vision_file, vision_why = self.model.vision_choice()
+        if vision_file != VISION_MODEL and "vision" not in self.model.options.part_paths:
+            stored["vision"] = export.get("parts", {}).get("vision", {}).get("float_precision", "?")
         for part, path in self.model.options.part_paths.items():
             stored[part] = f"from {path}"
         return {
@@ -589,6 +592,7 @@ class Pipeline:
             "family": self.model.family.model_type,
             "device": self.model.options.device,
             "weights": stored,  # how each part's weights are stored (fp16, int4_sym g64 r0.6 + int8, ...)
+            "vision_encoder": vision_why,  # which vision encoder runs and why (INT8-PTQ or float)
             "export": export,
             "runtime": self.model.runtime_info(),
         }

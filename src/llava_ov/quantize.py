@@ -329,6 +329,16 @@ def _stage_copy(src: Path, out: Path, skip: set[str], overwrite: bool) -> Path:
     return stage
 
 
+def _keep_float_vision(src: Path, stage: Path) -> list[Path]:
+    """Copy the float vision encoder beside the INT8-PTQ one: faster where the CPU lacks int8 units."""
+    out = []
+    for name in (layout.VISION_MODEL, str(Path(layout.VISION_MODEL).with_suffix(".bin"))):
+        target = stage / name.replace(Path(layout.VISION_MODEL).stem, Path(layout.VISION_FLOAT_MODEL).stem)
+        shutil.copy2(src / name, target)
+        out.append(target)
+    return out
+
+
 def compress_export(
     src_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -391,6 +401,8 @@ def compress_export(
     phases = Phases("compress", len(plan) + bool(counts) + q.awq, stream=sys.stderr, enabled=progress)
     stage = src if in_place else _stage_copy(src, out, set(plan.values()), overwrite)
     written: list[Path] = []
+    if q.vision_mode == "int8_ptq":
+        written += _keep_float_vision(src, stage)
     level = nncf_logger.level
     nncf.set_log_level(logging.WARNING)  # our phases report progress; NNCF's INFO tables are noise
     try:
@@ -432,6 +444,9 @@ def compress_export(
                 "weight_share": type_share(after),
                 **({"awq_layers": awq} if awq is not None else {}),
             }
+            if part == "vision" and q.vision_mode == "int8_ptq":
+                entry["float_file"] = layout.VISION_FLOAT_MODEL
+                entry["float_precision"] = entry.get("precision", "fp16" if fp16 else "fp32")
             entry["precision"] = precision
             if awq == 0:
                 phases.note("AWQ had no INT4 layer to correct (NNCF matches only the MLP down projections, which "
