@@ -242,3 +242,21 @@ def test_parallel_sessions_on_one_pipeline_give_their_own_answers(exports, photo
         [t.start() for t in threads]
         [t.join() for t in threads]
         assert results == expected
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "stateful"])
+def test_one_cpu_thread_at_the_default_precision_loads_and_answers(exports, kv_cache):
+    """OpenVINO 2026.4 dies with SIGFPE compiling the language model with INFERENCE_NUM_THREADS=1 at
+    bf16 (the default on AMX / AVX-512-bf16 CPUs): the pipeline must never hand it that setting.
+    Default precision on purpose (no f32 pins); in a child process, so a crash fails only this test."""
+    code = textwrap.dedent(f"""
+        from llava_ov.pipeline import Pipeline
+        from llava_ov.generate import GenerationConfig
+        pipe = Pipeline({str(exports["llava"])!r}, properties={{"INFERENCE_NUM_THREADS": 1}}, cache_dir=None,
+                        kv_cache={kv_cache!r})
+        result = pipe.generate("Hi", config=GenerationConfig(max_new_tokens=3))
+        print(len(result.token_ids), pipe.model.runtime_info()["language"]["INFERENCE_NUM_THREADS"])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.split() == ["3", "1"]

@@ -8,6 +8,7 @@ request's state), and the tokenizer/detokenizer IRs.  No torch, no transformers.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .errors import InvalidTextError, LlavaOvError, ModelNotFoundError
 from .families import Family, family_for
 from .stateful import SEQ_AXIS
 
+log = logging.getLogger(__name__)
 REQUIRED_FILES = (layout.LANGUAGE_MODEL, layout.TEXT_EMBEDDINGS_MODEL, layout.VISION_MODEL, "config.json")
 F32_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
 
@@ -228,6 +230,8 @@ class ExportedModel:
         if cache:
             props["CACHE_DIR"] = cache
         props.update(self.options.properties)
+        if part == "language":
+            props = self._avoid_known_crash(device, props)
         source: Any = self.part_path(part)
         if part == "language" and self.kv_backend == "paged":
             from .paged import derive_paged_model
@@ -237,6 +241,18 @@ class ExportedModel:
             return self.core.compile_model(source, device, props)
         except RuntimeError as exc:
             raise LlavaOvError(f"cannot compile the {part} model on {device}: {self._reason(exc, device)}") from None
+
+    def _avoid_known_crash(self, device: str, props: dict[str, Any]) -> dict[str, Any]:
+        """OpenVINO 2026.4's CPU plugin dies with SIGFPE compiling the language model with
+        INFERENCE_NUM_THREADS=1 at bf16, the default on CPUs with AVX-512-bf16/AMX (seen with both KV
+        cache kinds; 2+ threads, f32 and f16 compile). Such a setting gets f32 compute for that part."""
+        threads = props.get("INFERENCE_NUM_THREADS")
+        if device.upper() != "CPU" or threads is None or int(threads) != 1 or "INFERENCE_PRECISION_HINT" in props:
+            return props
+        if self.core.get_property("CPU", "INFERENCE_PRECISION_HINT") != ov.Type.bf16:
+            return props
+        log.warning("one CPU thread at bf16 crashes OpenVINO's compiler for the language model: it runs at f32")
+        return {**props, "INFERENCE_PRECISION_HINT": "f32"}
 
     def _reason(self, exc: RuntimeError, device: str) -> str:
         """OpenVINO's message without its source-location lines, and the devices this machine has."""
