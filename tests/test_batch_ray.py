@@ -54,7 +54,7 @@ def folder(tmp_path, photos) -> Path:
 def read_shards(out: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    return [r for shard in sorted(out.glob("*.parquet")) for r in pq.read_table(shard).to_pylist()]
+    return [r for shard in sorted(out.glob("captions-*.parquet")) for r in pq.read_table(shard).to_pylist()]
 
 
 def test_ray_matches_single_machine_and_resumes(local_ray, exports, pipe, folder, tmp_path):
@@ -70,16 +70,19 @@ def test_ray_matches_single_machine_and_resumes(local_ray, exports, pipe, folder
     table = pq.read_table(single)
     expected = {r["id"]: r for r in table.to_pylist()}
 
-    # An earlier run left one finished shard (coffee) and one cut by a crash.
+    # An earlier run left one finished shard (coffee) and one cut by a crash; the user keeps an
+    # unreadable Parquet file of their own there too.
     out = tmp_path / "out"
     out.mkdir()
-    pq.write_table(table.filter(pc.equal(table["id"], "coffee.png")), out / "earlier.parquet")
-    (out / "cut.parquet").write_bytes(b"PAR1 truncated")
+    pq.write_table(table.filter(pc.equal(table["id"], "coffee.png")), out / "captions-earlier.parquet")
+    (out / "captions-cut.parquet").write_bytes(b"PAR1 truncated")
+    (out / "notes.parquet").write_bytes(b"not ours, not readable")
 
     spec = PipelineSpec(str(exports["llava-next"]), properties=dict(F32), cache_dir=None)
     summary = run_ray_batch(spec, folder, out, config=CONFIG, workers=2, batch_size=2)
     assert (summary.total, summary.succeeded, summary.failed, summary.skipped) == (4, 2, 1, 1)
-    assert (out / "cut.parquet.corrupt").exists() and not (out / "cut.parquet").exists()
+    assert (out / "captions-cut.parquet.corrupt").exists() and not (out / "captions-cut.parquet").exists()
+    assert (out / "notes.parquet").read_bytes() == b"not ours, not readable"  # never renamed: we did not write it
 
     records = read_shards(out)
     assert sorted(r["id"] for r in records) == sorted(expected)  # every row exactly once

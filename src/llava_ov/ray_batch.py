@@ -12,6 +12,7 @@ offline) or an existing cluster (`address=`).  See docs/batch.md.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -25,8 +26,10 @@ from .errors import LlavaOvError
 if TYPE_CHECKING:
     import pyarrow as pa
 
+log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024 * 1024  # rows are small; the default (30% of RAM) is far too much here
 CORRUPT_SUFFIX = ".corrupt"
+SHARD_PREFIX = "captions-"  # the shards this module writes; no other file in the folder is ever renamed
 
 
 class Captioner:
@@ -45,15 +48,21 @@ class Captioner:
 
 
 def existing_results(out: Path) -> dict[str, str | None]:
-    """id -> error (None when answered) of every shard in `out`; unreadable shards are set aside."""
+    """id -> error (None when answered) of every shard in `out`.
+
+    An unreadable shard of ours (cut by a crash) is set aside as .corrupt and its rows run again; an
+    unreadable Parquet file we did not write is left as it is, with a warning."""
     import pyarrow.parquet as pq
 
     found: dict[str, str | None] = {}
     for shard in sorted(out.glob("*.parquet")):
         try:
             table = pq.read_table(shard, columns=["id", "error"])
-        except Exception:  # a shard cut by a crash: rename it so readers skip it; its rows run again
-            shard.rename(shard.with_name(shard.name + CORRUPT_SUFFIX))
+        except Exception:
+            if shard.name.startswith(SHARD_PREFIX):
+                shard.rename(shard.with_name(shard.name + CORRUPT_SUFFIX))
+            else:
+                log.warning("%s is not a readable results shard; left as it is and not counted", shard.name)
             continue
         found.update(zip(table.column("id").to_pylist(), table.column("error").to_pylist()))
     return found
@@ -145,13 +154,25 @@ def _run_on_ray(spec, todo: list[Row], out: Path, config, fetch, workers, thread
             batch_size=batch_size, batch_format="pyarrow", num_cpus=threads,
             compute=ray.data.ActorPoolStrategy(size=workers),  # the `concurrency=N` of older Ray releases
         )  # fmt: skip
-        ds.write_parquet(str(out), ray_remote_args={"num_cpus": 0})  # writing is light; actors hold the CPUs
+        ds.write_parquet(str(out), filename_provider=_shard_names(),
+                         ray_remote_args={"num_cpus": 0})  # writing is light; actors hold the CPUs
         return False
     except KeyboardInterrupt:
         return True
     finally:
         if own:
             ray.shutdown()
+
+
+def _shard_names():
+    """Ray's filename provider naming our shards captions-<write>_<task>.parquet."""
+    from ray.data.datasource import FilenameProvider
+
+    class ShardNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"{SHARD_PREFIX}{write_uuid}_{task_index:06}.parquet"
+
+    return ShardNames(file_format="parquet")
 
 
 def _count(summary: BatchSummary, results: dict[str, str | None], todo: list[Row]) -> None:
