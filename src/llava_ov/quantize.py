@@ -339,6 +339,15 @@ def _keep_float_vision(src: Path, stage: Path) -> list[Path]:
     return out
 
 
+def _quiet_rich_console():
+    """rich's shared console (NNCF's progress bars draw on it), silenced; and whether it was quiet before."""
+    import rich
+
+    console = rich.get_console()
+    was_quiet, console.quiet = console.quiet, True
+    return console, was_quiet
+
+
 def compress_export(
     src_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -405,6 +414,7 @@ def compress_export(
         written += _keep_float_vision(src, stage)
     level = nncf_logger.level
     nncf.set_log_level(logging.WARNING)  # our phases report progress; NNCF's INFO tables are noise
+    console, was_quiet = _quiet_rich_console()  # and so are its progress bars
     try:
         record = _settings_record(q, weight_format, info)
         pixels = lm_samples = None
@@ -473,6 +483,7 @@ def compress_export(
         raise
     finally:
         nncf.set_log_level(level)
+        console.quiet = was_quiet
     return out
 
 
