@@ -300,3 +300,29 @@ def test_page_image_token_settings_reach_the_answer_and_the_stats(page, photos):
     page.add_message({"text": "What is it?", "files": [str(photos["chelsea"])]}, state)
     list(page.respond(state, *GREEDY, 0, 0.5))
     assert state.last_result.image_tokens < state.last_result.image_tokens_total
+
+
+def test_ui_command_prints_its_own_address_line_without_gradios_share_hint(exports):
+    """`llava-ov ui` says where the page is; Gradio's "set `share=True` in `launch()`" (its API, not
+    our --share flag) is not printed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llava_ov.cli", "ui", str(exports["llava"]), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("chat page:"):
+                break
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    text = "".join(lines) + out
+    assert f"chat page: http://127.0.0.1:{port}" in text, text
+    assert "share=True" not in text and "launch()" not in text, text

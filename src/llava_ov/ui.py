@@ -415,17 +415,27 @@ def build_demo(page: ChatPage):
 
 
 def launch(demo, host: str = "127.0.0.1", port: int | None = None, share: bool = False, block: bool = True):
-    """Serve the page; with block=False return once it listens (for tests)."""
+    """Serve the page; with block=False return once it listens (for tests).
+
+    Gradio's own start-up lines are off (its "set `share=True` in `launch()`" hint names its API, not
+    our --share flag); the page's addresses are printed here instead."""
     demo.queue(max_size=MAX_QUEUE)
     allowed = [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else []
     try:
-        return demo.launch(
-            server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-            allowed_paths=allowed, quiet=not block, max_file_size=MAX_UPLOAD_BYTES,
+        result = demo.launch(
+            server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+            allowed_paths=allowed, quiet=True, max_file_size=MAX_UPLOAD_BYTES,
         )  # fmt: skip
     except OSError as exc:
         reason = str(exc).split(". ")[0]  # gradio's advice after the first sentence names its own API
         raise LlavaOvError(f"cannot serve the page on {host}:{port} ({reason}); choose another --port") from None
+    if block:
+        print(f"chat page: {demo.local_url}", flush=True)
+        if share:
+            print(f"public link: {demo.share_url}" if demo.share_url else "public link: could not be created "
+                  "(no connection to gradio.live)", flush=True)  # fmt: skip
+        demo.block_thread()
+    return result
 
 
 # ---------------------------------------------------------------- command line
