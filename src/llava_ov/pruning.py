@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import numpy as np
 
-EPS = 1e-10  # a marginal gain below this means the remaining tokens add nothing new (kernel rank reached)
+# A marginal gain below this share of the largest diagonal entry means the remaining tokens add nothing
+# new (the kernel's rank is used up; float32 similarities leave ~1e-7 of noise there).
+REL_EPS = 1e-5
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
+def _unit(x: np.ndarray, dtype=np.float64) -> np.ndarray:
+    x = np.asarray(x, dtype=dtype)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -45,7 +47,7 @@ def relevance(features: np.ndarray, instruction: np.ndarray) -> np.ndarray:
     (all ones when there is no instruction or no spread)."""
     if len(instruction) == 0 or len(features) == 0:
         return np.ones(len(features))
-    scores = (_unit(features) @ _unit(instruction).T).mean(axis=1)
+    scores = (_unit(features, np.float32) @ _unit(instruction, np.float32).T).astype(np.float64).mean(axis=1)
     spread = scores.max() - scores.min()
     if spread < 1e-9:
         return np.ones(len(features))
@@ -53,9 +55,14 @@ def relevance(features: np.ndarray, instruction: np.ndarray) -> np.ndarray:
 
 
 def conditional_kernel(features: np.ndarray, rel: np.ndarray) -> np.ndarray:
-    """L = diag(r) S diag(r) with S the cosine similarity of the features."""
-    unit = _unit(features)
-    return rel[:, None] * (unit @ unit.T) * rel[None, :]
+    """L = diag(r) S diag(r) with S the cosine similarity of the features.
+
+    S is computed in float32 (as the paper's code does; the [n, 4096] product is the selection's main
+    cost) and symmetrised, then used in float64 by the greedy updates."""
+    unit = _unit(features, np.float32)
+    similarity = (unit @ unit.T).astype(np.float64)
+    similarity = (similarity + similarity.T) / 2
+    return rel[:, None] * similarity * rel[None, :]
 
 
 def greedy_map(kernel: np.ndarray, k: int, fallback: np.ndarray | None = None) -> list[int]:
@@ -66,12 +73,13 @@ def greedy_map(kernel: np.ndarray, k: int, fallback: np.ndarray | None = None) -
     n = kernel.shape[0]
     k = min(k, n)
     gains = np.diag(kernel).astype(np.float64).copy()  # d_i^2: marginal gain of each item
+    eps = REL_EPS * float(gains.max(initial=0.0))
     rows = np.zeros((k, n))  # c_i: incremental Cholesky rows
     picked: list[int] = []
     free = np.ones(n, bool)
     while len(picked) < k:
         j = int(np.argmax(np.where(free, gains, -np.inf)))
-        if gains[j] <= EPS:
+        if gains[j] <= eps:
             break
         t = len(picked)
         e = (kernel[j] - rows[:t, j] @ rows[:t]) / np.sqrt(gains[j])
