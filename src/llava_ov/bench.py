@@ -627,31 +627,36 @@ def image_token_variants(budgets: str, ratios: str) -> tuple[tuple[int | None, f
 
 
 def plot_image_tokens(report: dict[str, Any], path: Path) -> None:
-    """TTFT and its language-model part against the image tokens kept, one point per setting."""
+    """TTFT and its language-model part against the image tokens kept: one line per way of cutting
+    them (image-token budget, pruning), both starting from the full image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = sorted(
-        (e["image_tokens"], e["ttft_s"]["mean"], e["ttft_s"]["std"], e["prefill_s"]["mean"], e["prefill_s"]["std"], n)
-        for n, e in report["engines"].items() if n == "ours" or n.startswith("ours[")
-    )  # fmt: skip
+    engines = report["engines"]
+    series = {"image-token budget": "max_image_tokens=", "visual-token pruning": "pruning="}
     fig, ax = plt.subplots(figsize=(7, 4))
-    x = [p[0] for p in points]
-    ax.errorbar(x, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label="TTFT")
-    ax.errorbar(x, [p[3] for p in points], yerr=[p[4] for p in points], marker="s", capsize=3,
-                label="language-model prefill")  # fmt: skip
-    for p in points:
-        ax.annotate(p[5].replace("ours", "").strip("[]") or "full", (p[0], p[1]), fontsize=7,
-                    textcoords="offset points", xytext=(3, 4))  # fmt: skip
-    ax.set_xlabel("image tokens kept")
+    for (label, key), color in zip(series.items(), ("tab:blue", "tab:orange")):
+        names = ["ours"] + [n for n in engines if n.startswith("ours[") and key in n]
+        if len(names) < 2:
+            continue
+        points = sorted((engines[n]["image_tokens"], engines[n]["ttft_s"], engines[n]["prefill_s"], n) for n in names)
+        x = [p[0] for p in points]
+        ax.errorbar(x, [p[1]["mean"] for p in points], yerr=[p[1]["std"] for p in points], marker="o", capsize=3,
+                    color=color, label=f"{label}: TTFT")  # fmt: skip
+        ax.errorbar(x, [p[2]["mean"] for p in points], yerr=[p[2]["std"] for p in points], marker="s", capsize=3,
+                    color=color, linestyle="--", label=f"{label}: LM prefill")  # fmt: skip
+        for p in points[:-1]:
+            ax.annotate(p[3].split("=", 1)[1].rstrip("]"), (p[0], p[1]["mean"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 4))  # fmt: skip
+    ax.set_xlabel("image tokens kept (rightmost: the full image)")
     ax.set_ylabel("seconds")
     m = report["machine"]
     ax.set_title(f"TTFT vs image tokens ({m.get('cpu', 'CPU')}, {m.get('cores', '?')} cores)", fontsize=9)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
