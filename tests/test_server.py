@@ -321,6 +321,31 @@ def test_invalid_json_gets_400(server):
     headers = {"content-type": "application/json"}
     response = HTTP.post(f"{server}/v1/chat/completions", content=b'{"messages": [', headers=headers)
     assert "not valid JSON" in assert_error(response, 400)["message"]
+    response = HTTP.post(f"{server}/v1/chat/completions", content=b"\xef\xbf\x1b", headers=headers)
+    assert "not valid JSON" in assert_error(response, 400)["message"]
+    assert_healthy(server)
+
+
+def test_request_json_is_parsed_off_the_event_loop(server, monkeypatch):
+    """A 30 MB body took ~1 s of json.loads: on the event loop that stalled /health and every client."""
+    import asyncio
+
+    from llava_ov.server import app as app_module
+
+    where = []
+
+    def parse(body):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("worker thread")
+        return json.loads(body)
+
+    monkeypatch.setattr(app_module, "parse_json", parse)
+    big = {"messages": [{"role": "user", "content": "hi"}] * 50_000}  # refused: over the message limit
+    assert_error(post(server, big), 400)
+    assert where == ["worker thread"]
     assert_healthy(server)
 
 

@@ -8,6 +8,7 @@ model loads in a background thread once the server is up: `/health` answers
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
@@ -36,6 +38,33 @@ from .worker import GenerationWorker, Job, QueueFull
 log = logging.getLogger("llava_ov.server")
 PATHS = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503)}
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON (called in a worker thread: a 30 MB body takes ~1 s to parse)."""
+    return json.loads(body)
+
+
+class JSONOffLoopRoute(APIRoute):
+    """Parses a JSON body in a worker thread, so a large body never stalls the event loop (/health,
+    other clients); FastAPI then validates the parsed value (Request.json() returns it)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Any:
+            body = await request.body()
+            if body:
+                try:
+                    request._json = await asyncio.to_thread(parse_json, body)
+                except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+                    pos, why = (e.pos, e.msg) if isinstance(e, json.JSONDecodeError) else (0, "not UTF-8 text")
+                    detail = {"type": "json_invalid", "loc": ("body", pos), "msg": "JSON decode error",
+                              "input": {}, "ctx": {"error": why}}  # fmt: skip
+                    raise RequestValidationError([detail]) from None
+            return await handler(request)
+
+        return route
 
 
 def load_pipeline(settings: ServerSettings) -> Any:
@@ -116,6 +145,7 @@ def create_app(
     # /docs and /openapi.json are documented routes; /redoc is closed (it only duplicates /docs)
     app = FastAPI(title="llava-ov", version=__version__, lifespan=state.lifespan, redoc_url=None,
                   description="OpenAI-compatible chat completions with images, served by llava-ov.")  # fmt: skip
+    app.router.route_class = JSONOffLoopRoute
     app.state.server = state
     _add_routes(app, state)
     _add_error_handlers(app)
