@@ -227,4 +227,17 @@ def test_slow_downloads_do_not_hold_the_decode_slots():
         return image, waited
 
     image, waited = asyncio.run(scenario())
-    assert image.size == Image.open(io.BytesIO(PNG)).size and waited < 1.0, waited
+    assert image == PNG and waited < 1.0, waited
+
+
+def test_a_waiting_request_keeps_encoded_bytes_not_pixels(tmp_path):
+    """A 6000x6000 one-bit PNG is ~50 KB on the wire but 108 MB decoded: a request waiting in the
+    queue holds the bytes (checked: format, size, declared pixels), not the decoded image."""
+    big = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(big, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(big.getvalue()).decode()
+    loader = ImageLoader(ImagePolicy(max_pixels=40_000_000))
+    held = asyncio.run(loader.load(data_url))
+    assert isinstance(held, bytes) and len(held) == len(big.getvalue()) < 200_000
+    with pytest.raises(InvalidImageError, match="over the limit"):
+        asyncio.run(ImageLoader(ImagePolicy(max_pixels=1_000_000)).load(data_url))  # declared size, no decode

@@ -258,6 +258,18 @@ def test_max_tokens_is_capped(exports, reference):
     assert usage["completion_tokens"] <= 3
 
 
+def test_max_prompt_tokens_refuses_before_the_vision_encoder(exports, reference, jpeg_url, monkeypatch):
+    settings = ServerSettings(model=str(exports["llava-next"]), max_prompt_tokens=1000)
+    reference.clear_caches()
+    monkeypatch.setattr(reference.model, "encode_image_tiles", lambda px: pytest.fail("encoded a refused prompt"))
+    with running(create_app(settings, lambda: Proxy(reference))) as base:
+        wait_ready(base)
+        error = assert_error(post(base, image_request(jpeg_url)), 400, "context_length_exceeded")
+        assert "at most 1000" in error["message"]
+        text = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        assert post(base, text).status_code == 200  # short prompts still run
+
+
 def test_metrics_exposition_counts_tokens_and_requests(server, client):
     before = {k: metric(server, k) for k in ("llava_ov_prompt_tokens_total", "llava_ov_completion_tokens_total")}
     ok = metric(server, 'llava_ov_http_requests_total{path="/v1/chat/completions",status="200"}')

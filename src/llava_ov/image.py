@@ -172,6 +172,11 @@ _PIL_BOMB = "image header claims more pixels than Pillow will decode (possible d
 
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
     """Decode bytes, checking the header's pixel count before decoding any pixels."""
+    return _load_pixels(_open_checked(data, max_pixels))
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Open bytes lazily (header only) with the allowed formats, refusing too many declared pixels."""
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     except Image.DecompressionBombError:
@@ -184,7 +189,16 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as e:  # Pillow plugins raise many types on bad headers; all mean "corrupt"
         raise InvalidImageError(f"image data is corrupt: {_one_line(e)}") from None
     _check_pixels(img.width, img.height, max_pixels)
-    return _load_pixels(img)
+    return img
+
+
+def check_encoded(source: str | Path | bytes, *, max_bytes: int, max_pixels: int) -> bytes:
+    """An image's encoded bytes once its size, format and declared dimensions pass, without decoding
+    any pixel: what a server keeps while a request waits (decoded images are ~100x larger)."""
+    data = _read_source(source, max_bytes) if isinstance(source, (str, Path)) else bytes(source)
+    _check_bytes(len(data), max_bytes)
+    _open_checked(data, max_pixels)
+    return data
 
 
 def _load_pixels(img: Image.Image) -> Image.Image:

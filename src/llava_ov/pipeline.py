@@ -336,7 +336,13 @@ class Pipeline:
         ratio = config.visual_token_pruning
         ids, positions, jobs = self._tokenize(messages, config)
         image_tokens = sum(self._image_tokens(j, ratio) for j in jobs)
-        self._check_length(len(ids) - len(jobs) + image_tokens, image_tokens)  # before any vision encoding
+        total = len(ids) - len(jobs) + image_tokens
+        if config.max_prompt_tokens is not None and total > config.max_prompt_tokens:
+            raise ContextLengthError(
+                f"the prompt is {total} tokens ({image_tokens} of them for images); this server takes at most "
+                f"{config.max_prompt_tokens} (fewer or smaller images, or max_image_tokens, make it shorter)"
+            )
+        self._check_length(total, image_tokens)  # before any vision encoding
         images = [j.found if isinstance(j.found, PreparedImage) else self._encode_image(j) for j in jobs]
         if ratio:
             images = [self._prune(image, job, ratio) for image, job in zip(images, jobs)]

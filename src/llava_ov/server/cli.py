@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default="", help="model id reported to clients (default: the folder name)")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot (--max-running); more get 429")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens (and the default)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="refuse longer prompts (images counted from their sizes, before encoding; default: the context)")
     add_image_token_args(p)  # the defaults of requests that do not set max_image_tokens / visual_token_pruning
     p.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
     p.add_argument("--max-image-mb", type=float, default=20, help="largest image (encoded)")
@@ -53,7 +55,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from ..generate import GenerationConfig
 
     # request defaults that no request could use are refused now, not in every request's 400
-    GenerationConfig(max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning).validate()
+    GenerationConfig(max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
+                     max_prompt_tokens=args.max_prompt_tokens).validate()
 
     from ..model import F32_PROPERTIES
 
@@ -68,6 +71,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_connections=args.max_connections, header_timeout_s=args.header_timeout,
         max_header_bytes=int(args.max_header_kb * 1024), keep_alive_s=args.keep_alive,
         max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
+        max_prompt_tokens=args.max_prompt_tokens,
     )  # fmt: skip
 
 

@@ -1,12 +1,14 @@
-"""Image URLs of chat requests -> decoded PIL images, refusing what was not allowed.
+"""Image URLs of chat requests -> checked encoded images, refusing what was not allowed.
 
 Sources: `data:image/...;base64,` URLs; http(s) URLs, downloaded by
 `llava_ov.fetch` (size and time limits, public addresses only unless allowed,
 connection pinned to a checked address, redirects checked again); `file://`
 URLs and plain paths only when local files are allowed.  This module adds what
-is per request: the policy's pixel limit and local-file permission, a few
-decodes at a time (downloads have slots of their own), and decoding off the event loop.  Decoding is bounded in
-bytes and pixels by `llava_ov.image.load_image`.
+is per request: the policy's pixel limit and local-file permission, and a few
+checks at a time off the event loop (downloads have slots of their own).  An image is checked
+(allowed format, size, declared pixels) but not decoded here: the request keeps its encoded bytes
+while it waits for the engine, and the pipeline decodes them when it runs (a corrupt image whose
+header passed is then a 400 from the run).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from urllib.parse import urlsplit
 
 from ..errors import InvalidImageError
 from ..fetch import FetchPolicy, ImageFetcher, decode_data_url, local_path
-from ..image import load_image
+from ..image import check_encoded
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class ImagePolicy(FetchPolicy):
 
 
 class ImageLoader:
-    """Turns an `image_url.url` into an RGB PIL image, a few decodes at a time (bounding memory under load)."""
+    """Turns an `image_url.url` into checked encoded image bytes, a few checks at a time."""
 
     def __init__(
         self, policy: ImagePolicy, fetcher: ImageFetcher | None = None, concurrency: int = 2, downloads: int = 16
@@ -58,4 +60,4 @@ class ImageLoader:
         else:
             raise InvalidImageError("unsupported image URL scheme; use data:image/...;base64, or http(s)")
         async with self._decodes:
-            return await run_in_threadpool(load_image, source, **limits)
+            return await run_in_threadpool(check_encoded, source, **limits)

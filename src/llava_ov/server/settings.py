@@ -28,6 +28,7 @@ class ServerSettings:
     allow_local_files: bool = False  # file:// URLs and plain paths in image_url
     allow_private_urls: bool = False  # http(s) image URLs reaching loopback/private/link-local addresses
     max_tokens: int = 1024  # cap on max_tokens, and the default when a request gives none
+    max_prompt_tokens: int | None = None  # longest prompt accepted, images included (None: the context)
     max_image_tokens: int | None = None  # default image-token budget of a request (None: none)
     visual_token_pruning: float = 0.0  # default CDPruner ratio of a request (0: off)
     request_timeout_s: float = 600.0  # queue wait + generation; the answer is cut when it runs out
