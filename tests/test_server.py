@@ -698,7 +698,7 @@ def test_slow_and_oversized_clients_are_cut_off(exports, reference):
     """Headers trickled past the deadline, oversized headers and idle keep-alive connections are closed
     by the server itself, while /health keeps answering."""
     settings = ServerSettings(model=str(exports["llava-next"]), header_timeout_s=0.5, max_header_bytes=8192,
-                              keep_alive_s=0.5)  # fmt: skip
+                              keep_alive_s=0.5, body_timeout_s=1.0)  # fmt: skip
     with running(create_app(settings, lambda: Proxy(reference))) as base:
         wait_ready(base)
         port = int(base.rsplit(":", 1)[1])
@@ -721,7 +721,14 @@ def test_slow_and_oversized_clients_are_cut_off(exports, reference):
         assert idle.recv(1000).startswith(b"HTTP/1.1 200")
         time.sleep(1.0)
         assert idle.recv(100) == b""  # the idle keep-alive connection was closed
-        for sock in (slow, big, idle):
+        trickle = connect()  # whole headers, then a body that never arrives
+        trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 1000\r\n\r\n{\"messages\": [")  # fmt: skip
+        started = time.monotonic()
+        reply = trickle.recv(1000)
+        assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply, reply
+        assert time.monotonic() - started < 4
+        for sock in (slow, big, idle, trickle):
             sock.close()
         assert_healthy(base)
 

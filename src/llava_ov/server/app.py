@@ -149,7 +149,7 @@ def create_app(
     app.state.server = state
     _add_routes(app, state)
     _add_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(APIKeyGuard, api_key=settings.api_key)  # before the body is read
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, paths=lambda: PATHS)
     return app

@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="let image URLs reach loopback, private and link-local addresses")  # fmt: skip
     p.add_argument("--max-connections", type=int, default=200, help="connections at once; more get 503")
     p.add_argument("--header-timeout", type=float, default=10, help="seconds for a request's headers to arrive")
+    p.add_argument("--body-timeout", type=float, default=30, help="seconds for its body to arrive after them (408)")
     p.add_argument("--max-header-kb", type=float, default=64, help="largest request line + headers")
     p.add_argument("--keep-alive", type=float, default=5, help="seconds an idle keep-alive connection stays open")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -68,7 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_image_bytes=int(args.max_image_mb * MiB), max_image_pixels=args.max_image_pixels,
         max_images=args.max_images, request_timeout_s=args.request_timeout, fetch_timeout_s=args.fetch_timeout,
         allow_local_files=args.allow_local_files, allow_private_urls=args.allow_private_urls,
-        max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+        max_connections=args.max_connections, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
         max_header_bytes=int(args.max_header_kb * 1024), keep_alive_s=args.keep_alive,
         max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
         max_prompt_tokens=args.max_prompt_tokens,
@@ -89,7 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     for name, value in (("--max-queue", settings.max_queue), ("--max-tokens", settings.max_tokens),
                         ("--max-connections", settings.max_connections), ("--max-header-kb", settings.max_header_bytes),
-                        ("--header-timeout", settings.header_timeout_s), ("--keep-alive", settings.keep_alive_s)):  # fmt: skip
+                        ("--header-timeout", settings.header_timeout_s), ("--keep-alive", settings.keep_alive_s),
+                        ("--body-timeout", settings.body_timeout_s)):  # fmt: skip
         if value <= 0:
             raise LlavaOvError(f"{name} must be > 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

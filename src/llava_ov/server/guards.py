@@ -1,14 +1,17 @@
-"""ASGI middleware that guards requests before any body is parsed: API key, then body size.
+"""ASGI middleware that guards requests before any body is parsed: API key, then body size and time.
 
 The key is compared in constant time (`hmac.compare_digest`).  The body limit
 checks Content-Length first, then counts the bytes actually received (chunked
-uploads), buffering at most `max_body_bytes` before the app sees the request;
+uploads), buffering at most `max_body_bytes` before the app sees the request, and
+answers 408 to a body that has not arrived within `timeout_s` (a client trickling
+it would otherwise hold its connection and request slot forever);
 the app then reads the buffered body and, after it, the live `receive` (so it
 can still notice the client disconnecting).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any
 
@@ -42,10 +45,11 @@ class APIKeyGuard:
 
 
 class BodyLimit:
-    """Answers 413 to bodies over `max_bytes`, declared or actually sent."""
+    """Answers 413 to bodies over `max_bytes`, declared or actually sent, and 408 to bodies slower than
+    `timeout_s`."""
 
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -53,16 +57,27 @@ class BodyLimit:
         declared = dict(scope.get("headers", ())).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send)
+        try:
+            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+        except asyncio.TimeoutError:
+            message = f"the request body did not arrive within {self.timeout_s:g} s"
+            return await send_error(send, 408, message, code="body_timeout")
+        if body is None:  # the client left while sending
+            return
+        if len(body) > self.max_bytes:
+            return await self._refuse(send)
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, receive: Any) -> bytes | None:
+        """The whole body (stopping once it is over the limit), or None when the client disconnected."""
         body, more = bytearray(), True
-        while more:
+        while more and len(body) <= self.max_bytes:
             message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return
+            if message["type"] != "http.request":
+                return None
             body += message.get("body", b"")
             more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await self._refuse(send)
-        await self.app(scope, _replay(bytes(body), receive), send)
+        return bytes(body)
 
     async def _refuse(self, send: Any) -> None:
         message = f"request body is over the limit of {self.max_bytes:,} bytes"

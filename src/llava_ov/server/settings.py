@@ -36,6 +36,7 @@ class ServerSettings:
     max_redirects: int = 3
     max_connections: int = 200  # open connections + requests in progress; more get 503 at once
     header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    body_timeout_s: float = 30.0  # and its body within this after them (408 beyond)
     max_header_bytes: int = 64 * 1024  # request line + headers
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
 
