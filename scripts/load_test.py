@@ -15,6 +15,12 @@ or from the process listening on the URL's port).
 --mix cycles every client through four kinds of request: text JSON, image JSON,
 image streaming, and image streaming whose client disconnects after the first
 chunk; a prober hits /health every 0.2 s throughout and reports its slowest answer.
+
+--hostile N adds N attackers for the whole run, each cycling through HOSTILE: headers
+trickled a byte at a time, a 128 KiB header, a body that stops half way, an image whose
+header declares 13000x13000 pixels, a one-bit 6000x6000 PNG (48 KB that decode to 108 MB:
+accepted and answered), a 28 MB body of 800,000 messages, and a lone surrogate; the
+report counts what each got back.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+
+HOSTILE = ("slow-headers", "huge-header", "slow-body", "declared-bomb", "heavy-image", "big-json", "surrogate")
 
 
 @dataclass
@@ -102,10 +110,11 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcom
         return Outcome(type(exc).__name__, time.perf_counter() - start)
 
 
-async def drive(base: str, clients: int, requests: int, bodies, api_key: str | None):
-    """Run `requests` requests (body i from `bodies(i)`) over `clients` connections, probing /health.
+async def drive(base: str, clients: int, requests: int, bodies, api_key: str | None, hostile: int = 0):
+    """Run `requests` requests (body i from `bodies(i)`) over `clients` connections, probing /health
+    (and with `hostile` attackers alongside).
 
-    Returns (outcomes, wall seconds, health probe latencies, failed probes)."""
+    Returns (outcomes, wall seconds, health probe latencies, failed probes, hostile outcomes)."""
     todo = iter(range(requests))
     outcomes: list[Outcome] = []
     probes: list[float] = []
@@ -134,10 +143,104 @@ async def drive(base: str, clients: int, requests: int, bodies, api_key: str | N
     async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
         start = time.perf_counter()
         watch = asyncio.create_task(prober())
+        attack = asyncio.create_task(attackers(base, hostile, done)) if hostile else None
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        wall = time.perf_counter() - start
         done.set()
         await watch
-        return outcomes, time.perf_counter() - start, probes, failed_probes
+        attacked = await attack if attack is not None else {}
+        return outcomes, wall, probes, failed_probes, attacked
+
+
+def _png_data_url(size: tuple[int, int]) -> str:
+    """A one-bit black PNG of `size` as a data URL (tiny on the wire)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", size).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def hostile_payloads() -> dict[str, bytes]:
+    """The request bodies of the hostile kinds that send whole requests."""
+
+    def image_body(url: str) -> bytes:
+        content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]
+        return json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 4}).encode()
+
+    return {
+        "declared-bomb": image_body(_png_data_url((13000, 13000))),
+        "heavy-image": image_body(_png_data_url((6000, 6000))),
+        "big-json": json.dumps({"messages": [{"role": "user", "content": "hi"}] * 800_000}).encode(),
+        "surrogate": b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}',
+    }
+
+
+async def raw_exchange(host: str, port: int, chunks: list[bytes], pause_s: float) -> tuple[str, float]:
+    """Send `chunks` with `pause_s` between them on a raw connection; (status line or 'closed', seconds)."""
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+            try:
+                line = await asyncio.wait_for(reader.readline(), pause_s)
+            except asyncio.TimeoutError:
+                continue
+            return (line.decode(errors="replace").split(" ")[1] if line else "closed"), time.perf_counter() - start
+        line = await asyncio.wait_for(reader.readline(), 120)
+        return (line.decode(errors="replace").split(" ")[1] if line else "closed"), time.perf_counter() - start
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return "closed", time.perf_counter() - start
+    finally:
+        writer.close()
+
+
+async def hostile_once(kind: str, base: str, payloads: dict[str, bytes], client: httpx.AsyncClient) -> tuple[str, float]:
+    """One hostile request of `kind`: (what came back, seconds)."""
+    url = urlsplit(base)
+    if kind == "slow-headers":
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 600
+        return await raw_exchange(url.hostname, url.port, [head[i : i + 1] for i in range(len(head))], 0.5)
+    if kind == "huge-header":
+        return await raw_exchange(url.hostname, url.port, [b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " +
+                                                            b"a" * 128 * 1024 + b"\r\n\r\n"], 5)  # fmt: skip
+    if kind == "slow-body":
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n{\"messages\": [")  # fmt: skip
+        return await raw_exchange(url.hostname, url.port, [head], 120)
+    start = time.perf_counter()
+    try:
+        response = await client.post(f"{base}/v1/chat/completions", content=payloads[kind],
+                                     headers={"content-type": "application/json"})  # fmt: skip
+        return str(response.status_code), time.perf_counter() - start
+    except httpx.HTTPError as exc:
+        return type(exc).__name__, time.perf_counter() - start
+
+
+async def attackers(base: str, count: int, done: asyncio.Event) -> dict[str, dict[str, Any]]:
+    """`count` attackers cycling through HOSTILE until `done`; per kind, the statuses and slowest answer."""
+    payloads = await asyncio.to_thread(hostile_payloads)
+    seen: dict[str, Counter] = {k: Counter() for k in HOSTILE}
+    slowest: dict[str, float] = dict.fromkeys(HOSTILE, 0.0)
+
+    async def attacker(offset: int, client: httpx.AsyncClient) -> None:
+        i = offset
+        while True:  # at least one attempt each, then until the load is done
+            kind = HOSTILE[i % len(HOSTILE)]
+            status, seconds = await hostile_once(kind, base, payloads, client)
+            seen[kind][status] += 1
+            slowest[kind] = max(slowest[kind], seconds)
+            i += 1
+            if done.is_set():
+                return
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        await asyncio.gather(*(attacker(i, client) for i in range(count)))
+    return {k: {"statuses": dict(seen[k]), "slowest_s": round(slowest[k], 2)} for k in HOSTILE if seen[k]}
 
 
 def server_rss_mb(pid: int | None) -> float | None:
@@ -162,7 +265,7 @@ def listening_pid(base: str) -> int | None:
 def run(
     base: str, clients: int = 32, requests: int = 200, max_tokens: int = 16, prompt: str = "Describe the picture.",
     image: str | list[str] | None = None, stream: bool = False, api_key: str | None = None, pid: int | None = None,
-    mix: bool = False,
+    mix: bool = False, hostile: int = 0,
 ) -> dict:  # fmt: skip
     """One load test against a running server; returns the report dict."""
     pid = pid or (listening_pid(base) if urlsplit(base).hostname in ("127.0.0.1", "localhost") else None)
@@ -176,7 +279,9 @@ def run(
     else:
         body = request_body(prompt, images[0] if images else None, max_tokens, stream)
         bodies = lambda i: dict(body)  # noqa: E731
-    outcomes, wall, probes, failed_probes = asyncio.run(drive(base, clients, requests, bodies, api_key))
+    outcomes, wall, probes, failed_probes, attacked = asyncio.run(
+        drive(base, clients, requests, bodies, api_key, hostile)
+    )
     time.sleep(2)  # let the server release what the last requests held
     ok = [o for o in outcomes if o.status == 200]
     latencies = [o.latency_s for o in ok]
@@ -192,6 +297,8 @@ def run(
     }  # fmt: skip
     if ttfts:
         report["ttft_s"] = {f"p{q}": round(percentile(ttfts, q), 3) for q in (50, 90, 99)}
+    if attacked:
+        report["hostile"] = attacked
     return report
 
 
@@ -238,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", action="store_true", help="stream answers (measures time to first token)")
     p.add_argument("--mix", action="store_true", help="text/image, JSON/stream and disconnecting clients (needs --image)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the whole test (RSS after each: flat?)")
+    p.add_argument("--hostile", type=int, default=0, help="attackers alongside the load (slow clients, bombs)")
     p.add_argument("--api-key", default=os.environ.get("LLAVA_OV_API_KEY"))
     p.add_argument("--pid", type=int, default=None, help="server process for RSS (default: found from the port)")
     p.add_argument("--label", default="", help="first column of the markdown row")
@@ -247,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _ in range(args.rounds):
             reports.append(run(base, args.clients, args.requests, args.max_tokens, args.prompt, args.image,
-                               args.stream, args.api_key, args.pid or (proc.pid if proc else None), args.mix))  # fmt: skip
+                               args.stream, args.api_key, args.pid or (proc.pid if proc else None), args.mix,
+                               args.hostile))  # fmt: skip
     finally:
         if proc is not None:
             proc.terminate()

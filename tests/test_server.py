@@ -694,6 +694,28 @@ def test_load_test_script_smoke(server):
     assert mixed["health"]["probes"] >= 1 and mixed["health"]["failed"] == 0
 
 
+def test_load_test_hostile_mix_is_refused_and_nothing_else_is_lost(exports, reference):
+    """One of each attack beside a small mixed load, on a server with short deadlines: each gets the
+    answer it should, and the ordinary requests all succeed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "load_test.py"
+    spec = importlib.util.spec_from_file_location("load_test_hostile", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["load_test_hostile"] = module
+    spec.loader.exec_module(module)
+    settings = ServerSettings(model=str(exports["llava-next"]), header_timeout_s=0.5, body_timeout_s=1.0)
+    with running(create_app(settings, lambda: Proxy(reference))) as base:
+        wait_ready(base)
+        report = module.run(base, clients=4, requests=8, max_tokens=4, image=[str(EXAMPLES_DIR / "cat.jpg")],
+                            mix=True, hostile=len(module.HOSTILE))  # fmt: skip
+    assert report["statuses"] == {200: 6, "disconnected": 2}
+    got = {kind: set(v["statuses"]) for kind, v in report["hostile"].items()}
+    assert got == {"slow-headers": {"closed"}, "huge-header": {"431"}, "slow-body": {"408"},
+                   "declared-bomb": {"400"}, "heavy-image": {"200"}, "big-json": {"400"}, "surrogate": {"400"}}, got
+    assert report["health"]["failed"] == 0
+
+
 def test_slow_and_oversized_clients_are_cut_off(exports, reference):
     """Headers trickled past the deadline, oversized headers and idle keep-alive connections are closed
     by the server itself, while /health keeps answering."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -178,7 +179,9 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     """Open bytes lazily (header only) with the allowed formats, refusing too many declared pixels."""
     try:
-        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+        with warnings.catch_warnings():  # Pillow warns above its own limit; ours is checked just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     except Image.DecompressionBombError:
         raise InvalidImageError(_PIL_BOMB) from None
     except Image.UnidentifiedImageError:
