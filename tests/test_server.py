@@ -338,26 +338,27 @@ def test_invalid_json_gets_400(server):
     assert_healthy(server)
 
 
-def test_request_json_is_parsed_off_the_event_loop(server, monkeypatch):
-    """A 30 MB body took ~1 s of json.loads: on the event loop that stalled /health and every client."""
+def test_large_bodies_are_parsed_in_a_child_process_and_bounded_in_values(server):
+    """json.loads holds the GIL: a 28 MB body of 800,000 messages froze the event loop even from a
+    thread. Bodies over 1 MiB are parsed in a child process, which refuses more JSON values than a
+    request can need, so the server never builds (or unpickles) such a body."""
     import asyncio
 
-    from llava_ov.server import app as app_module
+    from llava_ov.server.app import BodyParser
+    from llava_ov.server.jsonparse import OFFLOAD_BYTES, TooManyValues, parse_limited
 
-    where = []
-
-    def parse(body):
-        try:
-            asyncio.get_running_loop()
-            where.append("event loop")
-        except RuntimeError:
-            where.append("worker thread")
-        return json.loads(body)
-
-    monkeypatch.setattr(app_module, "parse_json", parse)
-    big = {"messages": [{"role": "user", "content": "hi"}] * 50_000}  # refused: over the message limit
-    assert_error(post(server, big), 400)
-    assert where == ["worker thread"]
+    parser = BodyParser()
+    small = json.dumps({"messages": HELLO}).encode()
+    assert asyncio.run(parser.parse(small)) == {"messages": HELLO} and parser._pool is None  # inline
+    image = json.dumps({"messages": [{"role": "user", "content": "x" * OFFLOAD_BYTES}]}).encode()
+    assert asyncio.run(parser.parse(image))["messages"][0]["content"] == "x" * OFFLOAD_BYTES
+    assert parser._pool is not None  # the large one went to the child process
+    parser.close()
+    with pytest.raises(TooManyValues, match="more than 10"):
+        parse_limited(json.dumps([1] * 11).encode(), max_values=10)
+    big = {"messages": [{"role": "user", "content": "hi"}] * 50_000}
+    error = assert_error(post(server, big), 400, "request_too_complex")
+    assert "100,000 JSON values" in error["message"]
     assert_healthy(server)
 
 

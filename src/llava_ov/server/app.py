@@ -29,6 +29,7 @@ from .completions import Completion, EventStream
 from .errors import APIError, error_body
 from .guards import APIKeyGuard, BodyLimit
 from .images import ImageLoader, ImagePolicy
+from .jsonparse import OFFLOAD_BYTES, TooManyValues, parse_limited
 from .mapping import generation_config, schema_error, to_messages
 from .metrics import MetricsMiddleware, ServerMetrics
 from .schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
@@ -40,14 +41,40 @@ PATHS = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503)}
 
 
-def parse_json(body: bytes) -> Any:
-    """A request body as JSON (called in a worker thread: a 30 MB body takes ~1 s to parse)."""
-    return json.loads(body)
+class BodyParser:
+    """Request bodies as JSON: small ones inline, large ones in a child process (jsonparse.py says why)."""
+
+    def __init__(self) -> None:
+        self._pool = None
+        self._lock = threading.Lock()
+
+    async def parse(self, body: bytes) -> Any:
+        if len(body) <= OFFLOAD_BYTES:
+            return parse_limited(body)
+        return await asyncio.get_running_loop().run_in_executor(self._executor(), parse_limited, body)
+
+    def _executor(self):
+        with self._lock:
+            if self._pool is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def parse_json(parser: BodyParser, body: bytes) -> Any:
+    """A request body as JSON, bounded in values (a seam for tests)."""
+    return parser.parse(body)
 
 
 class JSONOffLoopRoute(APIRoute):
-    """Parses a JSON body in a worker thread, so a large body never stalls the event loop (/health,
-    other clients); FastAPI then validates the parsed value (Request.json() returns it)."""
+    """Parses a JSON body off the event loop (a large body never stalls /health or other clients);
+    FastAPI then validates the parsed value (Request.json() returns it)."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
@@ -56,7 +83,9 @@ class JSONOffLoopRoute(APIRoute):
             body = await request.body()
             if body:
                 try:
-                    request._json = await asyncio.to_thread(parse_json, body)
+                    request._json = await parse_json(request.app.state.server.parser, body)
+                except TooManyValues as e:
+                    raise APIError(400, str(e), param="messages", code="request_too_complex") from None
                 except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
                     pos, why = (e.pos, e.msg) if isinstance(e, json.JSONDecodeError) else (0, "not UTF-8 text")
                     detail = {"type": "json_invalid", "loc": ("body", pos), "msg": "JSON decode error",
@@ -99,6 +128,7 @@ class ServerState:
             fetch_timeout_s=settings.fetch_timeout_s, max_redirects=settings.max_redirects,
         )  # fmt: skip
         self.images = ImageLoader(policy)
+        self.parser = BodyParser()
         self._closing = threading.Event()
 
     def load(self) -> None:
@@ -130,6 +160,7 @@ class ServerState:
         yield
         self._closing.set()
         self.worker.stop()
+        self.parser.close()
 
 
 def create_app(
