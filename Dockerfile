@@ -6,7 +6,11 @@
 # The model is an export directory (`llava-ov convert ...` on a machine with the [convert] extra) mounted at /model.
 FROM python:3.11-slim
 
+# MALLOC_ARENA_MAX=2: with glibc's default of one arena per thread, the freed buffers of large image
+# decodes stayed with the server (RSS 182 -> 1012 MB over six rounds of the hostile load test,
+# flat at ~500 MB with two arenas; docs/server.md, "Load test")
 ENV PYTHONDONTWRITEBYTECODE=1 \
+    MALLOC_ARENA_MAX=2 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
