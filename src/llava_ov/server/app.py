@@ -29,7 +29,7 @@ from .completions import Completion, EventStream
 from .errors import APIError, error_body
 from .guards import APIKeyGuard, BodyLimit
 from .images import ImageLoader, ImagePolicy
-from .jsonparse import OFFLOAD_BYTES, TooManyValues, parse_limited
+from .jsonparse import OFFLOAD_BYTES, TooManyValues, exit_with_parent, parse_limited
 from .mapping import generation_config, schema_error, to_messages
 from .metrics import MetricsMiddleware, ServerMetrics
 from .schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
@@ -59,7 +59,9 @@ class BodyParser:
                 import multiprocessing
                 from concurrent.futures import ProcessPoolExecutor
 
-                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent
+                )
             return self._pool
 
     def close(self) -> None:

@@ -11,6 +11,9 @@ server process only ever unpickles what it would accept. Imports only the standa
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from typing import Any
 
 OFFLOAD_BYTES = 1 << 20  # smaller bodies parse in well under a millisecond: inline
@@ -26,6 +29,18 @@ class TooManyValues(ValueError):
 
     def __str__(self) -> str:
         return f"the request body has more than {self.limit:,} JSON values (at least {self.count:,})"
+
+
+def exit_with_parent() -> None:
+    """Child-process initializer: exit once the server that started it is gone (however it ended)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def parse_limited(body: bytes, max_values: int = MAX_JSON_VALUES) -> Any:
