@@ -102,3 +102,21 @@ def test_ray_matches_single_machine_and_resumes(local_ray, exports, pipe, folder
             "--max-new-tokens", "12"]  # fmt: skip
     assert main(argv) == 1
     assert sorted(out.iterdir()) == shards
+
+
+def test_a_worker_that_crashes_is_reported_not_restarted_forever(local_ray, exports, folder, tmp_path):
+    """A worker process dying (here SIGFPE while it loads the model, as OpenVINO's compiler once did)
+    ended the run with a clear error instead of Ray restarting the actor forever (the run hung)."""
+    import dataclasses
+    import signal
+
+    from llava_ov.errors import LlavaOvError
+    from llava_ov.ray_batch import run_ray_batch
+
+    @dataclasses.dataclass(frozen=True)
+    class Crashing(PipelineSpec):  # defined here: pickled by value into the worker
+        def load(self):
+            os.kill(os.getpid(), signal.SIGFPE)
+
+    with pytest.raises(LlavaOvError, match="a Ray worker failed: .*run again to resume"):
+        run_ray_batch(Crashing(str(exports["llava"])), folder, tmp_path / "out", config=CONFIG, workers=1)

@@ -153,15 +153,30 @@ def _run_on_ray(spec, todo: list[Row], out: Path, config, fetch, workers, thread
             Captioner, fn_constructor_kwargs={"spec": spec, "config": config, "fetch": fetch},
             batch_size=batch_size, batch_format="pyarrow", num_cpus=threads,
             compute=ray.data.ActorPoolStrategy(size=workers),  # the `concurrency=N` of older Ray releases
+            # a worker that crashes (e.g. the plugin dying while it compiles) is reported, not restarted forever
+            max_restarts=0, max_task_retries=0,
         )  # fmt: skip
         ds.write_parquet(str(out), filename_provider=_shard_names(),
                          ray_remote_args={"num_cpus": 0})  # writing is light; actors hold the CPUs
         return False
     except KeyboardInterrupt:
         return True
+    except ray.exceptions.RayError as exc:
+        raise LlavaOvError(f"a Ray worker failed: {_ray_reason(exc)}; the rows already written are kept "
+                           "(run again to resume)") from None
     finally:
         if own:
             ray.shutdown()
+
+
+def _ray_reason(exc: BaseException) -> str:
+    """The line of a Ray error that says why (the worker's exit detail when it died)."""
+    text = str(exc)
+    for marker in ("Worker exit detail:", "The actor died", "Error"):
+        at = text.find(marker)
+        if at >= 0:
+            return text[at:].split(". Some common causes")[0].splitlines()[0].strip()
+    return type(exc).__name__
 
 
 def _shard_names():
