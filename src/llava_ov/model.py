@@ -219,7 +219,7 @@ class ExportedModel:
     def _export_parts(self) -> dict[str, Any]:
         path = self.dir / layout.EXPORT_INFO
         try:
-            return json.loads(path.read_text()).get("parts", {}) if path.is_file() else {}
+            return layout.read_json(path).get("parts", {}) if path.is_file() else {}
         except (OSError, ValueError):
             return {}
 

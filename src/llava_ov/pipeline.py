@@ -207,6 +207,7 @@ class Pipeline:
         self._lock = threading.RLock()
         self._cancels: set[threading.Event] = set()
         self._grammars: JsonGrammars | None = None  # built on the first request with a JSON schema
+        self._lead_ids: np.ndarray | None = None  # the tokenizer's leading special tokens (for CDPruner queries)
         self._grammars_lock = threading.Lock()
 
     @property
@@ -296,7 +297,9 @@ class Pipeline:
     def _instruction_ids(self, text: str) -> np.ndarray:
         """The instruction's token ids, without the tokenizer's leading special tokens (BOS)."""
         ids = self.model.tokenizer.encode(text)
-        lead = self.model.tokenizer.encode("")
+        if self._lead_ids is None:
+            self._lead_ids = self.model.tokenizer.encode("")  # what the tokenizer adds to any text
+        lead = self._lead_ids
         return ids[len(lead) :] if len(ids) >= len(lead) and np.array_equal(ids[: len(lead)], lead) else ids
 
     # ---------------------------------------------------------------- prompts

@@ -69,11 +69,6 @@ class BodyParser:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def parse_json(parser: BodyParser, body: bytes) -> Any:
-    """A request body as JSON, bounded in values (a seam for tests)."""
-    return parser.parse(body)
-
-
 class JSONOffLoopRoute(APIRoute):
     """Parses a JSON body off the event loop (a large body never stalls /health or other clients);
     FastAPI then validates the parsed value (Request.json() returns it)."""
@@ -85,7 +80,7 @@ class JSONOffLoopRoute(APIRoute):
             body = await request.body()
             if body:
                 try:
-                    request._json = await parse_json(request.app.state.server.parser, body)
+                    request._json = await request.app.state.server.parser.parse(body)
                 except TooManyValues as e:
                     raise APIError(400, str(e), param="messages", code="request_too_complex") from None
                 except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
