@@ -149,7 +149,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from .quantize import QuantConfig
 
         quant = QuantConfig(group_size=args.group_size, ratio=args.ratio)
-    opts = ConvertOptions(weight_format=args.weight_format, overwrite=args.overwrite, revision=args.revision, quant=quant)
+    opts = ConvertOptions(weight_format=args.weight_format, overwrite=args.overwrite, revision=args.revision, quant=quant,
+                          check_resources=args.check_resources)  # fmt: skip
     out = convert(args.src, Path(args.output), opts)
     print(f"exported {args.src} to {out}")
     return 0
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.6, help="share of INT4 weights (rest INT8)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--skip-resource-check", dest="check_resources", action="store_false",
+                   help="convert even where the memory/disk estimate says it will not fit")  # fmt: skip
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("run", help="answer one prompt about an image (streams the answer)")

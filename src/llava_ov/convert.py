@@ -17,6 +17,7 @@ import datetime as _dt
 import errno
 import gc
 import json
+import math
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 from . import config as layout
 from .errors import DiskFullError, LlavaOvError, ModelNotFoundError
 from .families import Family, family_for
+from .fp16 import compress_keeping_rotary_f32
 from .hub import looks_like_path
 from .progress import Phases
 from .staging import publish, staging_dir
@@ -41,6 +43,7 @@ class ConvertOptions:
     revision: str | None = None
     quant: Any = None  # quantize.QuantConfig for int8/int4; None: defaults
     show_progress: bool = True
+    check_resources: bool = True  # refuse, before loading, what will not fit memory or disk (resources.py)
 
 
 # ---------------------------------------------------------------- loading
@@ -114,6 +117,35 @@ def text_input_channels(config: dict) -> set[int]:
     text = transformers.AutoConfig.for_model(**cfg).text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return {text.hidden_size, text.intermediate_size, text.num_attention_heads * head_dim}
+
+
+def checkpoint_size(src: str, config: dict) -> tuple[float, int, float]:
+    """(bytes of the weights as stored, bytes per value, language model's share of the values).
+
+    Counted on a model built on the meta device (no memory); a local checkpoint's own files give the bytes.
+    """
+    import transformers
+
+    from .random_models import weight_shapes
+
+    cfg = dict(config)
+    shapes = weight_shapes(cfg["architectures"][0], transformers.AutoConfig.for_model(**cfg))
+    counts = {name: math.prod(shape) for name, shape in shapes.items()}
+    values = sum(counts.values())
+    lm_values = sum(n for name, n in counts.items() if "language_model" in name or name.startswith("lm_head"))
+    path = Path(src).expanduser()
+    files = [*path.glob("*.safetensors"), *path.glob("*.bin")] if path.is_dir() else []
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype") or "float16")
+    stored = sum(f.stat().st_size for f in files) if files else values * (4 if "32" in dtype else 2)
+    return float(stored), 4 if stored / values > 3 else 2, lm_values / values
+
+
+def check_convert_resources(src: str, config: dict, out: Path, weight_format: str) -> None:
+    """Refuse a conversion that cannot fit this machine's memory or disk, before any loading."""
+    from .resources import check, convert_need
+
+    stored, per_value, lm_share = checkpoint_size(src, config)
+    check(convert_need(stored, per_value, weight_format, out, lm_share))
 
 
 def load_checkpoint(src: str, family: Family, revision: str | None = None):
@@ -289,12 +321,17 @@ def convert_language_model(model):
 # ---------------------------------------------------------------- files
 
 
-def save_ir(ov_model, path: Path, weight_format: str) -> str:
-    """Save an IR; returns the precision its float weights are stored in."""
+def save_ir(ov_model, path: Path, weight_format: str) -> dict[str, str]:
+    """Save an IR; returns its export_info entry: the precision of its float weights, and
+    for fp16 whether rotary frequencies were kept in fp32 (see fp16.py)."""
     import openvino as ov
 
-    ov.save_model(ov_model, str(path), compress_to_fp16=weight_format != "fp32")
-    return "fp32" if weight_format == "fp32" else "fp16"
+    if weight_format == "fp32":
+        ov.save_model(ov_model, str(path), compress_to_fp16=False)
+        return {"precision": "fp32"}
+    kept = compress_keeping_rotary_f32(ov_model)
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    return {"precision": "fp16", **({"rotary_frequencies": "fp32"} if kept else {})}
 
 
 def write_tokenizers(processor, out: Path) -> None:
@@ -361,6 +398,8 @@ def convert(src: str, out: str | Path, options: ConvertOptions | None = None) ->
         from .quantize import check_settings_for_config
 
         check_settings_for_config(opts.quant, opts.weight_format, text_input_channels(source_cfg))
+    if opts.check_resources:
+        check_convert_resources(src, source_cfg, out, opts.weight_format)
     phases = Phases("convert", 6, enabled=opts.show_progress)
     tmp = staging_dir(out, opts.overwrite)
     try:
@@ -410,8 +449,8 @@ def _convert_parts(src: str, out: Path, family: Family, opts: ConvertOptions, ph
     for part, label, fn in steps:
         with phases.phase(f"tracing and saving {label}"):
             ov_model = fn(model)
-            precision = save_ir(ov_model, out / layout.MODEL_PARTS[part], fmt)
-            parts[part] = {"file": layout.MODEL_PARTS[part], "precision": precision}
+            stored = save_ir(ov_model, out / layout.MODEL_PARTS[part], fmt)
+            parts[part] = {"file": layout.MODEL_PARTS[part], **stored}
             del ov_model
             release_memory()
     with phases.phase("converting tokenizer and detokenizer"):

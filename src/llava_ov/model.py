@@ -160,6 +160,7 @@ class ExportedModel:
 
         self.core = ov.Core()
         self.kv_backend = self.options.kv_backend()
+        self._warn_if_rotary_fp16()
         self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
         self.tokenizer = Tokenizer(self.core, self.dir)
         self._vision = self._compiled["vision"].create_infer_request()
@@ -215,6 +216,14 @@ class ExportedModel:
         if units:
             return layout.VISION_MODEL, f"INT8-PTQ: this CPU has {', '.join(units)}"
         return float_file, "float: this CPU has no int8 matrix units (VNNI/AMX), where the INT8 encoder is not faster"
+
+    def _warn_if_rotary_fp16(self) -> None:
+        """Exports made by older llava-ov versions stored the rotary frequencies in fp16: answers drift with length."""
+        entry = self._export_parts().get("language")
+        if entry and entry.get("precision") != "fp32" and "rotary_frequencies" not in entry:
+            log.warning("%s stores its rotary frequencies in fp16 (made by an older llava-ov): logits drift with "
+                        "prompt length (0.04 at 20 tokens, 8.8 at 4,000 on a test model); convert it again",
+                        self.dir)  # fmt: skip
 
     def _export_parts(self) -> dict[str, Any]:
         path = self.dir / layout.EXPORT_INFO

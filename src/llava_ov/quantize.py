@@ -348,6 +348,21 @@ def _quiet_rich_console():
     return console, was_quiet
 
 
+def check_compress_resources(src: Path, out: Path, plan: dict[str, str], q: QuantConfig, in_place: bool) -> None:
+    """Refuse a compression that cannot fit this machine's memory or disk, before reading any model."""
+    from .resources import check, compress_need
+
+    lm_bytes = (src / layout.LANGUAGE_MODEL).with_suffix(".bin").stat().st_size if "language" in plan else 0
+    everything = sum(f.stat().st_size for f in src.iterdir() if f.is_file())
+    other = everything - sum((src / name).with_suffix(".bin").stat().st_size for name in plan.values())
+    need = compress_need(
+        lm_bytes, other, q.lm_mode if "language" in plan else "none", out,
+        awq_samples=q.calib_samples if q.awq else 0,
+        ptq_images=q.vision_calib_images if q.vision_mode == "int8_ptq" else 0, in_place=in_place,
+    )  # fmt: skip
+    check(need)
+
+
 def compress_export(
     src_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -358,6 +373,7 @@ def compress_export(
     calibration: Any = None,
     progress: bool = True,
     overwrite: bool = False,
+    check_resources: bool = True,
 ) -> Path:
     """Compress the IRs of export `src_dir` into `out_dir` (or in place); returns the output dir.
 
@@ -394,6 +410,8 @@ def compress_export(
     if not plan:
         raise LlavaOvError("nothing to compress: lm_mode and vision_mode are both 'none'")
 
+    if check_resources:
+        check_compress_resources(src, out, plan, q, in_place)
     core = ov.Core()
     models = {part: core.read_model(str(src / name)) for part, name in plan.items()}  # weights memory-mapped
     before = {part: weight_stats(model) for part, model in models.items()}

@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--calibration", default=None, metavar="FOLDER|DATASET_ID",
                    help="calibration images: a folder, or a Hugging Face dataset id (default: scikit-image photos)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--skip-resource-check", dest="check_resources", action="store_false",
+                   help="compress even where the memory/disk estimate says it will not fit")  # fmt: skip
     p.set_defaults(func=cmd_compress)
 
     p = subparsers.add_parser("evaluate", help="compare a compressed export with its reference (agreement, KL)")
@@ -61,7 +63,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     ).validate()  # fmt: skip
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise LlavaOvError(f"{out} is the source export; choose another output directory")
-    done = compress_export(src, out, quant, calibration=args.calibration, overwrite=args.overwrite)
+    done = compress_export(src, out, quant, calibration=args.calibration, overwrite=args.overwrite,
+                           check_resources=args.check_resources)
     print(f"compressed {src} -> {done}")
     print_parts(done)
     return 0

@@ -21,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # The current Hub template of llava-v1.6-mistral ends assistant turns with `</s>`;
 # the 2024 copy in model_configs still has the `<\s>` typo (see SOURCES.md).
 MISTRAL_CHAT_TEMPLATE_FIX = ("'<\\\\s> '", "'</s> '")
@@ -113,26 +115,37 @@ def chat_template(config_name: str) -> str:
     return template.replace(*MISTRAL_CHAT_TEMPLATE_FIX)
 
 
-def build_random_checkpoint(spec: RandomModelSpec, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Write a transformers checkpoint (weights, config, tokenizer, processor) to `out_dir`."""
-    import torch
+def _config_for(spec: RandomModelSpec):
+    import transformers
+
+    cfg_dict = scaled_config_dict(spec)
+    arch = cfg_dict["architectures"][0]
+    config_cls = transformers.AutoConfig.for_model(cfg_dict.pop("model_type")).__class__
+    return arch, config_cls.from_dict(cfg_dict)
+
+
+def build_random_checkpoint(
+    spec: RandomModelSpec, out_dir: str | Path, dtype: str = "float32", *, streamed: bool = False,
+    shard_bytes: int = 2_000_000_000,
+) -> Path:  # fmt: skip
+    """Write a transformers checkpoint (weights, config, tokenizer, processor) to `out_dir`.
+
+    streamed: write the weights tensor by tensor into safetensors shards of at most
+    `shard_bytes` (see write_streamed_weights) instead of building the model in memory;
+    peak memory is about one shard, not the whole model (15 GB for the real 7B).
+    """
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars in demo-model's output
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = scaled_config_dict(spec)
-    arch = cfg_dict["architectures"][0]
-    config_cls = transformers.AutoConfig.for_model(cfg_dict.pop("model_type")).__class__
-    config = config_cls.from_dict(cfg_dict)
-    torch.manual_seed(spec.seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))  # initialise in the target dtype: no fp32 copy of a big model
-    try:
-        model = getattr(transformers, arch)(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.save_pretrained(out)
+    arch, config = _config_for(spec)
+    if streamed:
+        write_streamed_weights(arch, config, out, dtype, spec.seed, shard_bytes)
+        config.dtype = dtype  # as the Hub's config.json says: dtype="auto" loads the stored precision
+        config.save_pretrained(out)
+    else:
+        _write_initialised_model(arch, config, out, dtype, spec.seed)
 
     folder = model_config_dir(spec.config_name)
     tok = build_tokenizer(out, spec.config_name)
@@ -146,6 +159,80 @@ def build_random_checkpoint(spec: RandomModelSpec, out_dir: str | Path, dtype: s
     if (folder / "generation_config.json").exists():
         shutil.copy(folder / "generation_config.json", out / "generation_config.json")
     return out
+
+
+def _write_initialised_model(arch: str, config, out: Path, dtype: str, seed: int) -> None:
+    """transformers' own initialisation, saved with save_pretrained (whole model in memory)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # initialise in the target dtype: no fp32 copy of a big model
+    try:
+        model = getattr(transformers, arch)(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(out)
+
+
+def weight_shapes(arch: str, config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight the checkpoint stores (from a model on the meta device: no memory)."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        model = getattr(transformers, arch)(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def random_tensor(name: str, shape: tuple[int, ...], std: float, rng, dtype: str):
+    """Norm weights 1, biases 0, everything else N(0, std): transformers' init for these families."""
+    leaf = name.rsplit(".", 1)[-1]
+    is_norm = "norm" in name
+    if leaf == "bias":
+        return np.zeros(shape, dtype=dtype)
+    if is_norm and leaf == "weight":
+        return np.ones(shape, dtype=dtype)
+    out = np.empty(shape, dtype=dtype)
+    flat = out.reshape(-1)
+    step = 1 << 24  # fill in pieces: no float32 copy of a 0.5 GB tensor
+    for start in range(0, flat.size, step):
+        piece = rng.standard_normal(min(step, flat.size - start), dtype=np.float32)
+        flat[start : start + piece.size] = piece * std
+    return out
+
+
+def write_streamed_weights(arch: str, config, out: Path, dtype: str, seed: int, shard_bytes: int) -> list[Path]:
+    """Random weights written shard by shard (Hub layout: model-0000k-of-0000n.safetensors + index)."""
+    from safetensors.numpy import save_file
+
+    np_dtype = {"float16": "float16", "float32": "float32"}[dtype]
+    itemsize = np.dtype(np_dtype).itemsize
+    shapes = weight_shapes(arch, config)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    std = float(getattr(config, "initializer_range", 0.02))
+    rng = np.random.default_rng(seed)
+    files, weight_map = [], {}
+    for index, names in enumerate(shards, start=1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: random_tensor(name, shapes[name], std, rng, np_dtype) for name in names}
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        del tensors
+        weight_map.update(dict.fromkeys(names, file))
+        files.append(out / file)
+    total = sum(int(np.prod(shape)) * itemsize for shape in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return files
 
 
 def _build_processor(arch: str, preproc: dict, tok, template: str, config):

@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""The 7B path at full depth: build, convert, compress and bench a 32-layer random llava-v1.6-mistral-7b.
+
+Builds a random-weight checkpoint with the real llava-v1.6-mistral-7b-hf dimensions and all
+32 decoder layers (fp16 safetensors shards, ~15 GB, streamed shard by shard), then runs each
+step below as a fresh subprocess under a memory probe (RSS + children's private memory every
+0.25 s, anonymous / file-backed split at the peak, ru_maxrss) and records wall time, peak
+memory, disk used and output sizes:
+
+  build         the checkpoint (llava_ov.random_models, streamed=True)
+  first-run     `llava-ov run CKPT --image ... --prompt ...`: convert + default INT4 + an answer
+                (optionally inside a cgroup with a memory limit: --first-run-limit-gib 16)
+  convert-fp16  `llava-ov convert CKPT --weight-format fp16`
+  int4          `llava-ov compress FP16 --lm int4_sym` (default: g64, ratio 0.6)
+  int8          `llava-ov compress FP16 --lm int8`
+  vision-ptq    `llava-ov compress FP16 --lm none --vision int8_ptq` (default calibration size)
+  int4-awq      `llava-ov compress FP16 --awq` (--awq-samples prompts)
+  bench-int4    `llava-ov bench INT4 --compare genai` (TTFT, TPOT, bandwidth share)
+  bench-int8    the same on the INT8 export
+
+Not part of the test suite (hours on a 2-core machine; ~60 GB of disk at the peak). Each finished step
+is kept in --work-dir/results.json and skipped on a rerun; --steps picks a subset.
+
+    python scripts/full_depth.py --work-dir /data/full-depth --first-run-limit-gib 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_memory_scaling import GIB, Sampler, _peak  # noqa: E402  (the same probe as the scaling study)
+
+CONFIG_NAME = "llava-v1.6-mistral-7b-hf"
+STEPS = ("build", "first-run", "convert-fp16", "int4", "int8", "bench-int4", "bench-int8", "vision-ptq", "int4-awq")
+DISPOSABLE = ("first-run", "vision-ptq", "int4-awq")  # outputs no later step reads: deleted once measured
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")  # cgroup v1; v2 is handled by memory.max below
+
+
+def dir_gb(path: Path) -> float | None:
+    if not path.exists():
+        return None
+    return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e9, 3)
+
+
+def disk_free_gb(path: Path) -> float:
+    return round(shutil.disk_usage(path).free / 1e9, 2)
+
+
+def build_checkpoint(out: Path, layers: int) -> None:
+    from llava_ov.random_models import RandomModelSpec, build_random_checkpoint
+
+    spec = RandomModelSpec(CONFIG_NAME, scale="real", text_layers=layers, initializer_range=0.02)
+    build_random_checkpoint(spec, out, dtype="float16", streamed=True)
+
+
+def memory_cgroup(limit_gib: float | None) -> Path | None:
+    """A memory cgroup (v1 or v2) limited to `limit_gib`, or None (no limit asked / not possible)."""
+    if not limit_gib:
+        return None
+    limit = str(int(limit_gib * GIB))
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    try:
+        if v2.exists():
+            group = Path("/sys/fs/cgroup/llava-full-depth")
+            group.mkdir(exist_ok=True)
+            (group / "memory.max").write_text(limit)
+            (group / "memory.swap.max").write_text("0")
+        else:
+            group = CGROUP_ROOT / "llava-full-depth"
+            group.mkdir(exist_ok=True)
+            (group / "memory.limit_in_bytes").write_text(limit)
+        return group
+    except OSError as exc:
+        print(f"cannot make a {limit_gib} GiB memory cgroup ({exc}); running without a limit", file=sys.stderr)
+        return None
+
+
+def cgroup_peak_gib(group: Path | None) -> float | None:
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        if group and (group / name).exists():
+            return round(int((group / name).read_text()) / GIB, 3)
+    return None
+
+
+def run_step(name: str, cmd: list[str], work: Path, env: dict | None = None, group: Path | None = None,
+             interval: float = 0.25) -> dict:  # fmt: skip
+    """Run `cmd`, sampling its memory; returns the step's record (log in work/NAME.log)."""
+    log = work / f"{name}.log"
+    print(f"[{name}] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    free_before = disk_free_gb(work)
+
+    def enter_cgroup() -> None:
+        if group is not None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                preexec_fn=enter_cgroup)  # fmt: skip
+        sampler = Sampler(proc.pid, t0, interval)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    code = os.waitstatus_to_exitcode(status)
+    samples = sampler.samples
+    at_peak = max(samples, key=_peak) if samples else None
+    record = {
+        "step": name,
+        "command": cmd,
+        "returncode": code,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_gib": round(_peak(at_peak) / GIB, 3) if at_peak else None,
+        "peak_anon_gib": round(at_peak.anon / GIB, 3) if at_peak and at_peak.anon is not None else None,
+        "peak_file_gib": round(at_peak.file / GIB, 3) if at_peak and at_peak.file is not None else None,
+        "ru_maxrss_gib": round(usage.ru_maxrss * 1024 / GIB, 3),
+        "cgroup_peak_gib": cgroup_peak_gib(group),
+        "disk_used_gb": round(free_before - disk_free_gb(work), 3),
+        "log": str(log),
+        "log_tail": log.read_text(errors="replace")[-2000:],
+    }
+    print(f"[{name}] exit {code}, {record['wall_s']} s, peak {record['peak_gib']} GiB", file=sys.stderr, flush=True)
+    return record
+
+
+def plan(work: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Step name -> command, output folder and extra options."""
+    cli = [sys.executable, "-m", "llava_ov.cli"]
+    ckpt, fp16 = work / "ckpt-32L", work / "export-fp16"
+    photo = str(args.image)
+    prompt = "Describe this image in detail."
+    return {
+        "build": {"cmd": [sys.executable, __file__, "--build-into", str(ckpt), "--layers", str(args.layers)],
+                  "out": ckpt},
+        "first-run": {"cmd": [*cli, "run", str(ckpt), "--image", photo, "--prompt", prompt, "--max-new-tokens", "16",
+                              "-v"],
+                      "out": work / "home", "env": {"LLAVA_OV_HOME": str(work / "home")}, "cgroup": True},
+        "convert-fp16": {"cmd": [*cli, "convert", str(ckpt), "-o", str(fp16), "--weight-format", "fp16",
+                                 "--overwrite"], "out": fp16},
+        "int4": {"cmd": [*cli, "compress", str(fp16), "-o", str(work / "export-int4"), "--overwrite"],
+                 "out": work / "export-int4"},
+        "int8": {"cmd": [*cli, "compress", str(fp16), "-o", str(work / "export-int8"), "--lm", "int8", "--overwrite"],
+                 "out": work / "export-int8"},
+        "vision-ptq": {"cmd": [*cli, "compress", str(fp16), "-o", str(work / "export-vision-ptq"), "--lm", "none",
+                               "--vision", "int8_ptq", "--overwrite"], "out": work / "export-vision-ptq"},
+        "int4-awq": {"cmd": [*cli, "compress", str(fp16), "-o", str(work / "export-int4-awq"), "--awq",
+                             "--calib-samples", str(args.awq_samples), "--overwrite"], "out": work / "export-int4-awq"},
+        "bench-int4": {"cmd": [*cli, "bench", str(work / "export-int4"), "--image", photo, "--compare", "genai",
+                               "--runs", str(args.bench_runs), "--max-new-tokens", "32",
+                               "--json", str(work / "bench-int4.json")], "out": None},
+        "bench-int8": {"cmd": [*cli, "bench", str(work / "export-int8"), "--image", photo, "--compare", "genai",
+                               "--runs", str(args.bench_runs), "--max-new-tokens", "32",
+                               "--json", str(work / "bench-int8.json")], "out": None},
+    }  # fmt: skip
+
+
+def machine() -> dict:
+    from llava_ov.hardware import matrix_flags
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor())  # fmt: skip
+    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(total / GIB, 1), "cpu_flags": matrix_flags()}
+
+
+def markdown(results: dict[str, dict]) -> str:
+    rows = ["| step | exit | wall (s) | CPU (s) | peak (GiB) | anon / file at peak (GiB) | cgroup peak (GiB) | "
+            "output (GB) | disk used (GB) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in STEPS:
+        r = results.get(name)
+        if not r:
+            continue
+        rows.append(f"| {name} | {r['returncode']} | {r['wall_s']} | {r['cpu_s']} | {r['peak_gib']} | "
+                    f"{r['peak_anon_gib']} / {r['peak_file_gib']} | {r.get('cgroup_peak_gib') or ''} | "
+                    f"{r.get('output_gb') or ''} | {r['disk_used_gb']} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", type=Path, default=Path("full-depth"))
+    parser.add_argument("--steps", default=",".join(STEPS), help="comma list of steps to run (finished ones are kept)")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--image", type=Path, default=None, help="photo for first-run and bench (default: astronaut)")
+    parser.add_argument("--first-run-limit-gib", type=float, default=None, help="memory cgroup limit for first-run")
+    parser.add_argument("--awq-samples", type=int, default=32)
+    parser.add_argument("--bench-runs", type=int, default=3)
+    parser.add_argument("--keep-outputs", action="store_true",
+                        help=f"keep the outputs of {', '.join(DISPOSABLE)} (deleted once measured: ~25 GB)")
+    parser.add_argument("--redo", action="store_true", help="run the chosen steps again even if recorded")
+    parser.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.build_into:
+        build_checkpoint(args.build_into, args.layers)
+        return 0
+    if args.image is None:
+        import skimage
+
+        args.image = Path(skimage.__file__).parent / "data" / "astronaut.png"
+    work = args.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results["machine"] = machine()
+    steps = plan(work, args)
+    group = memory_cgroup(args.first_run_limit_gib)
+    for name in args.steps.split(","):
+        if name not in steps:
+            raise SystemExit(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
+        if name in results and results[name]["returncode"] == 0 and not args.redo:
+            continue
+        step = steps[name]
+        record = run_step(name, step["cmd"], work, step.get("env"), group if step.get("cgroup") else None)
+        if step.get("cgroup") and group is not None:
+            record["memory_limit_gib"] = args.first_run_limit_gib
+        if step["out"] is not None:
+            record["output_gb"] = dir_gb(step["out"])
+            if name in DISPOSABLE and not args.keep_outputs:
+                shutil.rmtree(step["out"], ignore_errors=True)
+        results[name] = record
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""Numerical fidelity of an export's language model against transformers, by prompt length.
+
+The reference is transformers' own decoder + lm_head, computed in float32 on the
+*same* weight rounding as the export: every parameter rounded to fp16 as the IR
+stores it, and each MatMul weight replaced by what the IR actually multiplies by
+(its INT8/INT4 weights decompressed by OpenVINO itself).  What is left is what the
+export adds beyond its weights: constants, graph rewrites, accumulation order.
+Random `inputs_embeds` of a given length go through both; the figure is the largest
+absolute difference of the last position's logits.
+
+Needs the `[convert]` extra (torch, transformers).  Used by tests/test_fidelity.py
+and scripts/fidelity_table.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import config as layout
+
+# Exact compute for a comparison: f32 everywhere, no dynamic int8 quantization of activations.
+EXACT = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+MODULE_PREFIX = "__module."  # how OpenVINO's PyTorch frontend names the nodes of a traced submodule
+WRAPPER_PARTS = {"decoder": ("model", "language_model"), "lm_head": ("lm_head",)}  # convert.language_module
+
+
+def _matmul_weights(ir_model):
+    """(MatMul op, module path or None, f32 weight as stored, [in, out] unless transpose_b) per constant weight."""
+    import openvino as ov
+
+    core = ov.Core()
+    for op in ir_model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        try:
+            sub = ov.Model([op.input(1).get_source_output()], [], "weight")  # raises if it depends on an input
+        except RuntimeError:
+            continue
+        value = core.compile_model(sub, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request().infer({})
+        name = op.get_friendly_name()
+        module = name[len(MODULE_PREFIX):].split("/")[0] if name.startswith(MODULE_PREFIX) else None
+        yield op, module, np.asarray(next(iter(value.values())), dtype=np.float32)
+
+
+def dense_weights(ir_model) -> list[tuple[str | None, np.ndarray]]:
+    """(module path or None, f32 [out, in] weight) for every MatMul with a constant weight.
+
+    The path comes from the node name ("decoder.layers.0.mlp.up_proj"); None where a graph
+    rewrite renamed the node (lm_head, fused with the logits' Convert).
+    """
+    return [(module, w if op.get_transpose_b() else w.T) for op, module, w in _matmul_weights(ir_model)]
+
+
+def decompress_weights(ir_model) -> None:
+    """Replace every compressed MatMul weight of `ir_model` by its f32 value, in place.
+
+    Separates what the CPU plugin's compressed-weight kernels add from the rest of the graph.
+    """
+    from openvino import opset13 as ops
+
+    for op, _, weight in list(_matmul_weights(ir_model)):
+        op.input(1).replace_source_output(ops.constant(weight).output(0))
+
+
+def _linear_modules(model) -> dict[str, Any]:
+    """Wrapper-relative path -> nn.Linear of the decoder and lm_head."""
+    import torch
+
+    found = {}
+    for head in WRAPPER_PARTS:
+        root = _torch_module(model, head)
+        for name, module in root.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                found[f"{head}.{name}" if name else head] = module
+    return found
+
+
+def _torch_module(model, path: str):
+    head, _, rest = path.partition(".")
+    node = model
+    for attr in WRAPPER_PARTS[head]:
+        node = getattr(node, attr)
+    return node.get_submodule(rest) if rest else node
+
+
+def rounded_reference(model, ir_model):
+    """A float32 copy of transformers `model` with the export's weight rounding (see module docstring)."""
+    import copy
+
+    import torch
+
+    ref = copy.deepcopy(model).float().eval()
+    linears = _linear_modules(ref)
+    with torch.no_grad():
+        for param in ref.parameters():
+            param.copy_(param.half().float())
+        for path, weight in dense_weights(ir_model):
+            if path is None:  # a renamed node: the one unassigned Linear of that shape
+                fits = [p for p, m in linears.items() if tuple(m.weight.shape) == weight.shape]
+                if len(fits) != 1:
+                    raise ValueError(f"cannot tell which layer an IR weight of shape {weight.shape} belongs to")
+                path = fits[0]
+            target = linears.pop(path).weight
+            if tuple(target.shape) != weight.shape:
+                raise ValueError(f"{path}: IR weight {weight.shape} vs transformers {tuple(target.shape)}")
+            target.copy_(torch.from_numpy(weight))
+    if linears:
+        raise ValueError(f"no IR weight found for {', '.join(sorted(linears))}")
+    return ref
+
+
+def reference_last_logits(ref, embeds: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        hidden = ref.model.language_model(inputs_embeds=torch.from_numpy(embeds)).last_hidden_state
+        return ref.lm_head(hidden[:, -1]).float().numpy()[0]
+
+
+def export_last_logits(compiled, embeds: np.ndarray) -> np.ndarray:
+    """Last-position logits of a stateful language model (one fresh infer request, no cache)."""
+    length = embeds.shape[1]
+    request = compiled.create_infer_request()
+    out = request.infer({
+        "inputs_embeds": embeds,
+        "attention_mask": np.ones((1, length), np.int64),
+        "position_ids": np.arange(length, dtype=np.int64)[None],
+        "beam_idx": np.zeros(1, np.int32),
+    })
+    return np.asarray(out["logits"])[0, -1]
+
+
+def random_embeds(length: int, width: int, scale: float, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((1, length, width)) * scale).astype(np.float32)
+
+
+def logit_drift(model, lm_path: str | Path, lengths, *, decompress: bool = False, scale: float = 0.3,
+                seed: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+    """Per length: max |export - reference| of the last position's logits, and the reference's span.
+
+    decompress: run the IR with its weights decompressed in the graph (see decompress_weights).
+    """
+    import openvino as ov
+
+    path = Path(lm_path)
+    path = path / layout.LANGUAGE_MODEL if path.is_dir() else path
+    core = ov.Core()
+    ir_model = core.read_model(str(path))
+    ref = rounded_reference(model, ir_model)
+    if decompress:
+        decompress_weights(ir_model)
+    compiled = core.compile_model(ir_model, "CPU", EXACT)
+    width = model.config.text_config.hidden_size
+    rows = []
+    for length in lengths:
+        embeds = random_embeds(length, width, scale, seed)
+        want = reference_last_logits(ref, embeds)
+        got = export_last_logits(compiled, embeds)
+        rows.append({"length": int(length), "max_abs_diff": float(np.abs(got - want).max()),
+                     "logit_span": float(np.abs(want).max())})  # fmt: skip
+    return rows
