@@ -14,6 +14,7 @@ the IR as run and with its weights decompressed in the graph.  f32 inference and
 no dynamic quantization.
 
     python scripts/fidelity_table.py [--work-dir DIR] [--lengths 20,600,2000,4000]
+        [--other CHECKPOINT EXPORT LABEL ...]   # e.g. an optimum-intel export of CHECKPOINT
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--lengths", default="20,600,2000,4000")
+    parser.add_argument("--other", nargs=3, action="append", default=[], metavar=("CHECKPOINT", "EXPORT", "LABEL"),
+                        help="also measure another converter's export of CHECKPOINT (same LM inputs as ours)")
+    parser.add_argument("--skip-ours", action="store_true", help="only the --other exports")
     args = parser.parse_args()
     import transformers
 
@@ -63,7 +67,11 @@ def main() -> None:
     print(f"CPU flags: {' '.join(matrix_flags())}\n")
     print("| family | export | rotary freq. | weights | " + " | ".join(f"{n} tokens" for n in lengths) + " |")
     print("|---|---|---|---|" + "---|" * len(lengths))
-    for family in FAMILY_CONFIGS:
+    for checkpoint, export, label in args.other:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+        cells = " | ".join(f"{r['max_abs_diff']:.2g}" for r in logit_drift(model, export, lengths))
+        print(f"| {model.config.model_type} | {label} | as exported | as stored | {cells} |", flush=True)
+    for family in () if args.skip_ours else FAMILY_CONFIGS:
         exports = exports_for(family, work / family)
         arch = getattr(transformers, "LlavaNextForConditionalGeneration" if family == "llava-next"
                        else "LlavaForConditionalGeneration")  # fmt: skip
@@ -76,7 +84,8 @@ def main() -> None:
                 cells = " | ".join(f"{r['max_abs_diff']:.2g}" for r in rows)
                 rotary = "fp16" if when == "before" else "fp32"
                 print(f"| {family} | {fmt} | {rotary} | {how} | {cells} |", flush=True)
-    print(f"\nlogit span (max |reference|): about {rows[-1]['logit_span']:.0f}")
+    if not args.skip_ours:
+        print(f"\nlogit span (max |reference|): about {rows[-1]['logit_span']:.0f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ memory, disk used and output sizes:
 
   build         the checkpoint (llava_ov.random_models, streamed=True)
   first-run     `llava-ov run CKPT --image ... --prompt ...`: convert + default INT4 + an answer
-                (optionally inside a cgroup with a memory limit: --first-run-limit-gib 16)
+                (optionally inside a cgroup with a memory limit: --limit first-run=16)
   convert-fp16  `llava-ov convert CKPT --weight-format fp16`
   int4          `llava-ov compress FP16 --lm int4_sym` (default: g64, ratio 0.6)
   int8          `llava-ov compress FP16 --lm int8`
@@ -21,7 +21,9 @@ memory, disk used and output sizes:
 Not part of the test suite (hours on a 2-core machine; ~60 GB of disk at the peak). Each finished step
 is kept in --work-dir/results.json and skipped on a rerun; --steps picks a subset.
 
-    python scripts/full_depth.py --work-dir /data/full-depth --first-run-limit-gib 16
+    python scripts/full_depth.py --work-dir /data/full-depth
+    python scripts/full_depth.py --work-dir /data/full-depth --steps first-run --cold --limit first-run=16 \\
+        --suffix -cold-16gib
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def build_checkpoint(out: Path, layers: int) -> None:
     build_random_checkpoint(spec, out, dtype="float16", streamed=True)
 
 
-def memory_cgroup(limit_gib: float | None) -> Path | None:
+def memory_cgroup(limit_gib: float | None, name: str) -> Path | None:
     """A memory cgroup (v1 or v2) limited to `limit_gib`, or None (no limit asked / not possible)."""
     if not limit_gib:
         return None
@@ -70,12 +72,12 @@ def memory_cgroup(limit_gib: float | None) -> Path | None:
     v2 = Path("/sys/fs/cgroup/cgroup.controllers")
     try:
         if v2.exists():
-            group = Path("/sys/fs/cgroup/llava-full-depth")
+            group = Path(f"/sys/fs/cgroup/llava-full-depth-{name}")
             group.mkdir(exist_ok=True)
             (group / "memory.max").write_text(limit)
             (group / "memory.swap.max").write_text("0")
         else:
-            group = CGROUP_ROOT / "llava-full-depth"
+            group = CGROUP_ROOT / f"llava-full-depth-{name}"
             group.mkdir(exist_ok=True)
             (group / "memory.limit_in_bytes").write_text(limit)
         return group
@@ -124,14 +126,36 @@ def run_step(name: str, cmd: list[str], work: Path, env: dict | None = None, gro
         "peak_gib": round(_peak(at_peak) / GIB, 3) if at_peak else None,
         "peak_anon_gib": round(at_peak.anon / GIB, 3) if at_peak and at_peak.anon is not None else None,
         "peak_file_gib": round(at_peak.file / GIB, 3) if at_peak and at_peak.file is not None else None,
+        "max_anon_gib": round(max((x.anon or 0 for x in samples), default=0) / GIB, 3),
         "ru_maxrss_gib": round(usage.ru_maxrss * 1024 / GIB, 3),
         "cgroup_peak_gib": cgroup_peak_gib(group),
         "disk_used_gb": round(free_before - disk_free_gb(work), 3),
+        "timeline": timeline(samples),
         "log": str(log),
         "log_tail": log.read_text(errors="replace")[-2000:],
     }
     print(f"[{name}] exit {code}, {record['wall_s']} s, peak {record['peak_gib']} GiB", file=sys.stderr, flush=True)
     return record
+
+
+def timeline(samples, step_s: float = 2.0) -> list[tuple[float, float | None, float | None]]:
+    """(seconds, anonymous GiB, file-backed GiB) every `step_s`."""
+    out, last = [], -step_s
+    for x in samples:
+        if x.t - last >= step_s:
+            out.append((round(x.t, 1), x.anon and round(x.anon / GIB, 2), x.file and round(x.file / GIB, 2)))
+            last = x.t
+    return out
+
+
+def drop_page_cache() -> bool:
+    """Start a step cold (its reads are charged to its own cgroup); needs root. False where not allowed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
 
 
 def plan(work: Path, args: argparse.Namespace) -> dict[str, dict]:
@@ -145,7 +169,7 @@ def plan(work: Path, args: argparse.Namespace) -> dict[str, dict]:
                   "out": ckpt},
         "first-run": {"cmd": [*cli, "run", str(ckpt), "--image", photo, "--prompt", prompt, "--max-new-tokens", "16",
                               "-v"],
-                      "out": work / "home", "env": {"LLAVA_OV_HOME": str(work / "home")}, "cgroup": True},
+                      "out": work / "home", "env": {"LLAVA_OV_HOME": str(work / "home")}},
         "convert-fp16": {"cmd": [*cli, "convert", str(ckpt), "-o", str(fp16), "--weight-format", "fp16",
                                  "--overwrite"], "out": fp16},
         "int4": {"cmd": [*cli, "compress", str(fp16), "-o", str(work / "export-int4"), "--overwrite"],
@@ -175,14 +199,13 @@ def machine() -> dict:
 
 
 def markdown(results: dict[str, dict]) -> str:
-    rows = ["| step | exit | wall (s) | CPU (s) | peak (GiB) | anon / file at peak (GiB) | cgroup peak (GiB) | "
-            "output (GB) | disk used (GB) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name in STEPS:
-        r = results.get(name)
-        if not r:
+    rows = ["| step | exit | wall (s) | CPU (s) | peak RSS (GiB) | anon / file at peak (GiB) | max anon (GiB) | "
+            "cgroup peak (GiB) | output (GB) | disk used (GB) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in results.items():
+        if name == "machine":
             continue
         rows.append(f"| {name} | {r['returncode']} | {r['wall_s']} | {r['cpu_s']} | {r['peak_gib']} | "
-                    f"{r['peak_anon_gib']} / {r['peak_file_gib']} | {r.get('cgroup_peak_gib') or ''} | "
+                    f"{r['peak_anon_gib']} / {r['peak_file_gib']} | {r.get('max_anon_gib', '')} | {r.get('cgroup_peak_gib') or ''} | "
                     f"{r.get('output_gb') or ''} | {r['disk_used_gb']} |")  # fmt: skip
     return "\n".join(rows)
 
@@ -193,11 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default=",".join(STEPS), help="comma list of steps to run (finished ones are kept)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--image", type=Path, default=None, help="photo for first-run and bench (default: astronaut)")
-    parser.add_argument("--first-run-limit-gib", type=float, default=None, help="memory cgroup limit for first-run")
+    parser.add_argument("--limit", action="append", default=[], metavar="STEP=GIB",
+                        help="run STEP in a memory cgroup of GIB (e.g. first-run=16); with --cold, what it reads is "
+                             "charged to it")  # fmt: skip
     parser.add_argument("--awq-samples", type=int, default=32)
     parser.add_argument("--bench-runs", type=int, default=3)
     parser.add_argument("--keep-outputs", action="store_true",
                         help=f"keep the outputs of {', '.join(DISPOSABLE)} (deleted once measured: ~25 GB)")
+    parser.add_argument("--suffix", default="", help="record the steps as STEP+SUFFIX (keeps earlier records)")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each step (root only)")
     parser.add_argument("--redo", action="store_true", help="run the chosen steps again even if recorded")
     parser.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -214,21 +241,25 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["machine"] = machine()
     steps = plan(work, args)
-    group = memory_cgroup(args.first_run_limit_gib)
+    limits = {step: float(gib) for step, gib in (item.split("=", 1) for item in args.limit)}
     for name in args.steps.split(","):
         if name not in steps:
             raise SystemExit(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
-        if name in results and results[name]["returncode"] == 0 and not args.redo:
+        key = name + args.suffix
+        if key in results and results[key]["returncode"] == 0 and not args.redo:
             continue
         step = steps[name]
-        record = run_step(name, step["cmd"], work, step.get("env"), group if step.get("cgroup") else None)
-        if step.get("cgroup") and group is not None:
-            record["memory_limit_gib"] = args.first_run_limit_gib
+        cold = args.cold and drop_page_cache()
+        group = memory_cgroup(limits.get(name), name)
+        record = run_step(name, step["cmd"], work, step.get("env"), group)
+        record["page_cache_dropped"] = cold
+        if group is not None:
+            record["memory_limit_gib"] = limits[name]
         if step["out"] is not None:
             record["output_gb"] = dir_gb(step["out"])
             if name in DISPOSABLE and not args.keep_outputs:
                 shutil.rmtree(step["out"], ignore_errors=True)
-        results[name] = record
+        results[key] = record
         results_path.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     return 0

@@ -280,3 +280,30 @@ def test_bad_compression_settings_fail_before_converting(tmp_path, checkpoints, 
         convert(str(checkpoints["llava"]), tmp_path / "out",
                 ConvertOptions(weight_format="int4", quant=QuantConfig(ratio=2.0), show_progress=False))  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("config_name", list(FAMILIES.values()))
+def test_streamed_random_checkpoint_loads_strictly_in_shards(config_name, tmp_path):
+    """The shard-by-shard builder (the 32-layer 7B one: peak ~ one shard) writes a checkpoint transformers
+    loads with no missing or unexpected weight, in the Hub's sharded layout."""
+    from llava_ov.convert import checkpoint_size, load_checkpoint, read_source_config
+    from llava_ov.families import family_for
+    from llava_ov.random_models import RandomModelSpec, build_random_checkpoint
+
+    shard = 3_000_000
+    out = build_random_checkpoint(RandomModelSpec(config_name), tmp_path / "ckpt", dtype="float16", streamed=True,
+                                  shard_bytes=shard)  # fmt: skip
+    shards = sorted(out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    assert all(p.name.endswith(f"-of-{len(shards):05d}.safetensors") for p in shards)
+    cfg, _ = read_source_config(str(out))
+    model, _ = load_checkpoint(str(out), family_for(cfg))  # strict: raises on any missing / unexpected weight
+    assert model.dtype == torch.float16
+    stored, per_value, lm_share = checkpoint_size(str(out), cfg)
+    assert per_value == 2 and stored == pytest.approx(index["metadata"]["total_size"], rel=0.01)
+    assert 0.5 < lm_share < 1
+    norms = [p for n, p in model.named_parameters() if "norm" in n and n.endswith("weight")]
+    assert norms and all(bool((p == 1).all()) for p in norms)
+    linear = model.model.language_model.layers[0].mlp.up_proj.weight.detach().float()
+    assert abs(float(linear.std()) - 0.3) < 0.03  # N(0, initializer_range)

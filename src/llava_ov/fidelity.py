@@ -66,24 +66,31 @@ def decompress_weights(ir_model) -> None:
 
 
 def _linear_modules(model) -> dict[str, Any]:
-    """Wrapper-relative path -> nn.Linear of the decoder and lm_head."""
+    """Module path in `model` -> nn.Linear, for the language model and lm_head."""
     import torch
 
-    found = {}
-    for head in WRAPPER_PARTS:
-        root = _torch_module(model, head)
-        for name, module in root.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                found[f"{head}.{name}" if name else head] = module
-    return found
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ("language_model" in name or name == "lm_head")
+    }
 
 
-def _torch_module(model, path: str):
+def _model_path(path: str) -> str:
+    """A node's module path as `model` names it: ours are relative to convert.language_module's wrapper
+    (decoder.X, lm_head), other converters' (optimum-intel) to the model itself."""
     head, _, rest = path.partition(".")
-    node = model
-    for attr in WRAPPER_PARTS[head]:
-        node = getattr(node, attr)
-    return node.get_submodule(rest) if rest else node
+    if head not in WRAPPER_PARTS:
+        return path
+    return ".".join([*WRAPPER_PARTS[head], *([rest] if rest else [])])
+
+
+def _only_fit(linears: dict[str, Any], shape: tuple[int, ...]) -> str:
+    """A renamed node's layer: the one unassigned Linear of that weight shape."""
+    fits = [name for name, module in linears.items() if tuple(module.weight.shape) == shape]
+    if len(fits) != 1:
+        raise ValueError(f"cannot tell which layer an IR weight of shape {shape} belongs to ({len(fits)} fit)")
+    return fits[0]
 
 
 def rounded_reference(model, ir_model):
@@ -98,14 +105,12 @@ def rounded_reference(model, ir_model):
         for param in ref.parameters():
             param.copy_(param.half().float())
         for path, weight in dense_weights(ir_model):
-            if path is None:  # a renamed node: the one unassigned Linear of that shape
-                fits = [p for p, m in linears.items() if tuple(m.weight.shape) == weight.shape]
-                if len(fits) != 1:
-                    raise ValueError(f"cannot tell which layer an IR weight of shape {weight.shape} belongs to")
-                path = fits[0]
-            target = linears.pop(path).weight
+            key = _model_path(path) if path is not None else _only_fit(linears, weight.shape)
+            if key not in linears:
+                raise ValueError(f"IR weight {path} has no unassigned Linear {key} in the model")
+            target = linears.pop(key).weight
             if tuple(target.shape) != weight.shape:
-                raise ValueError(f"{path}: IR weight {weight.shape} vs transformers {tuple(target.shape)}")
+                raise ValueError(f"{key}: IR weight {weight.shape} vs transformers {tuple(target.shape)}")
             target.copy_(torch.from_numpy(weight))
     if linears:
         raise ValueError(f"no IR weight found for {', '.join(sorted(linears))}")
