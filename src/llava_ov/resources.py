@@ -40,9 +40,13 @@ CONVERT_FILE_PER_BYTE = 1.0  # the whole checkpoint ends up mapped
 COMPRESS_ANON_FIXED = 1.3 * GIB
 COMPRESS_ANON_PER_BYTE = {"int4": 0.30, "int8": 0.45, "none": 0.0}  # of the fp16 LM IR: compressed copies
 COMPRESS_FILE_PER_BYTE = 1.0  # the fp16 IR mapped by read_model
-AWQ_ANON_PER_SAMPLE = 0.12 * GIB  # activation statistics per calibration prompt (7B)
-PTQ_ANON_FIXED = 6.0 * GIB  # CLIP-L with every activation an output, one 5-tile image at a time
-PTQ_ANON_PER_IMAGE = 0.08 * GIB  # collected statistics + preprocessed tiles per calibration image
+# AWQ / scale estimation: NNCF compiles the fp16 LM to collect activation statistics.  At the CPU's bf16 default
+# that copy is one byte per fp16 IR byte (7B, 8 prompts: 18.3 GiB anonymous, 5.1 of it the INT4 pass); where the
+# plugin runs f32 (no AVX-512-bf16/AMX) it would be two (not measured: no such machine here).
+AWQ_COMPILED_PER_BYTE = {"bf16": 1.0, "f32": 2.0}
+AWQ_ANON_PER_SAMPLE = 0.05 * GIB  # statistics per calibration prompt (7B)
+PTQ_ANON_FIXED = 2.5 * GIB  # CLIP-L, every activation of one tile kept by NNCF's statistics passes
+PTQ_ANON_PER_IMAGE = 0.02 * GIB  # collected statistics + preprocessed tiles per calibration image
 WORKING_SET = 1.0 * GIB  # file-backed pages that must stay resident to make progress
 IR_PER_CHECKPOINT_BYTE = {"fp16": 1.0, "fp32": 2.0}  # IR size vs an fp16 checkpoint
 COMPRESSED_PER_FP16_BYTE = {"int4": 0.36, "int8": 0.53, "none": 1.0}  # LM IR after compression (7B: 5.0 / 7.5 GB)
@@ -76,6 +80,13 @@ class Need:
     @property
     def peak_bytes(self) -> float:
         return self.anon_bytes + self.file_bytes
+
+
+def cpu_inference_precision() -> str:
+    """"bf16" where OpenVINO's CPU plugin computes in bf16 by default (AVX-512-bf16 / AMX), else "f32"."""
+    from .hardware import cpu_flags
+
+    return "bf16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "f32"
 
 
 def available_memory() -> int:
@@ -146,8 +157,9 @@ def compress_need(lm_bytes: float, other_bytes: float, lm_mode: str, out: Path, 
     hints, scalable = [], None
     anon = lm_anon
     if awq_samples:
-        scalable = Scalable("--calib-samples", lm_anon, AWQ_ANON_PER_SAMPLE, awq_samples)
-        anon = lm_anon + AWQ_ANON_PER_SAMPLE * awq_samples
+        compiled = AWQ_COMPILED_PER_BYTE[cpu_inference_precision()] * lm_bytes
+        scalable = Scalable("--calib-samples", lm_anon + compiled, AWQ_ANON_PER_SAMPLE, awq_samples)
+        anon = lm_anon + compiled + AWQ_ANON_PER_SAMPLE * awq_samples
         hints.append("data-free INT4 (leave out --awq)")
     if ptq_images:
         ptq = PTQ_ANON_FIXED + PTQ_ANON_PER_IMAGE * ptq_images
