@@ -23,7 +23,7 @@ is kept in --work-dir/results.json and skipped on a rerun; --steps picks a subse
 
     python scripts/full_depth.py --work-dir /data/full-depth
     python scripts/full_depth.py --work-dir /data/full-depth --steps first-run --cold --limit first-run=16 \\
-        --suffix -cold-16gib
+        --suffix=-cold-16gib
 """
 
 from __future__ import annotations

@@ -99,18 +99,20 @@ def test_fits_only_with_reread_weights_is_a_warning(tmp_path, caplog):
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_cgroup_limit_caps_available_memory(tmp_path, version):
+    """The room under a cgroup limit is the limit minus the group's anonymous memory: page cache (here 9 GiB
+    of it, as a just-written IR leaves) is reclaimed before anything is killed, so it does not count."""
     root = tmp_path / "cg"
     if version == "v1":
         group = root / "memory" / "job"
         proc = "12:memory:/job\n3:cpu,cpuacct:/job\n"
-        limit, usage = "memory.limit_in_bytes", "memory.usage_in_bytes"
+        limit, stat = "memory.limit_in_bytes", f"cache {9 * GIB}\nrss 1\ntotal_cache {9 * GIB}\ntotal_rss {4 * GIB}\n"
     else:
         group = root / "job"
         proc = "0::/job\n"
-        limit, usage = "memory.max", "memory.current"
+        limit, stat = "memory.max", f"anon {4 * GIB}\nfile {9 * GIB}\n"
     group.mkdir(parents=True)
     (group / limit).write_text(str(16 * GIB))
-    (group / usage).write_text(str(4 * GIB))
+    (group / "memory.stat").write_text(stat)
     (tmp_path / "cgroup").write_text(proc)
     assert resources._cgroup_room(str(tmp_path / "cgroup"), str(root)) == 12 * GIB
     (group / limit).write_text("max\n" if version == "v2" else str(2**63 - 4096))

@@ -45,8 +45,8 @@ COMPRESS_FILE_PER_BYTE = 1.0  # the fp16 IR mapped by read_model
 # plugin runs f32 (no AVX-512-bf16/AMX) it would be two (not measured: no such machine here).
 AWQ_COMPILED_PER_BYTE = {"bf16": 1.0, "f32": 2.0}
 AWQ_ANON_PER_SAMPLE = 0.05 * GIB  # statistics per calibration prompt (7B)
-PTQ_ANON_FIXED = 2.5 * GIB  # CLIP-L, every activation of one tile kept by NNCF's statistics passes
-PTQ_ANON_PER_IMAGE = 0.02 * GIB  # collected statistics + preprocessed tiles per calibration image
+PTQ_ANON_FIXED = 5.6 * GIB  # CLIP-L, one tile per sample: NNCF's range pass (SmoothQuant's pass: 2.1 GiB)
+PTQ_ANON_PER_IMAGE = 0.01 * GIB  # statistics + preprocessed tiles per calibration image (+0.25 GiB over 50)
 WORKING_SET = 1.0 * GIB  # file-backed pages that must stay resident to make progress
 IR_PER_CHECKPOINT_BYTE = {"fp16": 1.0, "fp32": 2.0}  # IR size vs an fp16 checkpoint
 COMPRESSED_PER_FP16_BYTE = {"int4": 0.36, "int8": 0.53, "none": 1.0}  # LM IR after compression (7B: 5.0 / 7.5 GB)
@@ -99,7 +99,12 @@ def available_memory() -> int:
 
 
 def _cgroup_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
-    """Bytes left under this process's cgroup memory limit (v2 memory.max or v1 limit_in_bytes), or None."""
+    """Bytes that can still be allocated under this process's cgroup memory limit, or None (no limit).
+
+    The limit minus the group's anonymous memory (v2 memory.stat `anon`, v1 `total_rss`): page cache
+    counts toward the limit too, but the kernel reclaims it before it kills (a freshly written IR
+    filled a 16 GiB group to its limit with cache while little was allocated).
+    """
     try:
         lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
@@ -107,18 +112,19 @@ def _cgroup_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cg
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2
-            files = (f"{root}{path}/memory.max", f"{root}{path}/memory.current")
+            folder, limit_name, anon_key = Path(f"{root}{path}"), "memory.max", "anon"
         elif "memory" in controllers.split(","):  # v1
-            files = (f"{root}/memory{path}/memory.limit_in_bytes", f"{root}/memory{path}/memory.usage_in_bytes")
+            folder, limit_name, anon_key = Path(f"{root}/memory{path}"), "memory.limit_in_bytes", "total_rss"
         else:
             continue
         try:
-            limit = Path(files[0]).read_text().strip()
-            usage = int(Path(files[1]).read_text().strip())
-        except (OSError, ValueError):
+            limit = (folder / limit_name).read_text().strip()
+            stat = dict(ln.split() for ln in (folder / "memory.stat").read_text().splitlines() if ln.strip())
+            anon = int(stat[anon_key])
+        except (OSError, ValueError, KeyError):
             continue
         if limit.isdigit() and int(limit) < 1 << 60:  # "max" / a huge number: no limit
-            return max(0, int(limit) - usage)
+            return max(0, int(limit) - anon)
     return None
 
 
