@@ -87,7 +87,7 @@ def test_plain_fp16_compression_would_fail_this_check(exports, hf_models, tmp_pa
     assert rows[-1]["max_abs_diff"] > 10 * rows[0]["max_abs_diff"], f"drift should grow with position: {rows}"
 
 
-def test_old_fp16_export_warns_at_load(exports, tmp_path, caplog):
+def test_old_fp16_export_warns_at_load(exports, fp16_exports, compressed_exports, tmp_path, caplog):
     import json
     import shutil
 
@@ -97,11 +97,22 @@ def test_old_fp16_export_warns_at_load(exports, tmp_path, caplog):
     shutil.copytree(exports["llava"], old)
     info = json.loads((old / layout.EXPORT_INFO).read_text())
     info["parts"]["language"]["precision"] = "fp16"  # as an older llava-ov recorded it, no rotary entry
+    info["parts"]["language"].pop("rotary_frequencies", None)
     (old / layout.EXPORT_INFO).write_text(json.dumps(info))
     with caplog.at_level("WARNING"):
         ExportedModel(old)
     assert "rotary frequencies in fp16" in caplog.text
+    for current in (fp16_exports["llava"], compressed_exports["llava", "int4"]):  # made now: no warning
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            ExportedModel(current)
+        assert "rotary" not in caplog.text, current
+    old_int4 = tmp_path / "old-int4"
+    shutil.copytree(compressed_exports["llava", "int4"], old_int4)
+    info = json.loads((old_int4 / layout.EXPORT_INFO).read_text())
+    del info["parts"]["language"]["rotary_frequencies"]  # compressed from an older fp16 export
+    (old_int4 / layout.EXPORT_INFO).write_text(json.dumps(info))
     caplog.clear()
     with caplog.at_level("WARNING"):
-        ExportedModel(exports["llava"])
-    assert "rotary" not in caplog.text
+        ExportedModel(old_int4)
+    assert "rotary frequencies in fp16" in caplog.text

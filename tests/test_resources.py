@@ -50,9 +50,10 @@ def test_convert_refuses_when_disk_is_short(checkpoints, tmp_path, monkeypatch, 
         convert(str(checkpoints["llava"]), tmp_path / "out", ConvertOptions(show_progress=False))
 
 
-def test_convert_skip_resource_check_runs_anyway(checkpoints, tmp_path, monkeypatch):
+@pytest.mark.parametrize("weight_format", ["fp32", "int4"])  # int4: the compression step is not re-checked
+def test_convert_skip_resource_check_runs_anyway(weight_format, checkpoints, tmp_path, monkeypatch):
     fake(monkeypatch, memory=1.5 * GIB, disk=1_000_000)
-    opts = ConvertOptions(weight_format="fp32", show_progress=False, check_resources=False)
+    opts = ConvertOptions(weight_format=weight_format, show_progress=False, check_resources=False)
     out = convert(str(checkpoints["llava"]), tmp_path / "out", opts)
     assert (out / "openvino_language_model.xml").is_file()
 

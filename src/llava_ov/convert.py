@@ -129,12 +129,12 @@ def checkpoint_size(src: str, config: dict) -> tuple[float, int, float]:
     from .random_models import weight_shapes
 
     cfg = dict(config)
-    shapes = weight_shapes(cfg["architectures"][0], transformers.AutoConfig.for_model(**cfg))
+    shapes = weight_shapes(family_for(cfg).architecture, transformers.AutoConfig.for_model(**cfg))
     counts = {name: math.prod(shape) for name, shape in shapes.items()}
     values = sum(counts.values())
     lm_values = sum(n for name, n in counts.items() if "language_model" in name or name.startswith("lm_head"))
     path = Path(src).expanduser()
-    files = [*path.glob("*.safetensors"), *path.glob("*.bin")] if path.is_dir() else []
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin")) if path.is_dir() else []
     dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype") or "float16")
     stored = sum(f.stat().st_size for f in files) if files else values * (4 if "32" in dtype else 2)
     return float(stored), 4 if stored / values > 3 else 2, lm_values / values
@@ -328,10 +328,10 @@ def save_ir(ov_model, path: Path, weight_format: str) -> dict[str, str]:
 
     if weight_format == "fp32":
         ov.save_model(ov_model, str(path), compress_to_fp16=False)
-        return {"precision": "fp32"}
+        return {"precision": "fp32", "rotary_frequencies": "fp32"}
     kept = compress_keeping_rotary_f32(ov_model)
     ov.save_model(ov_model, str(path), compress_to_fp16=False)
-    return {"precision": "fp16", **({"rotary_frequencies": "fp32"} if kept else {})}
+    return {"precision": "fp16", "rotary_frequencies": "fp32" if kept else "none"}
 
 
 def write_tokenizers(processor, out: Path) -> None:
@@ -411,7 +411,7 @@ def convert(src: str, out: str | Path, options: ConvertOptions | None = None) ->
 
             phases.note(f"compressing weights ({opts.weight_format}) with NNCF")
             compress_export(tmp, tmp, opts.quant, weight_format=opts.weight_format, in_place=True,
-                            progress=opts.show_progress)  # fmt: skip
+                            progress=opts.show_progress, check_resources=False)  # checked with the conversion
         publish(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,54 +25,58 @@ import numpy as np
 TRIG_OPS = ("Sin", "Cos")
 
 
-def trig_cone_constants(model) -> dict[str, Any]:
-    """friendly name -> Constant node, for every constant in the input cone of a Sin/Cos node."""
+def trig_cone_constants(model) -> list[Any]:
+    """Every Constant node in the input cone of a Sin/Cos node (the walk stops at ShapeOf: shapes only)."""
     stack = [op for op in model.get_ordered_ops() if op.get_type_name() in TRIG_OPS]
-    seen: set[str] = set()
-    found: dict[str, Any] = {}
+    seen: set[int] = set()
+    found: list[Any] = []
     while stack:
         node = stack.pop()
-        name = node.get_friendly_name()
-        if name in seen:
+        if node.get_instance_id() in seen:
             continue
-        seen.add(name)
+        seen.add(node.get_instance_id())
         if node.get_type_name() == "Constant":
-            found[name] = node
-            continue
-        stack.extend(port.get_source_output().get_node() for port in node.inputs())
+            found.append(node)
+        elif node.get_type_name() not in ("ShapeOf", "Parameter"):
+            stack.extend(port.get_source_output().get_node() for port in node.inputs())
     return found
 
 
-def rotary_constants(model) -> dict[str, np.ndarray]:
-    """friendly name -> fp32 copy of every float constant that feeds a Sin/Cos node."""
-    return {
-        name: np.array(node.get_data(), dtype=np.float32)
-        for name, node in trig_cone_constants(model).items()
+def rotary_constants(model) -> list[tuple[np.ndarray, list[tuple[Any, int]]]]:
+    """(fp32 copy, consumer inputs as (node, input index)) of every float constant that feeds a Sin/Cos node."""
+    return [
+        (np.array(node.get_data(), dtype=np.float32),
+         [(port.get_node(), port.get_index()) for port in node.output(0).get_target_inputs()])
+        for node in trig_cone_constants(model)
         if node.get_element_type().is_real()
-    }
+    ]  # fmt: skip
 
 
-def compress_keeping_rotary_f32(model) -> list[str]:
-    """Compress `model`'s float constants to fp16 in place, except the rotary ones; returns those kept."""
+def compress_keeping_rotary_f32(model) -> int:
+    """Compress `model`'s float constants to fp16 in place, except the rotary ones; returns how many were kept.
+
+    Each rotary constant's consumers are remembered before compressing; afterwards the decompression Convert
+    each of them now reads is replaced by the original fp32 values (matched by consumer, never by name).
+    """
     from openvino import opset13 as ops
     from openvino._offline_transformations import compress_model_transformation
 
     keep = rotary_constants(model)
-    compress_model_transformation(model)  # each compressed constant becomes f16 + a Convert of the same name
-    restored: list[str] = []
-    for op in model.get_ordered_ops():
-        name = op.get_friendly_name()
-        if op.get_type_name() != "Convert" or name not in keep:
-            continue
-        if op.input(0).get_source_output().get_node().get_type_name() != "Constant":
-            continue
-        original = ops.constant(keep[name])
-        original.set_friendly_name(name)
-        op.output(0).replace(original.output(0))
-        restored.append(name)
-    return restored
+    compress_model_transformation(model)  # each compressed constant becomes an f16 Constant + Convert
+    kept = 0
+    for values, consumers in keep:
+        original = ops.constant(values)
+        for node, index in consumers:
+            source = node.input(index).get_source_output()
+            convert = source.get_node()
+            if convert.get_type_name() != "Convert" or list(source.get_shape()) != list(values.shape):
+                continue  # not compressed (already f32 or out of fp16 range): nothing to restore
+            node.input(index).replace_source_output(original.output(0))
+            kept += 1
+    return kept
 
 
 def f16_rotary_constants(model) -> list[str]:
     """Names of rotary constants stored in fp16 (exports made before this fix, other converters)."""
-    return [name for name, node in trig_cone_constants(model).items() if node.get_element_type().to_string() == "f16"]
+    cone = trig_cone_constants(model)
+    return [node.get_friendly_name() for node in cone if node.get_element_type().to_string() == "f16"]

@@ -365,6 +365,8 @@ def check_compress_resources(src: Path, out: Path, plan: dict[str, str], q: Quan
     lm_bytes = (src / layout.LANGUAGE_MODEL).with_suffix(".bin").stat().st_size if "language" in plan else 0
     everything = sum(f.stat().st_size for f in src.iterdir() if f.is_file())
     other = everything - sum((src / name).with_suffix(".bin").stat().st_size for name in plan.values())
+    rest = [(src / name).with_suffix(".bin").stat().st_size for part, name in plan.items() if part != "language"]
+    other += sum(rest)  # the other compressed parts (INT8: about half of it) and PTQ's float copy: counted whole
     need = compress_need(
         lm_bytes, other, q.lm_mode if "language" in plan else "none", out,
         awq_samples=q.calib_samples if q.awq else 0,

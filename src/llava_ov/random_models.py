@@ -207,7 +207,9 @@ def write_streamed_weights(arch: str, config, out: Path, dtype: str, seed: int, 
     """Random weights written shard by shard (Hub layout: model-0000k-of-0000n.safetensors + index)."""
     from safetensors.numpy import save_file
 
-    np_dtype = {"float16": "float16", "float32": "float32"}[dtype]
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"streamed checkpoints are float16 or float32, not {dtype!r}")
+    np_dtype = dtype
     itemsize = np.dtype(np_dtype).itemsize
     shapes = weight_shapes(arch, config)
     shards: list[list[str]] = [[]]

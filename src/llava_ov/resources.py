@@ -110,7 +110,10 @@ def _cgroup_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cg
     except OSError:
         return None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         if controllers == "":  # v2
             folder, limit_name, anon_key = Path(f"{root}{path}"), "memory.max", "anon"
         elif "memory" in controllers.split(","):  # v1
@@ -146,6 +149,8 @@ def convert_need(weight_bytes: float, source_dtype_bytes: int, weight_format: st
     fp16_ir = weight_bytes * 2 / source_dtype_bytes
     ir = fp16_ir * IR_PER_CHECKPOINT_BYTE.get(weight_format, 1.0)
     anon = CONVERT_ANON_FIXED + CONVERT_ANON_PER_BYTE * weight_bytes
+    if source_dtype_bytes == 4 and weight_format != "fp32":  # fp32 weights: their fp16 copies made in memory
+        anon += 0.5 * weight_bytes
     mode = weight_format if weight_format in ("int4", "int8") else "none"
     if mode != "none":  # compressed in place right after: the fp16 IR mapped, the compressed copy beside it
         anon = max(anon, COMPRESS_ANON_FIXED + COMPRESS_ANON_PER_BYTE[mode] * fp16_ir * lm_share)
@@ -193,7 +198,7 @@ def check(need: Need, *, memory: int | None = None, disk: int | None = None) -> 
                         f"{memory / GIB:.1f} GiB is available: {tries}")  # fmt: skip
     if problems:
         raise LlavaOvError(f"{need.what} will not fit this machine: " + "; and ".join(problems)
-                           + " (--skip-resource-check runs it anyway)")  # fmt: skip
+                           + " (`llava-ov convert` / `compress --skip-resource-check` runs it anyway)")  # fmt: skip
     if memory < need.peak_bytes:
         log.warning("%s peaks at about %.1f GiB and %.1f GiB is available: it will re-read weights from disk "
                     "(slower, but it fits)", need.what, need.peak_bytes / GIB, memory / GIB)  # fmt: skip
