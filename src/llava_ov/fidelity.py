@@ -9,12 +9,15 @@ Random `inputs_embeds` of a given length go through both; the figure is the larg
 absolute difference of the last position's logits.
 
 Needs the `[convert]` extra (torch, transformers).  Used by tests/test_fidelity.py
-and scripts/fidelity_table.py.
+and scripts/fidelity_table.py.  Limits: the reference always rounds to fp16 (an fp32
+export's figure is its fp16 rounding, not an error), and every weight is held in f32
+at once, so it is for small models, not a 7B one.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,7 @@ MODULE_PREFIX = "__module."  # how OpenVINO's PyTorch frontend names the nodes o
 WRAPPER_PARTS = {"decoder": ("model", "language_model"), "lm_head": ("lm_head",)}  # convert.language_module
 
 
-def _matmul_weights(ir_model):
+def _matmul_weights(ir_model) -> Iterator[tuple[Any, str | None, np.ndarray]]:
     """(MatMul op, module path or None, f32 weight as stored, [in, out] unless transpose_b) per constant weight."""
     import openvino as ov
 
@@ -118,6 +121,7 @@ def rounded_reference(model, ir_model):
 
 
 def reference_last_logits(ref, embeds: np.ndarray) -> np.ndarray:
+    """transformers' last-position logits (decoder + lm_head, no cache) for `embeds` [1, length, hidden]."""
     import torch
 
     with torch.no_grad():
@@ -139,6 +143,7 @@ def export_last_logits(compiled, embeds: np.ndarray) -> np.ndarray:
 
 
 def random_embeds(length: int, width: int, scale: float, seed: int = 0) -> np.ndarray:
+    """[1, length, width] float32 N(0, scale) inputs: the same draw for the same arguments."""
     return (np.random.default_rng(seed).standard_normal((1, length, width)) * scale).astype(np.float32)
 
 

@@ -115,7 +115,8 @@ def chat_template(config_name: str) -> str:
     return template.replace(*MISTRAL_CHAT_TEMPLATE_FIX)
 
 
-def _config_for(spec: RandomModelSpec):
+def _config_for(spec: RandomModelSpec) -> tuple[str, Any]:
+    """(architecture name, transformers config) of `spec`."""
     import transformers
 
     cfg_dict = scaled_config_dict(spec)
@@ -186,7 +187,7 @@ def weight_shapes(arch: str, config) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def random_tensor(name: str, shape: tuple[int, ...], std: float, rng, dtype: str):
+def random_tensor(name: str, shape: tuple[int, ...], std: float, rng, dtype: str) -> np.ndarray:
     """Norm weights 1, biases 0, everything else N(0, std): transformers' init for these families."""
     leaf = name.rsplit(".", 1)[-1]
     is_norm = "norm" in name

@@ -62,6 +62,7 @@ class Scalable:
     count: int
 
     def largest_fitting(self, memory: int) -> int:
+        """The largest count whose estimate (+ working set) fits `memory`."""
         return max(0, int((memory - WORKING_SET - self.fixed) // self.per_item))
 
 
@@ -132,6 +133,7 @@ def _cgroup_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cg
 
 
 def _existing_parent(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (where its file system's free space is read)."""
     probe = Path(path).expanduser().resolve()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -174,7 +176,7 @@ def compress_need(lm_bytes: float, other_bytes: float, lm_mode: str, out: Path, 
         hints.append("data-free INT4 (leave out --awq)")
     if ptq_images:
         ptq = PTQ_ANON_FIXED + PTQ_ANON_PER_IMAGE * ptq_images
-        if ptq > anon:
+        if ptq > anon:  # the vision pass is the larger need (they run one after the other)
             scalable, anon = Scalable("--calib-images", PTQ_ANON_FIXED, PTQ_ANON_PER_IMAGE, ptq_images), ptq
         hints.append("weight-only INT8 for the vision encoder (--vision int8)")
     hints.append("close other programs or use a machine with more memory")
@@ -205,6 +207,7 @@ def check(need: Need, *, memory: int | None = None, disk: int | None = None) -> 
 
 
 def _size(nbytes: float) -> str:
+    """Bytes for a message: '15.1 GB' or '17 MB'."""
     return f"{nbytes / GB:.1f} GB" if nbytes >= GB else f"{nbytes / 1e6:.0f} MB"
 
 
