@@ -219,11 +219,7 @@ class ExportedModel:
 
     def _warn_if_rotary_fp16(self) -> None:
         """Exports made by older llava-ov versions stored the rotary frequencies in fp16: answers drift with length."""
-        path = self.dir / layout.EXPORT_INFO
-        try:
-            info = layout.read_json(path) if path.is_file() else {}
-        except (OSError, ValueError):
-            return
+        info = self._export_info()
         entry = info.get("parts", {}).get("language", {})
         compressed_from = info.get("compression", {}).get("parts", {}).get("language", {}).get("from")
         made_from_fp16 = entry.get("precision") == "fp16" or compressed_from == "fp16"
@@ -232,12 +228,16 @@ class ExportedModel:
                         "prompt length (0.04 at 20 tokens, 8.8 at 4,000 on a test model); convert it again",
                         self.dir)  # fmt: skip
 
-    def _export_parts(self) -> dict[str, Any]:
+    def _export_info(self) -> dict[str, Any]:
+        """export_info.json ({} when absent or unreadable: exports of other tools have none)."""
         path = self.dir / layout.EXPORT_INFO
         try:
-            return layout.read_json(path).get("parts", {}) if path.is_file() else {}
+            return layout.read_json(path) if path.is_file() else {}
         except (OSError, ValueError):
             return {}
+
+    def _export_parts(self) -> dict[str, Any]:
+        return self._export_info().get("parts", {})
 
     def _compile(self, part: str) -> ov.CompiledModel:
         device = self.options.devices.get(part, self.options.device)
