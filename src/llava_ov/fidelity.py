@@ -17,7 +17,6 @@ at once, so it is for small models, not a 7B one.
 from __future__ import annotations
 
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -30,11 +29,18 @@ MODULE_PREFIX = "__module."  # how OpenVINO's PyTorch frontend names the nodes o
 WRAPPER_PARTS = {"decoder": ("model", "language_model"), "lm_head": ("lm_head",)}  # convert.language_module
 
 
-def _matmul_weights(ir_model) -> Iterator[tuple[Any, str | None, np.ndarray]]:
-    """(MatMul op, module path or None, f32 weight as stored, [in, out] unless transpose_b) per constant weight."""
+def matmul_weights(ir_model) -> list[tuple[Any, str | None, np.ndarray]]:
+    """(MatMul op, module path or None, f32 weight as stored) for every MatMul with a constant weight.
+
+    The weight is what the op multiplies by: compressed INT8/INT4 weights decompressed by OpenVINO
+    itself; [out, in] where the op has transpose_b, else [in, out].  The path comes from the node
+    name ("decoder.layers.0.mlp.up_proj"); None where a graph rewrite renamed the node (lm_head,
+    fused with the logits' Convert).
+    """
     import openvino as ov
 
     core = ov.Core()
+    found = []
     for op in ir_model.get_ordered_ops():
         if op.get_type_name() != "MatMul":
             continue
@@ -45,26 +51,18 @@ def _matmul_weights(ir_model) -> Iterator[tuple[Any, str | None, np.ndarray]]:
         value = core.compile_model(sub, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request().infer({})
         name = op.get_friendly_name()
         module = name[len(MODULE_PREFIX):].split("/")[0] if name.startswith(MODULE_PREFIX) else None
-        yield op, module, np.asarray(next(iter(value.values())), dtype=np.float32)
+        found.append((op, module, np.asarray(next(iter(value.values())), dtype=np.float32)))
+    return found
 
 
-def dense_weights(ir_model) -> list[tuple[str | None, np.ndarray]]:
-    """(module path or None, f32 [out, in] weight) for every MatMul with a constant weight.
-
-    The path comes from the node name ("decoder.layers.0.mlp.up_proj"); None where a graph
-    rewrite renamed the node (lm_head, fused with the logits' Convert).
-    """
-    return [(module, w if op.get_transpose_b() else w.T) for op, module, w in _matmul_weights(ir_model)]
-
-
-def decompress_weights(ir_model) -> None:
-    """Replace every compressed MatMul weight of `ir_model` by its f32 value, in place.
+def decompress_weights(weights: list[tuple[Any, str | None, np.ndarray]]) -> None:
+    """Feed each MatMul of `weights` (from matmul_weights) its f32 value instead of its compressed weight.
 
     Separates what the CPU plugin's compressed-weight kernels add from the rest of the graph.
     """
     from openvino import opset13 as ops
 
-    for op, _, weight in list(_matmul_weights(ir_model)):
+    for op, _, weight in weights:
         op.input(1).replace_source_output(ops.constant(weight).output(0))
 
 
@@ -96,8 +94,9 @@ def _only_fit(linears: dict[str, Any], shape: tuple[int, ...]) -> str:
     return fits[0]
 
 
-def rounded_reference(model, ir_model):
-    """A float32 copy of transformers `model` with the export's weight rounding (see module docstring)."""
+def rounded_reference(model, weights: list[tuple[Any, str | None, np.ndarray]]):
+    """A float32 copy of transformers `model` with the export's weight rounding (see module docstring);
+    `weights` from matmul_weights."""
     import copy
 
     import torch
@@ -107,7 +106,8 @@ def rounded_reference(model, ir_model):
     with torch.no_grad():
         for param in ref.parameters():
             param.copy_(param.half().float())
-        for path, weight in dense_weights(ir_model):
+        for op, path, stored in weights:
+            weight = stored if op.get_transpose_b() else stored.T
             key = _model_path(path) if path is not None else _only_fit(linears, weight.shape)
             if key not in linears:
                 raise ValueError(f"IR weight {path} has no unassigned Linear {key} in the model")
@@ -159,9 +159,10 @@ def logit_drift(model, lm_path: str | Path, lengths, *, decompress: bool = False
     path = path / layout.LANGUAGE_MODEL if path.is_dir() else path
     core = ov.Core()
     ir_model = core.read_model(str(path))
-    ref = rounded_reference(model, ir_model)
+    weights = matmul_weights(ir_model)  # decompressed once, for the reference and for decompress
+    ref = rounded_reference(model, weights)
     if decompress:
-        decompress_weights(ir_model)
+        decompress_weights(weights)
     compiled = core.compile_model(ir_model, "CPU", EXACT)
     width = model.config.text_config.hidden_size
     rows = []

@@ -363,10 +363,8 @@ def check_compress_resources(src: Path, out: Path, plan: dict[str, str], q: Quan
     from .resources import check, compress_need
 
     lm_bytes = (src / layout.LANGUAGE_MODEL).with_suffix(".bin").stat().st_size if "language" in plan else 0
-    everything = sum(f.stat().st_size for f in src.iterdir() if f.is_file())
-    other = everything - sum((src / name).with_suffix(".bin").stat().st_size for name in plan.values())
-    rest = [(src / name).with_suffix(".bin").stat().st_size for part, name in plan.items() if part != "language"]
-    other += sum(rest)  # the other compressed parts (INT8: about half of it) and PTQ's float copy: counted whole
+    # everything else is written too: copied, or (vision, text embeddings) compressed and PTQ's float copy kept
+    other = sum(f.stat().st_size for f in src.iterdir() if f.is_file()) - lm_bytes
     need = compress_need(
         lm_bytes, other, q.lm_mode if "language" in plan else "none", out,
         awq_samples=q.calib_samples if q.awq else 0,
