@@ -76,14 +76,16 @@ def test_answers_validate_against_the_schema(family, name, pipes, photos):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_json_object_always_parses(family, pipes, photos):
     parsed = 0
-    for seed in range(4):
+    for seed in range(24):  # until two answers ended on their own (~30 % of them do on the random llava model)
         result = ask(pipes[family], photos["coffee"], max_new_tokens=300, json_schema=JSON_OBJECT,
                      temperature=0.7, seed=seed)  # fmt: skip
         if result.finish_reason == "length":  # an unbounded string may run on: then it is cut, and says so
             continue
         assert result.finish_reason == "eos" and isinstance(json.loads(result.text), dict)
         parsed += 1
-    assert parsed >= 2  # most answers end on their own
+        if parsed == 2:
+            break
+    assert parsed == 2  # not vacuous: answers that ended were parsed (fewer than 2 in 24: p < 0.3 %)
     free = ask(pipes[family], photos["coffee"], max_new_tokens=30)
     with pytest.raises(json.JSONDecodeError):  # without the grammar the model writes noise
         json.loads(free.text)

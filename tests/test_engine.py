@@ -180,17 +180,18 @@ def test_prefill_chunks_of_1_7_256_give_the_same_logits(family, exports, statefu
     reference, _ = ref_pipe.prefill(prompt)
     ref_pipe.reset()
     pipe = Pipeline(exports[family], properties=F32, cache_dir=None, engine=EngineConfig(kv_cache_gb=0.05))
-    lm, embeds = pipe.model.paged, pipe.model.embed_tokens(prompt.token_ids).copy()
+    lm, ids = pipe.model.paged, prompt.token_ids
     rows, features = prompt.image_rows()
-    embeds[rows >= 0] = features[rows[rows >= 0]]
-    total = len(embeds)
+    total = len(ids)
     blocks = list(range(-(-total // lm.block_size)))
     for chunk in (1, 7, 256):
         past, logits = 0, None
         while past < total:
             n = min(chunk, total - past)
             used = blocks[: -(-(past + n) // lm.block_size)]
-            batch = ForwardBatch(embeds[past : past + n], np.arange(past, past + n), [past], [n], [used], [n - 1])
+            at = np.flatnonzero(rows[past : past + n] >= 0)
+            batch = ForwardBatch(ids[past : past + n], np.arange(past, past + n), [past], [n], [used], [n - 1],
+                                 image_rows=at, image_embeds=features[rows[past + at]])  # fmt: skip
             logits = lm.forward(batch)[0]
             past += n
         np.testing.assert_allclose(logits, reference, atol=1e-4, err_msg=f"chunks of {chunk}")

@@ -566,9 +566,9 @@ def slow_app(exports, reference, slots: int = 1, delay: float = 0.02, **settings
     proxy = Proxy(reference, delay=delay, slots=slots)
     fast_forward = reference.engine.lm.forward
 
-    def slow_forward(batch):  # the model is slow, not the client: the engine itself paces the tokens
+    def slow_forward(batch, **kwargs):  # the model is slow, not the client: the engine itself paces the tokens
         time.sleep(proxy.delay)
-        return fast_forward(batch)
+        return fast_forward(batch, **kwargs)
 
     reference.engine.lm.forward = slow_forward
     try:

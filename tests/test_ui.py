@@ -48,9 +48,9 @@ def expected(pipe: Pipeline, messages: list[Message], max_new_tokens: int = GREE
 def test_answer_with_image_streams_and_equals_generate(page, pipe, monkeypatch):
     fast_forward = pipe.engine.lm.forward
 
-    def forward(batch):  # paced like a real model (the page updates at most ten times a second)
+    def forward(batch, **kwargs):  # paced like a real model (the page updates at most ten times a second)
         time.sleep(0.01)
-        return fast_forward(batch)
+        return fast_forward(batch, **kwargs)
 
     monkeypatch.setattr(pipe.engine.lm, "forward", forward)
     state = page.new_state()
@@ -265,9 +265,9 @@ def test_two_tabs_are_answered_at_the_same_time(page, pipe, monkeypatch):
     """Two tabs' answers overlap in time (no page lock), and each equals its answer alone."""
     fast_forward = pipe.engine.lm.forward
 
-    def forward(batch):
+    def forward(batch, **kwargs):
         time.sleep(0.005)
-        return fast_forward(batch)
+        return fast_forward(batch, **kwargs)
 
     monkeypatch.setattr(pipe.engine.lm, "forward", forward)
     tabs = [page.new_state(), page.new_state()]

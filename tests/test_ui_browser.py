@@ -46,9 +46,9 @@ def server(exports):
     pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
     fast_forward = pipe.engine.lm.forward
 
-    def forward(batch):
+    def forward(batch, **kwargs):
         time.sleep(STEP_S)
-        return fast_forward(batch)
+        return fast_forward(batch, **kwargs)
 
     pipe.engine.lm.forward = forward  # paced like a real model, so answers stream for a while and the page keeps up
     page = ChatPage(pipe, GenerationConfig(max_new_tokens=DEFAULT_TOKENS, ignore_eos=True))  # noise never ends early

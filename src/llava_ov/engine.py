@@ -4,7 +4,7 @@ Clients `submit` a prepared prompt (token ids, cache keys, image features) with 
 generation settings and read a `Generation` handle: a thread-safe stream of progress, token
 and final events. The engine thread loops: take new submissions, drop cancelled ones, ask the
 scheduler for the next forward (decode tokens of running sequences plus prefill chunks),
-embed and run it, sample every sequence that reached its last position, and publish the KV
+run it (token ids and image features go in; the LM embeds the ids), sample every sequence that reached its last position, and publish the KV
 blocks that became full to the prefix cache. It is the only place in the project that owns
 concurrency: front ends submit and read.
 """
@@ -152,11 +152,10 @@ def _available_memory() -> float:
 
 
 class Engine:
-    """Continuous batching over a `PagedLanguageModel` and a text-embedding function."""
+    """Continuous batching over a `PagedLanguageModel`."""
 
-    def __init__(self, lm: PagedLanguageModel, embed, max_context: int, config: EngineConfig | None = None):
+    def __init__(self, lm: PagedLanguageModel, max_context: int, config: EngineConfig | None = None):
         self.lm = lm
-        self.embed = embed  # [T] ids -> [T, hidden]; only the engine thread calls it
         self.max_context = max_context
         self.config = config or EngineConfig()
         self.config.validate()
@@ -169,8 +168,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._clear_cache = False
+        self._outbox: list[tuple[Generation, Any]] = []  # events sent while the next forward runs
         self.steps = 0
-        self.infer_s = 0.0  # time inside OpenVINO (embeddings + LM forwards): the rest is Python overhead
+        self.infer_s = 0.0  # time inside OpenVINO (the LM forwards): the rest is Python overhead
 
     # ---------------------------------------------------------------- clients
 
@@ -251,6 +251,7 @@ class Engine:
         while True:
             with self._wake:
                 while not (self._inbox or self.scheduler.has_work() or self._stopping or self._clear_cache):
+                    self._deliver()
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -268,6 +269,20 @@ class Engine:
                     self._fail(seq, exc)
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + self._inbox:
             self._finish(seq, seq.payload.state.cancel())
+        self._deliver()
+
+    def _send(self, handle: Generation, event: Any) -> None:
+        """Queue an event for a client; `_deliver` hands them over."""
+        self._outbox.append((handle, event))
+
+    def _deliver(self) -> None:
+        """Hand queued events to their clients.
+
+        Called while the next forward runs (and whenever the engine would wait): a client thread
+        woken by an event then takes the GIL while OpenVINO computes, not between two forwards."""
+        outbox, self._outbox = self._outbox, []
+        for handle, event in outbox:
+            handle.events.put(event)
 
     def _step(self) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
@@ -275,6 +290,7 @@ class Engine:
                 self._finish(seq, seq.payload.state.cancel())
         plan = self.scheduler.schedule()
         if not plan:  # nothing can run now (cannot happen while the pool holds any sequence alone)
+            self._deliver()
             time.sleep(0.005)
             return
         now = time.perf_counter()
@@ -284,8 +300,9 @@ class Engine:
                 stats.scheduled_at, stats.cached_tokens = now, chunk.seq.cached
         started = time.perf_counter()
         try:
-            logits = self.lm.forward(self._batch(plan))
+            logits = self.lm.forward(self._batch(plan), while_running=self._deliver)
         except Exception as exc:
+            self._deliver()
             for chunk in plan:
                 self._fail(chunk.seq, exc)
             if not isinstance(exc, LlavaOvError):
@@ -297,7 +314,7 @@ class Engine:
         for chunk in plan:
             self.scheduler.advance(chunk)
             if not chunk.sample and chunk.seq.computed <= chunk.seq.prompt_len:
-                chunk.seq.payload.events.put(Progress(chunk.seq.computed, chunk.seq.prompt_len))
+                self._send(chunk.seq.payload, Progress(chunk.seq.computed, chunk.seq.prompt_len))
         for chunk, row in zip(sampled, logits):
             try:
                 self._sample(chunk.seq, row)
@@ -307,22 +324,24 @@ class Engine:
 
     def _batch(self, plan: list[Chunk]) -> ForwardBatch:
         ids = np.concatenate([c.seq.ids[c.start : c.start + c.count] for c in plan])
-        embeds = np.array(self.embed(ids), dtype=np.float32)
-        offset = 0
+        image_rows, image_embeds, offset = [], [], 0
         for c in plan:
             rows = c.seq.image_rows[c.start : min(c.start + c.count, c.seq.prompt_len)]
             at = np.flatnonzero(rows >= 0)
             if len(at):
-                embeds[offset + at] = c.seq.features[rows[at]]
+                image_rows.append(offset + at)
+                image_embeds.append(c.seq.features[rows[at]])
             offset += c.count
         ends = np.cumsum([c.count for c in plan])
         return ForwardBatch(
-            embeds=embeds,
+            ids=ids,
             positions=np.concatenate([c.seq.position_ids(c.start, c.count) for c in plan]),
             past_lens=[c.start for c in plan],
             chunk_lens=[c.count for c in plan],
             block_tables=[c.seq.blocks[: self.scheduler.blocks_for(c.start + c.count)] for c in plan],
             logits_rows=[int(end) - 1 for c, end in zip(plan, ends) if c.sample],
+            image_rows=np.concatenate(image_rows) if image_rows else np.zeros(0, np.int64),
+            image_embeds=np.concatenate(image_embeds) if image_embeds else None,
         )
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
@@ -334,7 +353,7 @@ class Engine:
             self._finish(seq, event)
             return
         seq.append(event.token_id)
-        handle.events.put(event)
+        self._send(handle, event)
 
     def _finish(self, seq: Sequence, event: TokenEvent) -> None:
         seq.payload.stats.preemptions = seq.preemptions
@@ -349,4 +368,4 @@ class Engine:
         if not seq.payload.done:
             seq.payload.done = True
             for event in events:
-                seq.payload.events.put(event)
+                self._send(seq.payload, event)

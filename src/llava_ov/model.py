@@ -252,7 +252,7 @@ class ExportedModel:
         if part == "language" and self.kv_backend == "paged":
             from .paged import derive_paged_model
 
-            source = derive_paged_model(self.core, source)
+            source = derive_paged_model(self.core, source, self.part_path("text_embeddings"))
         try:
             return self.core.compile_model(source, device, props)
         except RuntimeError as exc:

@@ -4,7 +4,9 @@ The export on disk stays the stateful, optimum-compatible IR. At load time OpenV
 `paged_attention_transformation` (the one openvino_genai applies to the same file) turns it
 into a model whose KV cache is a pool of blocks passed in as `key_cache.N` / `value_cache.N`
 tensors, and a Gather on a new `logits_indices` input picks the rows that need logits before
-the LM head (a 2,000-token prefill computes one row of logits, not 2,000).
+the LM head (a 2,000-token prefill computes one row of logits, not 2,000). The export's
+text-embedding graph is moved inside too: the model takes token ids, and the image features
+of a chunk are scattered over their rows, so a decode step is one OpenVINO call, not two.
 
 `PagedLanguageModel.forward(batch)` runs one packed forward of any number of sequences:
 tokens of all sequences side by side, each with its past length and block table.
@@ -12,8 +14,9 @@ tokens of all sequences side by side, each with its past length and block table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,18 +26,24 @@ from openvino import opset13
 from .errors import LlavaOvError
 
 LOGITS_INDICES = "logits_indices"
+INPUT_IDS = "input_ids"
+IMAGE_ROWS = "image_rows"
+IMAGE_EMBEDS = "image_embeds"
+_NO_ROWS = np.zeros(0, np.int64)
 
 
 @dataclass
 class ForwardBatch:
     """One packed forward: per sequence a chunk of tokens, its cached length and its blocks."""
 
-    embeds: np.ndarray  # [tokens, hidden], sequences one after the other
+    ids: np.ndarray  # [tokens] token ids, sequences one after the other
     positions: np.ndarray  # [tokens] position id of every token
     past_lens: list[int]  # per sequence: tokens already in its KV blocks
     chunk_lens: list[int]  # per sequence: tokens in this forward
     block_tables: list[list[int]]  # per sequence: its blocks, covering past + chunk
     logits_rows: list[int]  # rows (indices into tokens) whose logits are returned, in order
+    image_rows: np.ndarray = field(default_factory=lambda: _NO_ROWS)  # rows (into tokens) embedded by...
+    image_embeds: np.ndarray | None = None  # ...these features [len(image_rows), hidden] instead of their ids
 
 
 def add_logits_indices(model: ov.Model) -> None:
@@ -44,21 +53,53 @@ def add_logits_indices(model: ov.Model) -> None:
         node = node.input_value(0).get_node()
     if node.get_type_name() != "MatMul":
         raise LlavaOvError(f"cannot find the LM head in the language model (found {node.get_type_name()})")
-    indices = opset13.parameter([-1], ov.Type.i64, name=LOGITS_INDICES)
-    indices.output(0).get_tensor().set_names({LOGITS_INDICES})
+    indices = _parameter(LOGITS_INDICES, [-1], ov.Type.i64)
     gathered = opset13.gather(node.input_value(0), indices, opset13.constant(np.int64(0)))
     node.input(0).replace_source_output(gathered.output(0))
     model.add_parameters([indices])
     model.validate_nodes_and_infer_types()
 
 
-def derive_paged_model(core: ov.Core, xml: Path) -> ov.Model:
+def embed_inside(model: ov.Model, embeddings: ov.Model) -> None:
+    """Replace the LM's `inputs_embeds` by the text-embedding graph of `input_ids`, with image
+    features scattered over rows `image_rows` (ScatterUpdate along the token axis)."""
+    (old,) = [p for p in model.get_parameters() if "inputs_embeds" in p.output(0).get_names()]
+    (source,) = embeddings.get_parameters()  # input_ids [batch, tokens]
+    text = embeddings.output(0).get_node().input_value(0)  # [batch, tokens, hidden]
+    hidden = text.get_partial_shape()[2]
+    if old.get_partial_shape().rank.get_length() != 2 or not hidden.is_static:
+        raise LlavaOvError(f"unexpected embedding shapes: LM {old.get_partial_shape()}, text {text.get_partial_shape()}")
+    ids = _parameter(INPUT_IDS, [-1], ov.Type.i64)
+    rows = _parameter(IMAGE_ROWS, [-1], ov.Type.i64)
+    image = _parameter(IMAGE_EMBEDS, [-1, hidden.get_length()], old.get_element_type())
+    batched = opset13.convert(opset13.unsqueeze(ids, opset13.constant(np.int64(0))), source.get_element_type())
+    for target in list(source.output(0).get_target_inputs()):
+        target.replace_source_output(batched.output(0))
+    flat = opset13.squeeze(text, opset13.constant(np.int64(0)))
+    if flat.get_output_element_type(0) != old.get_element_type():
+        flat = opset13.convert(flat, old.get_element_type())
+    merged = opset13.scatter_update(flat, rows, image, opset13.constant(np.int64(0)))
+    for target in list(old.output(0).get_target_inputs()):
+        target.replace_source_output(merged.output(0))
+    model.remove_parameter(old)
+    model.add_parameters([ids, rows, image])
+    model.validate_nodes_and_infer_types()
+
+
+def _parameter(name: str, shape: list[int], element_type: ov.Type) -> ov.Node:
+    node = opset13.parameter(shape, element_type, name=name)
+    node.output(0).get_tensor().set_names({name})
+    return node
+
+
+def derive_paged_model(core: ov.Core, xml: Path, embeddings_xml: Path) -> ov.Model:
     """Read the exported stateful LM and turn it into the PagedAttention form (in memory only)."""
     from openvino._offline_transformations import paged_attention_transformation
 
     model = core.read_model(xml)
     paged_attention_transformation(model, False, False)
     add_logits_indices(model)
+    embed_inside(model, core.read_model(embeddings_xml))
     return model
 
 
@@ -74,6 +115,7 @@ class PagedLanguageModel:
         if not self.key_names or len(self.key_names) != len(self.value_names):
             raise LlavaOvError("the language model has no paged KV cache inputs")
         self.num_blocks = 0
+        self.hidden_size = self._port(IMAGE_EMBEDS).get_partial_shape()[1].get_length()
 
     def _port(self, name: str):
         return self.compiled.input(name)
@@ -105,14 +147,19 @@ class PagedLanguageModel:
             self.request.set_tensor(name, tensor)
         self.num_blocks = num_blocks
 
-    def forward(self, batch: ForwardBatch) -> np.ndarray:
-        """Run one packed forward; returns logits [len(logits_rows), vocab] (a copy)."""
+    def forward(self, batch: ForwardBatch, while_running: Callable[[], None] | None = None) -> np.ndarray:
+        """Run one packed forward; returns logits [len(logits_rows), vocab] (a copy).
+
+        `while_running` is called once the forward has started (OpenVINO computes meanwhile)."""
         begins = np.concatenate([[0], np.cumsum(batch.chunk_lens)]).astype(np.int32)
         block_begins = np.concatenate([[0], np.cumsum([len(t) for t in batch.block_tables])]).astype(np.int32)
         blocks = np.concatenate([np.asarray(t, np.int32) for t in batch.block_tables]).astype(np.int32)
         context = max(p + c for p, c in zip(batch.past_lens, batch.chunk_lens))
+        image = batch.image_embeds if batch.image_embeds is not None else np.zeros((0, self.hidden_size))
         inputs: dict[str, Any] = {
-            "inputs_embeds": np.ascontiguousarray(batch.embeds, dtype=np.float32),
+            INPUT_IDS: np.ascontiguousarray(batch.ids, dtype=np.int64),
+            IMAGE_ROWS: np.ascontiguousarray(batch.image_rows, dtype=np.int64),
+            IMAGE_EMBEDS: np.ascontiguousarray(image, dtype=np.float32),
             "position_ids": np.ascontiguousarray(batch.positions, dtype=np.int64),
             "past_lens": np.asarray(batch.past_lens, np.int32),
             "subsequence_begins": begins,
@@ -123,7 +170,12 @@ class PagedLanguageModel:
         }
         for name, value in inputs.items():
             self.request.set_tensor(name, ov.Tensor(value))
-        self.request.infer()
+        self.request.start_async()
+        try:
+            if while_running is not None:
+                while_running()
+        finally:
+            self.request.wait()
         logits = self.request.get_tensor("logits").data  # [rows, 1, vocab]
         return logits[:, -1, :].copy()
 

@@ -200,7 +200,7 @@ class Pipeline:
         self._features: OrderedDict[str, PreparedImage] = OrderedDict()
         self.engine: Engine | None = None
         if self.model.paged is not None:
-            self.engine = Engine(self.model.paged, self.model.embed_tokens, self.model.max_context, engine)
+            self.engine = Engine(self.model.paged, self.model.max_context, engine)
         self._keys = None if self.engine is not None else np.empty(self.model.max_context + 1, np.int64)  # the stateful cache's
         # Guards the tokenizer and vision requests (prepare/count_tokens); on the stateful path
         # it is also held for a whole generation, one at a time.
