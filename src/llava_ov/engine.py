@@ -326,11 +326,12 @@ class Engine:
         ids = np.concatenate([c.seq.ids[c.start : c.start + c.count] for c in plan])
         image_rows, image_embeds, offset = [], [], 0
         for c in plan:
-            rows = c.seq.image_rows[c.start : min(c.start + c.count, c.seq.prompt_len)]
-            at = np.flatnonzero(rows >= 0)
-            if len(at):
-                image_rows.append(offset + at)
-                image_embeds.append(c.seq.features[rows[at]])
+            if c.start < c.seq.prompt_len and len(c.seq.features):  # only prompts hold image positions
+                rows = c.seq.image_rows[c.start : min(c.start + c.count, c.seq.prompt_len)]
+                at = np.flatnonzero(rows >= 0)
+                if len(at):
+                    image_rows.append(offset + at)
+                    image_embeds.append(c.seq.features[rows[at]])
             offset += c.count
         ends = np.cumsum([c.count for c in plan])
         return ForwardBatch(

@@ -148,7 +148,8 @@ class PagedLanguageModel:
         self.num_blocks = num_blocks
 
     def forward(self, batch: ForwardBatch, while_running: Callable[[], None] | None = None) -> np.ndarray:
-        """Run one packed forward; returns logits [len(logits_rows), vocab] (a copy).
+        """Run one packed forward; returns logits [len(logits_rows), vocab]: a view of the output,
+        valid until the next forward (copy what must outlive it).
 
         `while_running` is called once the forward has started (OpenVINO computes meanwhile)."""
         begins = np.concatenate([[0], np.cumsum(batch.chunk_lens)]).astype(np.int32)
@@ -177,7 +178,7 @@ class PagedLanguageModel:
         finally:
             self.request.wait()
         logits = self.request.get_tensor("logits").data  # [rows, 1, vocab]
-        return logits[:, -1, :].copy()
+        return logits[:, -1, :]
 
 
 def _layer(name: str) -> int:
