@@ -267,6 +267,7 @@ class Engine:
                 log.exception("engine step failed")
                 for seq in list(self.scheduler.running):
                     self._fail(seq, exc)
+                self._deliver()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting) + self._inbox:
             self._finish(seq, seq.payload.state.cancel())
         self._deliver()
