@@ -305,3 +305,34 @@ def test_a_huge_text_prompt_is_refused_before_tokenizing(paged, monkeypatch):
     huge = "word " * (pipe.prompt_limit * pipe.model.tokenizer.max_piece_bytes)  # 5 chars a word: over 4 x limit
     with pytest.raises(ContextLengthError, match="at least"):
         pipe.generate(huge, config=GREEDY)
+
+
+def test_a_broken_step_fails_its_sequences_and_the_engine_goes_on(exports, monkeypatch):
+    """An error outside the forward (here: in the scheduler) ends the running sequences with that
+    error, raised in their clients, and the next request is answered."""
+    pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
+    engine = pipe.engine
+    schedule = engine.scheduler.schedule
+
+    def broken_once():
+        if engine.scheduler.running and engine.steps >= 2:
+            monkeypatch.setattr(engine.scheduler, "schedule", schedule)
+            raise RuntimeError("scheduler broke")
+        return schedule()
+
+    monkeypatch.setattr(engine.scheduler, "schedule", broken_once)
+    failed = []
+    thread = threading.Thread(target=lambda: failed.append(_error_of(pipe)), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive() and "scheduler broke" in failed[0]
+    assert pipe.generate("hi", config=GREEDY).finish_reason in ("eos", "length")
+    pipe.close()
+
+
+def _error_of(pipe) -> str:
+    try:
+        pipe.generate("Tell me a story.", config=GenerationConfig(max_new_tokens=64, ignore_eos=True))
+    except Exception as exc:  # the engine's error, raised in the client
+        return str(exc)
+    return "no error"
