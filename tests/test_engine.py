@@ -52,6 +52,23 @@ def small_pool(export, blocks: int, **engine) -> Pipeline:
 # ----------------------------------------------------------------------------- the block pool alone
 
 
+def test_default_pool_takes_a_quarter_of_the_room_a_container_leaves(monkeypatch):
+    """The default KV budget comes from the memory this process can still get (a cgroup limit caps
+    the host's MemAvailable), bounded by 4 GiB and CONTEXTS_IN_POOL contexts, never under one context."""
+    from types import SimpleNamespace
+
+    from llava_ov import engine, resources
+
+    lm = SimpleNamespace(block_size=32, bytes_per_block=2**20)  # 1 MiB per block of 32 tokens
+    monkeypatch.setattr(resources, "available_memory", lambda: 2 * 2**30)  # e.g. a 2 GiB room left in a container
+    assert engine.default_pool_blocks(lm, None, max_context=4096) == 512  # a quarter: 512 MiB
+    monkeypatch.setattr(resources, "available_memory", lambda: 64 * 2**20)
+    assert engine.default_pool_blocks(lm, None, max_context=4096) == 128  # never less than one context
+    monkeypatch.setattr(resources, "available_memory", lambda: 512 * 2**30)
+    assert engine.default_pool_blocks(lm, None, max_context=4096) == min(4096, engine.CONTEXTS_IN_POOL * 128)
+    assert engine.default_pool_blocks(lm, 0.25, max_context=4096) == 256  # an explicit budget is taken as given
+
+
 def test_block_hashes_chain_over_the_whole_prefix():
     a = np.arange(100, dtype=np.int64)
     b = a.copy()

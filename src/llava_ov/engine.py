@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import queue
 import threading
 import time
@@ -119,7 +118,9 @@ def default_pool_blocks(lm: PagedLanguageModel, kv_cache_gb: float | None, max_c
     one_context = -(-max_context // lm.block_size)
     if kv_cache_gb is not None:
         return max(1, int(kv_cache_gb * 2**30 // lm.bytes_per_block))
-    budget = min(DEFAULT_KV_CACHE_GB * 2**30, _available_memory() / 4)
+    from .resources import available_memory  # MemAvailable capped by a container's cgroup limit
+
+    budget = min(DEFAULT_KV_CACHE_GB * 2**30, available_memory() / 4)
     return max(one_context, min(int(budget // lm.bytes_per_block), CONTEXTS_IN_POOL * one_context))
 
 
@@ -138,17 +139,6 @@ def _close_at_exit(engine: Engine) -> None:
 def _close_all() -> None:
     for engine in list(_LIVE_ENGINES):
         engine.close()
-
-
-def _available_memory() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
 class Engine:
