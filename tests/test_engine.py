@@ -87,12 +87,34 @@ def test_pool_shares_reuses_and_evicts_lru():
     assert pool.available == 3 and len(pool.idle) == 2
     assert pool.match(hashes) == first  # a later sequence finds both
     pool.release(first)
-    other = [pool.allocate(), pool.allocate()]  # 1 free + the least recently used idle one
-    assert first[0] in other and first[1] not in other
-    assert pool.match(hashes) == []  # the first block was recycled: the chain is broken
+    other = [pool.allocate(), pool.allocate()]  # 1 free + the least recently used idle one: the prefix's tail
+    assert first[1] in other and first[0] not in other
+    assert pool.match(hashes) == first[:1]  # the head is kept, so the prefix still matches as far as it goes
+    pool.release(first[:1])
     pool.allocate()
     with pytest.raises(PoolExhausted):
         pool.allocate()
+
+
+def test_a_preempted_sequence_keeps_the_head_of_its_prefix_cached():
+    """Recycling takes a released sequence's blocks from its end: after a preemption and some of its
+    blocks recycled by others, it is re-admitted from the cached head of its prompt, not from zero."""
+    pool = BlockPool(6, 4)
+    sched = Scheduler(pool, max_step_tokens=256, max_running=4)
+    a, b = _seq(8, 32), _seq(16, 32, start=200)  # a decodes; b holds 4 blocks, 3 of them full and cached
+    sched.add(a)
+    sched.add(b)
+    for _ in range(9):
+        for chunk in sched.schedule():
+            sample = chunk.sample
+            sched.advance(chunk)
+            if sample:
+                chunk.seq.append(1)
+    assert sched.preemptions >= 1 and b in sched.waiting
+    hashes = block_hashes(b.keys[:16], 4)
+    kept = pool.match(hashes)
+    assert len(kept) >= 2  # was 0: the head went first, and the cached tail could never be matched
+    pool.release(kept)
 
 
 def test_publish_of_equal_content_keeps_one_block():

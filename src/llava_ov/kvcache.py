@@ -95,8 +95,11 @@ class BlockPool:
         return block
 
     def release(self, blocks: Sequence[int]) -> None:
-        """Drop one holder of each block; blocks with known content stay cached, newest last."""
-        for block in blocks:
+        """Drop one holder of each block; blocks with known content stay cached, newest last.
+
+        `blocks` are in prefix order and are released back to front, so a prefix's tail is recycled
+        before its head: a prefix only matches from its first block, and a kept tail alone is useless."""
+        for block in reversed(blocks):
             self.refs[block] -= 1
             if self.refs[block] > 0:
                 continue
