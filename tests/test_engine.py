@@ -310,6 +310,21 @@ def test_a_prompt_larger_than_the_pool_is_refused_clearly(exports, photos):
     pipe.close()
 
 
+def test_scoring_more_tokens_than_the_pool_holds_is_refused_clearly(exports):
+    """Prompt plus scored tokens must fit: refused up front (it ended in an IndexError from the sequence's
+    token array once the forced tokens ran past it), and scoring that fits still works after."""
+    pipe = small_pool(exports["llava-next"], blocks=4)
+    messages = [Message("user", "hi")]
+    prompt = pipe.count_tokens(messages)
+    room = pipe.prompt_limit - prompt
+    for too_many in (room, room + 10):
+        with pytest.raises(ContextLengthError, match="to score do not fit"):
+            pipe.score(messages, [5] * too_many)
+    assert pipe.score(messages, [5] * (room - 1)).shape[0] == room  # the most that fits: one row per position
+    assert pipe.engine.stats()["blocks_used"] == 0
+    pipe.close()
+
+
 def test_engine_at_the_plugin_default_precision(exports, photos):
     """Default precision (bf16 where the CPU has it, u8 KV cache): runs, batches, and is deterministic."""
     pipe = Pipeline(exports["llava-next"], cache_dir=None)

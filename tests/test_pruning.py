@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import F32, FAMILIES
+from llava_ov.errors import ContextLengthError
 from llava_ov.generate import GenerationConfig
 from llava_ov.pipeline import Message, Pipeline
 from llava_ov.pruning import conditional_kernel, greedy_map, kept_count, relevance, select_tokens, tile_quotas
@@ -221,3 +222,23 @@ def test_a_follow_up_turn_reuses_the_pruned_image_from_the_cache(pipes, photos):
     second = session.ask("And the colours?", config=config)
     assert second.image_tokens == first.image_tokens < first.image_tokens_total
     assert second.cached_tokens >= first.prompt_tokens - pipe.engine.pool.block_size
+
+
+def test_a_pruned_prompt_must_also_fit_the_context_in_positions(pipes, photos):
+    """Pruned image tokens keep their position ids, so a prompt whose kept tokens fit the context
+    can still span more positions than the model has: refused before encoding, not answered with
+    zero room (it used to end after one token with finish_reason "length")."""
+    pipe = pipes["llava-next"]
+    pruned = GenerationConfig(max_new_tokens=4, visual_token_pruning=0.75)
+
+    def prompt(words: int) -> list[Message]:
+        return [Message("user", QUESTION + " word" * words, [photos["chelsea"]])]
+
+    per_word = (pipe.count_tokens(prompt(200)) - pipe.count_tokens(prompt(0))) / 200
+    gap = pipe.count_tokens(prompt(0)) - pipe.count_tokens(prompt(0), pruned)  # positions pruning leaves empty
+    assert gap > 500
+    words = int((pipe.model.max_context - gap // 2 - pipe.count_tokens(prompt(0), pruned)) / per_word)
+    assert pipe.count_tokens(prompt(words), pruned) < pipe.model.max_context < pipe.count_tokens(prompt(words))
+    with pytest.raises(ContextLengthError, match="positions"):
+        pipe.generate(prompt(words), config=pruned)
+    assert pipe.generate(prompt(0), config=pruned).finish_reason == "length"  # 4 new tokens: the pipeline goes on

@@ -290,7 +290,7 @@ class ForcedDecode:
 
     def next(self, logits: np.ndarray) -> TokenEvent:
         self.rows.append(np.array(logits, dtype=np.float32))
-        if len(self.rows) > len(self.tokens):
+        if len(self.rows) > len(self.tokens) or len(self.rows) >= self.limit:  # all scored, or no room left
             self.finished = "length"
             return TokenEvent(None, "", "length")
         return TokenEvent(self.tokens[len(self.rows) - 1], "")

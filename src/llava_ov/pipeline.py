@@ -346,6 +346,8 @@ class Pipeline:
                 f"{config.max_prompt_tokens} (fewer or smaller images, or max_image_tokens, make it shorter)"
             )
         self._check_length(total, image_tokens)  # before any vision encoding
+        if ratio:  # pruned tokens keep their positions: the prompt spans as many as it would unpruned
+            self._check_positions(len(ids) - len(jobs) + sum(len(j.tiles) for j in jobs))
         images = [j.found if isinstance(j.found, PreparedImage) else self._encode_image(j) for j in jobs]
         if ratio:
             images = [self._prune(image, job, ratio) for image, job in zip(images, jobs)]
@@ -382,6 +384,15 @@ class Pipeline:
 
     def _check_context(self, prompt: PreparedPrompt) -> None:
         self._check_length(len(prompt.token_ids), prompt.image_tokens)
+        self._check_positions(prompt.position_end)
+
+    def _check_positions(self, position_end: int) -> None:
+        """Position ids must stay inside the model's context, also where pruning left gaps in them."""
+        if position_end >= self.model.max_context:
+            raise ContextLengthError(
+                f"the prompt spans {position_end} positions (pruned image tokens keep theirs); the model's "
+                f"context is {self.model.max_context} positions (fewer or smaller images, or max_image_tokens)"
+            )
 
     def _check_text_size(self, text: str) -> None:
         """Refuse text that cannot fit before tokenizing it: no token covers more than the longest
@@ -445,6 +456,12 @@ class Pipeline:
             return np.stack(rows)
         prompt = self.prepare(messages)
         self._check_context(prompt)
+        if len(prompt.token_ids) + len(tokens) >= self.prompt_limit:
+            where = self.engine.limit_reason()
+            raise ContextLengthError(
+                f"the prompt ({len(prompt.token_ids)} tokens) and the {len(tokens)} tokens to score do not fit: "
+                f"{where} {self.prompt_limit} tokens"
+            )
         forced = ForcedDecode(tokens)
         handle = self.engine.submit(prompt.keys, prompt.token_ids, *prompt.image_rows(), forced)
         for item in handle:
