@@ -237,8 +237,9 @@ class Pipeline:
 
     def prepare_image(self, source: Any) -> PreparedImage:
         """Preprocess + encode + pack one image at the model's own resolution, cached by pixel content."""
-        job = self._plan_images([source], [""], None)[0]
-        return job.found if isinstance(job.found, PreparedImage) else self._encode_image(job)
+        with self._lock:  # the feature cache and the vision request are shared with generation's prepare
+            job = self._plan_images([source], [""], None)[0]
+            return job.found if isinstance(job.found, PreparedImage) else self._encode_image(job)
 
     def _plan_images(self, sources: Sequence[Any], texts: Sequence[str], budget: int | None) -> list[_ImageJob]:
         """Load every image, choose its resolution within `budget`, and look its features up (no encoding)."""
