@@ -36,16 +36,17 @@ def test_bench_concurrency_smoke(exports, photos, tmp_path):
     """`--concurrency`: every engine and level reported, positive rates, ratios present (no timing assertions)."""
     out = tmp_path / "conc.json"
     args = [sys.executable, "-m", "llava_ov.cli", "bench", str(exports["llava"]), "--image", str(photos["coffee"]),
-            "--runs", "1", "--max-new-tokens", "6", "--concurrency", "1,3", "--compare", "genai", "--json", str(out)]  # fmt: skip
+            "--runs", "1", "--max-new-tokens", "6", "--concurrency", "1,3", "--compare", "genai,ours-f32-decode", "--json", str(out)]  # fmt: skip
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["engines"]) == {"ours", "fifo", "genai"} and report["machine"]["cpu_flags"] is not None
+    assert set(report["engines"]) == {"ours", "fifo", "genai", "ours-f32-decode"}
+    assert report["machine"]["cpu_flags"] is not None
     for name, levels in report["engines"].items():
         assert set(levels) == {"1", "3"}, name
         for level in levels.values():
             assert level["steady_decode_tokens_per_s"]["mean"] > 0 and level["mean_ttft_s"]["mean"] > 0, name
-    assert {"ours_over_fifo_at_3", "ours_over_genai_at_3"} <= set(report["ratios"])
+    assert {"ours_over_fifo_at_3", "ours_over_genai_at_3", "ours_f32_decode_over_fifo_at_3"} <= set(report["ratios"])
     assert "| fifo | 3 |" in proc.stdout
 
 

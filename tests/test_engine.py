@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import F32, FAMILIES
 from llava_ov.chat import ChatSession
 from llava_ov.engine import EngineConfig
-from llava_ov.errors import ContextLengthError
+from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.generate import GenerationConfig
 from llava_ov.image import DEFAULT_PINPOINTS
 from llava_ov.kvcache import BlockPool, PoolExhausted, block_hashes
@@ -334,6 +334,48 @@ def test_engine_at_the_plugin_default_precision(exports, photos):
     assert first.token_ids == again.token_ids and len(first.token_ids) > 0
     assert pipe.info()["runtime"]["language"].get("KV_CACHE_PRECISION")
     pipe.close()
+
+
+def test_the_decode_variant_runs_the_decode_steps_on_the_same_kv_blocks(exports, paged, photos):
+    """decode_precision='f32' compiles the LM a second time for steps of at most 32 tokens; under the f32
+    pins both compilations compute alike, so the tokens equal the one-model engine's exactly, with the
+    prompt prefilled by the main model and the answer decoded by the variant over the same blocks."""
+    pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None, decode_precision="f32")
+    together = []
+
+    def run(question: str) -> None:
+        together.append((question, pipe.generate(question, [photos["chelsea"]], GREEDY).token_ids))
+
+    threads = [threading.Thread(target=run, args=(q,)) for q in PROMPTS[:3]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for question, tokens in together:
+        assert tokens == paged["llava-next"].generate(question, [photos["chelsea"]], GREEDY).token_ids
+    steps = pipe.model.paged.steps
+    assert steps["decode"] >= GREEDY.max_new_tokens - 1 and steps["main"] >= 1
+    assert "f32" in pipe.info()["runtime"]["language"]["DECODE_STEPS"]
+    pipe.close()
+
+
+def test_the_decode_variant_at_the_plugin_default_precision(exports, photos):
+    """Where the plugin computes bf16 by default the two compilations differ in precision: it runs,
+    keeps one KV cache type, and repeats itself."""
+    pipe = Pipeline(exports["llava-next"], cache_dir=None, decode_precision="f32")
+    first = pipe.generate("What is this?", [photos["chelsea"]], GREEDY)
+    pipe.clear_caches()
+    again = pipe.generate("What is this?", [photos["chelsea"]], GREEDY)
+    assert first.token_ids == again.token_ids and len(first.token_ids) > 1
+    assert pipe.model.paged.steps["decode"] > 0
+    pipe.close()
+
+
+def test_the_decode_variant_refuses_what_it_cannot_do(exports):
+    with pytest.raises(LlavaOvError, match="paged KV cache"):
+        Pipeline(exports["llava-next"], cache_dir=None, kv_cache="stateful", decode_precision="f32")
+    with pytest.raises(LlavaOvError, match="unknown decode precision"):
+        Pipeline(exports["llava-next"], cache_dir=None, decode_precision="f16")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

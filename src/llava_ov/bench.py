@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("ours", "genai", "transformers")
+F32_DECODE = "ours-f32-decode"  # ours with decode steps on an f32 compilation (--decode-precision f32)
+ENGINES = ("ours", "genai", "transformers", F32_DECODE)
 
 
 # ---------------------------------------------------------------- statistics
@@ -190,11 +191,13 @@ class OursEngine:
     max_image_tokens: int | None = None
     pruning: float = 0.0
 
-    def __init__(self, export: Path, device: str, properties: dict):
+    def __init__(self, export: Path, device: str, properties: dict, decode_precision: str = "same"):
         from .pipeline import Pipeline
 
         start = time.perf_counter()
-        self.pipe = Pipeline(export, device, properties=properties)
+        self.pipe = Pipeline(export, device, properties=properties, decode_precision=decode_precision)
+        if decode_precision != "same":
+            self.name = F32_DECODE
         self.load_s = time.perf_counter() - start
 
     def with_schema(self, schema: dict) -> OursEngine:
@@ -373,6 +376,8 @@ def make_engine(name: str, opts: BenchOptions):
     """Load one engine on the export (or, for transformers, its source checkpoint)."""
     if name == "ours":
         return OursEngine(opts.model, opts.device, opts.properties)
+    if name == F32_DECODE:
+        return OursEngine(opts.model, opts.device, opts.properties, decode_precision="f32")
     if name == "genai":
         return GenaiEngine(opts.model, opts.device, opts.properties, opts.genai_backend)
     if name == "transformers":
@@ -584,7 +589,8 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="CPU")
     p.add_argument("--f32", action="store_true", help="pin f32 inference and KV cache")
-    p.add_argument("--compare", default="", help="comma list: genai,transformers")
+    p.add_argument("--compare", default="",
+                   help="comma list: genai,transformers,ours-f32-decode (ours with --decode-precision f32)")  # fmt: skip
     p.add_argument("--genai-backend", default="SDPA", choices=["SDPA", "PA"])
     p.add_argument("--source", default=None, help="transformers checkpoint for --compare transformers")
     p.add_argument("--torch-dtype", default="float32")

@@ -72,6 +72,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens,
                    help="tokens per forward: decode tokens plus prefill chunks")  # fmt: skip
     g.add_argument("--max-running", type=int, default=d.max_running, help="sequences decoding at once")
+    g.add_argument("--decode-precision", default="same", choices=["same", "f32"],
+                   help="f32: decode steps run on a second f32 compilation of the language model; on CPUs "
+                        "that compute bf16 by default, INT4/INT8 weights then decode faster (docs/speed.md) "
+                        "while prompts still prefill at bf16; costs a second copy of the LM weights")  # fmt: skip
 
 
 def parse_parts(pairs: list[str], what: str) -> dict[str, str]:
@@ -126,6 +130,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         devices=parse_parts(getattr(args, "part_device", []), "device"),
         kv_cache=getattr(args, "kv_cache", "auto"), engine=engine_config(args),
         vision_encoder=getattr(args, "vision_encoder", "auto"),
+        decode_precision=getattr(args, "decode_precision", "same"),
     )  # fmt: skip
 
 

@@ -77,6 +77,11 @@ class LoadOptions:
     # one on CPUs with int8 matrix units (AMX-INT8, AVX-512 VNNI, AVX-VNNI), where it is faster, else the
     # float one; "int8" / "float": that one.
     vision_encoder: str = "auto"
+    # The paged language model's decode steps (at most paged.DECODE_VARIANT_TOKENS tokens): "same" as
+    # prefill, or "f32": a second compilation at f32 runs them. Where the CPU plugin computes bf16 by
+    # default (AMX, AVX-512-bf16), f32 lets it quantize activations dynamically for INT4/INT8 weights,
+    # which decodes faster while bf16 prefills faster; it costs a second copy of the LM's weights.
+    decode_precision: str = "same"
 
     def kv_backend(self) -> str:
         if self.kv_cache not in ("auto", "paged", "stateful"):
@@ -160,6 +165,10 @@ class ExportedModel:
 
         self.core = ov.Core()
         self.kv_backend = self.options.kv_backend()
+        if self.options.decode_precision not in ("same", "f32"):
+            raise LlavaOvError(f"unknown decode precision {self.options.decode_precision!r} (same, f32)")
+        if self.options.decode_precision != "same" and self.kv_backend != "paged":
+            raise LlavaOvError("a decode precision of its own needs the paged KV cache (kv_cache='paged')")
         self._warn_if_rotary_fp16()
         self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
         self.tokenizer = Tokenizer(self.core, self.dir)
@@ -170,7 +179,7 @@ class ExportedModel:
         if self.kv_backend == "paged":
             from .paged import PagedLanguageModel
 
-            self.paged = PagedLanguageModel(self._compiled["language"])
+            self.paged = PagedLanguageModel(self._compiled["language"], self._compile_decode_variant())
         else:
             self._lm = self._compiled["language"].create_infer_request()
         newline = self.config.get("image_newline")
@@ -258,6 +267,27 @@ class ExportedModel:
         except RuntimeError as exc:
             raise LlavaOvError(f"cannot compile the {part} model on {device}: {self._reason(exc, device)}") from None
 
+    def _compile_decode_variant(self) -> ov.CompiledModel | None:
+        """The language model compiled again for decode steps (`decode_precision`), or None."""
+        precision = self.options.decode_precision
+        if precision == "same":
+            return None
+        device = self.options.devices.get("language", self.options.device)
+        if device.upper() != "CPU":
+            raise LlavaOvError(f"decode_precision='f32' is for the CPU plugin; the language model runs on {device}")
+        main = self._compiled["language"]
+        if main.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32:
+            log.warning("the language model already computes in f32: the f32 decode variant only costs memory")
+        kv = main.get_property("KV_CACHE_PRECISION")  # the variant must keep the same block tensors
+        props = {**self.options.properties, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
+        from .paged import derive_paged_model
+
+        source = derive_paged_model(self.core, self.part_path("language"), self.part_path("text_embeddings"))
+        try:
+            return self.core.compile_model(source, device, props)
+        except RuntimeError as exc:
+            raise LlavaOvError(f"cannot compile the f32 decode variant: {self._reason(exc, device)}") from None
+
     def _avoid_known_crash(self, device: str, props: dict[str, Any]) -> dict[str, Any]:
         """OpenVINO 2026.4's CPU plugin dies with SIGFPE compiling the language model with
         INFERENCE_NUM_THREADS=1 at bf16, the default on CPUs with AVX-512-bf16/AMX (seen with both KV
@@ -294,6 +324,8 @@ class ExportedModel:
             if part != "language":
                 props.pop("KV_CACHE_PRECISION", None)
             info[part] = props
+        if self.paged is not None and self.paged.decode_request is not None:
+            info["language"]["DECODE_STEPS"] = f"f32 (steps of at most {self.paged.decode_tokens} tokens)"
         return info
 
     # ---------------------------------------------------------------- config

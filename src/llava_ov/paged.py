@@ -103,17 +103,31 @@ def derive_paged_model(core: ov.Core, xml: Path, embeddings_xml: Path) -> ov.Mod
     return model
 
 
-class PagedLanguageModel:
-    """A compiled PagedAttention LM and its KV block pool tensors."""
+DECODE_VARIANT_TOKENS = 32  # steps of at most this many tokens run on the decode variant (measured crossover)
 
-    def __init__(self, compiled: ov.CompiledModel):
+
+class PagedLanguageModel:
+    """A compiled PagedAttention LM and its KV block pool tensors.
+
+    `decode`: optionally a second compilation of the same model (another precision) that runs
+    the steps of at most `decode_tokens` tokens; both share the KV block tensors."""
+
+    def __init__(
+        self, compiled: ov.CompiledModel, decode: ov.CompiledModel | None = None,
+        decode_tokens: int = DECODE_VARIANT_TOKENS,
+    ):  # fmt: skip
         self.compiled = compiled
         self.request = compiled.create_infer_request()
+        self.decode_request = decode.create_infer_request() if decode is not None else None
+        self.decode_tokens = decode_tokens
+        self.steps = {"main": 0, "decode": 0}  # forwards run by each compilation
         names = [port.get_any_name() for port in compiled.inputs]
         self.key_names = sorted((n for n in names if n.startswith("key_cache.")), key=_layer)
         self.value_names = sorted((n for n in names if n.startswith("value_cache.")), key=_layer)
         if not self.key_names or len(self.key_names) != len(self.value_names):
             raise LlavaOvError("the language model has no paged KV cache inputs")
+        if decode is not None:
+            self._check_same_cache(decode)
         self.num_blocks = 0
         self.hidden_size = self._port(IMAGE_EMBEDS).get_partial_shape()[1].get_length()
 
@@ -126,6 +140,17 @@ class PagedLanguageModel:
         if None in dims:
             raise LlavaOvError(f"the device reports no static block shape for {name} ({shape})")
         return dims
+
+    def _check_same_cache(self, other: ov.CompiledModel) -> None:
+        """The decode variant must read and write the very same block tensors."""
+        for name in self.key_names + self.value_names:
+            ours, theirs = self._port(name), other.input(name)
+            if (ours.get_partial_shape(), ours.get_element_type()) != (theirs.get_partial_shape(), theirs.get_element_type()):
+                raise LlavaOvError(
+                    f"the decode variant's KV cache differs from the main model's ({name}: "
+                    f"{theirs.get_element_type()} {theirs.get_partial_shape()} vs {ours.get_element_type()} "
+                    f"{ours.get_partial_shape()})"
+                )
 
     @property
     def block_size(self) -> int:
@@ -144,7 +169,8 @@ class PagedLanguageModel:
         for name in self.key_names + self.value_names:
             port = self._port(name)
             tensor = ov.Tensor(port.get_element_type(), ov.Shape([num_blocks, *self._block_shape(name)]))
-            self.request.set_tensor(name, tensor)
+            for request in self._requests():
+                request.set_tensor(name, tensor)
         self.num_blocks = num_blocks
 
     def forward(self, batch: ForwardBatch, while_running: Callable[[], None] | None = None) -> np.ndarray:
@@ -169,16 +195,27 @@ class PagedLanguageModel:
             "max_context_len": np.array(context, np.int32),
             LOGITS_INDICES: np.asarray(batch.logits_rows, np.int64),
         }
+        request = self._request_for(len(batch.ids))
         for name, value in inputs.items():
-            self.request.set_tensor(name, ov.Tensor(value))
-        self.request.start_async()
+            request.set_tensor(name, ov.Tensor(value))
+        request.start_async()
         try:
             if while_running is not None:
                 while_running()
         finally:
-            self.request.wait()
-        logits = self.request.get_tensor("logits").data  # [rows, 1, vocab]
+            request.wait()
+        logits = request.get_tensor("logits").data  # [rows, 1, vocab]
         return logits[:, -1, :]
+
+    def _requests(self) -> list[ov.InferRequest]:
+        return [self.request] + ([self.decode_request] if self.decode_request is not None else [])
+
+    def _request_for(self, tokens: int) -> ov.InferRequest:
+        if self.decode_request is not None and tokens <= self.decode_tokens:
+            self.steps["decode"] += 1
+            return self.decode_request
+        self.steps["main"] += 1
+        return self.request
 
 
 def _layer(name: str) -> int:
