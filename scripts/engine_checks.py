@@ -6,6 +6,7 @@
     python scripts/engine_checks.py interleaved EXPORT [--image IMG] [--image2 IMG]
     python scripts/engine_checks.py many-images EXPORT [--images 8]
     python scripts/engine_checks.py chunk-size  EXPORT [--budgets 128,256,512,2048]
+    python scripts/engine_checks.py decode-precision EXPORT [--image IMG] [--tokens 32]
 
 slow-path:   TTFT of an image prompt on a cold engine vs right after an unrelated short request
              (the old stateful path's 2.2x slow path), for the engine and the stateful path.
@@ -14,6 +15,9 @@ interleaved: two conversations over the HTTP server taking turns, 3 turns each, 
              turn 1: TTFT of every turn (turns 2-3 should find their prefix cached).
 many-images: 8 large images in one request, and 16 concurrent requests: RSS against model + pool.
 chunk-size:  single-stream TTFT of one image prompt per --max-step-tokens budget.
+decode-precision: single-stream TTFT and TPOT with decode steps on the main compilation vs the f32
+             decode variant (--decode-precision f32), interleaved on one pipeline, and the anonymous
+             memory after one answer with each setting (each in a fresh process).
 Every timing is mean ± std over --runs after one warm-up; the machine's CPU flags are printed.
 """
 
@@ -184,9 +188,52 @@ def chunk_size(args) -> dict:
     return out
 
 
+def anonymous_memory(args) -> dict:
+    """RssAnon after loading with --decode and answering once (weights are repacked on first use)."""
+    pipe = Pipeline(args.export, decode_precision=args.decode, engine=EngineConfig(kv_cache_gb=args.kv_gb))
+    pipe.generate("Describe this image.", [args.image], GenerationConfig(max_new_tokens=4))
+    status = Path("/proc/self/status").read_text().splitlines()
+    kib = next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+    return {"decode_precision": args.decode, "rss_anon_gib": round(kib / 2**20, 2)}
+
+
+def decode_precision(args) -> dict:
+    import subprocess
+
+    memory = {}
+    for precision in ("same", "f32"):
+        cmd = [sys.executable, __file__, "anonymous-memory", args.export, "--image", args.image, "--decode", precision]
+        if args.kv_gb is not None:
+            cmd += ["--kv-gb", str(args.kv_gb)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        memory[precision] = json.loads(proc.stdout)["result"]["rss_anon_gib"]
+        print("anonymous memory", precision, memory[precision], "GiB", flush=True)
+    pipe = Pipeline(args.export, decode_precision="f32", engine=EngineConfig(kv_cache_gb=args.kv_gb))
+    lm = pipe.model.paged
+    variant_tokens = lm.decode_tokens
+    config = GenerationConfig(max_new_tokens=args.tokens, ignore_eos=True)
+    times: dict[str, dict[str, list[float]]] = {k: {"ttft_s": [], "tpot_ms": []} for k in ("main", "f32-decode")}
+    for i in range(args.runs + 1):
+        for name, tokens in (("main", 0), ("f32-decode", variant_tokens)):  # interleaved
+            lm.decode_tokens = tokens  # 0: no step is small enough for the variant
+            pipe.clear_caches()
+            t = pipe.generate("Describe this image.", [args.image], config).timings
+            if i:
+                times[name]["ttft_s"].append(t.ttft_s)
+                times[name]["tpot_ms"].append(t.tpot_s * 1000)
+    out = {"rss_anon_gib": memory, "tokens": args.tokens}
+    for name, values in times.items():
+        out[name] = {key: stat(v) for key, v in values.items()}
+        print(name, out[name], flush=True)
+    tpot = {name: statistics.fmean(v["tpot_ms"]) for name, v in times.items()}
+    out["tpot_main_over_variant"] = round(tpot["main"] / tpot["f32-decode"], 3)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("check", choices=["slow-path", "long-prompt", "interleaved", "many-images", "chunk-size"])
+    p.add_argument("check", choices=["slow-path", "long-prompt", "interleaved", "many-images", "chunk-size",
+                                     "decode-precision", "anonymous-memory"])  # fmt: skip
     p.add_argument("export")
     p.add_argument("--image", default=str(EXAMPLES / "cat.jpg"))
     p.add_argument("--image2", default=str(EXAMPLES / "rocket.jpg"))
@@ -196,11 +243,14 @@ def main() -> int:
     p.add_argument("--budgets", default="128,256,512,2048")
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--kv-gb", type=float, default=None)
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per answer (decode-precision)")
+    p.add_argument("--decode", default="same", choices=["same", "f32"], help="(anonymous-memory)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     fn = {"slow-path": slow_path, "long-prompt": long_prompt, "interleaved": interleaved,
-          "many-images": many_images, "chunk-size": chunk_size}[args.check]  # fmt: skip
+          "many-images": many_images, "chunk-size": chunk_size, "decode-precision": decode_precision,
+          "anonymous-memory": anonymous_memory}[args.check]  # fmt: skip
     report = {"check": args.check, "machine": machine_info(), "result": fn(args)}
     print(json.dumps(report, indent=2))
     if args.json:

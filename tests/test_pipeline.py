@@ -128,16 +128,21 @@ def test_streamed_text_equals_detokenized_tokens(pipes, photos):
 
 
 def test_cancel_from_another_thread_stops_within_one_token(pipes, photos):
+    """The engine stops within the step in flight when the cancel is set (it may have run ahead of this
+    reader: its events are queued, so the tokens seen here are not what it had made by then)."""
     pipe = pipes["llava-next"]
     cancel = threading.Event()
-    seen = 0
+    seen, steps_at_cancel = 0, None
     for chunk in pipe.stream("Describe.", [photos["astronaut"]], GenerationConfig(max_new_tokens=200), cancel):
         seen += len(chunk.token_ids)
         if seen == 5:
-            threading.Thread(target=cancel.set).start()
-            threading.Event().wait(0.05)
+            setter = threading.Thread(target=cancel.set)
+            setter.start()
+            setter.join()
+            steps_at_cancel = pipe.engine.stats()["steps"]
     assert chunk.finish_reason == "cancelled"
-    assert len(chunk.result.token_ids) in (5, 6)
+    assert 5 <= len(chunk.result.token_ids) < 200
+    assert pipe.engine.stats()["steps"] - steps_at_cancel <= 2  # the step in flight (and one starting)
 
 
 # ---------------------------------------------------------------- bad input

@@ -19,6 +19,7 @@ from PIL import Image
 from conftest import F32
 from llava_ov import config as layout
 from llava_ov.errors import ExportExistsError, LlavaOvError
+from llava_ov.generate import GenerationConfig
 from llava_ov.image import ImageConfig, preprocess
 from llava_ov.calibration import calibration_images
 from llava_ov.quantize import QuantConfig, compress_export, resolve_config, weight_stats
@@ -326,3 +327,33 @@ def test_list_and_dataset_calibration(photos, monkeypatch):
     calib = calibration_images("conceptual_captions", 2)
     assert len(calib.images) == 2 and calib.captions == ["a cat", "a cat"]  # the file:// URL is refused
     assert "google-research-datasets/conceptual_captions" in calib.source
+
+
+def test_auto_decode_precision_follows_the_cpu_the_weights_and_the_memory(int4_next, exports, monkeypatch):
+    """decode_precision='auto' compiles the f32 decode variant only for INT4 weights on a CPU
+    that computes bf16 by default, with nothing pinned and room for a second copy of the weights."""
+    from llava_ov import resources
+    from llava_ov.pipeline import Pipeline
+
+    bf16_cpu = resources.cpu_inference_precision() == "bf16"
+    pipe = Pipeline(int4_next, cache_dir=None)
+    assert (pipe.model.paged.decode_request is not None) == bf16_cpu
+    assert ("f32 decode steps" if bf16_cpu else "computes in f32") in pipe.info()["decode_steps"]
+    if bf16_cpu:
+        pipe.generate("hi", config=GenerationConfig(max_new_tokens=6))
+        assert pipe.model.paged.steps["decode"] > 0
+    pipe.close()
+    pinned = Pipeline(int4_next, cache_dir=None, properties={"INFERENCE_PRECISION_HINT": "f32"})
+    assert pinned.model.paged.decode_request is None and "set by the caller" in pinned.info()["decode_steps"]
+    pinned.close()
+    same = Pipeline(int4_next, cache_dir=None, decode_precision="same")
+    assert same.model.paged.decode_request is None and "decode_precision=same" in same.info()["decode_steps"]
+    same.close()
+    if bf16_cpu:  # the checks that need a CPU where the variant would otherwise be chosen
+        fp = Pipeline(exports["llava-next"], cache_dir=None)
+        assert fp.model.paged.decode_request is None and "f32 decode pays for INT4" in fp.info()["decode_steps"]
+        fp.close()
+        monkeypatch.setattr(resources, "available_memory", lambda: 2**30)
+        tight = Pipeline(int4_next, cache_dir=None)
+        assert tight.model.paged.decode_request is None and "needs" in tight.info()["decode_steps"]
+        tight.close()

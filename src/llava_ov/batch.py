@@ -66,6 +66,7 @@ class PipelineSpec:
     kv_cache: str = "auto"
     engine: Any = None  # an EngineConfig, or None for the defaults
     vision_encoder: str = "auto"  # as Pipeline(vision_encoder=...)
+    decode_precision: str = "auto"  # as Pipeline(decode_precision=...)
 
     def with_threads(self, threads: int | None) -> "PipelineSpec":
         """The same spec pinning OpenVINO's CPU threads (one worker of several shares the cores)."""
@@ -79,7 +80,7 @@ class PipelineSpec:
         return Pipeline(
             self.model_dir, self.device, properties=dict(self.properties), cache_dir=self.cache_dir,
             devices=dict(self.devices), part_paths=dict(self.part_paths), kv_cache=self.kv_cache, engine=self.engine,
-            vision_encoder=self.vision_encoder,
+            vision_encoder=self.vision_encoder, decode_precision=self.decode_precision,
         )  # fmt: skip
 
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-F32_DECODE = "ours-f32-decode"  # ours with decode steps on an f32 compilation (--decode-precision f32)
-ENGINES = ("ours", "genai", "transformers", F32_DECODE)
+# ours with another --decode-precision than the default (auto), for A/B runs in one process
+DECODE_VARIANTS = {"ours-f32-decode": "f32", "ours-same-decode": "same"}
+ENGINES = ("ours", "genai", "transformers", *DECODE_VARIANTS)
 
 
 # ---------------------------------------------------------------- statistics
@@ -191,13 +192,12 @@ class OursEngine:
     max_image_tokens: int | None = None
     pruning: float = 0.0
 
-    def __init__(self, export: Path, device: str, properties: dict, decode_precision: str = "same"):
+    def __init__(self, export: Path, device: str, properties: dict, decode_precision: str = "auto"):
         from .pipeline import Pipeline
 
         start = time.perf_counter()
         self.pipe = Pipeline(export, device, properties=properties, decode_precision=decode_precision)
-        if decode_precision != "same":
-            self.name = F32_DECODE
+        self.name = next((n for n, p in DECODE_VARIANTS.items() if p == decode_precision), "ours")
         self.load_s = time.perf_counter() - start
 
     def with_schema(self, schema: dict) -> OursEngine:
@@ -376,8 +376,8 @@ def make_engine(name: str, opts: BenchOptions):
     """Load one engine on the export (or, for transformers, its source checkpoint)."""
     if name == "ours":
         return OursEngine(opts.model, opts.device, opts.properties)
-    if name == F32_DECODE:
-        return OursEngine(opts.model, opts.device, opts.properties, decode_precision="f32")
+    if name in DECODE_VARIANTS:
+        return OursEngine(opts.model, opts.device, opts.properties, decode_precision=DECODE_VARIANTS[name])
     if name == "genai":
         return GenaiEngine(opts.model, opts.device, opts.properties, opts.genai_backend)
     if name == "transformers":
@@ -590,7 +590,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="CPU")
     p.add_argument("--f32", action="store_true", help="pin f32 inference and KV cache")
     p.add_argument("--compare", default="",
-                   help="comma list: genai,transformers,ours-f32-decode (ours with --decode-precision f32)")  # fmt: skip
+                   help="comma list: genai, transformers, ours-f32-decode / ours-same-decode (ours with "
+                        "--decode-precision f32 / same)")  # fmt: skip
     p.add_argument("--genai-backend", default="SDPA", choices=["SDPA", "PA"])
     p.add_argument("--source", default=None, help="transformers checkpoint for --compare transformers")
     p.add_argument("--torch-dtype", default="float32")

@@ -63,14 +63,14 @@ class OursServing:
     name = "ours"
 
     def __init__(
-        self, export: Path, device: str, properties: dict, kv_cache: str = "paged", decode_precision: str = "same"
+        self, export: Path, device: str, properties: dict, kv_cache: str = "paged", decode_precision: str = "auto"
     ):  # fmt: skip
-        from .bench import F32_DECODE
+        from .bench import DECODE_VARIANTS
         from .pipeline import Pipeline
 
         self.pipe = Pipeline(export, device, properties=properties, kv_cache=kv_cache, decode_precision=decode_precision)
-        if decode_precision != "same":
-            self.name = F32_DECODE
+        if kv_cache == "paged":
+            self.name = next((n for n, p in DECODE_VARIANTS.items() if p == decode_precision), "ours")
 
     def _one(self, question: str, image: Path, max_new: int, out: list, index: int, start: threading.Barrier | None):
         from .generate import GenerationConfig
@@ -166,14 +166,13 @@ def run_concurrency(
     compare: tuple[str, ...] = (), log=print,
 ) -> dict[str, Any]:  # fmt: skip
     """Every engine at every level, `runs` rounds each after one warm-up round; mean ± std."""
-    from .bench import F32_DECODE
+    from .bench import DECODE_VARIANTS
 
     engines = [OursServing(export, device, properties), FifoServing(export, device, properties)]
     if "genai" in compare:
         pool_gb = engines[0].pipe.engine.pool.num_blocks * engines[0].pipe.engine.lm.bytes_per_block / 2**30
         engines.append(GenaiServing(export, device, properties, pool_gb))
-    if F32_DECODE in compare:
-        engines.append(OursServing(export, device, properties, decode_precision="f32"))
+    engines += [OursServing(export, device, properties, decode_precision=p) for n, p in DECODE_VARIANTS.items() if n in compare]
     results: dict[str, dict[str, Any]] = {e.name: {} for e in engines}
     for n in levels:
         rounds: dict[str, list[dict[str, float]]] = {e.name: [] for e in engines}
@@ -197,14 +196,15 @@ def _stat(values: list[float]) -> dict[str, float]:
 
 
 def concurrency_ratios(results: dict[str, Any], levels: list[int]) -> dict[str, float]:
-    from .bench import F32_DECODE
+    from .bench import DECODE_VARIANTS
 
     key = "steady_decode_tokens_per_s"
     out = {}
     for n in levels:
-        for name, label in (("ours", "ours"), (F32_DECODE, "ours_f32_decode")):
+        for name in ("ours", *DECODE_VARIANTS):
             if name not in results:
                 continue
+            label = name.replace("-", "_")
             ours = results[name][n][key]["mean"]
             out[f"{label}_over_fifo_at_{n}"] = ours / results["fifo"][n][key]["mean"]
             if "genai" in results:

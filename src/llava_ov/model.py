@@ -81,7 +81,9 @@ class LoadOptions:
     # prefill, or "f32": a second compilation at f32 runs them. Where the CPU plugin computes bf16 by
     # default (AMX, AVX-512-bf16), f32 lets it quantize activations dynamically for INT4/INT8 weights,
     # which decodes faster while bf16 prefills faster; it costs a second copy of the LM's weights.
-    decode_precision: str = "same"
+    # "auto": f32 where that pays (CPU, bf16 by default, INT4 LM weights, no precision pinned)
+    # and the memory allows it (see ExportedModel.decode_choice).
+    decode_precision: str = "auto"
 
     def kv_backend(self) -> str:
         if self.kv_cache not in ("auto", "paged", "stateful"):
@@ -91,6 +93,8 @@ class LoadOptions:
         device = self.devices.get("language", self.device).upper()
         return "stateful" if "NPU" in device else "paged"
 
+
+AUTO_DECODE_HEADROOM = 4 * 2**30  # besides 3x the LM file, for the KV pool, vision and activations
 
 # Tiny graphs (string ops, a gather): one thread avoids thread-pool wake-ups that cost more than the work.
 SMALL_GRAPH = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
@@ -165,10 +169,11 @@ class ExportedModel:
 
         self.core = ov.Core()
         self.kv_backend = self.options.kv_backend()
-        if self.options.decode_precision not in ("same", "f32"):
-            raise LlavaOvError(f"unknown decode precision {self.options.decode_precision!r} (same, f32)")
-        if self.options.decode_precision != "same" and self.kv_backend != "paged":
+        if self.options.decode_precision not in ("auto", "same", "f32"):
+            raise LlavaOvError(f"unknown decode precision {self.options.decode_precision!r} (auto, same, f32)")
+        if self.options.decode_precision == "f32" and self.kv_backend != "paged":
             raise LlavaOvError("a decode precision of its own needs the paged KV cache (kv_cache='paged')")
+        self.decode_why = "the stateful KV cache: one compilation" if self.kv_backend != "paged" else ""
         self._warn_if_rotary_fp16()
         self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
         self.tokenizer = Tokenizer(self.core, self.dir)
@@ -267,17 +272,57 @@ class ExportedModel:
         except RuntimeError as exc:
             raise LlavaOvError(f"cannot compile the {part} model on {device}: {self._reason(exc, device)}") from None
 
+    def decode_choice(self) -> tuple[bool, str]:
+        """(compile the f32 decode variant?, why) for the paged language model.
+
+        "auto" turns it on where it was measured to pay (docs/speed.md): the CPU plugin, bf16 compute
+        by default, INT4 language-model weights, no precision pinned by the caller, and room for
+        a second copy of the weights: both compilations repack theirs on first use, so the memory
+        available at load must hold 3x the LM file plus AUTO_DECODE_HEADROOM (pool, activations)."""
+        mode = self.options.decode_precision
+        device = self.options.devices.get("language", self.options.device).upper()
+        if mode == "same":
+            return False, "same as prefill: chosen with decode_precision=same"
+        if device != "CPU":
+            if mode == "f32":
+                raise LlavaOvError(f"decode_precision='f32' is for the CPU plugin; the language model runs on {device}")
+            return False, f"same as prefill: the language model runs on {device}"
+        main = self._compiled["language"].get_property("INFERENCE_PRECISION_HINT")
+        if mode == "f32":
+            if main == ov.Type.f32:
+                log.warning("the language model already computes in f32: the f32 decode variant only costs memory")
+            return True, "f32 decode steps: chosen with decode_precision=f32"
+        if "INFERENCE_PRECISION_HINT" in self.options.properties:
+            return False, "same as prefill: INFERENCE_PRECISION_HINT is set by the caller"
+        if main != ov.Type.bf16:
+            return False, f"same as prefill: the CPU plugin computes in {_plain(main)} here"
+        weights = self._language_weights()
+        if not weights.startswith("int4"):  # INT8 decoded only ~1.08x faster at f32, fp16 slower (docs/speed.md)
+            return False, f"same as prefill: the language model's weights are {weights} (f32 decode pays for INT4)"
+        from .resources import available_memory
+
+        size = self.part_path("language").with_suffix(".bin").stat().st_size
+        need, room = 3 * size + AUTO_DECODE_HEADROOM, available_memory()
+        if room < need:
+            return False, (f"same as prefill: a second copy of the {size / 2**30:.1f} GiB language model needs "
+                           f"{need / 2**30:.1f} GiB available at load, {room / 2**30:.1f} GiB are")  # fmt: skip
+        return True, f"f32 decode steps: {weights} weights on a CPU that computes bf16 by default"
+
+    def _language_weights(self) -> str:
+        """How the language model's weights are stored, from the export_info.json beside its IR."""
+        from .config import EXPORT_INFO, read_json
+
+        info = self.part_path("language").parent / EXPORT_INFO
+        parts = read_json(info).get("parts", {}) if info.exists() else {}
+        return str(parts.get("language", {}).get("precision", "unknown"))
+
     def _compile_decode_variant(self) -> ov.CompiledModel | None:
-        """The language model compiled again for decode steps (`decode_precision`), or None."""
-        precision = self.options.decode_precision
-        if precision == "same":
+        """The language model compiled again for decode steps (`decode_choice`), or None."""
+        wanted, self.decode_why = self.decode_choice()
+        if not wanted:
             return None
         device = self.options.devices.get("language", self.options.device)
-        if device.upper() != "CPU":
-            raise LlavaOvError(f"decode_precision='f32' is for the CPU plugin; the language model runs on {device}")
         main = self._compiled["language"]
-        if main.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32:
-            log.warning("the language model already computes in f32: the f32 decode variant only costs memory")
         kv = main.get_property("KV_CACHE_PRECISION")  # the variant must keep the same block tensors
         props = {**self.options.properties, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
         from .paged import derive_paged_model

@@ -620,6 +620,7 @@ class Pipeline:
             "device": self.model.options.device,
             "weights": stored,  # how each part's weights are stored (fp16, int4_sym g64 r0.6 + int8, ...)
             "vision_encoder": vision_why,  # which vision encoder runs and why (INT8-PTQ or float)
+            "decode_steps": self.model.decode_why,  # on the main compilation or an f32 one, and why
             "export": export,
             "runtime": self.model.runtime_info(),
         }
