@@ -276,7 +276,7 @@ class ExportedModel:
         """(compile the f32 decode variant?, why) for the paged language model.
 
         "auto" turns it on where it was measured to pay (docs/speed.md): the CPU plugin, bf16 compute
-        by default, INT4 language-model weights, no precision pinned by the caller, and room for
+        by default, int8 matrix units (the dynamically quantized kernels use them), INT4 LM weights, no precision pinned by the caller, and room for
         a second copy of the weights: both compilations repack theirs on first use, so the memory
         available at load must hold 3x the LM file plus AUTO_DECODE_HEADROOM (pool, activations)."""
         mode = self.options.decode_precision
@@ -296,6 +296,11 @@ class ExportedModel:
             return False, "same as prefill: INFERENCE_PRECISION_HINT is set by the caller"
         if main != ov.Type.bf16:
             return False, f"same as prefill: the CPU plugin computes in {_plain(main)} here"
+        from .hardware import int8_matrix_units
+
+        units = int8_matrix_units()
+        if not units:
+            return False, "same as prefill: no int8 matrix units (AMX/VNNI) for dynamically quantized decode"
         weights = self._language_weights()
         if not weights.startswith("int4"):  # INT8 decoded only ~1.08x faster at f32, fp16 slower (docs/speed.md)
             return False, f"same as prefill: the language model's weights are {weights} (f32 decode pays for INT4)"
@@ -306,7 +311,7 @@ class ExportedModel:
         if room < need:
             return False, (f"same as prefill: a second copy of the {size / 2**30:.1f} GiB language model needs "
                            f"{need / 2**30:.1f} GiB available at load, {room / 2**30:.1f} GiB are")  # fmt: skip
-        return True, f"f32 decode steps: {weights} weights on a CPU that computes bf16 by default"
+        return True, f"f32 decode steps: {weights} weights, bf16 by default, {', '.join(units)} on this CPU"
 
     def _language_weights(self) -> str:
         """How the language model's weights are stored, from the export_info.json beside its IR."""
