@@ -306,7 +306,8 @@ class ExportedModel:
             return False, f"same as prefill: the language model's weights are {weights} (f32 decode pays for INT4)"
         from .resources import available_memory
 
-        size = self.part_path("language").with_suffix(".bin").stat().st_size
+        weights_file = self.part_path("language").with_suffix(".bin")
+        size = weights_file.stat().st_size if weights_file.exists() else 0
         need, room = 3 * size + AUTO_DECODE_HEADROOM, available_memory()
         if room < need:
             return False, (f"same as prefill: a second copy of the {size / 2**30:.1f} GiB language model needs "
