@@ -172,12 +172,23 @@ class PagedLanguageModel:
             for request in self._requests():
                 request.set_tensor(name, tensor)
         self.num_blocks = num_blocks
+        if self.decode_request is not None:
+            self._warm_up_decode()
+
+    def _warm_up_decode(self) -> None:
+        """One token through the decode variant, so it repacks its weights at load and not during the
+        first answer's decode (a stall of seconds at 7B). Writes block 0, which holds nothing yet."""
+        one = ForwardBatch(np.zeros(1, np.int64), np.zeros(1, np.int64), [0], [1], [[0]], [0])
+        self._run(self.decode_request, one, None)
 
     def forward(self, batch: ForwardBatch, while_running: Callable[[], None] | None = None) -> np.ndarray:
         """Run one packed forward; returns logits [len(logits_rows), vocab]: a view of the output,
         valid until the next forward (copy what must outlive it).
 
         `while_running` is called once the forward has started (OpenVINO computes meanwhile)."""
+        return self._run(self._request_for(len(batch.ids)), batch, while_running)
+
+    def _run(self, request: ov.InferRequest, batch: ForwardBatch, while_running: Callable[[], None] | None) -> np.ndarray:
         begins = np.concatenate([[0], np.cumsum(batch.chunk_lens)]).astype(np.int32)
         block_begins = np.concatenate([[0], np.cumsum([len(t) for t in batch.block_tables])]).astype(np.int32)
         blocks = np.concatenate([np.asarray(t, np.int32) for t in batch.block_tables]).astype(np.int32)
@@ -195,7 +206,6 @@ class PagedLanguageModel:
             "max_context_len": np.array(context, np.int32),
             LOGITS_INDICES: np.asarray(batch.logits_rows, np.int64),
         }
-        request = self._request_for(len(batch.ids))
         for name, value in inputs.items():
             request.set_tensor(name, ov.Tensor(value))
         request.start_async()
