@@ -185,6 +185,7 @@ class ExportedModel:
             from .paged import PagedLanguageModel
 
             self.paged = PagedLanguageModel(self._compiled["language"], self._compile_decode_variant())
+            self._paged_source = None  # derived for the compilations only
         else:
             self._lm = self._compiled["language"].create_infer_request()
         newline = self.config.get("image_newline")
@@ -266,7 +267,7 @@ class ExportedModel:
         if part == "language" and self.kv_backend == "paged":
             from .paged import derive_paged_model
 
-            source = derive_paged_model(self.core, source, self.part_path("text_embeddings"))
+            source = self._paged_source = derive_paged_model(self.core, source, self.part_path("text_embeddings"))
         try:
             return self.core.compile_model(source, device, props)
         except RuntimeError as exc:
@@ -276,9 +277,10 @@ class ExportedModel:
         """(compile the f32 decode variant?, why) for the paged language model.
 
         "auto" turns it on where it was measured to pay (docs/speed.md): the CPU plugin, bf16 compute
-        by default, int8 matrix units (the dynamically quantized kernels use them), INT4 LM weights, no precision pinned by the caller, and room for
-        a second copy of the weights: both compilations repack theirs on first use, so the memory
-        available at load must hold 3x the LM file plus AUTO_DECODE_HEADROOM (pool, activations)."""
+        by default, int8 matrix units (the dynamically quantized kernels use them), INT4 LM weights,
+        no precision pinned by the caller, and room for a second copy of the weights: both
+        compilations repack theirs on first use, so the memory available at load must hold 3x the
+        LM file plus AUTO_DECODE_HEADROOM (pool, activations)."""
         mode = self.options.decode_precision
         device = self.options.devices.get("language", self.options.device).upper()
         if mode == "same":
@@ -331,11 +333,8 @@ class ExportedModel:
         main = self._compiled["language"]
         kv = main.get_property("KV_CACHE_PRECISION")  # the variant must keep the same block tensors
         props = {**self.options.properties, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
-        from .paged import derive_paged_model
-
-        source = derive_paged_model(self.core, self.part_path("language"), self.part_path("text_embeddings"))
         try:
-            return self.core.compile_model(source, device, props)
+            return self.core.compile_model(self._paged_source, device, props)  # the main one's source
         except RuntimeError as exc:
             raise LlavaOvError(f"cannot compile the f32 decode variant: {self._reason(exc, device)}") from None
 
