@@ -31,6 +31,11 @@ DECODE_VARIANTS = {"ours-f32-decode": "f32", "ours-same-decode": "same"}
 ENGINES = ("ours", "genai", "transformers", *DECODE_VARIANTS)
 
 
+def ours_name(decode_precision: str) -> str:
+    """The report name of our engine loaded with `decode_precision`."""
+    return next((n for n, p in DECODE_VARIANTS.items() if p == decode_precision), "ours")
+
+
 # ---------------------------------------------------------------- statistics
 
 
@@ -197,7 +202,7 @@ class OursEngine:
 
         start = time.perf_counter()
         self.pipe = Pipeline(export, device, properties=properties, decode_precision=decode_precision)
-        self.name = next((n for n, p in DECODE_VARIANTS.items() if p == decode_precision), "ours")
+        self.name = ours_name(decode_precision)
         self.load_s = time.perf_counter() - start
 
     def with_schema(self, schema: dict) -> OursEngine:
@@ -374,10 +379,8 @@ def engine_prompt(name: str, export: Path, image: Path, prompt: str) -> str:
 
 def make_engine(name: str, opts: BenchOptions):
     """Load one engine on the export (or, for transformers, its source checkpoint)."""
-    if name == "ours":
-        return OursEngine(opts.model, opts.device, opts.properties)
-    if name in DECODE_VARIANTS:
-        return OursEngine(opts.model, opts.device, opts.properties, decode_precision=DECODE_VARIANTS[name])
+    if name == "ours" or name in DECODE_VARIANTS:
+        return OursEngine(opts.model, opts.device, opts.properties, DECODE_VARIANTS.get(name, "auto"))
     if name == "genai":
         return GenaiEngine(opts.model, opts.device, opts.properties, opts.genai_backend)
     if name == "transformers":

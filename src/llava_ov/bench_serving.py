@@ -65,12 +65,12 @@ class OursServing:
     def __init__(
         self, export: Path, device: str, properties: dict, kv_cache: str = "paged", decode_precision: str = "auto"
     ):  # fmt: skip
-        from .bench import DECODE_VARIANTS
+        from .bench import ours_name
         from .pipeline import Pipeline
 
         self.pipe = Pipeline(export, device, properties=properties, kv_cache=kv_cache, decode_precision=decode_precision)
         if kv_cache == "paged":
-            self.name = next((n for n, p in DECODE_VARIANTS.items() if p == decode_precision), "ours")
+            self.name = ours_name(decode_precision)
 
     def _one(self, question: str, image: Path, max_new: int, out: list, index: int, start: threading.Barrier | None):
         from .generate import GenerationConfig
