@@ -31,7 +31,7 @@ def run(*args: str) -> None:
 
 
 def build(layers: int, work: Path, vision_calib: int, vision: bool) -> None:
-    from llava_ov.random_models import RandomModelSpec, build_random_checkpoint
+    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
 
     ckpt = work / f"ckpt-{layers}L"
     if not (ckpt / "config.json").exists():

@@ -232,7 +232,7 @@ def dir_bytes(path: Path) -> int:
 
 def build_checkpoint(layers: int, out: Path) -> None:
     """Build one checkpoint (run in a child process); random init directly in fp16, no fp32 copy."""
-    from llava_ov.random_models import RandomModelSpec, build_random_checkpoint
+    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
 
     build_random_checkpoint(RandomModelSpec(CONFIG_NAME, scale="real", text_layers=layers), out, dtype="float16")
     (out / BUILT_MARKER).write_text(f"{layers} decoder layers, fp16, {CONFIG_NAME}\n")

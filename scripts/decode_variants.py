@@ -10,9 +10,9 @@ call). Prints TPOT mean ± std over ROUNDS (default 3) after one warm-up round.
 import sys, time, statistics
 from pathlib import Path
 import numpy as np, openvino as ov
-from llava_ov.pipeline import Pipeline, Message
-from llava_ov.generate import GenerationConfig
-from llava_ov.bench import GenaiEngine
+from llava_ov.runtime.pipeline import Pipeline, Message
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.tools.bench import GenaiEngine
 model = Path(sys.argv[1]); image = "examples/cat.jpg"; N = 24
 pipe = Pipeline(model, "CPU", cache_dir=None)
 m = pipe.model

@@ -31,10 +31,10 @@ import threading
 import time
 from pathlib import Path
 
-from llava_ov.bench import RssSampler, current_rss, machine_info
-from llava_ov.engine import EngineConfig
-from llava_ov.generate import GenerationConfig
-from llava_ov.pipeline import Pipeline
+from llava_ov.tools.bench import RssSampler, current_rss, machine_info
+from llava_ov.runtime.engine.core import EngineConfig
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.pipeline import Pipeline
 
 ONE = GenerationConfig(max_new_tokens=1)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -139,7 +139,7 @@ def many_images(args) -> dict:
         path = Path(f"/tmp/engine-check-{i}.png")
         Image.open(args.image).convert("RGB").resize((1008, 672)).rotate(i * 7).save(path)
         big.append(path)
-    from llava_ov.pipeline import Message
+    from llava_ov.runtime.pipeline import Message
 
     from llava_ov.errors import LlavaOvError
 

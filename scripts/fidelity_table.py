@@ -9,7 +9,7 @@ converts it to fp32, then makes each export kind twice:
 - after:  `llava-ov convert --weight-format fp16` (rotary frequencies kept fp32), INT8/INT4 from it;
 
 and prints, per length, max |export - transformers| of the last position's logits, the
-reference using the export's own weight rounding (llava_ov.fidelity).  INT8/INT4 rows show
+reference using the export's own weight rounding (llava_ov.tools.fidelity).  INT8/INT4 rows show
 the IR as run and with its weights decompressed in the graph.  f32 inference and KV cache,
 no dynamic quantization.
 
@@ -24,12 +24,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llava_ov import config as layout
-from llava_ov.convert import ConvertOptions, convert
-from llava_ov.fidelity import logit_drift
-from llava_ov.hardware import matrix_flags
-from llava_ov.quantize import QuantConfig, compress_export
-from llava_ov.random_models import FAMILY_CONFIGS, RandomModelSpec, build_random_checkpoint
+from llava_ov.common import layout
+from llava_ov.exporting.convert import ConvertOptions, convert
+from llava_ov.tools.fidelity import logit_drift
+from llava_ov.common.hardware import matrix_flags
+from llava_ov.exporting.quantize import QuantConfig, compress_export
+from llava_ov.exporting.random_models import FAMILY_CONFIGS, RandomModelSpec, build_random_checkpoint
 
 LM_ONLY = QuantConfig(vision_mode="none", text_embeddings_int8=False)
 

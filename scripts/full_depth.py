@@ -7,7 +7,7 @@ step below as a fresh subprocess under a memory probe (RSS + children's private 
 0.25 s, anonymous / file-backed split at the peak, ru_maxrss) and records wall time, peak
 memory, disk used and output sizes:
 
-  build         the checkpoint (llava_ov.random_models, streamed=True)
+  build         the checkpoint (llava_ov.exporting.random_models, streamed=True)
   first-run     `llava-ov run CKPT --image ... --prompt ...`: convert + default INT4 + an answer
                 (optionally inside a cgroup with a memory limit: --limit first-run=16)
   convert-fp16  `llava-ov convert CKPT --weight-format fp16`
@@ -58,7 +58,7 @@ def disk_free_gb(path: Path) -> float:
 
 
 def build_checkpoint(out: Path, layers: int) -> None:
-    from llava_ov.random_models import RandomModelSpec, build_random_checkpoint
+    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
 
     spec = RandomModelSpec(CONFIG_NAME, scale="real", text_layers=layers, initializer_range=0.02)
     build_random_checkpoint(spec, out, dtype="float16", streamed=True)
@@ -190,7 +190,7 @@ def plan(work: Path, args: argparse.Namespace) -> dict[str, dict]:
 
 
 def machine() -> dict:
-    from llava_ov.hardware import matrix_flags
+    from llava_ov.common.hardware import matrix_flags
 
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()

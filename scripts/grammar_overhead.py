@@ -20,7 +20,7 @@ import numpy as np
 
 
 def llguidance_run(export: Path, schema: dict, n_vocab: int, eos: int, tokens: int, rng) -> tuple[float, list[float]]:
-    from llava_ov.constrained import JsonGrammars
+    from llava_ov.runtime.constrained import JsonGrammars
 
     grammars = JsonGrammars.from_export(export, n_vocab, [eos])
     start = time.perf_counter()
@@ -44,7 +44,7 @@ def outlines_run(export: Path, schema: dict, n_vocab: int, eos: int, tokens: int
     from outlines_core import Guide, Index, Vocabulary
     from outlines_core.json_schema import build_regex_from_schema
 
-    from llava_ov.detokenize import PieceDecoder
+    from llava_ov.runtime.detokenize import PieceDecoder
 
     pieces = PieceDecoder.from_export(export).pieces
     vocab: dict[bytes, list[int]] = {}

@@ -3,7 +3,7 @@
 
 Takes an fp16 export (`--export DIR`) or builds the tiny random-weight
 LLaVA-NeXT model (`--tiny`: the test-suite's scaled-down config, converted to
-fp16), compresses copies of it with `llava_ov.quantize.compress_export`:
+fp16), compresses copies of it with `llava_ov.exporting.quantize.compress_export`:
 
     int8        LM INT8_ASYM per channel (+ INT8 text embeddings)
     int4        LM INT4_SYM g64 r0.6, INT8 backup (+ INT8 text embeddings)
@@ -11,7 +11,7 @@ fp16), compresses copies of it with `llava_ov.quantize.compress_export`:
     vision_ptq  vision encoder INT8 PTQ (weights + activations), LM unchanged
     (optional: int4_r1 and int4_r1_awq - ratio 1.0, where AWQ has layers to act on)
 
-and runs `llava_ov.evaluate.evaluate` for each against the fp16 reference, under
+and runs `llava_ov.tools.evaluate.evaluate` for each against the fp16 reference, under
 each requested runtime ("f32": INFERENCE_PRECISION_HINT and KV_CACHE_PRECISION
 pinned to f32, so only the weights differ; "default": the CPU plugin's own
 settings).  With both runtimes it also compares the fp16 reference under the
@@ -35,11 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-from llava_ov import config as layout
-from llava_ov.evaluate import DEFAULT_PROMPTS, evaluate, example_images
-from llava_ov.model import F32_PROPERTIES
-from llava_ov.calibration import SKIMAGE_PHOTOS
-from llava_ov.quantize import QuantConfig, compress_export
+from llava_ov.common import layout
+from llava_ov.tools.evaluate import DEFAULT_PROMPTS, evaluate, example_images
+from llava_ov.runtime.model import F32_PROPERTIES
+from llava_ov.exporting.calibration import SKIMAGE_PHOTOS
+from llava_ov.exporting.quantize import QuantConfig, compress_export
 
 EVAL_SOURCES = {"chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"}  # what examples/ holds
 RUNTIMES = {"f32": dict(F32_PROPERTIES), "default": {}}
@@ -70,8 +70,8 @@ def calibration_photos() -> list[Path]:
 
 def build_tiny(work: Path) -> Path:
     """The tiny random-weight LLaVA-NeXT checkpoint (as in the tests), converted to fp16."""
-    from llava_ov.convert import ConvertOptions, convert
-    from llava_ov.random_models import RandomModelSpec, build_random_checkpoint
+    from llava_ov.exporting.convert import ConvertOptions, convert
+    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
 
     ckpt, export = work / "tiny-ckpt", work / "tiny-fp16"
     if not (export / layout.LANGUAGE_MODEL).exists():
@@ -113,7 +113,7 @@ def log(message: str) -> None:
 
 def run_all(ref: Path, built: dict, runtimes: list[str], eval_args: dict) -> list[dict]:
     """evaluate() of every variant under every runtime (one reference Pipeline per runtime)."""
-    from llava_ov.pipeline import Pipeline
+    from llava_ov.runtime.pipeline import Pipeline
 
     rows, refs = [], {}
     for runtime in runtimes:

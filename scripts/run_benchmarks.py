@@ -4,7 +4,7 @@
   python scripts/run_benchmarks.py run --layers 2 4      # timed runs -> artifacts/bench/results/*.json
   python scripts/run_benchmarks.py report                # tables + plots from those JSON files
 
-Suites (each one `llava_ov.bench.run_bench`, engines interleaved in one process):
+Suites (each one `llava_ov.tools.bench.run_bench`, engines interleaved in one process):
   <L>L-fp16   ours vs openvino_genai (+ transformers float32 and per-engine peak RSS on the smallest model)
   <L>L-int8   ours vs openvino_genai
   <L>L-int4   ours vs openvino_genai
@@ -42,7 +42,7 @@ def suite_plan(layers: int, work: Path, full: bool) -> list[tuple[str, dict]]:
 
 
 def run_suites(layers_list: list[int], work: Path, only: set[str]) -> None:
-    from llava_ov.bench import BenchOptions, run_bench
+    from llava_ov.tools.bench import BenchOptions, run_bench
 
     results = work / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def ttft_vs_size(layers: int, work: Path, results: Path) -> None:
     """TTFT for several image sizes on the int4 export: ours and genai, 2 runs each after a warm-up."""
     from PIL import Image
 
-    from llava_ov.bench import BenchOptions, run_bench
+    from llava_ov.tools.bench import BenchOptions, run_bench
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from llava_ov.bench import machine_info
-from llava_ov.model import ExportedModel, LoadOptions
-from llava_ov.paged import ForwardBatch
+from llava_ov.tools.bench import machine_info
+from llava_ov.runtime.model import ExportedModel, LoadOptions
+from llava_ov.runtime.engine.paged import ForwardBatch
 
 
 def median_ms(fn, runs: int) -> float:

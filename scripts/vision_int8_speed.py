@@ -13,9 +13,9 @@ import argparse
 import statistics
 import time
 
-from llava_ov.hardware import int8_matrix_units, matrix_flags
-from llava_ov.image import ImageConfig, preprocess
-from llava_ov.model import ExportedModel, LoadOptions
+from llava_ov.common.hardware import int8_matrix_units, matrix_flags
+from llava_ov.runtime.image import ImageConfig, preprocess
+from llava_ov.runtime.model import ExportedModel, LoadOptions
 
 
 def main() -> None:

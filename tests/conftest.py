@@ -74,7 +74,7 @@ def _build_once(path: Path, build) -> Path:
 @pytest.fixture(scope="session")
 def checkpoints(model_root) -> dict[str, Path]:
     """family -> tiny random transformers checkpoint (fp32 weights)."""
-    from llava_ov.random_models import RandomModelSpec, build_random_checkpoint
+    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
 
     return {
         fam: _build_once(model_root / f"hf-{fam}", lambda p, c=cfg: build_random_checkpoint(RandomModelSpec(c), p))
@@ -85,7 +85,7 @@ def checkpoints(model_root) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def exports(model_root, checkpoints) -> dict[str, Path]:
     """family -> fp32 OpenVINO export of the tiny checkpoint."""
-    from llava_ov.convert import ConvertOptions, convert
+    from llava_ov.exporting.convert import ConvertOptions, convert
 
     def build(fam):
         opts = ConvertOptions(weight_format="fp32", overwrite=True, show_progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from llava_ov.pipeline import Message
+from llava_ov.runtime.pipeline import Message
 
 
 def hf_inputs(processor, messages: list[Message]):

@@ -1,4 +1,4 @@
-"""Batch captioning (llava_ov.batch): inputs, outputs, errors, resume after kill/Ctrl-C, workers.
+"""Batch captioning (llava_ov.frontends.batch.local): inputs, outputs, errors, resume after kill/Ctrl-C, workers.
 
 Every answered row must equal `Pipeline.generate` on the same image and prompt
 (tiny random-weight llava-next export, greedy, f32).
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from llava_ov.batch import FetchOptions, run_batch
-from llava_ov.batch_io import JsonlSink, read_rows
+from llava_ov.frontends.batch.local import FetchOptions, run_batch
+from llava_ov.frontends.batch.files import JsonlSink, read_rows
 from llava_ov.errors import InvalidImageError, LlavaOvError
-from llava_ov.fetch import fetch_url
-from llava_ov.generate import GenerationConfig
+from llava_ov.runtime.fetch import fetch_url
+from llava_ov.runtime.generate import GenerationConfig
 
 MAX_NEW = 12
 CONFIG = GenerationConfig(max_new_tokens=MAX_NEW)
@@ -41,7 +41,7 @@ def model(exports) -> Path:
 @pytest.fixture(scope="module")
 def pipe(model):
     from conftest import F32
-    from llava_ov.pipeline import Pipeline
+    from llava_ov.runtime.pipeline import Pipeline
 
     return Pipeline(model, properties=F32, cache_dir=None)
 
@@ -408,7 +408,7 @@ def test_cli_ctrl_c_with_two_in_flight_then_resumed(model, big_folder, tmp_path,
 
 def test_a_failed_write_leaves_no_partial_line(tmp_path, monkeypatch):
     """A short write (full disk) is undone and reported; the file holds only whole lines."""
-    from llava_ov.batch_io import JsonlSink
+    from llava_ov.frontends.batch.files import JsonlSink
 
     sink = JsonlSink(tmp_path / "out.jsonl")
     sink.open()

@@ -1,4 +1,4 @@
-"""Batch captioning on Ray Data (llava_ov.ray_batch) on a small local Ray instance.
+"""Batch captioning on Ray Data (llava_ov.frontends.batch.on_ray) on a small local Ray instance.
 
 The Ray path must give the single-machine answers (`Pipeline.generate` per
 row), write every row once as Parquet shards, and resume from the shards
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from llava_ov.batch import PipelineSpec, run_batch
-from llava_ov.generate import GenerationConfig
+from llava_ov.frontends.batch.local import PipelineSpec, run_batch
+from llava_ov.runtime.generate import GenerationConfig
 
 CONFIG = GenerationConfig(max_new_tokens=12)
 DEFAULT = "Describe this image."
@@ -36,7 +36,7 @@ def local_ray(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(exports):
     from conftest import F32
-    from llava_ov.pipeline import Pipeline
+    from llava_ov.runtime.pipeline import Pipeline
 
     return Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
 
@@ -60,7 +60,7 @@ def read_shards(out: Path) -> list[dict]:
 def test_ray_matches_single_machine_and_resumes(local_ray, exports, pipe, folder, tmp_path):
     from conftest import F32
     from llava_ov.cli import main
-    from llava_ov.ray_batch import run_ray_batch
+    from llava_ov.frontends.batch.on_ray import run_ray_batch
 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -111,7 +111,7 @@ def test_a_worker_that_crashes_is_reported_not_restarted_forever(local_ray, expo
     import signal
 
     from llava_ov.errors import LlavaOvError
-    from llava_ov.ray_batch import run_ray_batch
+    from llava_ov.frontends.batch.on_ray import run_ray_batch
 
     @dataclasses.dataclass(frozen=True)
     class Crashing(PipelineSpec):  # defined here: pickled by value into the worker

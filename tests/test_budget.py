@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from conftest import F32, FAMILIES
-from llava_ov.budget import ImageTokenRules, Resolution, fit_budget, resolutions
+from llava_ov.runtime.budget import ImageTokenRules, Resolution, fit_budget, resolutions
 from llava_ov.errors import ContextLengthError
-from llava_ov.generate import GenerationConfig
-from llava_ov.image import ImageConfig
-from llava_ov.pipeline import Message, Pipeline
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.image import ImageConfig
+from llava_ov.runtime.pipeline import Message, Pipeline
 from reference import hf_generate, hf_inputs
 
 QUESTION = "Describe this image in detail."

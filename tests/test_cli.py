@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from conftest import F32
-from llava_ov.generate import GenerationConfig
-from llava_ov.pipeline import Pipeline
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.pipeline import Pipeline
 
 
 def cli(*args, env=None, stdin=None, timeout=300):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import F32, FAMILIES
-from llava_ov.chat import ChatSession
-from llava_ov.constrained import JSON_OBJECT, MAX_SCHEMA_BYTES, InvalidSchemaError, load_schema
+from llava_ov.runtime.chat import ChatSession
+from llava_ov.runtime.constrained import JSON_OBJECT, MAX_SCHEMA_BYTES, InvalidSchemaError, load_schema
 from llava_ov.errors import InvalidImageError, LlavaOvError
-from llava_ov.generate import GenerationConfig
-from llava_ov.pipeline import Message, Pipeline
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.pipeline import Message, Pipeline
 from reference import hf_logprobs
 
 SCHEMAS = {

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from conftest import F32, FAMILIES
-from llava_ov import config as layout
-from llava_ov.convert import ConvertOptions, convert
+from llava_ov.common import layout
+from llava_ov.exporting.convert import ConvertOptions, convert
 from llava_ov.errors import DiskFullError, ExportExistsError, LlavaOvError, ModelNotFoundError, UnsupportedModelError
 
 core = ov.Core()
@@ -206,7 +206,7 @@ def test_an_export_given_to_convert_is_a_clear_error(exports, tmp_path):
 
 def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     """`models/nodemo` with a models/ folder here: a missing path at once, no download attempts."""
-    from llava_ov.hub import looks_like_path, resolve_model
+    from llava_ov.exporting.hub import looks_like_path, resolve_model
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
@@ -269,8 +269,8 @@ def test_checkpoint_with_mismatched_weights_fails_strictly(tmp_path, checkpoints
 
 
 def test_bad_compression_settings_fail_before_converting(tmp_path, checkpoints, monkeypatch):
-    from llava_ov import convert as convert_module
-    from llava_ov.quantize import QuantConfig
+    from llava_ov.exporting import convert as convert_module
+    from llava_ov.exporting.quantize import QuantConfig
 
     monkeypatch.setattr(convert_module, "load_checkpoint", lambda *a, **k: pytest.fail("should not load weights"))
     with pytest.raises(LlavaOvError, match="group size 48 does not divide"):
@@ -286,9 +286,9 @@ def test_bad_compression_settings_fail_before_converting(tmp_path, checkpoints, 
 def test_streamed_random_checkpoint_loads_strictly_in_shards(config_name, tmp_path):
     """The shard-by-shard builder (the 32-layer 7B one: peak ~ one shard) writes a checkpoint transformers
     loads with no missing or unexpected weight, in the Hub's sharded layout."""
-    from llava_ov.convert import checkpoint_size, load_checkpoint, read_source_config
-    from llava_ov.families import family_for
-    from llava_ov.random_models import RandomModelSpec, build_random_checkpoint
+    from llava_ov.exporting.convert import checkpoint_size, load_checkpoint, read_source_config
+    from llava_ov.runtime.families import family_for
+    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
 
     shard = 3_000_000
     out = build_random_checkpoint(RandomModelSpec(config_name), tmp_path / "ckpt", dtype="float16", streamed=True,

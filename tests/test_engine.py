@@ -14,15 +14,15 @@ import pytest
 from PIL import Image
 
 from conftest import F32, FAMILIES
-from llava_ov.chat import ChatSession
-from llava_ov.engine import EngineConfig
+from llava_ov.runtime.chat import ChatSession
+from llava_ov.runtime.engine.core import EngineConfig
 from llava_ov.errors import ContextLengthError, LlavaOvError
-from llava_ov.generate import GenerationConfig
-from llava_ov.image import DEFAULT_PINPOINTS
-from llava_ov.kvcache import BlockPool, PoolExhausted, block_hashes
-from llava_ov.paged import ForwardBatch
-from llava_ov.pipeline import Message, Pipeline
-from llava_ov.scheduler import Scheduler, Sequence
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.image import DEFAULT_PINPOINTS
+from llava_ov.runtime.engine.kvcache import BlockPool, PoolExhausted, block_hashes
+from llava_ov.runtime.engine.paged import ForwardBatch
+from llava_ov.runtime.pipeline import Message, Pipeline
+from llava_ov.runtime.engine.scheduler import Scheduler, Sequence
 from reference import hf_generate
 
 GREEDY = GenerationConfig(max_new_tokens=24)
@@ -57,14 +57,15 @@ def test_default_pool_takes_a_quarter_of_the_room_a_container_leaves(monkeypatch
     the host's MemAvailable), bounded by 4 GiB and CONTEXTS_IN_POOL contexts, never under one context."""
     from types import SimpleNamespace
 
-    from llava_ov import engine, resources
+    from llava_ov.runtime.engine import core as engine
+    from llava_ov.common import hardware
 
     lm = SimpleNamespace(block_size=32, bytes_per_block=2**20)  # 1 MiB per block of 32 tokens
-    monkeypatch.setattr(resources, "available_memory", lambda: 2 * 2**30)  # e.g. a 2 GiB room left in a container
+    monkeypatch.setattr(hardware, "available_memory", lambda: 2 * 2**30)  # e.g. a 2 GiB room left in a container
     assert engine.default_pool_blocks(lm, None, max_context=4096) == 512  # a quarter: 512 MiB
-    monkeypatch.setattr(resources, "available_memory", lambda: 64 * 2**20)
+    monkeypatch.setattr(hardware, "available_memory", lambda: 64 * 2**20)
     assert engine.default_pool_blocks(lm, None, max_context=4096) == 128  # never less than one context
-    monkeypatch.setattr(resources, "available_memory", lambda: 512 * 2**30)
+    monkeypatch.setattr(hardware, "available_memory", lambda: 512 * 2**30)
     assert engine.default_pool_blocks(lm, None, max_context=4096) == min(4096, engine.CONTEXTS_IN_POOL * 128)
     assert engine.default_pool_blocks(lm, 0.25, max_context=4096) == 256  # an explicit budget is taken as given
 

@@ -1,4 +1,4 @@
-"""`llava_ov.evaluate`: compressed exports against their reference, and compressed exports still run.
+"""`llava_ov.tools.evaluate`: compressed exports against their reference, and compressed exports still run.
 
 The tiny fp32 LLaVA-NeXT export is compressed into module-scoped copies (INT8 LM,
 INT4 g64 r0.6 LM, INT4 LM + INT8-PTQ vision).  Comparisons pin f32 inference so
@@ -22,10 +22,10 @@ from PIL import Image
 
 from conftest import F32
 from llava_ov.errors import InvalidImageError, LlavaOvError
-from llava_ov.evaluate import LEGEND, METRICS, evaluate, format_table, identical_prefix, kl_divergence, text_similarity
-from llava_ov.generate import GenerationConfig
-from llava_ov.pipeline import Pipeline
-from llava_ov.quantize import QuantConfig, compress_export, weight_stats
+from llava_ov.tools.evaluate import LEGEND, METRICS, evaluate, format_table, identical_prefix, kl_divergence, text_similarity
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.pipeline import Pipeline
+from llava_ov.exporting.quantize import QuantConfig, compress_export, weight_stats
 
 PROMPT = ["Describe this image."]
 TOKENS = 16

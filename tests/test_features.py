@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_ov.features import merge_embeddings, pack_features, unpad_bounds
-from llava_ov.image import ImageConfig, preprocess
+from llava_ov.runtime.features import merge_embeddings, pack_features, unpad_bounds
+from llava_ov.runtime.image import ImageConfig, preprocess
 
 # (height, width) image sizes that select each pinpoint of llava-v1.6: 1x2, 2x1, 2x2, 3x1, 1x3 grids,
 # plus sizes where unpadding crops rows or columns, and a tie case (both sides <= 336).

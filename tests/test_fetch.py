@@ -1,4 +1,4 @@
-"""Image URLs (llava_ov.fetch, used by the server and batch): address checks (SSRF), pinning, redirects,
+"""Image URLs (llava_ov.runtime.fetch, used by the server and batch): address checks (SSRF), pinning, redirects,
 size limits, data URLs, local paths (no model needed)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from PIL import Image
 
 from conftest import reply, serve_http
 from llava_ov.errors import InvalidImageError
-from llava_ov.fetch import FetchPolicy, ImageFetcher, decode_data_url, fetch_url, is_public_ip, local_path
-from llava_ov.server.images import ImageLoader, ImagePolicy
+from llava_ov.runtime.fetch import FetchPolicy, ImageFetcher, decode_data_url, fetch_url, is_public_ip, local_path
+from llava_ov.frontends.server.images import ImageLoader, ImagePolicy
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="

@@ -1,6 +1,6 @@
 """Last-position logits of fp16 / INT8 / INT4 exports vs transformers at real prompt lengths.
 
-The reference is transformers on the same weight rounding (see llava_ov.fidelity), so
+The reference is transformers on the same weight rounding (see llava_ov.tools.fidelity), so
 only what the export adds beyond its weights is measured.  Rotary frequencies stored in
 fp16 (what ov.save_model(compress_to_fp16=True) does) put the angles at position p off
 by up to p * 2**-11 rad; on these models that gives 0.04 at 20 tokens and several units
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 
-from llava_ov import config as layout
-from llava_ov.convert import ConvertOptions, convert
-from llava_ov.fidelity import logit_drift
-from llava_ov.fp16 import f16_rotary_constants, rotary_constants
-from llava_ov.quantize import QuantConfig, compress_export, weight_stats
+from llava_ov.common import layout
+from llava_ov.exporting.convert import ConvertOptions, convert
+from llava_ov.tools.fidelity import logit_drift
+from llava_ov.exporting.fp16 import f16_rotary_constants, rotary_constants
+from llava_ov.exporting.quantize import QuantConfig, compress_export, weight_stats
 
 LENGTHS = (20, 600, 2000, 4000)
 TOLERANCE = 2e-3
@@ -91,7 +91,7 @@ def test_old_fp16_export_warns_at_load(exports, fp16_exports, compressed_exports
     import json
     import shutil
 
-    from llava_ov.model import ExportedModel
+    from llava_ov.runtime.model import ExportedModel
 
     old = tmp_path / "old"
     shutil.copytree(exports["llava"], old)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import F32
-from llava_ov.pipeline import Message, Pipeline
+from llava_ov.runtime.pipeline import Message, Pipeline
 from reference import hf_generate, hf_inputs
 
 og = pytest.importorskip("openvino_genai")

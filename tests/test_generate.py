@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llava_ov.errors import LlavaOvError
-from llava_ov.generate import (
+from llava_ov.runtime.generate import (
     DecodeState,
     ForcedDecode,
     GenerationConfig,
@@ -16,8 +16,8 @@ from llava_ov.generate import (
     StopStrings,
     apply_repetition_penalty,
 )
-from llava_ov.model import ExportedModel, LoadOptions
-from llava_ov.template import ChatTemplate
+from llava_ov.runtime.model import ExportedModel, LoadOptions
+from llava_ov.runtime.template import ChatTemplate
 
 
 def test_greedy_picks_argmax():

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from llava_ov.errors import InvalidImageError, ModelNotFoundError, UnsupportedModelError
-from llava_ov.image import (
+from llava_ov.runtime.image import (
     DEFAULT_PINPOINTS,
     PREPROCESSORS,
     ImageConfig,
@@ -289,7 +289,7 @@ def test_unknown_mode(processors):
 
 
 def test_module_is_torch_free():
-    code = "import sys, llava_ov.image; bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
+    code = "import sys, llava_ov.runtime.image; bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

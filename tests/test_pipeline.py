@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from conftest import F32, FAMILIES
-from llava_ov.chat import ChatSession
+from llava_ov.runtime.chat import ChatSession
 from llava_ov.errors import ContextLengthError, InvalidImageError, ModelNotFoundError
-from llava_ov.generate import GenerationConfig
-from llava_ov.pipeline import Message, Pipeline
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.pipeline import Message, Pipeline
 from reference import hf_generate, hf_inputs
 
 GREEDY32 = GenerationConfig(max_new_tokens=32)
@@ -182,8 +182,8 @@ def test_runtime_runs_with_torch_and_transformers_blocked(exports, photos):
         import sys
         for name in ("torch", "transformers", "torchvision"):
             sys.modules[name] = None  # any import of them now raises ImportError
-        from llava_ov.pipeline import Pipeline
-        from llava_ov.generate import GenerationConfig
+        from llava_ov.runtime.pipeline import Pipeline
+        from llava_ov.runtime.generate import GenerationConfig
         pipe = Pipeline({str(exports["llava-next"])!r}, cache_dir=None)
         result = pipe.generate("What is it?", [{str(photos["rocket"])!r}], GenerationConfig(max_new_tokens=4))
         assert len(result.token_ids) == 4, result
@@ -195,7 +195,7 @@ def test_runtime_runs_with_torch_and_transformers_blocked(exports, photos):
 
 
 def test_default_cache_covers_gpu_and_npu_not_cpu(tmp_path):
-    from llava_ov.model import cache_dir_for, default_cache_dir
+    from llava_ov.runtime.model import cache_dir_for, default_cache_dir
 
     assert cache_dir_for("default", "CPU") is None  # imported CPU blobs decode slower (docs/benchmarks.md)
     assert cache_dir_for("default", "GPU.1") == cache_dir_for("default", "NPU") == str(default_cache_dir())
@@ -214,7 +214,7 @@ def test_compiled_model_cache_is_written_and_reused(exports, tmp_path):
 
 
 def test_mixing_precisions_per_part(exports, tmp_path, photos):
-    from llava_ov.quantize import compress_export
+    from llava_ov.exporting.quantize import compress_export
 
     int8 = compress_export(exports["llava"], tmp_path / "int8", weight_format="int8", progress=False)
     mixed = Pipeline(exports["llava"], part_paths={"language": str(int8)}, cache_dir=None)
@@ -255,8 +255,8 @@ def test_one_cpu_thread_at_the_default_precision_loads_and_answers(exports, kv_c
     bf16 (the default on AMX / AVX-512-bf16 CPUs): the pipeline must never hand it that setting.
     Default precision on purpose (no f32 pins); in a child process, so a crash fails only this test."""
     code = textwrap.dedent(f"""
-        from llava_ov.pipeline import Pipeline
-        from llava_ov.generate import GenerationConfig
+        from llava_ov.runtime.pipeline import Pipeline
+        from llava_ov.runtime.generate import GenerationConfig
         pipe = Pipeline({str(exports["llava"])!r}, properties={{"INFERENCE_NUM_THREADS": 1}}, cache_dir=None,
                         kv_cache={kv_cache!r})
         result = pipe.generate("Hi", config=GenerationConfig(max_new_tokens=3))

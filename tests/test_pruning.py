@@ -12,9 +12,9 @@ import torch
 
 from conftest import F32, FAMILIES
 from llava_ov.errors import ContextLengthError
-from llava_ov.generate import GenerationConfig
-from llava_ov.pipeline import Message, Pipeline
-from llava_ov.pruning import conditional_kernel, greedy_map, kept_count, relevance, select_tokens, tile_quotas
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.pipeline import Message, Pipeline
+from llava_ov.runtime.pruning import conditional_kernel, greedy_map, kept_count, relevance, select_tokens, tile_quotas
 from reference import hf_inputs
 
 QUESTION = "What is the cat looking at?"
@@ -212,7 +212,7 @@ def test_pruning_is_refused_on_the_stateful_cache(exports, photos):
 
 
 def test_a_follow_up_turn_reuses_the_pruned_image_from_the_cache(pipes, photos):
-    from llava_ov.chat import ChatSession
+    from llava_ov.runtime.chat import ChatSession
 
     pipe = pipes["llava-next"]
     pipe.clear_caches()

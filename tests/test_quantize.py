@@ -17,12 +17,12 @@ import pytest
 from PIL import Image
 
 from conftest import F32
-from llava_ov import config as layout
+from llava_ov.common import layout
 from llava_ov.errors import ExportExistsError, LlavaOvError
-from llava_ov.generate import GenerationConfig
-from llava_ov.image import ImageConfig, preprocess
-from llava_ov.calibration import calibration_images
-from llava_ov.quantize import QuantConfig, compress_export, resolve_config, weight_stats
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.image import ImageConfig, preprocess
+from llava_ov.exporting.calibration import calibration_images
+from llava_ov.exporting.quantize import QuantConfig, compress_export, resolve_config, weight_stats
 
 core = ov.Core()
 VOCAB = 32064
@@ -197,8 +197,8 @@ def _check_vision_encoder_choice(export, photos):
     """auto runs the INT8-PTQ encoder only where the CPU has int8 units; info says which and why."""
     from unittest import mock
 
-    from llava_ov import hardware
-    from llava_ov.pipeline import Pipeline
+    from llava_ov.common import hardware
+    from llava_ov.runtime.pipeline import Pipeline
 
     features = {}
     for flags, expected in ((frozenset({"avx2", "amx_int8"}), "int8_ptq"), (frozenset({"avx2", "fma"}), "fp32")):
@@ -332,10 +332,11 @@ def test_list_and_dataset_calibration(photos, monkeypatch):
 def test_auto_decode_precision_follows_the_cpu_the_weights_and_the_memory(int4_next, exports, monkeypatch):
     """decode_precision='auto' compiles the f32 decode variant only for INT4 weights on a CPU
     that computes bf16 by default, with nothing pinned and room for a second copy of the weights."""
-    from llava_ov import resources
-    from llava_ov.pipeline import Pipeline
+    from llava_ov.common import hardware
+    from llava_ov.exporting import resources
+    from llava_ov.runtime.pipeline import Pipeline
 
-    from llava_ov.hardware import int8_matrix_units
+    from llava_ov.common.hardware import int8_matrix_units
 
     bf16_cpu = resources.cpu_inference_precision() == "bf16" and bool(int8_matrix_units())
     pipe = Pipeline(int4_next, cache_dir=None)
@@ -355,7 +356,7 @@ def test_auto_decode_precision_follows_the_cpu_the_weights_and_the_memory(int4_n
         fp = Pipeline(exports["llava-next"], cache_dir=None)
         assert fp.model.paged.decode_request is None and "f32 decode pays for INT4" in fp.info()["decode_steps"]
         fp.close()
-        monkeypatch.setattr(resources, "available_memory", lambda: 2**30)
+        monkeypatch.setattr(hardware, "available_memory", lambda: 2**30)
         tight = Pipeline(int4_next, cache_dir=None)
         assert tight.model.paged.decode_request is None and "needs" in tight.info()["decode_steps"]
         tight.close()

@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from llava_ov import cli
-from llava_ov.config import ExportInfo
-from llava_ov.quantize import weight_stats
+from llava_ov.common.layout import ExportInfo
+from llava_ov.exporting.quantize import weight_stats
 
 
 def run_cli(*args, env=None, timeout=300):
@@ -133,7 +133,8 @@ def test_evaluate_bad_image_is_one_line_error(exports, tmp_path, capsys):
 
 
 def test_help_lists_the_runtime_modes():
-    from llava_ov import quantize, quantize_cli
+    from llava_ov.exporting import quantize
+    from llava_ov.frontends import compress as quantize_cli
 
     assert quantize_cli.LM_MODES == " | ".join(quantize.LM_MODES)  # the light CLI module mirrors them for --help
     assert quantize_cli.VISION_MODES == " | ".join(quantize.VISION_MODES)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from llava_ov import resources
-from llava_ov.convert import ConvertOptions, convert
+from llava_ov.common import hardware
+from llava_ov.exporting import resources
+from llava_ov.exporting.convert import ConvertOptions, convert
 from llava_ov.errors import LlavaOvError
-from llava_ov.quantize import QuantConfig, compress_export
+from llava_ov.exporting.quantize import QuantConfig, compress_export
 
 GIB = resources.GIB
 
@@ -17,7 +18,7 @@ def no_heavy_work(monkeypatch):
     """Loading a checkpoint or reading an IR fails the test: the guard must refuse first."""
     import openvino as ov
 
-    import llava_ov.convert as convert_mod
+    import llava_ov.exporting.convert as convert_mod
 
     def forbidden(*args, **kwargs):
         raise AssertionError("heavy work started before the resource check refused")
@@ -115,6 +116,6 @@ def test_cgroup_limit_caps_available_memory(tmp_path, version):
     (group / limit).write_text(str(16 * GIB))
     (group / "memory.stat").write_text(stat)
     (tmp_path / "cgroup").write_text(proc)
-    assert resources._cgroup_room(str(tmp_path / "cgroup"), str(root)) == 12 * GIB
+    assert hardware._cgroup_room(str(tmp_path / "cgroup"), str(root)) == 12 * GIB
     (group / limit).write_text("max\n" if version == "v2" else str(2**63 - 4096))
-    assert resources._cgroup_room(str(tmp_path / "cgroup"), str(root)) is None
+    assert hardware._cgroup_room(str(tmp_path / "cgroup"), str(root)) is None

@@ -26,11 +26,11 @@ import openai
 import pytest
 
 from conftest import F32, serve_http
-from llava_ov.config import EXAMPLES_DIR
-from llava_ov.generate import GenerationConfig
-from llava_ov.pipeline import Message, Pipeline
-from llava_ov.server import ServerSettings, create_app
-from llava_ov.server.mapping import FINISH_REASONS
+from llava_ov.common.layout import EXAMPLES_DIR
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.pipeline import Message, Pipeline
+from llava_ov.frontends.server import ServerSettings, create_app
+from llava_ov.frontends.server.mapping import FINISH_REASONS
 
 LIMIT = 2 * 1024 * 1024  # body limit of the main test server
 CONVERSATION = [
@@ -51,7 +51,7 @@ def running(app):
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    from llava_ov.server.http import uvicorn_config
+    from llava_ov.frontends.server.http import uvicorn_config
 
     config = uvicorn_config(app, app.state.server.settings, log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
@@ -344,8 +344,8 @@ def test_large_bodies_are_parsed_in_a_child_process_and_bounded_in_values(server
     request can need, so the server never builds (or unpickles) such a body."""
     import asyncio
 
-    from llava_ov.server.app import BodyParser
-    from llava_ov.server.jsonparse import OFFLOAD_BYTES, TooManyValues, parse_limited
+    from llava_ov.frontends.server.app import BodyParser
+    from llava_ov.frontends.server.jsonparse import OFFLOAD_BYTES, TooManyValues, parse_limited
 
     parser = BodyParser()
     small = json.dumps({"messages": HELLO}).encode()
@@ -667,7 +667,7 @@ def test_openapi_fuzzing_finds_no_server_errors(fuzz_base):
 
 def test_serve_command_options(tmp_path):
     from llava_ov.cli import build_parser
-    from llava_ov.server.cli import settings_from_args
+    from llava_ov.frontends.server.cli import settings_from_args
 
     (tmp_path / "x").mkdir()
     args = build_parser().parse_args(["serve", str(tmp_path / "x"), "--api-key", "k", "--max-queue", "3", "--f32",
@@ -786,7 +786,7 @@ def test_response_format_json_schema_validates_and_equals_pipeline(client, refer
 
 
 def test_response_format_json_object_and_cut_json(client, reference):
-    from llava_ov.constrained import JSON_OBJECT
+    from llava_ov.runtime.constrained import JSON_OBJECT
 
     prompt = [{"role": "user", "content": "Answer in JSON."}]
     # any object: keys and strings are unbounded, so a random model may run on; take a seed whose answer ends

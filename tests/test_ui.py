@@ -15,9 +15,9 @@ import pytest
 
 from conftest import F32
 from llava_ov.errors import LlavaOvError
-from llava_ov.generate import GenerationConfig
-from llava_ov.pipeline import Message, Pipeline
-from llava_ov.ui import (NEW_IMAGE_NOTE, NO_IMAGE, NO_TEXT, WAITING, ChatPage, TabState, build_demo, launch,
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.pipeline import Message, Pipeline
+from llava_ov.frontends.ui import (NEW_IMAGE_NOTE, NO_IMAGE, NO_TEXT, WAITING, ChatPage, TabState, build_demo, launch,
                          update_interval)  # fmt: skip
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -247,12 +247,12 @@ def test_busy_port_is_a_clear_error(page):
 
 def test_cli_registers_ui_and_stays_light():
     from llava_ov.cli import build_parser
-    from llava_ov.ui import cmd_ui
+    from llava_ov.frontends.ui import cmd_ui
 
     args = build_parser().parse_args(["ui", "models/demo", "--port", "7861", "--max-new-tokens", "64"])
     assert args.func is cmd_ui and args.port == 7861 and args.host == "127.0.0.1" and not args.share
     assert args.max_new_tokens == 64 and args.device == "CPU"
-    code = "import sys, llava_ov.ui, llava_ov.cli; llava_ov.cli.build_parser(); print('gradio' in sys.modules)"
+    code = "import sys, llava_ov.frontends.ui, llava_ov.cli; llava_ov.cli.build_parser(); print('gradio' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 

@@ -39,9 +39,9 @@ def free_port() -> int:
 def server(exports):
     """The page for the tiny model on a free localhost port; yields (url, pipeline)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    from llava_ov.generate import GenerationConfig
-    from llava_ov.pipeline import Pipeline
-    from llava_ov.ui import ChatPage, build_demo, launch
+    from llava_ov.runtime.generate import GenerationConfig
+    from llava_ov.runtime.pipeline import Pipeline
+    from llava_ov.frontends.ui import ChatPage, build_demo, launch
 
     pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
     fast_forward = pipe.engine.lm.forward
@@ -193,7 +193,7 @@ def test_chat_with_photo_follow_up_and_stop(open_tab, server):
     assert 0 < stats_tokens(stats) < LONG
     tab.wait_for_timeout(1500)
     assert answers(tab)[2] == stopped  # it stopped growing
-    from llava_ov.generate import GenerationConfig
+    from llava_ov.runtime.generate import GenerationConfig
 
     free = threading.Thread(target=pipe.generate, args=("Still there?", [CAT], GenerationConfig(max_new_tokens=2)))
     free.start()
@@ -212,7 +212,7 @@ def test_chat_with_photo_follow_up_and_stop(open_tab, server):
 
 
 def test_first_message_without_image_shows_error(open_tab):
-    from llava_ov.ui import NO_IMAGE
+    from llava_ov.frontends.ui import NO_IMAGE
 
     tab = open_tab()
     send(tab, "What is in this picture?")
@@ -246,7 +246,7 @@ def test_two_tabs_answer_together_and_do_not_leak(open_tab):
 
 
 def test_closing_a_tab_stops_its_answer(open_tab, server):
-    from llava_ov.generate import GenerationConfig
+    from llava_ov.runtime.generate import GenerationConfig
 
     _, pipe = server
     tab = open_tab()

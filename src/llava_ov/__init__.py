@@ -11,12 +11,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Pipeline": "llava_ov.pipeline",
-    "Message": "llava_ov.pipeline",
-    "GenerationResult": "llava_ov.pipeline",
-    "ChatSession": "llava_ov.chat",
-    "GenerationConfig": "llava_ov.generate",
-    "convert": "llava_ov.convert",
+    "Pipeline": "llava_ov.runtime.pipeline",
+    "Message": "llava_ov.runtime.pipeline",
+    "GenerationResult": "llava_ov.runtime.pipeline",
+    "ChatSession": "llava_ov.runtime.chat",
+    "GenerationConfig": "llava_ov.runtime.generate",
+    "convert": "llava_ov.exporting.convert",
     "LlavaOvError": "llava_ov.errors",
 }
 

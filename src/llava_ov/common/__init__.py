@@ -1,0 +1,1 @@
+"""Helpers every layer may use: export file names, progress, CPU facts."""

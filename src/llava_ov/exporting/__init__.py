@@ -1,0 +1,1 @@
+"""Export-time tools: convert, compress, calibrate (torch, transformers, NNCF live here)."""

@@ -1,0 +1,1 @@
+"""Front ends over the runtime: terminal, page, server, batch, compress; none imports another."""

@@ -1,0 +1,1 @@
+"""Batch captioning: local rows in flight, or Ray."""

@@ -1,0 +1,263 @@
+"""Batch captioning: one prompt (or one per row) over many images, resumable.
+
+`llava-ov batch MODEL INPUT -o OUTPUT` reads a folder of images or a
+CSV/JSONL/Parquet table of image paths/URLs, answers every row with the same
+`Pipeline.generate` the other front ends use, and writes one result per row to
+JSONL or Parquet.  Owns: answering rows, keeping `--in-flight N` rows in the
+engine at once (threads in one process over one model; a single writer) and the
+end-of-job summary; reading inputs into
+`Row`s and the crash-safe output sinks (a rerun skips rows already done; a crash
+loses at most the rows in flight) are in `llava_ov.frontends.batch.files`.  Image URLs are fetched by `llava_ov.runtime.fetch` (the server's
+safe fetcher) with batch limits.  `llava_ov.frontends.batch.on_ray` runs the same rows on
+Ray Data.  See docs/batch.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from llava_ov.frontends.batch.files import DEFAULT_PROMPT, Row, is_url, open_sink, read_rows
+from llava_ov.runtime.constrained import parse_answer
+from llava_ov.errors import InvalidImageError, LlavaOvError
+from llava_ov.runtime.fetch import FetchPolicy, fetch_url
+
+# ----------------------------------------------------------------------------- images from URLs
+
+
+@dataclass(frozen=True)
+class FetchOptions(FetchPolicy):
+    """The shared `llava_ov.runtime.fetch.FetchPolicy` with batch defaults: 20 MB, 20 s, at most 5 redirects."""
+
+    max_bytes: int = 20_000_000
+    fetch_timeout_s: float = 20.0
+    max_redirects: int = 5
+
+
+def load_source(row: Row, options: FetchOptions) -> str | bytes:
+    """What to hand the pipeline for a row's image: a local path, or the bytes fetched from its URL."""
+    if not row.source:
+        raise InvalidImageError("the row has no image")
+    return fetch_url(row.source, options) if is_url(row.source) else row.source
+
+
+# ----------------------------------------------------------------------------- one row
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """How to load a Pipeline in another process (worker or Ray actor)."""
+
+    model_dir: str
+    device: str = "CPU"
+    properties: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str | None = "default"
+    devices: dict[str, str] = field(default_factory=dict)  # per part, as Pipeline(devices=...)
+    part_paths: dict[str, str] = field(default_factory=dict)  # per part, as Pipeline(part_paths=...)
+    kv_cache: str = "auto"
+    engine: Any = None  # an EngineConfig, or None for the defaults
+    vision_encoder: str = "auto"  # as Pipeline(vision_encoder=...)
+    decode_precision: str = "auto"  # as Pipeline(decode_precision=...)
+
+    def with_threads(self, threads: int | None) -> "PipelineSpec":
+        """The same spec pinning OpenVINO's CPU threads (one worker of several shares the cores)."""
+        if not threads or self.device.upper() != "CPU" or "INFERENCE_NUM_THREADS" in self.properties:
+            return self
+        return replace(self, properties={**self.properties, "INFERENCE_NUM_THREADS": int(threads)})
+
+    def load(self):
+        from llava_ov.runtime.pipeline import Pipeline
+
+        return Pipeline(
+            self.model_dir, self.device, properties=dict(self.properties), cache_dir=self.cache_dir,
+            devices=dict(self.devices), part_paths=dict(self.part_paths), kv_cache=self.kv_cache, engine=self.engine,
+            vision_encoder=self.vision_encoder, decode_precision=self.decode_precision,
+        )  # fmt: skip
+
+
+def caption_row(pipe, row: Row, config, fetch: FetchOptions = FetchOptions(), cancel=None) -> dict[str, Any]:
+    """Answer one row; any failure becomes an error record instead of an exception."""
+    start = time.perf_counter()
+    try:
+        source = load_source(row, fetch)
+        result = pipe.generate(row.prompt, [source], config, cancel=cancel)
+    except LlavaOvError as e:
+        return error_record(row, str(e), time.perf_counter() - start)
+    except Exception as e:  # e.g. an OpenVINO runtime error: record it, keep the job going
+        return error_record(row, f"{type(e).__name__}: {e}", time.perf_counter() - start)
+    t = result.timings
+    parsed, error = None, None
+    if config.json_schema is not None:
+        parsed, error = parse_answer(result.text, result.finish_reason, len(result.token_ids))
+        error = error and f"{error}; then rerun with --retry-errors"  # a cut answer is an error row: redo only those
+    return {
+        "id": row.id, "image": row.image, "prompt": row.prompt, "answer": result.text,
+        "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": len(result.token_ids),
+        "timings": {"ttft_s": t.ttft_s, "tpot_s": t.tpot_s, "total_s": time.perf_counter() - start},
+        "json": parsed, "error": error,
+    }  # fmt: skip
+
+
+def error_record(row: Row, message: str, total_s: float) -> dict[str, Any]:
+    return {
+        "id": row.id, "image": row.image, "prompt": row.prompt, "answer": None, "finish_reason": "error",
+        "prompt_tokens": None, "completion_tokens": None,
+        "timings": {"ttft_s": None, "tpot_s": None, "total_s": total_s}, "json": None, "error": message,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass
+class BatchSummary:
+    total: int
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0  # already done by an earlier run
+    skipped_errors: int = 0  # of those, rows recorded with an error (rerun them with retry_errors)
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+    output: str = ""
+
+    @property
+    def rows_per_s(self) -> float:
+        done = self.succeeded + self.failed
+        return done / self.elapsed_s if self.elapsed_s else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """130 interrupted, 1 if any row of the input has an error in the output, else 0."""
+        return 130 if self.interrupted else 1 if self.failed or self.skipped_errors else 0
+
+    def line(self) -> str:
+        state = "interrupted (rerun the same command to resume)" if self.interrupted else "done"
+        earlier = f", {self.skipped_errors} of them with errors" if self.skipped_errors else ""
+        return (
+            f"batch {state}: {self.total} rows: {self.succeeded} ok, {self.failed} failed, "
+            f"{self.skipped} skipped (already done{earlier}) in {self.elapsed_s:.1f} s "
+            f"({self.rows_per_s:.2f} rows/s) -> {self.output}"
+        )
+
+
+def run_batch(
+    model: Any,
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    config=None,
+    in_flight: int = 4,
+    device: str = "CPU",
+    properties: dict[str, Any] | None = None,
+    cache_dir: str | None = "default",
+    columns: dict[str, str | None] | None = None,
+    fetch: FetchOptions = FetchOptions(),
+    retry_errors: bool = False,
+    progress: bool = True,
+) -> BatchSummary:
+    """Caption every row of `input_path` into `output` (.jsonl or .parquet), skipping rows already there.
+
+    `model` is an export directory, a `PipelineSpec` or a loaded `Pipeline`; `in_flight`
+    rows are in the engine at once (they decode together in one forward, so rows finish
+    out of order).  `properties` are OpenVINO properties for the Pipeline (e.g. f32).
+    `columns` maps "image"/"prompt"/"id" to table column names.  Ctrl-C stops
+    the job with `summary.interrupted` set; everything written so far is kept.
+    """
+    from llava_ov.runtime.generate import GenerationConfig
+
+    config = config or GenerationConfig()
+    config.validate()
+    if in_flight < 1:
+        raise LlavaOvError("--in-flight must be >= 1")
+    cols = columns or {}
+    rows = read_rows(input_path, prompt, cols.get("image"), cols.get("prompt"), cols.get("id"))
+    spec = _as_spec(model, device, properties, cache_dir)
+    sink = open_sink(Path(output).expanduser())
+    results = functools.partial(_results, model, spec, config, fetch, in_flight)
+    return _run(rows, sink, results, retry_errors, progress)
+
+
+def _as_spec(model: Any, device: str, properties: dict | None, cache_dir: str | None) -> PipelineSpec | None:
+    """The spec to load `model` from; None for an already loaded Pipeline."""
+    if isinstance(model, PipelineSpec):
+        return model
+    if hasattr(model, "generate") and hasattr(model, "reset"):
+        return None
+    return PipelineSpec(str(model), device, dict(properties or {}), cache_dir)
+
+
+def _results(model, spec, config, fetch, in_flight: int, todo: list[Row]) -> Iterator[dict[str, Any]]:
+    """The result records of `todo`, `in_flight` rows at a time in the engine (in completion order)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    pipe = model if spec is None else _load_with_warnings(spec)
+    if config.json_schema is not None:
+        pipe.json_constraint(config.json_schema)  # an unusable schema stops the job before any row
+    rows, stop = iter(todo), threading.Event()
+    answer = functools.partial(caption_row, pipe, config=config, fetch=fetch, cancel=stop)
+    with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="llava-ov-batch") as pool:
+        pending = {pool.submit(answer, row) for row in itertools.islice(rows, in_flight)}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+                    pending.update(pool.submit(answer, row) for row in itertools.islice(rows, 1))
+        finally:
+            stop.set()  # rows still running stop at their next step; their results are not written
+
+
+def _load_with_warnings(spec: PipelineSpec):
+    pipe = spec.load()
+    for warning in pipe.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
+    return pipe
+
+
+def _run(rows: list[Row], sink, results: Callable[[list[Row]], Iterator[dict]], retry_errors, progress):
+    """Skip done rows, write every new result as it arrives, count, and finish the sink."""
+    started = time.perf_counter()
+    done = sink.open(retry_errors)
+    todo = [row for row in rows if row.id not in done]
+    summary = BatchSummary(total=len(rows), skipped=len(rows) - len(todo), output=str(sink.path))
+    summary.skipped_errors = sum(1 for row in rows if done.get(row.id, {}).get("error"))
+    bar = _progress_bar(len(todo), progress and bool(todo))
+    finished = False
+    try:
+        for record in results(todo) if todo else ():
+            sink.write(record)
+            summary.failed += record["error"] is not None
+            summary.succeeded += record["error"] is None
+            bar.update(1)
+            bar.set_postfix(failed=summary.failed, refresh=False)
+        finished = True
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        bar.close()
+        sink.close([row.id for row in rows] if finished else None)
+        summary.elapsed_s = time.perf_counter() - started
+    return summary
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="row", desc="batch", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

@@ -1,0 +1,111 @@
+"""`llava-ov serve MODEL`: run the OpenAI-compatible server (imports only the stdlib and llava_ov at import time)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from llava_ov.frontends.args import add_image_token_args, add_model_args, load_pipeline
+from llava_ov.frontends.server.settings import MiB, ServerSettings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (0: any free port)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LLAVA_OV_API_KEY)")
+    p.add_argument("--model-name", default="", help="model id reported to clients (default: the folder name)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot (--max-running); more get 429")
+    p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens (and the default)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="refuse longer prompts (images counted from their sizes, before encoding; default: the context)")
+    add_image_token_args(p)  # the defaults of requests that do not set max_image_tokens / visual_token_pruning
+    p.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
+    p.add_argument("--max-image-mb", type=float, default=20, help="largest image (encoded)")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image (decoded pixels)")
+    p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--request-timeout", type=float, default=600, help="seconds for queue wait + generation")
+    p.add_argument("--fetch-timeout", type=float, default=10, help="seconds to download one image URL")
+    p.add_argument("--allow-local-files", action="store_true", help="accept file:// URLs and server paths as images")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let image URLs reach loopback, private and link-local addresses")  # fmt: skip
+    p.add_argument("--max-connections", type=int, default=200, help="connections at once; more get 503")
+    p.add_argument("--header-timeout", type=float, default=10, help="seconds for a request's headers to arrive")
+    p.add_argument("--body-timeout", type=float, default=30, help="seconds for its body to arrive after them (408)")
+    p.add_argument("--max-header-kb", type=float, default=64, help="largest request line + headers")
+    p.add_argument("--keep-alive", type=float, default=5, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port (uvicorn would otherwise log one port and listen on another)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range (0-65535)")
+    return value
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    import os
+
+    from llava_ov.runtime.generate import GenerationConfig
+
+    # request defaults that no request could use are refused now, not in every request's 400
+    GenerationConfig(max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
+                     max_prompt_tokens=args.max_prompt_tokens).validate()
+
+    from llava_ov.runtime.model import F32_PROPERTIES
+
+    return ServerSettings(
+        model=args.model, model_id=args.model_name, device=args.device, weight_format=args.weight_format,
+        properties=dict(F32_PROPERTIES) if args.f32 else {},
+        api_key=args.api_key or os.environ.get("LLAVA_OV_API_KEY") or None,
+        max_queue=args.max_queue, max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * MiB),
+        max_image_bytes=int(args.max_image_mb * MiB), max_image_pixels=args.max_image_pixels,
+        max_images=args.max_images, request_timeout_s=args.request_timeout, fetch_timeout_s=args.fetch_timeout,
+        allow_local_files=args.allow_local_files, allow_private_urls=args.allow_private_urls,
+        max_connections=args.max_connections, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+        max_header_bytes=int(args.max_header_kb * 1024), keep_alive_s=args.keep_alive,
+        max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start uvicorn; the model loads in the background (/health is 503 until it is ready)."""
+    from llava_ov.errors import LlavaOvError
+
+    try:
+        import uvicorn
+
+        from llava_ov.frontends.server.app import create_app
+    except ImportError as exc:
+        hint = f"pip install 'llava-ov[serve]' ({exc.name} missing)"
+        raise LlavaOvError(f"the server needs the serve extra: {hint}") from None
+    settings = settings_from_args(args)
+    for name, value in (("--max-queue", settings.max_queue), ("--max-tokens", settings.max_tokens),
+                        ("--max-connections", settings.max_connections), ("--max-header-kb", settings.max_header_bytes),
+                        ("--header-timeout", settings.header_timeout_s), ("--keep-alive", settings.keep_alive_s),
+                        ("--body-timeout", settings.body_timeout_s)):  # fmt: skip
+        if value <= 0:
+            raise LlavaOvError(f"{name} must be > 0")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    failed = []
+
+    def stop_on_failure() -> None:  # a server without its model is of no use: exit so a supervisor notices
+        failed.append(True)
+        server.should_exit = True
+
+    app = create_app(settings, lambda: load_pipeline(args), stop_on_failure)  # every model option applies
+    from llava_ov.frontends.server.http import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, settings, host=args.host, port=args.port, log_level=args.log_level))
+    server.run()
+    if failed:
+        raise LlavaOvError("the model failed to load (see the log above)")
+    return 0

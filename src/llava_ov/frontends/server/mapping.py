@@ -1,0 +1,125 @@
+"""OpenAI request fields -> llava_ov `Message`s and `GenerationConfig`; runtime errors -> API errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from llava_ov.runtime.constrained import JSON_OBJECT, InvalidSchemaError
+from llava_ov.errors import ContextLengthError, InvalidImageError, LlavaOvError
+from llava_ov.runtime.generate import GenerationConfig, TokenLogprob
+from llava_ov.runtime.pipeline import Message
+from llava_ov.frontends.server.errors import APIError
+from llava_ov.frontends.server.images import ImageLoader
+from llava_ov.frontends.server.schemas import ChatCompletionRequest, ChatMessage, ImagePart
+from llava_ov.frontends.server.settings import ServerSettings
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# runtime finish reason -> OpenAI's; "cancelled" only reaches a client when the request timeout cut the answer,
+# which, like max_tokens, is a length limit
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "length"}
+
+
+def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> GenerationConfig:
+    """Sampling settings of a request, within the server's max-tokens cap (400 for what we cannot do)."""
+    if req.n not in (None, 1):
+        message = "n must be 1: this server returns one choice per request"
+        raise APIError(400, message, param="n", code="unsupported_value")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    if req.tools:
+        raise APIError(400, "tools (function calling) are not supported", param="tools", code="unsupported_value")
+    wanted = req.max_completion_tokens or req.max_tokens or settings.max_tokens
+    config = GenerationConfig(
+        max_new_tokens=min(wanted, settings.max_tokens),  # a larger request is capped, not refused (like context)
+        temperature=req.temperature or 0.0,  # omitted: greedy, like the rest of llava-ov
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        seed=req.seed,
+        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        json_schema=json_schema(req),
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        max_image_tokens=req.max_image_tokens or settings.max_image_tokens,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        visual_token_pruning=settings.visual_token_pruning if req.visual_token_pruning is None
+        else req.visual_token_pruning,
+    )
+    try:
+        config.validate()
+    except InvalidSchemaError as exc:
+        raise schema_error(exc) from None
+    except LlavaOvError as exc:
+        raise APIError(400, str(exc), code="invalid_value") from None
+    return config
+
+
+def json_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The schema `response_format` asks for (None for text); json_object is any JSON object."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return dict(JSON_OBJECT)
+    return fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else dict(JSON_OBJECT)
+
+
+def schema_error(exc: InvalidSchemaError) -> APIError:
+    return APIError(400, str(exc), param="response_format", code="invalid_json_schema")
+
+
+def logprobs_content(entries: list[TokenLogprob] | None, token_bytes: Callable[[int], bytes]) -> list[dict[str, Any]]:
+    """Runtime logprobs as OpenAI's `logprobs.content` list."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries or []]
+
+
+async def to_messages(req: ChatCompletionRequest, settings: ServerSettings, images: ImageLoader) -> list[Message]:
+    """The conversation as runtime messages, with every image fetched and decoded (400 on a bad one)."""
+    parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content if isinstance(p, ImagePart)]
+    if len(parts) > settings.max_images:
+        raise APIError(400, f"{len(parts)} images in one request; the limit is {settings.max_images}", param="messages")
+    return [await _to_message(i, m, images) for i, m in enumerate(req.messages)]
+
+
+async def _to_message(index: int, msg: ChatMessage, loader: ImageLoader) -> Message:
+    if msg.content is None or isinstance(msg.content, str):
+        return Message(ROLES[msg.role], msg.content or "")
+    texts, images = [], []
+    for j, part in enumerate(msg.content):
+        if isinstance(part, ImagePart):
+            try:
+                images.append(await loader.load(part.image_url.url))
+            except InvalidImageError as exc:
+                param = f"messages[{index}].content[{j}].image_url"
+                raise APIError(400, str(exc), param=param, code="invalid_image") from None
+        else:
+            texts.append(part.text)
+    return Message(ROLES[msg.role], "\n".join(texts), images)
+
+
+def api_error(exc: BaseException) -> APIError:
+    """A runtime exception as the error the client sees (no traces, no paths for unexpected ones)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, InvalidImageError):
+        return APIError(400, str(exc), param="messages", code="invalid_image")
+    if isinstance(exc, InvalidSchemaError):
+        return schema_error(exc)
+    if isinstance(exc, LlavaOvError):
+        return APIError(400, str(exc), code="invalid_request")
+    return APIError(500, "internal server error while generating (see the server log)", code="internal_error")
+
+
+def usage(result: Any) -> dict[str, int]:
+    prompt, completion = result.prompt_tokens, len(result.token_ids)
+    return {
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "image_tokens": result.image_tokens, "image_tokens_total": result.image_tokens_total,
+    }  # fmt: skip

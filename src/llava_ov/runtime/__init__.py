@@ -1,0 +1,1 @@
+"""Run an export: no torch, no transformers, no export-time code."""

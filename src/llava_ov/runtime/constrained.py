@@ -1,0 +1,138 @@
+"""Grammar-constrained decoding: answers that validate against a JSON Schema, via llguidance.
+
+`JsonGrammars` is built once per export from its tokenizer.json (llguidance reads it with
+the Hugging Face tokenizers library, byte-fallback pieces included) and turns a schema into
+a `JsonConstraint`, one per sequence: `mask(logits)` before each sample lets through only
+tokens that keep the text a valid prefix, `accept(token)` advances the grammar, and
+`complete` says when the JSON has ended (nothing but the end can follow).
+
+The JSON is compact (no free whitespace between tokens): a weak or random-weight model
+cannot then loop on blanks, and parsers do not care.  Schemas llguidance does not support
+or that cannot be satisfied are refused with its message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llava_ov.errors import LlavaOvError
+
+MAX_SCHEMA_BYTES = 64 * 1024  # a schema larger than this is refused before it is compiled
+JSON_OBJECT: dict[str, Any] = {"type": "object"}  # OpenAI's json_object: any JSON object
+GRAMMAR_OPTIONS = {"whitespace_flexible": False}
+
+
+class InvalidSchemaError(LlavaOvError):
+    """A JSON Schema that cannot constrain decoding (malformed, unsupported or unsatisfiable)."""
+
+
+def check_schema(schema: Any) -> None:
+    """Cheap checks before compiling: a JSON object of bounded size."""
+    if not isinstance(schema, dict):
+        raise InvalidSchemaError("the JSON schema must be a JSON object, e.g. {\"type\": \"object\"}")
+    try:
+        size = len(json.dumps(schema, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidSchemaError(f"the JSON schema is not plain JSON ({exc})") from None
+    if size > MAX_SCHEMA_BYTES:
+        raise InvalidSchemaError(f"the JSON schema is {size:,} bytes; the limit is {MAX_SCHEMA_BYTES:,}")
+
+
+def load_schema(path: str | Path) -> dict[str, Any]:
+    """A schema file for the command line (clear errors for a missing or malformed file)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidSchemaError(f"cannot read the JSON schema {path}: {exc.strerror or exc}") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidSchemaError(f"{path} is not JSON: {exc}") from None
+    check_schema(schema)
+    return schema
+
+
+def parse_answer(text: str, finish_reason: str, tokens: int) -> tuple[Any, str | None]:
+    """(parsed JSON, None) for an answer under a schema, or (None, why it is not complete JSON)."""
+    if finish_reason == "length":
+        return None, f"the JSON was cut at {tokens} tokens by the token limit: raise --max-new-tokens"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError:
+        how = "a stop string" if finish_reason == "stop" else f"finish reason {finish_reason!r}"
+        return None, f"the answer ended by {how} before its JSON did"
+
+
+class JsonGrammars:
+    """Compiles JSON Schemas for one tokenizer vocabulary (thread-safe; one per pipeline)."""
+
+    def __init__(self, tokenizer_json: str, n_vocab: int, eos_ids: Iterable[int]):
+        from llguidance import LLTokenizer
+
+        self.n_vocab = n_vocab
+        eos = sorted(eos_ids)
+        self.tokenizer = LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=eos or None)
+
+    @classmethod
+    def from_export(cls, export_dir: Path, n_vocab: int, eos_ids: Iterable[int]) -> JsonGrammars:
+        path = Path(export_dir) / "tokenizer.json"
+        if not path.exists():
+            raise LlavaOvError(f"structured output needs the export's tokenizer.json, which {export_dir} lacks")
+        return cls(path.read_text(encoding="utf-8"), n_vocab, eos_ids)
+
+    def constraint(self, schema: dict[str, Any]) -> JsonConstraint:
+        """A fresh grammar state for one sequence (InvalidSchemaError naming the problem)."""
+        from llguidance import LLMatcher
+
+        check_schema(schema)
+        try:
+            grammar = LLMatcher.grammar_from_json_schema(schema, defaults=GRAMMAR_OPTIONS)
+        except (ValueError, TypeError) as exc:
+            raise InvalidSchemaError(f"the JSON schema cannot be used: {exc}") from None
+        matcher = LLMatcher(self.tokenizer, grammar)
+        if matcher.is_error():
+            raise InvalidSchemaError(f"the JSON schema cannot be used: {matcher.get_error()}")
+        return JsonConstraint(matcher, self.n_vocab)
+
+
+class JsonConstraint:
+    """One sequence's grammar state: masks logits and follows the sampled tokens."""
+
+    def __init__(self, matcher: Any, n_vocab: int):
+        self.matcher = matcher
+        self.n_vocab = n_vocab
+        self.spent_s = 0.0  # in mask() and accept(): the grammar's cost, for benchmarks
+
+    def allowed(self) -> np.ndarray:
+        """Boolean mask over the vocabulary of the tokens the grammar allows next."""
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        return np.unpackbits(bits, bitorder="little")[: self.n_vocab].astype(bool)
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """A copy of `logits` with every token the grammar forbids at -inf."""
+        start = time.perf_counter()
+        allowed = self.allowed()[: logits.shape[-1]]
+        if not allowed.any():  # cannot happen for a valid grammar: fail loudly rather than emit junk
+            raise LlavaOvError(f"the grammar allows no token here ({self.matcher.get_error() or 'no extension'})")
+        masked = np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+        self.spent_s += time.perf_counter() - start
+        return masked
+
+    def accept(self, token: int) -> None:
+        start = time.perf_counter()
+        ok = self.matcher.consume_token(int(token))
+        self.spent_s += time.perf_counter() - start
+        if not ok:
+            raise LlavaOvError(f"token {token} broke the grammar: {self.matcher.get_error()}")
+
+    @property
+    def complete(self) -> bool:
+        """The JSON has ended: nothing but the end of the answer may follow."""
+        return bool(self.matcher.is_stopped())
+

@@ -1,0 +1,1 @@
+"""The paged engine: scheduler, KV block pool, paged language model."""

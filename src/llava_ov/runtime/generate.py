@@ -1,0 +1,300 @@
+"""The decode loop: sampling, streaming detokenisation, stop conditions, finish reasons.
+
+`DecodeState` is one sequence's decoding: fed the logits of each forward that reached
+its last position, it samples, streams text (token id -> text delta) and returns one
+`TokenEvent` per token, the last with a finish reason: "eos", "length", "stop" (a stop
+string) or "cancelled". The engine drives one per running sequence; `ForcedDecode` stands
+in for it when scoring given tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from llava_ov.errors import LlavaOvError
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+MAX_PRUNING = 0.99  # keep at least 1% of the image tokens
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # not while a JSON schema is set: the JSON's end ends the answer
+    json_schema: dict | None = None  # constrain the answer to JSON valid under this schema
+    logprobs: int | None = None  # report each token's logprob and this many (0-20) top alternatives
+    max_image_tokens: int | None = None  # the request's images at the largest resolutions within this many tokens
+    visual_token_pruning: float = 0.0  # CDPruner: drop this share (0-0.99) of each image's tokens; 0: off
+    max_prompt_tokens: int | None = None  # refuse a longer prompt (images counted from their sizes, before encoding)
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be in [0.01, 100]"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"logprobs (top alternatives) must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (self.max_image_tokens is None or self.max_image_tokens >= 1, "max_image_tokens must be >= 1"),
+            (self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1"),
+            (0 <= self.visual_token_pruning <= MAX_PRUNING, f"visual_token_pruning must be in [0, {MAX_PRUNING}]"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise LlavaOvError(message)
+        if self.json_schema is not None:
+            from llava_ov.runtime.constrained import check_schema
+
+            check_schema(self.json_schema)
+
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Picks the next token from logits: greedy, or temperature/top-k/top-p sampling (seeded)."""
+
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+        self.rng = np.random.default_rng(config.seed)
+
+    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+        cfg = self.config
+        if cfg.repetition_penalty != 1.0 and len(history):
+            logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+        if cfg.greedy:
+            return int(np.argmax(logits))
+        scores = logits.astype(np.float64)
+        # Shift before dividing: a tiny temperature then sends others to -inf (prob 0), never to nan.
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            scores = (scores - scores.max()) / cfg.temperature
+        return self._sample(np.nan_to_num(scores, nan=-np.inf))
+
+    def _sample(self, scores: np.ndarray) -> int:
+        cfg = self.config
+        if cfg.top_k and cfg.top_k < scores.size:
+            candidates = np.argpartition(-scores, cfg.top_k - 1)[: cfg.top_k]
+        else:
+            candidates = np.arange(scores.size)
+        order = candidates[np.argsort(-scores[candidates], kind="stable")]
+        probs = np.exp(scores[order] - scores[order[0]])
+        probs /= probs.sum()
+        if cfg.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), cfg.top_p) + 1)  # smallest set with mass >= top_p
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return int(order[self.rng.choice(len(order), p=probs)])
+
+
+def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
+    """transformers' rule: seen tokens' logits are divided by `penalty` if positive, multiplied if negative."""
+    out = logits.astype(np.float32, copy=True)
+    seen = np.unique(np.asarray(history, dtype=np.int64))
+    seen = seen[(seen >= 0) & (seen < out.size)]
+    vals = out[seen]
+    out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of ids into text deltas without broken UTF-8 or lost SentencePiece spaces.
+
+    Decodes a short window of recent ids and emits what the new id added relative
+    to the same window without it (vLLM's method): the first piece of a window
+    loses its leading space in SentencePiece, so both decodes start at the same id.
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self.decode(self.ids[self.prefix_offset :])
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""  # an incomplete UTF-8 sequence or a token that adds no text yet
+        delta = full_text[len(prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return delta
+
+    def flush(self) -> str:
+        """Text held back at the end (e.g. an incomplete character the model never finished)."""
+        full_text = self.decode(self.ids[self.prefix_offset :])
+        prefix_text = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full_text[len(prefix_text) :]
+
+
+class StopStrings:
+    """Finds stop strings in streamed text and holds back text that may start one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        if not self.stops:
+            return delta, False
+        self.pending += delta
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((self._partial(s) for s in self.stops), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def _partial(self, stop: str) -> int:
+        """Length of the longest suffix of pending text that is a prefix of `stop`."""
+        for size in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+            if self.pending.endswith(stop[:size]):
+                return size
+        return 0
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class TokenLogprob:
+    """A sampled token's log-probability under the model (log-softmax of its raw logits: before
+    temperature, penalty or grammar mask) and the `top` most likely tokens, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    scores = logits.astype(np.float64)
+    shifted = scores - scores.max()
+    logp = shifted - np.log(np.exp(shifted).sum())
+    best = np.argpartition(-logp, top - 1)[:top] if 0 < top < logp.size else np.arange(logp.size if top else 0)
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return TokenLogprob(int(token), float(logp[token]), [(int(i), float(logp[i])) for i in best])
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None  # None only on a final event that carries no new token
+    text: str
+    finish_reason: str | None = None
+    time_s: float = 0.0  # time to produce this token
+    logprob: TokenLogprob | None = None  # when the config asks for logprobs
+
+
+class TextStream(Protocol):
+    def push(self, token_id: int) -> str: ...
+    def flush(self) -> str: ...
+
+
+class Constraint(Protocol):
+    """A grammar over the answer (see `constrained.JsonConstraint`)."""
+
+    complete: bool
+    spent_s: float
+
+    def mask(self, logits: np.ndarray) -> np.ndarray: ...
+    def accept(self, token: int) -> None: ...
+
+
+class DecodeState:
+    """One sequence's decoding: sample from its logits, stream its text, decide when it stops.
+
+    The engine calls `next(logits)` once per forward that produced this sequence's logits;
+    each call returns the event for one token (or the final event without one)."""
+
+    def __init__(
+        self,
+        detok: TextStream,
+        config: GenerationConfig,
+        eos_ids: set[int],
+        *,
+        history: Sequence[int] = (),
+        max_tokens: int | None = None,
+        constraint: Constraint | None = None,
+    ):
+        self.sampler = Sampler(config)
+        self.constraint = constraint
+        self.stops = StopStrings(config.stop)
+        self.detok = detok
+        self.config = config
+        self.eos_ids = eos_ids
+        self.limit = min(config.max_new_tokens, max_tokens if max_tokens is not None else config.max_new_tokens)
+        self.seen = list(history)  # only read by the repetition penalty
+        self.produced = 0
+        self.finished: str | None = None
+        self._last = time.perf_counter()
+
+    def _final(self, reason: str) -> TokenEvent:
+        self.finished = reason
+        return TokenEvent(None, self.stops.feed(self.detok.flush())[0] + self.stops.flush(), reason)
+
+    def cancel(self) -> TokenEvent:
+        return self._final("cancelled")
+
+    def next(self, logits: np.ndarray) -> TokenEvent:
+        """Sample the next token from `logits`; the event's finish_reason says whether to go on."""
+        allowed = logits if self.constraint is None else self.constraint.mask(logits)
+        token = self.sampler(allowed, self.seen)
+        if token in self.eos_ids and (self.constraint is not None or not self.config.ignore_eos):
+            return self._final("eos")
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        logprob = None if self.config.logprobs is None else token_logprob(logits, token, self.config.logprobs)
+        self.produced += 1
+        self.seen.append(token)
+        text, stopped = self.stops.feed(self.detok.push(token))
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        if stopped:
+            self.finished = "stop"
+        elif self.constraint is not None and self.constraint.complete:
+            self.finished = "eos"  # the JSON has ended: only the end of the answer could follow
+        elif self.produced >= self.limit:
+            self.finished = "length"
+        if self.finished in ("eos", "length"):
+            text += self.stops.feed(self.detok.flush())[0] + self.stops.flush()
+        return TokenEvent(token, text, self.finished, elapsed, logprob)
+
+
+class ForcedDecode:
+    """Feeds the given tokens instead of sampling and keeps the logits of every step (scoring).
+
+    Stands in for a DecodeState: the engine runs it like any other sequence."""
+
+    def __init__(self, tokens: Sequence[int]):
+        self.tokens = [int(t) for t in tokens]
+        self.limit = len(self.tokens) + 1
+        self.rows: list[np.ndarray] = []
+        self.finished: str | None = None
+
+    def next(self, logits: np.ndarray) -> TokenEvent:
+        self.rows.append(np.array(logits, dtype=np.float32))
+        if len(self.rows) > len(self.tokens) or len(self.rows) >= self.limit:  # all scored, or no room left
+            self.finished = "length"
+            return TokenEvent(None, "", "length")
+        return TokenEvent(self.tokens[len(self.rows) - 1], "")
+
+    def cancel(self) -> TokenEvent:
+        self.finished = "cancelled"
+        return TokenEvent(None, "", "cancelled")

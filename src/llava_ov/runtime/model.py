@@ -1,0 +1,459 @@
+"""An export directory loaded for inference: compiled models, tokenizer, and the KV state.
+
+Owns everything that talks to OpenVINO at run time: the vision encoder, the text
+embeddings, the stateful language model (its KV cache lives in the infer
+request's state), and the tokenizer/detokenizer IRs.  No torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+
+from llava_ov.common import layout
+from llava_ov.errors import InvalidTextError, LlavaOvError, ModelNotFoundError
+from llava_ov.runtime.families import Family, family_for
+
+log = logging.getLogger(__name__)
+REQUIRED_FILES = (layout.LANGUAGE_MODEL, layout.TEXT_EMBEDDINGS_MODEL, layout.VISION_MODEL, "config.json")
+F32_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llava-ov" / "compiled"
+
+
+def cache_dir_for(option: str | None, device: str) -> str | None:
+    """The compiled-model cache dir for a part on `device`, or None.
+
+    The default cache covers GPU and NPU only, where compiling takes long. On CPU, compiling
+    an export takes about a second, and a model imported from the cache decoded 1.8x slower
+    (fp16 2-layer real-width export, OpenVINO 2026.4, AVX2 CPU: 108-119 ms vs 54-63 ms per
+    token), so CPU parts are compiled fresh unless a cache dir is given explicitly.
+    """
+    if not option:
+        return None
+    if option != "default":
+        return str(Path(option).expanduser())
+    return str(default_cache_dir()) if device.upper().startswith(("GPU", "NPU")) else None
+
+
+def check_export_dir(path: str | Path) -> Path:
+    """An export directory with every required file, or a clear error."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelNotFoundError(f"no such model directory: {path}")
+    missing = [name for name in REQUIRED_FILES if not (path / name).exists()]
+    if missing:
+        raise ModelNotFoundError(
+            f"{path} is not a llava-ov export (missing {', '.join(missing)}); create one with `llava-ov convert`"
+        )
+    return path
+
+
+@dataclass
+class LoadOptions:
+    device: str = "CPU"
+    devices: dict[str, str] = field(default_factory=dict)  # per part: vision/text_embeddings/language
+    properties: dict[str, Any] = field(default_factory=dict)  # OpenVINO properties for every part
+    part_paths: dict[str, str] = field(default_factory=dict)  # per part: another .xml or export dir
+    # Compiled-model cache. "default": the user cache dir, for GPU/NPU parts only (see cache_dir_for);
+    # a path: that dir, for every device; None: off.
+    cache_dir: str | None = "default"
+    # The language model's KV cache: "paged" (the engine's block pool, many sequences), "stateful"
+    # (the export's own state, one sequence), or "auto": paged, except on NPU (no PagedAttention there).
+    kv_cache: str = "auto"
+    # An export compressed with an INT8-PTQ vision encoder keeps the float one beside it. "auto": the INT8
+    # one on CPUs with int8 matrix units (AMX-INT8, AVX-512 VNNI, AVX-VNNI), where it is faster, else the
+    # float one; "int8" / "float": that one.
+    vision_encoder: str = "auto"
+    # The paged language model's decode steps (at most paged.DECODE_VARIANT_TOKENS tokens): "same" as
+    # prefill, or "f32": a second compilation at f32 runs them. Where the CPU plugin computes bf16 by
+    # default (AMX, AVX-512-bf16), f32 lets it quantize activations dynamically for INT4/INT8 weights,
+    # which decodes faster while bf16 prefills faster; it costs a second copy of the LM's weights.
+    # "auto": f32 where that pays (CPU, bf16 by default, INT4 LM weights, no precision pinned)
+    # and the memory allows it (see ExportedModel.decode_choice).
+    decode_precision: str = "auto"
+
+    def kv_backend(self) -> str:
+        if self.kv_cache not in ("auto", "paged", "stateful"):
+            raise LlavaOvError(f"unknown KV cache kind {self.kv_cache!r} (auto, paged, stateful)")
+        if self.kv_cache != "auto":
+            return self.kv_cache
+        device = self.devices.get("language", self.device).upper()
+        return "stateful" if "NPU" in device else "paged"
+
+
+AUTO_DECODE_HEADROOM = 4 * 2**30  # besides 3x the LM file, for the KV pool, vision and activations
+
+# Tiny graphs (string ops, a gather): one thread avoids thread-pool wake-ups that cost more than the work.
+SMALL_GRAPH = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
+
+
+class Tokenizer:
+    """openvino-tokenizers IRs: text -> ids (with BOS), ids -> text (special tokens skipped)."""
+
+    def __init__(self, core: ov.Core, export_dir: Path):
+        from llava_ov.runtime.detokenize import PieceDecoder
+
+        self._encoder = core.compile_model(export_dir / layout.TOKENIZER_MODEL, "CPU", SMALL_GRAPH)
+        self._decoder = core.compile_model(export_dir / layout.DETOKENIZER_MODEL, "CPU", SMALL_GRAPH)
+        self._enc_req = self._encoder.create_infer_request()
+        self._dec_req = self._decoder.create_infer_request()
+        self._dec_lock = threading.Lock()
+        self.pieces = PieceDecoder.from_export(export_dir)
+
+    @property
+    def max_piece_bytes(self) -> int:
+        """The longest vocabulary piece in UTF-8 bytes (64 when the vocabulary is not readable)."""
+        if self.pieces is None:
+            return 64
+        return max((len(p) for p in self.pieces.pieces if p), default=64)
+
+    def stream(self):
+        """A text stream for one generation: vocabulary table when possible, else the detokenizer IR."""
+        from llava_ov.runtime.generate import IncrementalDetokenizer
+
+        return self.pieces.stream() if self.pieces is not None else IncrementalDetokenizer(self.decode)
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates ("\ud800" in JSON) have no UTF-8 form
+            raise InvalidTextError(f"the text is not valid Unicode (character {exc.start}: a lone surrogate)") from None
+        self._enc_req.infer([text])
+        return self._enc_req.get_tensor("input_ids").data[0].astype(np.int64)
+
+    def decode(self, ids) -> str:
+        arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if arr.shape[1] == 0:
+            return ""
+        with self._dec_lock:
+            self._dec_req.infer([arr])
+            return self._dec_req.get_output_tensor(0).str_data[0]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's text as bytes (b"" for special tokens; a piece may be part of a character)."""
+        if self.pieces is not None:
+            pieces = self.pieces.pieces
+            return (pieces[token_id] if 0 <= token_id < len(pieces) else None) or b""
+        return self.decode([token_id]).encode()
+
+
+def _plain(value: Any) -> str:
+    """OpenVINO property values as text: Type -> 'f32', lists joined."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    return value.to_string() if isinstance(value, ov.Type) else str(value)
+
+
+class ExportedModel:
+    """Compiled parts of one export plus the language model's KV state."""
+
+    def __init__(self, export_dir: str | Path, options: LoadOptions | None = None):
+        self.dir = check_export_dir(export_dir)
+        self.options = options or LoadOptions()
+        self.config: dict[str, Any] = json.loads((self.dir / "config.json").read_text())
+        self.family: Family = family_for(self.config)
+        import openvino_tokenizers  # noqa: F401  (adds the tokenizer operations to Cores made after it)
+
+        self.core = ov.Core()
+        self.kv_backend = self.options.kv_backend()
+        if self.options.decode_precision not in ("auto", "same", "f32"):
+            raise LlavaOvError(f"unknown decode precision {self.options.decode_precision!r} (auto, same, f32)")
+        if self.options.decode_precision == "f32" and self.kv_backend != "paged":
+            raise LlavaOvError("a decode precision of its own needs the paged KV cache (kv_cache='paged')")
+        self.decode_why = "the stateful KV cache: one compilation" if self.kv_backend != "paged" else ""
+        self._warn_if_rotary_fp16()
+        self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
+        self.tokenizer = Tokenizer(self.core, self.dir)
+        self._vision = self._compiled["vision"].create_infer_request()
+        self._embed = self._compiled["text_embeddings"].create_infer_request()
+        self._embed_side = None  # for instruction embeddings (pruning), made on first use
+        self.paged = None  # the PagedLanguageModel, when kv_backend == "paged"
+        if self.kv_backend == "paged":
+            from llava_ov.runtime.engine.paged import PagedLanguageModel
+
+            self.paged = PagedLanguageModel(self._compiled["language"], self._compile_decode_variant())
+            self._paged_source = None  # derived for the compilations only
+        else:
+            self._lm = self._compiled["language"].create_infer_request()
+        newline = self.config.get("image_newline")
+        self.image_newline = np.asarray(newline, dtype=np.float32) if newline is not None else None
+        self.kv_len = 0
+        self._mask = np.ones((1, self.max_context + 1), dtype=np.int64)
+        self._beam_idx = np.zeros(1, dtype=np.int32)
+
+    # ---------------------------------------------------------------- loading
+
+    def part_path(self, part: str) -> Path:
+        override = self.options.part_paths.get(part)
+        if not override and part == "vision":
+            return self.dir / self.vision_choice()[0]
+        if not override:
+            return self.dir / layout.MODEL_PARTS[part]
+        path = Path(override).expanduser()
+        path = path / layout.MODEL_PARTS[part] if path.is_dir() else path
+        if not path.exists():
+            raise ModelNotFoundError(f"{part} model not found: {path}")
+        return path
+
+    def vision_choice(self) -> tuple[str, str]:
+        """(file, why) of the vision encoder to run: the INT8-PTQ one or the float one beside it."""
+        mode = self.options.vision_encoder
+        if mode not in ("auto", "int8", "float"):
+            raise LlavaOvError(f"unknown vision encoder choice {mode!r} (auto, int8, float)")
+        entry = self._export_parts().get("vision", {})
+        float_file = entry.get("float_file")
+        if not float_file or not (self.dir / float_file).is_file():
+            if mode == "float" and entry.get("precision") == "int8_ptq":
+                raise ModelNotFoundError(f"{self.dir} has only the INT8-PTQ vision encoder (no {layout.VISION_FLOAT_MODEL})")
+            return layout.VISION_MODEL, f"{entry.get('precision', 'the export')}'s only vision encoder"
+        if mode != "auto":
+            chosen = layout.VISION_MODEL if mode == "int8" else float_file
+            return chosen, f"chosen with vision_encoder={mode}"
+        from llava_ov.common.hardware import int8_matrix_units
+
+        device = self.options.devices.get("vision", self.options.device).upper()
+        units = int8_matrix_units()
+        if device != "CPU":
+            return layout.VISION_MODEL, f"INT8-PTQ on {device}"
+        if units:
+            return layout.VISION_MODEL, f"INT8-PTQ: this CPU has {', '.join(units)}"
+        return float_file, "float: this CPU has no int8 matrix units (VNNI/AMX), where the INT8 encoder is not faster"
+
+    def _warn_if_rotary_fp16(self) -> None:
+        """Exports made by older llava-ov versions stored the rotary frequencies in fp16: answers drift with length."""
+        info = self._export_info()
+        entry = info.get("parts", {}).get("language", {})
+        compressed_from = info.get("compression", {}).get("parts", {}).get("language", {}).get("from")
+        made_from_fp16 = entry.get("precision") == "fp16" or compressed_from == "fp16"
+        if made_from_fp16 and "rotary_frequencies" not in entry:
+            log.warning("%s stores its rotary frequencies in fp16 (made by an older llava-ov): logits drift with "
+                        "prompt length (0.04 at 20 tokens, 8.8 at 4,000 on a test model); convert it again",
+                        self.dir)  # fmt: skip
+
+    def _export_info(self) -> dict[str, Any]:
+        """export_info.json ({} when absent or unreadable: exports of other tools have none)."""
+        path = self.dir / layout.EXPORT_INFO
+        try:
+            return layout.read_json(path) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _export_parts(self) -> dict[str, Any]:
+        return self._export_info().get("parts", {})
+
+    def _compile(self, part: str) -> ov.CompiledModel:
+        device = self.options.devices.get(part, self.options.device)
+        props = dict(SMALL_GRAPH) if part == "text_embeddings" and device == "CPU" else {}
+        cache = cache_dir_for(self.options.cache_dir, device)
+        if cache:
+            props["CACHE_DIR"] = cache
+        props.update(self.options.properties)
+        if part == "language":
+            props = self._avoid_known_crash(device, props)
+        source: Any = self.part_path(part)
+        if part == "language" and self.kv_backend == "paged":
+            from llava_ov.runtime.engine.paged import derive_paged_model
+
+            source = self._paged_source = derive_paged_model(self.core, source, self.part_path("text_embeddings"))
+        try:
+            return self.core.compile_model(source, device, props)
+        except RuntimeError as exc:
+            raise LlavaOvError(f"cannot compile the {part} model on {device}: {self._reason(exc, device)}") from None
+
+    def decode_choice(self) -> tuple[bool, str]:
+        """(compile the f32 decode variant?, why) for the paged language model.
+
+        "auto" turns it on where it was measured to pay (docs/speed.md): the CPU plugin, bf16 compute
+        by default, int8 matrix units (the dynamically quantized kernels use them), INT4 LM weights,
+        no precision pinned by the caller, and room for a second copy of the weights: both
+        compilations repack theirs on first use, so the memory available at load must hold 3x the
+        LM file plus AUTO_DECODE_HEADROOM (pool, activations)."""
+        mode = self.options.decode_precision
+        device = self.options.devices.get("language", self.options.device).upper()
+        if mode == "same":
+            return False, "same as prefill: chosen with decode_precision=same"
+        if device != "CPU":
+            if mode == "f32":
+                raise LlavaOvError(f"decode_precision='f32' is for the CPU plugin; the language model runs on {device}")
+            return False, f"same as prefill: the language model runs on {device}"
+        main = self._compiled["language"].get_property("INFERENCE_PRECISION_HINT")
+        if mode == "f32":
+            if main == ov.Type.f32:
+                log.warning("the language model already computes in f32: the f32 decode variant only costs memory")
+            return True, "f32 decode steps: chosen with decode_precision=f32"
+        if "INFERENCE_PRECISION_HINT" in self.options.properties:
+            return False, "same as prefill: INFERENCE_PRECISION_HINT is set by the caller"
+        if main != ov.Type.bf16:
+            return False, f"same as prefill: the CPU plugin computes in {_plain(main)} here"
+        from llava_ov.common.hardware import int8_matrix_units
+
+        units = int8_matrix_units()
+        if not units:
+            return False, "same as prefill: no int8 matrix units (AMX/VNNI) for dynamically quantized decode"
+        weights = self._language_weights()
+        if not weights.startswith("int4"):  # INT8 decoded only ~1.08x faster at f32, fp16 slower (docs/speed.md)
+            return False, f"same as prefill: the language model's weights are {weights} (f32 decode pays for INT4)"
+        from llava_ov.common.hardware import available_memory
+
+        weights_file = self.part_path("language").with_suffix(".bin")
+        size = weights_file.stat().st_size if weights_file.exists() else 0
+        need, room = 3 * size + AUTO_DECODE_HEADROOM, available_memory()
+        if room < need:
+            return False, (f"same as prefill: a second copy of the {size / 2**30:.1f} GiB language model needs "
+                           f"{need / 2**30:.1f} GiB available at load, {room / 2**30:.1f} GiB are")  # fmt: skip
+        return True, f"f32 decode steps: {weights} weights, bf16 by default, {', '.join(units)} on this CPU"
+
+    def _language_weights(self) -> str:
+        """How the language model's weights are stored, from the export_info.json beside its IR."""
+        from llava_ov.common.layout import EXPORT_INFO, read_json
+
+        info = self.part_path("language").parent / EXPORT_INFO
+        parts = read_json(info).get("parts", {}) if info.exists() else {}
+        return str(parts.get("language", {}).get("precision", "unknown"))
+
+    def _compile_decode_variant(self) -> ov.CompiledModel | None:
+        """The language model compiled again for decode steps (`decode_choice`), or None."""
+        wanted, self.decode_why = self.decode_choice()
+        if not wanted:
+            return None
+        device = self.options.devices.get("language", self.options.device)
+        main = self._compiled["language"]
+        kv = main.get_property("KV_CACHE_PRECISION")  # the variant must keep the same block tensors
+        props = {**self.options.properties, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
+        try:
+            return self.core.compile_model(self._paged_source, device, props)  # the main one's source
+        except RuntimeError as exc:
+            raise LlavaOvError(f"cannot compile the f32 decode variant: {self._reason(exc, device)}") from None
+
+    def _avoid_known_crash(self, device: str, props: dict[str, Any]) -> dict[str, Any]:
+        """OpenVINO 2026.4's CPU plugin dies with SIGFPE compiling the language model with
+        INFERENCE_NUM_THREADS=1 at bf16, the default on CPUs with AVX-512-bf16/AMX (seen with both KV
+        cache kinds; 2+ threads, f32 and f16 compile). Such a setting gets f32 compute for that part."""
+        threads = props.get("INFERENCE_NUM_THREADS")
+        if device.upper() != "CPU" or threads is None or int(threads) != 1 or "INFERENCE_PRECISION_HINT" in props:
+            return props
+        if self.core.get_property("CPU", "INFERENCE_PRECISION_HINT") != ov.Type.bf16:
+            return props
+        log.warning("one CPU thread at bf16 crashes OpenVINO's compiler for the language model: it runs at f32")
+        return {**props, "INFERENCE_PRECISION_HINT": "f32"}
+
+    def _reason(self, exc: RuntimeError, device: str) -> str:
+        """OpenVINO's message without its source-location lines, and the devices this machine has."""
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+        reason = lines[-1] if lines else type(exc).__name__
+        available = self.core.available_devices
+        name = device.split(":")[0].split(".")[0].upper()
+        if name not in ("AUTO", "HETERO", "MULTI", "BATCH") and name not in {d.split(".")[0] for d in available}:
+            reason += f" (devices on this machine: {', '.join(available) or 'none'})"
+        return reason
+
+    def runtime_info(self) -> dict[str, dict[str, str]]:
+        """Per part: the device and precisions it actually runs with, as plain strings ('f32', 'u8', 'CPU')."""
+        info = {}
+        for part, compiled in self._compiled.items():
+            props = {}
+            for key in ("EXECUTION_DEVICES", "INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION",
+                        "DYNAMIC_QUANTIZATION_GROUP_SIZE", "INFERENCE_NUM_THREADS"):  # fmt: skip
+                try:
+                    props[key] = _plain(compiled.get_property(key))
+                except RuntimeError:  # not every device reports every property
+                    pass
+            if part != "language":
+                props.pop("KV_CACHE_PRECISION", None)
+            info[part] = props
+        if self.paged is not None and self.paged.decode_request is not None:
+            info["language"]["DECODE_STEPS"] = f"f32 (steps of at most {self.paged.decode_tokens} tokens)"
+        return info
+
+    # ---------------------------------------------------------------- config
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        return self.config.get("text_config", {})
+
+    @property
+    def max_context(self) -> int:
+        return int(self.text_config.get("max_position_embeddings", 4096))
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.get("image_token_index", self.config.get("image_token_id", 32000)))
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Image tokens per vision tile: (image_size / patch_size)^2 (576 for CLIP-L/336), + CLS if kept."""
+        vision = self.config.get("vision_config", {})
+        patches = (int(vision.get("image_size", 336)) // int(vision.get("patch_size", 14))) ** 2
+        return patches + int(self.config.get("vision_feature_select_strategy", "default") == "full")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.get("hidden_size", 4096))
+
+    # ---------------------------------------------------------------- parts
+
+    def encode_image_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden] projected features."""
+        self._vision.infer({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})
+        return self._vision.get_output_tensor(0).data.copy()
+
+    def embed_instruction(self, ids: np.ndarray) -> np.ndarray:
+        """[T] ids -> [T, hidden] on a request of its own (the engine thread owns `embed_tokens`'s)."""
+        if len(ids) == 0:
+            return np.zeros((0, self.hidden_size), np.float32)
+        if self._embed_side is None:
+            self._embed_side = self._compiled["text_embeddings"].create_infer_request()
+        self._embed_side.set_input_tensor(ov.Tensor(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)))
+        self._embed_side.infer()
+        return self._embed_side.get_output_tensor(0).data[0].copy()
+
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """[T] token ids -> [T, hidden] embeddings."""
+        self._embed.set_input_tensor(ov.Tensor(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)))
+        self._embed.infer()
+        return self._embed.get_output_tensor(0).data[0]
+
+    def forward(self, embeds: np.ndarray) -> np.ndarray:
+        """Run [T, hidden] embeddings after the cached prefix; returns the last position's logits.
+
+        The stateful path only (kv_backend "stateful"); the paged one runs through the engine."""
+        steps = embeds.shape[0]
+        start, end = self.kv_len, self.kv_len + steps
+        if end > self.max_context:
+            raise LlavaOvError(f"sequence of {end} tokens exceeds the model's context of {self.max_context}")
+        self._lm.set_tensor("inputs_embeds", ov.Tensor(np.ascontiguousarray(embeds[None], dtype=np.float32)))
+        self._lm.set_tensor("attention_mask", ov.Tensor(self._mask[:, :end]))
+        self._lm.set_tensor("position_ids", ov.Tensor(np.arange(start, end, dtype=np.int64)[None]))
+        self._lm.set_tensor("beam_idx", ov.Tensor(self._beam_idx))
+        self._lm.infer()
+        self.kv_len = end
+        return self._lm.get_tensor("logits").data[0, -1]
+
+    def reset(self) -> None:
+        """Forget the KV cache."""
+        self._lm.reset_state()
+        self.kv_len = 0
+
+    def trim(self, length: int) -> None:
+        """Keep only the first `length` cached positions."""
+        if length >= self.kv_len:
+            return
+        if length == 0:
+            self.reset()
+            return
+        for state in self._lm.query_state():
+            kept = np.take(state.state.data, np.arange(length), axis=layout.KV_SEQ_AXIS)
+            state.state = ov.Tensor(np.ascontiguousarray(kept))
+        self.kv_len = length

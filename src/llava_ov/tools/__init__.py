@@ -1,0 +1,1 @@
+"""Measurement tools: bench, evaluate, fidelity."""
