@@ -180,8 +180,9 @@ def calibration_images(calibration: Any, count: int) -> CalibrationImages:
 def pixel_values_for(export_dir: Path, images: list) -> list[np.ndarray]:
     """The model's real pixel_values [tiles, 3, H, W] for each image (llava_ov.runtime.image)."""
     from llava_ov.runtime.export import ExportDir
+    from llava_ov.runtime.families import load_family
 
-    family = ExportDir(export_dir).family
+    family = load_family(ExportDir(export_dir))
     out = []
     for source in images:
         image = load_image(source)
@@ -202,8 +203,9 @@ def language_calibration(
     embed = core.compile_model(export_dir / layout.TEXT_EMBEDDINGS_MODEL, "CPU")
     vision = core.compile_model(export_dir / layout.VISION_MODEL, "CPU")
     from llava_ov.runtime.export import ExportDir
+    from llava_ov.runtime.families import load_family
 
-    image_id = ExportDir(export_dir).family.image_token_id
+    image_id = load_family(ExportDir(export_dir)).image_token_id
     lm_inputs = {p.get_any_name(): p for p in core.read_model(export_dir / layout.LANGUAGE_MODEL).inputs}
     samples = []
     for i in range(count):

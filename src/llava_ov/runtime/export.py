@@ -14,13 +14,10 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llava_ov.common import layout
 from llava_ov.errors import LlavaOvError, ModelNotFoundError, UnsupportedModelError
-
-if TYPE_CHECKING:
-    from llava_ov.runtime.families import Family, FamilyEntry
 
 REQUIRED_FILES = (layout.LANGUAGE_MODEL, layout.TEXT_EMBEDDINGS_MODEL, layout.VISION_MODEL, "config.json")
 IMAGE_SETTINGS_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -208,20 +205,6 @@ class ExportDir:
         for cfg in (self.generation_config, self.text_config, self.config):
             ids.update(_eos_values(cfg))
         return ids
-
-    # ------------------------------------------------------------ family
-
-    @cached_property
-    def family_entry(self) -> FamilyEntry:
-        """The registered family of config.json (UnsupportedModelError for others)."""
-        from llava_ov.runtime.families import family_for
-
-        return family_for(self.config)
-
-    @cached_property
-    def family(self) -> Family:
-        """This export's family, bound to its config and image settings."""
-        return self.family_entry.load(self.config, self.image_config)
 
     # ------------------------------------------------------------ chat template and tokenizer
 

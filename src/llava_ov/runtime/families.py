@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from llava_ov.runtime.budget import Resolution
+    from llava_ov.runtime.export import ExportDir
     from llava_ov.runtime.image import ProcessedImage
 
 
@@ -76,6 +77,11 @@ FAMILIES: dict[str, FamilyEntry] = {  # by architecture
 
 def supported_architectures() -> str:
     return ", ".join(FAMILIES)
+
+
+def load_family(export: ExportDir) -> Family:
+    """The family of an export, bound to its config.json and image settings."""
+    return family_for(export.config).load(export.config, export.image_config)
 
 
 def family_for(config: dict[str, Any]) -> FamilyEntry:

@@ -20,7 +20,7 @@ import openvino as ov
 from llava_ov.common import layout
 from llava_ov.errors import InvalidTextError, LlavaOvError, ModelNotFoundError
 from llava_ov.runtime.export import ExportDir
-from llava_ov.runtime.families import Family
+from llava_ov.runtime.families import Family, family_for, load_family
 
 log = logging.getLogger(__name__)
 F32_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
@@ -155,7 +155,8 @@ class ExportedModel:
         self.dir = self.export.path
         self.options = options or LoadOptions()
         self.config: dict[str, Any] = self.export.config
-        self.family_entry = self.export.family_entry  # an unsupported architecture fails here, before compiling
+        self.family_entry = family_for(self.config)  # an unsupported architecture fails here, before compiling
+        self._family: Family | None = None
         import openvino_tokenizers  # noqa: F401  (adds the tokenizer operations to Cores made after it)
 
         self.core = ov.Core()
@@ -370,7 +371,9 @@ class ExportedModel:
     @property
     def family(self) -> Family:
         """The export's model family (llava_ov/families), bound to its config and image settings."""
-        return self.export.family
+        if self._family is None:
+            self._family = load_family(self.export)
+        return self._family
 
     @property
     def image_token_id(self) -> int:
