@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from conftest import F32, FAMILIES
-from llava_ov.runtime.budget import ImageTokenRules, Resolution, fit_budget, resolutions
+from llava_ov.families.llava_next.runtime import anyres_resolutions
+from llava_ov.runtime.budget import Resolution, fit_budget
 from llava_ov.errors import ContextLengthError
 from llava_ov.runtime.generate import GenerationConfig
-from llava_ov.runtime.image import ImageConfig
+from llava_ov.runtime.export import ImageConfig
 from llava_ov.runtime.pipeline import Message, Pipeline
 from reference import hf_generate, hf_inputs
 
@@ -76,7 +77,7 @@ def test_every_budgeted_resolution_equals_transformers_with_reduced_pinpoints(
     pipe = pipes["llava-next"]
     model, processor = hf_models["llava-next"]
     image = Image.open(photos[photo])
-    options = resolutions(pipe.image_rules, (image.height, image.width))
+    options = pipe.model.family.resolutions((image.height, image.width))
     assert len(options) >= 3 and options[-1].pinpoints == ()
     messages = [Message("user", QUESTION, [photos[photo]])]
     for option in options[1:]:
@@ -97,7 +98,7 @@ def test_every_budgeted_resolution_equals_transformers_with_reduced_pinpoints(
 def test_a_budget_between_resolutions_takes_the_largest_that_fits(pipes, photos):
     pipe = pipes["llava-next"]
     image = Image.open(photos["astronaut"])
-    options = resolutions(pipe.image_rules, (image.height, image.width))
+    options = pipe.model.family.resolutions((image.height, image.width))
     messages = [Message("user", QUESTION, [photos["astronaut"]])]
     assert pipe.count_tokens(messages, _config(options[0].tokens + 1000)) == pipe.count_tokens(messages)
     for upper, lower in zip(options, options[1:]):
@@ -135,13 +136,12 @@ def test_llava_15_has_one_fixed_resolution(pipes, photos):
     assert plain.image_tokens == plain.image_tokens_total == 576
 
 
-def _rules() -> ImageTokenRules:
-    return ImageTokenRules(576, True, True, ImageConfig(image_grid_pinpoints=MISTRAL_PINPOINTS,
-                                                        crop_size={"height": 336, "width": 336}))  # fmt: skip
+def _image_config() -> ImageConfig:
+    return ImageConfig(image_grid_pinpoints=MISTRAL_PINPOINTS, crop_size={"height": 336, "width": 336})
 
 
 def test_resolutions_of_a_square_photo_on_the_real_pinpoints():
-    options = resolutions(_rules(), (672, 672))
+    options = anyres_resolutions(576, True, _image_config(), (672, 672))
     assert [(o.label, o.tokens) for o in options] == [("full", 2928), ("1x2", 1176), ("base", 577)]
 
 

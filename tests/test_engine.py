@@ -18,7 +18,7 @@ from llava_ov.runtime.chat import ChatSession
 from llava_ov.runtime.engine.core import EngineConfig
 from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.runtime.generate import GenerationConfig
-from llava_ov.runtime.image import DEFAULT_PINPOINTS
+from llava_ov.runtime.export import DEFAULT_PINPOINTS
 from llava_ov.runtime.engine.kvcache import BlockPool, PoolExhausted, block_hashes
 from llava_ov.runtime.engine.paged import ForwardBatch
 from llava_ov.runtime.pipeline import Message, Pipeline

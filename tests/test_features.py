@@ -7,8 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_ov.runtime.features import merge_embeddings, pack_features, unpad_bounds
-from llava_ov.runtime.image import ImageConfig, preprocess
+from llava_ov.families.llava.runtime import pack_single
+from llava_ov.families.llava_next.runtime import pack_anyres, preprocess_anyres, unpad_bounds
+from llava_ov.runtime.export import ImageConfig
+from llava_ov.runtime.features import merge_embeddings
 
 # (height, width) image sizes that select each pinpoint of llava-v1.6: 1x2, 2x1, 2x2, 3x1, 1x3 grids,
 # plus sizes where unpadding crops rows or columns, and a tie case (both sides <= 336).
@@ -19,7 +21,7 @@ SIZES = [(300, 700), (700, 300), (650, 640), (1000, 330), (330, 1000), (400, 120
 def test_packed_features_equal_transformers(size, hf_models, photos):
     model, processor = hf_models["llava-next"]
     image = Image.open(photos["astronaut"]).convert("RGB").resize(size[::-1])
-    processed = preprocess(image, ImageConfig.from_dict(processor.image_processor.to_dict()), "anyres")
+    processed = preprocess_anyres(image, ImageConfig.from_dict(processor.image_processor.to_dict()))
     pixel_values = torch.from_numpy(processed.pixel_values)
     with torch.no_grad():
         hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -28,14 +30,14 @@ def test_packed_features_equal_transformers(size, hf_models, photos):
             [tiles], torch.tensor([size]), "default", image_newline=model.model.image_newline
         )
     newline = model.model.image_newline.detach().numpy()
-    ours = pack_features(tiles.numpy(), processed.image_size, processed.grid, newline, packs=True)
+    ours = pack_anyres(tiles.numpy(), processed.image_size, processed.grid, newline)
     assert ours.shape == tuple(ref[0].shape)
     np.testing.assert_array_equal(ours, ref[0].numpy())
 
 
 def test_llava15_features_pass_through():
     tiles = np.random.default_rng(0).normal(size=(1, 576, 8)).astype(np.float32)
-    np.testing.assert_array_equal(pack_features(tiles, (10, 10), (1, 1), None, packs=False), tiles[0])
+    np.testing.assert_array_equal(pack_single(tiles), tiles[0])
 
 
 def test_unpad_bounds_crop_the_padded_axis():

@@ -20,7 +20,9 @@ from conftest import F32
 from llava_ov.common import layout
 from llava_ov.errors import ExportExistsError, LlavaOvError
 from llava_ov.runtime.generate import GenerationConfig
-from llava_ov.runtime.image import ImageConfig, preprocess
+from llava_ov.families.llava.runtime import preprocess_clip
+from llava_ov.families.llava_next.runtime import preprocess_anyres
+from llava_ov.runtime.export import ImageConfig
 from llava_ov.exporting.calibration import calibration_images
 from llava_ov.exporting.quantize import QuantConfig, compress_export, resolve_config, weight_stats
 
@@ -173,15 +175,15 @@ def test_vision_int8_ptq_close_to_fp32(family, exports, photos, tmp_path):
     assert set(weight_stats(out / layout.LANGUAGE_MODEL)["weights"]) == {"f32"}  # lm_mode none
     info = layout.ExportInfo.load(out)
     assert info.parts["vision"]["precision"] == "int8_ptq"
-    cfg, mode = ImageConfig.from_export(src), "clip" if family == "llava" else "anyres"
-    tiles = sum(preprocess(img, cfg, mode).pixel_values.shape[0] for img in calib)  # each tile one NNCF sample
+    cfg, preprocess = ImageConfig.from_export(src), preprocess_clip if family == "llava" else preprocess_anyres
+    tiles = sum(preprocess(img, cfg).pixel_values.shape[0] for img in calib)  # each tile one NNCF sample
     assert info.compression["calibration"] == {"source": "3 given images", "images": 3, "augmented": 0,
                                                "tiles": tiles}  # fmt: skip
     fp32 = core.compile_model(src / layout.VISION_MODEL, "CPU", F32)
     int8 = core.compile_model(out / layout.VISION_MODEL, "CPU", F32)
     sims = {}
     for name, path in photos.items():  # calibrated on 3 photos, measured on all 6
-        pixels = preprocess(path, cfg, mode).pixel_values
+        pixels = preprocess(path, cfg).pixel_values
         sims[name] = cosine(fp32(pixels)[0], int8(pixels)[0])
     print(f"{family} int8_ptq feature cosine vs fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in sims.items()))
     assert min(sims.values()) > 0.9  # observed > 0.99

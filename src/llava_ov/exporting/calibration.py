@@ -179,12 +179,16 @@ def calibration_images(calibration: Any, count: int) -> CalibrationImages:
 
 def pixel_values_for(export_dir: Path, images: list) -> list[np.ndarray]:
     """The model's real pixel_values [tiles, 3, H, W] for each image (llava_ov.runtime.image)."""
-    from llava_ov.runtime.families import family_for
-    from llava_ov.runtime.image import ImageConfig, preprocess
+    from llava_ov.runtime.export import ExportDir
+    from llava_ov.runtime.families import load_family
 
-    cfg = ImageConfig.from_export(export_dir)
-    mode = family_for(layout.read_json(export_dir / "config.json")).preprocessing
-    return [np.ascontiguousarray(preprocess(img, cfg, mode).pixel_values, dtype=np.float32) for img in images]
+    family = load_family(ExportDir(export_dir))
+    out = []
+    for source in images:
+        image = load_image(source)
+        own = family.resolutions((image.height, image.width))[0]  # the model's own resolution
+        out.append(np.ascontiguousarray(family.preprocess(image, own).pixel_values, dtype=np.float32))
+    return out
 
 
 def language_calibration(
@@ -198,8 +202,10 @@ def language_calibration(
     tokenizer = core.compile_model(export_dir / layout.TOKENIZER_MODEL, "CPU")
     embed = core.compile_model(export_dir / layout.TEXT_EMBEDDINGS_MODEL, "CPU")
     vision = core.compile_model(export_dir / layout.VISION_MODEL, "CPU")
-    cfg = layout.read_json(export_dir / "config.json")
-    image_id = cfg.get("image_token_index", cfg.get("image_token_id", 32000))
+    from llava_ov.runtime.export import ExportDir
+    from llava_ov.runtime.families import load_family
+
+    image_id = load_family(ExportDir(export_dir)).image_token_id
     lm_inputs = {p.get_any_name(): p for p in core.read_model(export_dir / layout.LANGUAGE_MODEL).inputs}
     samples = []
     for i in range(count):

@@ -26,7 +26,7 @@ from typing import Any
 
 from llava_ov.common import layout
 from llava_ov.errors import DiskFullError, LlavaOvError, ModelNotFoundError
-from llava_ov.runtime.families import Family, family_for
+from llava_ov.runtime.families import FamilyEntry as Family, family_for
 from llava_ov.exporting.fp16 import compress_keeping_rotary_f32
 from llava_ov.common.layout import looks_like_path
 from llava_ov.common.progress import Phases
@@ -177,30 +177,6 @@ def _traceable(model) -> None:
         make_16bit_traceable(model)
 
 
-def vision_module(model):
-    """CLIP tower -> hidden state of vision_feature_layer -> (drop CLS) -> projector."""
-    import torch
-
-    cfg = model.config
-    layers = cfg.vision_feature_layer
-    drop_cls = cfg.vision_feature_select_strategy == "default"
-
-    class VisionEmbeddings(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tower = model.model.vision_tower
-            self.projector = model.model.multi_modal_projector
-
-        def forward(self, pixel_values):
-            hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states
-            feats = hidden[layers] if isinstance(layers, int) else torch.cat([hidden[i] for i in layers], dim=-1)
-            if drop_cls:
-                feats = feats[:, 1:]
-            return self.projector(feats)
-
-    return VisionEmbeddings().eval()
-
-
 def text_embeddings_module(model):
     import torch
 
@@ -269,7 +245,8 @@ def causal_mask(inputs_embeds, attention_mask):
     return zeros.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min)
 
 
-def convert_vision(model):
+def convert_vision(model, family: Family):
+    """The family's vision tower + projector (its export hooks say how it is wrapped) as an OpenVINO model."""
     import openvino as ov
     import torch
 
@@ -278,7 +255,7 @@ def convert_vision(model):
     example = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ov_model = ov.convert_model(
-            vision_module(model), example_input=example, input=[("pixel_values", [-1, 3, size, size], ov.Type.f32)]
+            family.export_hooks().vision_module(model), example_input=example, input=[("pixel_values", [-1, 3, size, size], ov.Type.f32)]
         )
     name_ports(ov_model, ["pixel_values"], ["last_hidden_state"])
     return ov_model
@@ -346,12 +323,9 @@ def write_tokenizers(processor, out: Path) -> None:
     ov.save_model(ov_detok, str(out / layout.DETOKENIZER_MODEL))
 
 
-def write_config_files(model, processor, out: Path) -> None:
-    """config.json (full, + image_newline), generation, processor, tokenizer and template files."""
-    cfg = model.config.to_dict()
-    newline = getattr(model.model, "image_newline", None)
-    if newline is not None:
-        cfg["image_newline"] = newline.detach().float().cpu().tolist()  # read by openvino_genai
+def write_config_files(model, processor, out: Path, family: Family) -> None:
+    """config.json (full, + the family's extras), generation, processor, tokenizer and template files."""
+    cfg = {**model.config.to_dict(), **family.export_hooks().config_extras(model)}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     model.generation_config.save_pretrained(out)
     processor.save_pretrained(out)
@@ -442,7 +416,7 @@ def _convert_parts(src: str, out: Path, family: Family, opts: ConvertOptions, ph
         _traceable(model)
     parts: dict[str, dict[str, Any]] = {}
     steps = [
-        ("vision", "vision embeddings (CLIP + projector)", convert_vision),
+        ("vision", "vision embeddings (CLIP + projector)", lambda m: convert_vision(m, family)),
         ("text_embeddings", "text embeddings", convert_text_embeddings),
         ("language", "language model (stateful KV cache)", convert_language_model),
     ]
@@ -456,7 +430,7 @@ def _convert_parts(src: str, out: Path, family: Family, opts: ConvertOptions, ph
     with phases.phase("converting tokenizer and detokenizer"):
         write_tokenizers(processor, out)
     with phases.phase("writing config, processor and chat-template files"):
-        write_config_files(model, processor, out)
+        write_config_files(model, processor, out, family)
     del model
     release_memory()
     info = layout.ExportInfo(

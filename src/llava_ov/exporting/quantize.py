@@ -315,9 +315,12 @@ def compress_vision(model, mode: str, pixels: list[np.ndarray] | None = None):
 
 
 def _load_info(export_dir: Path) -> layout.ExportInfo:
+    """The export's record, or a new one (exported elsewhere, e.g. by optimum-intel: none to read)."""
+    from llava_ov.runtime.export import ExportDir
+
     try:
-        return layout.ExportInfo.load(export_dir)
-    except (OSError, ValueError, TypeError):  # exported elsewhere (e.g. optimum-intel): start a new record
+        return ExportDir(export_dir).record() or layout.ExportInfo(source=str(export_dir))
+    except TypeError:  # a record of another shape
         return layout.ExportInfo(source=str(export_dir))
 
 

@@ -239,20 +239,7 @@ def write_streamed_weights(arch: str, config, out: Path, dtype: str, seed: int, 
 
 
 def _build_processor(arch: str, preproc: dict, tok, template: str, config):
-    import transformers
+    """The family's transformers processor (its export hooks know which classes)."""
+    from llava_ov.runtime.families import FAMILIES
 
-    kwargs = {k: v for k, v in preproc.items() if k not in ("image_processor_type", "processor_class")}
-    if arch == "LlavaNextForConditionalGeneration":
-        image_processor = transformers.LlavaNextImageProcessorPil(**kwargs)
-        proc_cls = transformers.LlavaNextProcessor
-    else:
-        image_processor = transformers.CLIPImageProcessorPil(**kwargs)
-        proc_cls = transformers.LlavaProcessor
-    return proc_cls(
-        image_processor=image_processor,
-        tokenizer=tok,
-        chat_template=template,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-    )
+    return FAMILIES[arch].export_hooks().build_processor(preproc, tok, template, config)

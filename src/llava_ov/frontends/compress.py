@@ -72,12 +72,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def print_parts(export: Path) -> None:
     """One line per compressed part: precision and weight bytes before/after."""
-    from llava_ov.common.layout import ExportInfo
+    from llava_ov.runtime.export import ExportDir
 
-    info = ExportInfo.load(export)
-    for part, rec in info.compression.get("parts", {}).items():
+    export_dir = ExportDir(export)
+    for part, rec in export_dir.info.get("compression", {}).get("parts", {}).items():
         before, after = rec["weight_bytes_before"], rec["weight_bytes_after"]
-        precision = info.parts.get(part, {}).get("precision", "?")
+        precision = export_dir.stored_precision(part)
         print(f"  {part:<16} {precision:<28} weights {before / 1e6:9.2f} MB -> {after / 1e6:9.2f} MB "
               f"({before / max(after, 1):.2f}x)")  # fmt: skip
 

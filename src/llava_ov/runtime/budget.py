@@ -1,34 +1,17 @@
-"""The image-token budget: the largest anyres resolution of each image that fits a request's budget.
+"""The image-token budget: the largest resolution of each image that fits a request's budget.
 
-LLaVA-NeXT picks each image's grid from the model's `image_grid_pinpoints`; more grid tiles mean
-more image tokens (a 672x672 photo: 2,928 on llava-v1.6-mistral-7b) and a longer prefill. A
-budget keeps, per image, only the pinpoints whose token count fits, and lets transformers' own
-rule (`select_best_resolution`) choose among them, so a budgeted image is exactly what
-transformers computes with that reduced pinpoint list. Below the smallest pinpoint the image is
-the base tile only (plus its `image_newline`), as LLaVA-NeXT packs a single-tile image.
-LLaVA-1.5 has one fixed tile per image: nothing to reduce.
+A family lists the resolutions an image can be fed at (`Family.resolutions`, most tokens first:
+LLaVA-NeXT's reduced pinpoint lists, LLaVA-1.5's one fixed tile); `fit_budget` picks one per
+image so that all of a request's images fit together.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from llava_ov.errors import ContextLengthError
-from llava_ov.runtime.features import packed_length
-from llava_ov.runtime.image import ImageConfig, best_resolution
 
 Pinpoints = tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True)
-class ImageTokenRules:
-    """How a model turns an image into tokens (from its config)."""
-
-    tokens_per_tile: int
-    newline: bool  # an image_newline token after every packed row
-    packs: bool  # LLaVA-NeXT packing (anyres); False: one tile per image
-    image: ImageConfig
 
 
 @dataclass(frozen=True)
@@ -46,38 +29,6 @@ class Resolution:
         if self.pinpoints is None:
             return "full"
         return "base" if not self.pinpoints else f"{self.grid[0]}x{self.grid[1]}"
-
-
-def _grid(image_size: tuple[int, int], pinpoints: Pinpoints, patch: int) -> tuple[int, int]:
-    height, width = best_resolution(image_size, pinpoints)
-    return math.ceil(height / patch), math.ceil(width / patch)
-
-
-def _tokens(rules: ImageTokenRules, image_size: tuple[int, int], grid: tuple[int, int]) -> int:
-    tiles = 1 + grid[0] * grid[1]
-    return packed_length(rules.tokens_per_tile, image_size, grid, tiles, rules.newline, rules.packs)
-
-
-def resolutions(rules: ImageTokenRules, image_size: tuple[int, int]) -> list[Resolution]:
-    """Every distinct resolution of an image, most tokens first: the model's default, then each
-    reduced pinpoint list (the pinpoints with at most so many tokens), then the base tile only."""
-    if not rules.packs:
-        return [Resolution(None, rules.tokens_per_tile, (1, 1))]
-    pinpoints = rules.image.image_grid_pinpoints
-    patch = rules.image.patch_size
-    cost = {p: _tokens(rules, image_size, _grid(image_size, (p,), patch)) for p in pinpoints}
-    default_grid = _grid(image_size, pinpoints, patch)
-    options = [Resolution(None, _tokens(rules, image_size, default_grid), default_grid)]
-    for cap in sorted(set(cost.values()), reverse=True):
-        subset = tuple(p for p in pinpoints if cost[p] <= cap)
-        grid = _grid(image_size, subset, patch)
-        tokens = _tokens(rules, image_size, grid)
-        if tokens < options[-1].tokens:
-            options.append(Resolution(subset, tokens, grid))
-    base = rules.tokens_per_tile + int(rules.newline)
-    if base < options[-1].tokens:
-        options.append(Resolution((), base, (0, 0)))
-    return options
 
 
 def fit_budget(options: list[list[Resolution]], budget: int | None) -> list[Resolution]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from llava_ov.errors import LlavaOvError
+from llava_ov.runtime.export import ExportDir
 
 MAX_SCHEMA_BYTES = 64 * 1024  # a schema larger than this is refused before it is compiled
 JSON_OBJECT: dict[str, Any] = {"type": "object"}  # OpenAI's json_object: any JSON object
@@ -80,11 +81,11 @@ class JsonGrammars:
         self.tokenizer = LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=eos or None)
 
     @classmethod
-    def from_export(cls, export_dir: Path, n_vocab: int, eos_ids: Iterable[int]) -> JsonGrammars:
-        path = Path(export_dir) / "tokenizer.json"
-        if not path.exists():
-            raise LlavaOvError(f"structured output needs the export's tokenizer.json, which {export_dir} lacks")
-        return cls(path.read_text(encoding="utf-8"), n_vocab, eos_ids)
+    def from_export(cls, export: ExportDir | Path, n_vocab: int, eos_ids: Iterable[int]) -> JsonGrammars:
+        export = ExportDir.of(export)
+        if export.tokenizer_json_text is None:
+            raise LlavaOvError(f"structured output needs the export's tokenizer.json, which {export.path} lacks")
+        return cls(export.tokenizer_json_text, n_vocab, eos_ids)
 
     def constraint(self, schema: dict[str, Any]) -> JsonConstraint:
         """A fresh grammar state for one sequence (InvalidSchemaError naming the problem)."""

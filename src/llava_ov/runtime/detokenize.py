@@ -12,9 +12,10 @@ Tokenizers it does not recognise fall back to `generate.IncrementalDetokenizer`.
 from __future__ import annotations
 
 import codecs
-import json
 import re
 from pathlib import Path
+
+from llava_ov.runtime.export import ExportDir
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -56,11 +57,11 @@ class PieceDecoder:
         self.strip_first_space = strip_first_space
 
     @classmethod
-    def from_export(cls, export_dir: Path) -> PieceDecoder | None:
-        path = Path(export_dir) / "tokenizer.json"
-        if not path.exists():
+    def from_export(cls, export: ExportDir | Path) -> PieceDecoder | None:
+        """The vocabulary table of the export's tokenizer.json (None when absent or of another kind)."""
+        spec = ExportDir.of(export).tokenizer_json
+        if spec is None:
             return None
-        spec = json.loads(path.read_text())
         kind = _decoder_kind(spec.get("decoder"))
         vocab = spec.get("model", {}).get("vocab")
         if kind is None or not isinstance(vocab, dict):

@@ -1,42 +1,97 @@
-"""Supported model families as data.
+"""The model families the runtime can run: an interface and a lazy registry by architecture.
 
-A family says which transformers class loads it, how its images are
-preprocessed and whether its image features are packed (unpad + image_newline).
-Adding a family means adding an entry here (and, if it preprocesses differently,
-one small function in image.py), never `if model_type == ...` elsewhere.
+Everything specific to a family (which config fields mean what, preprocessing,
+feature packing, image-token budget rules, conversion) lives in its folder,
+`llava_ov/families/<name>/`: `runtime.py` (torch-free, defines `FAMILY`) and
+`export.py` (conversion hooks, torch imported lazily, defines `EXPORT`). The
+registry names those modules by string and imports them on first use (vLLM's
+pattern), so the runtime depends on the `Family` interface only.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llava_ov.errors import UnsupportedModelError
 
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+    from llava_ov.runtime.budget import Resolution
+    from llava_ov.runtime.export import ExportDir
+    from llava_ov.runtime.image import ProcessedImage
+
+
+class Family(Protocol):
+    """What the runtime asks of a model family, bound to one export's config and image settings."""
+
+    model_type: str
+    architecture: str
+    tokens_per_tile: int  # image tokens of one vision tile
+    image_token_id: int  # the prompt's <image> placeholder id
+
+    def resolutions(self, image_size: tuple[int, int]) -> list[Resolution]:
+        """Every way to feed an image of (height, width), most tokens first (the first: the model's own)."""
+
+    def preprocess(self, image: Image.Image, resolution: Resolution) -> ProcessedImage:
+        """Model-ready pixel tiles of an RGB image at one of its resolutions."""
+
+    def pack(self, tile_features: np.ndarray, processed: ProcessedImage) -> np.ndarray:
+        """[tiles, tokens_per_tile, C] vision features -> [N, C] image tokens of the prompt."""
+
+    def packed_tiles(self, image_size: tuple[int, int], resolution: Resolution) -> np.ndarray:
+        """Per packed token (before encoding): its tile (0 = base image), or -1 for a separator token."""
+
 
 @dataclass(frozen=True)
-class Family:
+class FamilyEntry:
+    """One registered family: its names and the package holding its modules."""
+
     model_type: str  # config.json "model_type"
-    architecture: str  # transformers class
-    preprocessing: str  # key into image.PREPROCESSORS: "anyres" | "clip"
-    packs_features: bool  # LLaVA-NeXT: unpad tiles + image_newline
+    architecture: str  # config.json "architectures"[0]; the transformers class
+    package: str  # e.g. "llava_ov.families.llava_next"
+
+    def runtime_module(self) -> Any:
+        return importlib.import_module(f"{self.package}.runtime")
+
+    def load(self, config: dict[str, Any], image: Any) -> Family:
+        """The family bound to one export's config.json and image settings (an export.ImageConfig)."""
+        return self.runtime_module().FAMILY(config, image)
+
+    def export_hooks(self) -> Any:
+        """The family's conversion hooks (imports its export module, which may use torch)."""
+        return importlib.import_module(f"{self.package}.export").EXPORT
 
 
-FAMILIES: dict[str, Family] = {
-    "llava_next": Family("llava_next", "LlavaNextForConditionalGeneration", "anyres", True),
-    "llava": Family("llava", "LlavaForConditionalGeneration", "clip", False),
+FAMILIES: dict[str, FamilyEntry] = {  # by architecture
+    entry.architecture: entry
+    for entry in (
+        FamilyEntry("llava_next", "LlavaNextForConditionalGeneration", "llava_ov.families.llava_next"),
+        FamilyEntry("llava", "LlavaForConditionalGeneration", "llava_ov.families.llava"),
+    )
 }
 
 
 def supported_architectures() -> str:
-    return ", ".join(f.architecture for f in FAMILIES.values())
+    return ", ".join(FAMILIES)
 
 
-def family_for(config: dict) -> Family:
-    """The family of a config.json dict; a clear error for anything else."""
-    model_type = config.get("model_type")
+def load_family(export: ExportDir) -> Family:
+    """The family of an export, bound to its config.json and image settings."""
+    return family_for(export.config).load(export.config, export.image_config)
+
+
+def family_for(config: dict[str, Any]) -> FamilyEntry:
+    """The family of a config.json dict: by architecture, else (no architectures given) by model_type."""
     archs = config.get("architectures") or []
-    family = FAMILIES.get(model_type)
-    if family is None:
-        found = archs[0] if archs else f"model_type={model_type!r}"
+    if archs:
+        entry = FAMILIES.get(archs[0])
+    else:
+        entry = next((e for e in FAMILIES.values() if e.model_type == config.get("model_type")), None)
+    if entry is None:
+        found = archs[0] if archs else f"model_type={config.get('model_type')!r}"
         raise UnsupportedModelError(f"{found} is not supported; supported architectures: {supported_architectures()}")
-    return family
+    return entry

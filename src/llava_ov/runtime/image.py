@@ -1,38 +1,30 @@
 """The image stage of the runtime: load an image safely, turn it into pixel tiles.
 
 Owns image decoding (bounded in bytes and pixels before decoding, EXIF
-orientation, every PIL mode to RGB) and the two preprocessings of the supported
-families, written in numpy + PIL so the runtime needs neither torch nor
-transformers:
-
-- "anyres" (LLaVA-NeXT): equal to transformers' `LlavaNextImageProcessorPil`.
-- "clip"   (LLaVA-1.5):  equal to transformers' `CLIPImageProcessorPil`.
-
-Both reproduce the reference bit for bit: the same PIL resize calls on uint8
-RGB, the same integer size arithmetic, zero padding centred with the odd pixel
-after, and rescale+normalize done in the reference's float64->float32 order
-(through a 256-entry lookup table per channel, so one gather makes the floats).
+orientation, every PIL mode to RGB) and the generic steps the families'
+preprocessings are made of (llava_ov/families/*/runtime.py), in numpy + PIL so
+the runtime needs neither torch nor transformers: transformers' resize and
+center crop on uint8 RGB with the same integer size arithmetic, grid selection
+(`best_resolution`), and rescale+normalize in the reference's float64->float32
+order (through a 256-entry lookup table per channel, so one gather makes the floats).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from llava_ov.errors import InvalidImageError, ModelNotFoundError, UnsupportedModelError
+from llava_ov.errors import InvalidImageError, UnsupportedModelError
+from llava_ov.runtime.export import ImageConfig
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 EXIF_ORIENTATION = 0x0112
 # What users send; nothing else is opened (no ICO/EPS/PSD/...: decoders that decode before any size check,
 # or hand the bytes to Ghostscript). JPEG includes MPO, the JPEG variant phone cameras write.
@@ -43,80 +35,7 @@ IMAGE_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/pjp
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
 
-# ----------------------------------------------------------------------------- config
-
-
-def _size_dict(value: Any, square: bool) -> dict[str, int]:
-    """A transformers size setting (int, [h, w] or dict) as a dict, like get_size_dict."""
-    if isinstance(value, dict):
-        return {k: int(v) for k, v in value.items() if v is not None}
-    if isinstance(value, int):
-        return {"height": value, "width": value} if square else {"shortest_edge": value}
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return {"height": int(value[0]), "width": int(value[1])}
-    raise UnsupportedModelError(f"unsupported image size setting {value!r} in the preprocessor config")
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    """The image-processor settings of a checkpoint (preprocessor_config.json)."""
-
-    size: dict[str, int] = field(default_factory=lambda: {"shortest_edge": 224})
-    crop_size: dict[str, int] = field(default_factory=lambda: {"height": 224, "width": 224})
-    resample: int = 3  # PIL.Image.Resampling.BICUBIC
-    do_resize: bool = True
-    do_center_crop: bool = True
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
-    image_mean: tuple[float, ...] = CLIP_MEAN
-    image_std: tuple[float, ...] = CLIP_STD
-    do_convert_rgb: bool = True  # always done: the vision tower takes RGB
-    do_pad: bool = True  # batch padding of the tile count; no effect on one image
-    image_grid_pinpoints: tuple[tuple[int, int], ...] = DEFAULT_PINPOINTS
-    image_processor_type: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ImageConfig":
-        """From a preprocessor_config.json dict or a transformers-5 processor_config.json dict."""
-        if isinstance(d.get("image_processor"), dict):
-            d = d["image_processor"]
-        kw: dict[str, Any] = {k: d[k] for k in cls.__dataclass_fields__ if d.get(k) is not None}
-        if "size" in kw:
-            kw["size"] = _size_dict(kw["size"], square=False)
-        if "crop_size" in kw:
-            kw["crop_size"] = _size_dict(kw["crop_size"], square=True)
-        for key in ("image_mean", "image_std"):
-            if key in kw:
-                kw[key] = tuple(float(v) for v in (kw[key] if isinstance(kw[key], (list, tuple)) else [kw[key]] * 3))
-        if "image_grid_pinpoints" in kw:
-            kw["image_grid_pinpoints"] = tuple((int(h), int(w)) for h, w in kw["image_grid_pinpoints"])
-        cfg = cls(**kw)
-        _resize_size((1, 1), cfg.size)  # reject an unsupported size setting now, not at the first image
-        return cfg
-
-    @classmethod
-    def from_export(cls, export_dir: str | Path) -> "ImageConfig":
-        """Read preprocessor_config.json, else processor_config.json, from a folder."""
-        for name in ("preprocessor_config.json", "processor_config.json"):
-            path = Path(export_dir) / name
-            if path.is_file():
-                return cls.from_dict(json.loads(path.read_text()))
-        raise ModelNotFoundError(f"{export_dir} has no preprocessor_config.json or processor_config.json")
-
-    @property
-    def base_size(self) -> tuple[int, int]:
-        """(height, width) the whole image is resized to for the anyres base tile."""
-        if "height" in self.size and "width" in self.size:
-            return self.size["height"], self.size["width"]
-        if "shortest_edge" in self.size:
-            return self.size["shortest_edge"], self.size["shortest_edge"]
-        raise UnsupportedModelError(f"unsupported image size setting {self.size!r} in the preprocessor config")
-
-    @property
-    def patch_size(self) -> int:
-        """Side of an anyres grid tile (crop height, else size height, else shortest edge)."""
-        return self.crop_size.get("height") or self.size.get("height") or self.size["shortest_edge"]
+# ----------------------------------------------------------------------------- pixels of one image
 
 
 @dataclass
@@ -311,7 +230,7 @@ def best_resolution(image_size: tuple[int, int], pinpoints) -> tuple[int, int]:
     return best
 
 
-def _fit_size(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+def fit_size(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
     """(height, width) that fits image_size into target keeping aspect (get_patch_output_size)."""
     (h, w), (th, tw) = image_size, target
     if tw / w < th / h:
@@ -345,7 +264,7 @@ def _center_crop(a: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
     return padded[max(0, top) : min(nh, top + ch), max(0, left) : min(nw, left + cw)]
 
 
-def _resize_crop(img: Image.Image | np.ndarray, cfg: ImageConfig) -> np.ndarray:
+def resize_crop(img: Image.Image | np.ndarray, cfg: ImageConfig) -> np.ndarray:
     """The per-image resize + center crop of the processor's loop, on uint8 HxWx3."""
     h, w = (img.height, img.width) if isinstance(img, Image.Image) else img.shape[:2]
     if cfg.do_resize:
@@ -372,7 +291,7 @@ def _lut(do_rescale: bool, factor: float, do_normalize: bool, mean: tuple, std: 
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
-def _to_float(tiles: list[np.ndarray], cfg: ImageConfig) -> np.ndarray:
+def to_float(tiles: list[np.ndarray], cfg: ImageConfig) -> np.ndarray:
     """uint8 HxWx3 tiles -> float32 [N, 3, H, W], rescaled and normalized in one gather."""
     lut = _lut(cfg.do_rescale, cfg.rescale_factor, cfg.do_normalize, cfg.image_mean, cfg.image_std)
     shapes = {t.shape for t in tiles}
@@ -384,47 +303,3 @@ def _to_float(tiles: list[np.ndarray], cfg: ImageConfig) -> np.ndarray:
         for c in range(3):
             np.take(lut[c], t[..., c], out=out[i, c], mode="clip")  # uint8 is always in range; "clip" skips buffering
     return out
-
-
-def preprocess_anyres(image: ImageSource, cfg: ImageConfig) -> ProcessedImage:
-    """LLaVA-NeXT anyres: base image resized whole, then the grid tiles row-major.
-
-    With no pinpoints (an image-token budget below the smallest grid) only the base tile."""
-    img = load_image(image)
-    h, w = img.height, img.width
-    bh, bw = cfg.base_size
-    if not cfg.image_grid_pinpoints:
-        base = img.resize((bw, bh), resample=cfg.resample)
-        return ProcessedImage(_to_float([_resize_crop(base, cfg)], cfg), (h, w), (0, 0))
-    th, tw = best_resolution((h, w), cfg.image_grid_pinpoints)
-    nh, nw = _fit_size((h, w), (th, tw))
-    canvas = np.zeros((th, tw, 3), np.uint8)  # zero (black) padding, odd pixel after
-    top, left = (th - nh) // 2, (tw - nw) // 2
-    canvas[top : top + nh, left : left + nw] = np.asarray(img.resize((nw, nh), resample=cfg.resample))
-    p = cfg.patch_size
-    tiles = [canvas[i : i + p, j : j + p] for i in range(0, th, p) for j in range(0, tw, p)]
-    base = img.resize((bw, bh), resample=cfg.resample)
-    pixels = _to_float([_resize_crop(t, cfg) for t in [base, *tiles]], cfg)
-    return ProcessedImage(pixels, (h, w), (math.ceil(th / p), math.ceil(tw / p)))
-
-
-def preprocess_clip(image: ImageSource, cfg: ImageConfig) -> ProcessedImage:
-    """LLaVA-1.5 / CLIP: shortest edge resized, then center crop; one tile."""
-    img = load_image(image)
-    return ProcessedImage(_to_float([_resize_crop(img, cfg)], cfg), (img.height, img.width), (1, 1))
-
-
-PREPROCESSORS: dict[str, Callable[[ImageSource, ImageConfig], ProcessedImage]] = {
-    "anyres": preprocess_anyres,
-    "clip": preprocess_clip,
-}
-
-
-def preprocess(image: ImageSource, cfg: ImageConfig, mode: str) -> ProcessedImage:
-    """Preprocess one image with the family's mode ("anyres" or "clip")."""
-    try:
-        fn = PREPROCESSORS[mode]
-    except KeyError:
-        known = ", ".join(PREPROCESSORS)
-        raise UnsupportedModelError(f"unknown image preprocessing {mode!r}; known: {known}") from None
-    return fn(image, cfg)

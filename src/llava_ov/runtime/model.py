@@ -7,7 +7,6 @@ request's state), and the tokenizer/detokenizer IRs.  No torch, no transformers.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -20,10 +19,10 @@ import openvino as ov
 
 from llava_ov.common import layout
 from llava_ov.errors import InvalidTextError, LlavaOvError, ModelNotFoundError
-from llava_ov.runtime.families import Family, family_for
+from llava_ov.runtime.export import ExportDir
+from llava_ov.runtime.families import Family, family_for, load_family
 
 log = logging.getLogger(__name__)
-REQUIRED_FILES = (layout.LANGUAGE_MODEL, layout.TEXT_EMBEDDINGS_MODEL, layout.VISION_MODEL, "config.json")
 F32_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
 
 
@@ -48,16 +47,8 @@ def cache_dir_for(option: str | None, device: str) -> str | None:
 
 
 def check_export_dir(path: str | Path) -> Path:
-    """An export directory with every required file, or a clear error."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise ModelNotFoundError(f"no such model directory: {path}")
-    missing = [name for name in REQUIRED_FILES if not (path / name).exists()]
-    if missing:
-        raise ModelNotFoundError(
-            f"{path} is not a llava-ov export (missing {', '.join(missing)}); create one with `llava-ov convert`"
-        )
-    return path
+    """An export directory with every required file, or a clear error (see `ExportDir.open`)."""
+    return ExportDir.open(path).path
 
 
 @dataclass
@@ -102,15 +93,15 @@ SMALL_GRAPH = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
 class Tokenizer:
     """openvino-tokenizers IRs: text -> ids (with BOS), ids -> text (special tokens skipped)."""
 
-    def __init__(self, core: ov.Core, export_dir: Path):
+    def __init__(self, core: ov.Core, export: ExportDir):
         from llava_ov.runtime.detokenize import PieceDecoder
 
-        self._encoder = core.compile_model(export_dir / layout.TOKENIZER_MODEL, "CPU", SMALL_GRAPH)
-        self._decoder = core.compile_model(export_dir / layout.DETOKENIZER_MODEL, "CPU", SMALL_GRAPH)
+        self._encoder = core.compile_model(export.tokenizer_path, "CPU", SMALL_GRAPH)
+        self._decoder = core.compile_model(export.detokenizer_path, "CPU", SMALL_GRAPH)
         self._enc_req = self._encoder.create_infer_request()
         self._dec_req = self._decoder.create_infer_request()
         self._dec_lock = threading.Lock()
-        self.pieces = PieceDecoder.from_export(export_dir)
+        self.pieces = PieceDecoder.from_export(export)
 
     @property
     def max_piece_bytes(self) -> int:
@@ -160,10 +151,12 @@ class ExportedModel:
     """Compiled parts of one export plus the language model's KV state."""
 
     def __init__(self, export_dir: str | Path, options: LoadOptions | None = None):
-        self.dir = check_export_dir(export_dir)
+        self.export = ExportDir.open(export_dir)
+        self.dir = self.export.path
         self.options = options or LoadOptions()
-        self.config: dict[str, Any] = json.loads((self.dir / "config.json").read_text())
-        self.family: Family = family_for(self.config)
+        self.config: dict[str, Any] = self.export.config
+        self.family_entry = family_for(self.config)  # an unsupported architecture fails here, before compiling
+        self._family: Family | None = None
         import openvino_tokenizers  # noqa: F401  (adds the tokenizer operations to Cores made after it)
 
         self.core = ov.Core()
@@ -175,7 +168,7 @@ class ExportedModel:
         self.decode_why = "the stateful KV cache: one compilation" if self.kv_backend != "paged" else ""
         self._warn_if_rotary_fp16()
         self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
-        self.tokenizer = Tokenizer(self.core, self.dir)
+        self.tokenizer = Tokenizer(self.core, self.export)
         self._vision = self._compiled["vision"].create_infer_request()
         self._embed = self._compiled["text_embeddings"].create_infer_request()
         self._embed_side = None  # for instruction embeddings (pruning), made on first use
@@ -187,8 +180,6 @@ class ExportedModel:
             self._paged_source = None  # derived for the compilations only
         else:
             self._lm = self._compiled["language"].create_infer_request()
-        newline = self.config.get("image_newline")
-        self.image_newline = np.asarray(newline, dtype=np.float32) if newline is not None else None
         self.kv_len = 0
         self._mask = np.ones((1, self.max_context + 1), dtype=np.int64)
         self._beam_idx = np.zeros(1, dtype=np.int32)
@@ -200,7 +191,7 @@ class ExportedModel:
         if not override and part == "vision":
             return self.dir / self.vision_choice()[0]
         if not override:
-            return self.dir / layout.MODEL_PARTS[part]
+            return self.export.part_path(part)
         path = Path(override).expanduser()
         path = path / layout.MODEL_PARTS[part] if path.is_dir() else path
         if not path.exists():
@@ -212,12 +203,12 @@ class ExportedModel:
         mode = self.options.vision_encoder
         if mode not in ("auto", "int8", "float"):
             raise LlavaOvError(f"unknown vision encoder choice {mode!r} (auto, int8, float)")
-        entry = self._export_parts().get("vision", {})
-        float_file = entry.get("float_file")
-        if not float_file or not (self.dir / float_file).is_file():
-            if mode == "float" and entry.get("precision") == "int8_ptq":
+        float_file = self.export.vision_float_file
+        if not float_file:
+            precision = self.export.stored_precision("vision", "the export")
+            if mode == "float" and precision == "int8_ptq":
                 raise ModelNotFoundError(f"{self.dir} has only the INT8-PTQ vision encoder (no {layout.VISION_FLOAT_MODEL})")
-            return layout.VISION_MODEL, f"{entry.get('precision', 'the export')}'s only vision encoder"
+            return layout.VISION_MODEL, f"{precision}'s only vision encoder"
         if mode != "auto":
             chosen = layout.VISION_MODEL if mode == "int8" else float_file
             return chosen, f"chosen with vision_encoder={mode}"
@@ -233,25 +224,10 @@ class ExportedModel:
 
     def _warn_if_rotary_fp16(self) -> None:
         """Exports made by older llava-ov versions stored the rotary frequencies in fp16: answers drift with length."""
-        info = self._export_info()
-        entry = info.get("parts", {}).get("language", {})
-        compressed_from = info.get("compression", {}).get("parts", {}).get("language", {}).get("from")
-        made_from_fp16 = entry.get("precision") == "fp16" or compressed_from == "fp16"
-        if made_from_fp16 and "rotary_frequencies" not in entry:
+        if self.export.rotary_in_fp16():
             log.warning("%s stores its rotary frequencies in fp16 (made by an older llava-ov): logits drift with "
                         "prompt length (0.04 at 20 tokens, 8.8 at 4,000 on a test model); convert it again",
                         self.dir)  # fmt: skip
-
-    def _export_info(self) -> dict[str, Any]:
-        """export_info.json ({} when absent or unreadable: exports of other tools have none)."""
-        path = self.dir / layout.EXPORT_INFO
-        try:
-            return layout.read_json(path) if path.is_file() else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _export_parts(self) -> dict[str, Any]:
-        return self._export_info().get("parts", {})
 
     def _compile(self, part: str) -> ov.CompiledModel:
         device = self.options.devices.get(part, self.options.device)
@@ -317,11 +293,7 @@ class ExportedModel:
 
     def _language_weights(self) -> str:
         """How the language model's weights are stored, from the export_info.json beside its IR."""
-        from llava_ov.common.layout import EXPORT_INFO, read_json
-
-        info = self.part_path("language").parent / EXPORT_INFO
-        parts = read_json(info).get("parts", {}) if info.exists() else {}
-        return str(parts.get("language", {}).get("precision", "unknown"))
+        return ExportDir(self.part_path("language").parent).stored_precision("language", "unknown")
 
     def _compile_decode_variant(self) -> ov.CompiledModel | None:
         """The language model compiled again for decode steps (`decode_choice`), or None."""
@@ -359,6 +331,15 @@ class ExportedModel:
             reason += f" (devices on this machine: {', '.join(available) or 'none'})"
         return reason
 
+    def stored_weights(self) -> dict[str, str]:
+        """Per part: how the weights that run are stored (fp16, int4_sym g64 r0.6 + int8, ...), or where from."""
+        stored = {part: self.export.stored_precision(part) for part in layout.MODEL_PARTS}
+        if self.vision_choice()[0] != layout.VISION_MODEL and "vision" not in self.options.part_paths:
+            stored["vision"] = self.export.vision_float_precision
+        for part, path in self.options.part_paths.items():
+            stored[part] = f"from {path}"
+        return stored
+
     def runtime_info(self) -> dict[str, dict[str, str]]:
         """Per part: the device and precisions it actually runs with, as plain strings ('f32', 'u8', 'CPU')."""
         info = {}
@@ -388,15 +369,15 @@ class ExportedModel:
         return int(self.text_config.get("max_position_embeddings", 4096))
 
     @property
-    def image_token_id(self) -> int:
-        return int(self.config.get("image_token_index", self.config.get("image_token_id", 32000)))
+    def family(self) -> Family:
+        """The export's model family (llava_ov/families), bound to its config and image settings."""
+        if self._family is None:
+            self._family = load_family(self.export)
+        return self._family
 
     @property
-    def tokens_per_tile(self) -> int:
-        """Image tokens per vision tile: (image_size / patch_size)^2 (576 for CLIP-L/336), + CLS if kept."""
-        vision = self.config.get("vision_config", {})
-        patches = (int(vision.get("image_size", 336)) // int(vision.get("patch_size", 14))) ** 2
-        return patches + int(self.config.get("vision_feature_select_strategy", "default") == "full")
+    def image_token_id(self) -> int:
+        return self.family.image_token_id
 
     @property
     def hidden_size(self) -> int:

@@ -17,19 +17,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llava_ov.runtime.budget import ImageTokenRules, Resolution, fit_budget, resolutions
+from llava_ov.runtime.budget import Resolution, fit_budget
 from llava_ov.runtime.constrained import JsonConstraint, JsonGrammars
 from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.runtime.engine.core import Engine, EngineConfig, Failed, Progress
-from llava_ov.runtime.features import merge_embeddings, pack_features, packed_tiles
+from llava_ov.runtime.features import merge_embeddings
 from llava_ov.runtime.generate import Constraint, DecodeState, ForcedDecode, GenerationConfig, TokenEvent, TokenLogprob
-from llava_ov.runtime.image import ImageConfig, ProcessedImage, load_image, preprocess
+from llava_ov.runtime.image import ProcessedImage, load_image
 from llava_ov.runtime.pruning import kept_count, select_tokens
 from llava_ov.runtime.model import ExportedModel, LoadOptions
 from llava_ov.runtime.template import ChatTemplate
@@ -194,8 +194,7 @@ class Pipeline:
         self, model_dir: str | Path, device: str = "CPU", engine: EngineConfig | None = None, **load: Any
     ):
         self.model = ExportedModel(model_dir, LoadOptions(device=device, **load))
-        self.image_config = ImageConfig.from_export(self.model.dir)
-        self.template = ChatTemplate.from_export(self.model.dir)
+        self.template = ChatTemplate.from_export(self.model.export)
         self.eos_ids = self._eos_ids()
         self._features: OrderedDict[str, PreparedImage] = OrderedDict()
         self.engine: Engine | None = None
@@ -216,24 +215,9 @@ class Pipeline:
         return self.engine.config.max_running if self.engine is not None else 1
 
     def _eos_ids(self) -> set[int]:
-        import json
-
-        ids: set[int] = set()
-        gen = self.model.dir / "generation_config.json"
-        for cfg in (json.loads(gen.read_text()) if gen.exists() else {}, self.model.text_config, self.model.config):
-            value = cfg.get("eos_token_id")
-            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-        return ids
+        return self.model.export.eos_ids()
 
     # ---------------------------------------------------------------- images
-
-    @property
-    def image_rules(self) -> ImageTokenRules:
-        """How this model turns an image into tokens (for budgets and counts before encoding)."""
-        return ImageTokenRules(
-            self.model.tokens_per_tile, self.model.image_newline is not None, self.model.family.packs_features,
-            self.image_config,
-        )  # fmt: skip
 
     def prepare_image(self, source: Any) -> PreparedImage:
         """Preprocess + encode + pack one image at the model's own resolution, cached by pixel content."""
@@ -247,8 +231,7 @@ class Pipeline:
         for src in sources:
             started = time.perf_counter()
             loaded.append((load_image(src), time.perf_counter() - started))
-        rules = self.image_rules
-        options = [resolutions(rules, (img.height, img.width)) for img, _ in loaded]
+        options = [self.model.family.resolutions((img.height, img.width)) for img, _ in loaded]
         jobs = []
         for (image, load_s), opts, res, text in zip(loaded, options, fit_budget(options, budget), texts):
             started = time.perf_counter()
@@ -260,13 +243,9 @@ class Pipeline:
                 self._features.move_to_end(digest)
                 found, prep_s = PreparedImage(found.key, found.features, full_tokens=opts[0].tokens), 0.0
             else:
-                cfg = self.image_config
-                if res.pinpoints is not None:
-                    cfg = replace(cfg, image_grid_pinpoints=res.pinpoints)
-                found = preprocess(image, cfg, self.model.family.preprocessing)
+                found = self.model.family.preprocess(image, res)
                 prep_s = load_s + time.perf_counter() - started
-            tiles = packed_tiles(rules.tokens_per_tile, size, res.grid, 1 + res.grid[0] * res.grid[1],
-                                 rules.newline, rules.packs)  # fmt: skip
+            tiles = self.model.family.packed_tiles(size, res)
             jobs.append(_ImageJob(digest, found, prep_s, res, opts[0].tokens, text, tiles))
         return jobs
 
@@ -274,9 +253,7 @@ class Pipeline:
         processed: ProcessedImage = job.found
         start = time.perf_counter()
         tiles = self.model.encode_image_tiles(processed.pixel_values)
-        packed = pack_features(
-            tiles, processed.image_size, processed.grid, self.model.image_newline, self.model.family.packs_features
-        )
+        packed = self.model.family.pack(tiles, processed)
         vision_s = time.perf_counter() - start
         entry = PreparedImage(_content_key(job.digest), packed, job.prep_s, vision_s, job.full_tokens)
         self._features[job.digest] = entry
@@ -527,7 +504,7 @@ class Pipeline:
         with self._grammars_lock:
             if self._grammars is None:
                 vocab = int(self.model.text_config["vocab_size"])
-                self._grammars = JsonGrammars.from_export(self.model.dir, vocab, self.eos_ids)
+                self._grammars = JsonGrammars.from_export(self.model.export, vocab, self.eos_ids)
         return self._grammars.constraint(schema)
 
     def _start(self, messages: Sequence[Message], config: GenerationConfig) -> tuple[PreparedPrompt, Timings, DecodeState]:
@@ -598,30 +575,17 @@ class Pipeline:
 
     def warnings(self) -> list[str]:
         """Things a user must know about this export (e.g. random demo weights)."""
-        from llava_ov.common.layout import EXPORT_INFO, ExportInfo
-
-        if not (self.model.dir / EXPORT_INFO).exists():
-            return []
-        return list(ExportInfo.load(self.model.dir).notes)
+        return self.model.export.notes
 
     def info(self) -> dict[str, Any]:
-        from llava_ov.common.layout import EXPORT_INFO, VISION_MODEL, read_json
-
-        export = read_json(self.model.dir / EXPORT_INFO) if (self.model.dir / EXPORT_INFO).exists() else {}
-        stored = {part: export.get("parts", {}).get(part, {}).get("precision", "?") for part in self.model._compiled}
-        vision_file, vision_why = self.model.vision_choice()
-        if vision_file != VISION_MODEL and "vision" not in self.model.options.part_paths:
-            stored["vision"] = export.get("parts", {}).get("vision", {}).get("float_precision", "?")
-        for part, path in self.model.options.part_paths.items():
-            stored[part] = f"from {path}"
         return {
             "model_dir": str(self.model.dir),
             "family": self.model.family.model_type,
             "device": self.model.options.device,
-            "weights": stored,  # how each part's weights are stored (fp16, int4_sym g64 r0.6 + int8, ...)
-            "vision_encoder": vision_why,  # which vision encoder runs and why (INT8-PTQ or float)
+            "weights": self.model.stored_weights(),  # how each part's weights are stored (fp16, int4_sym g64 r0.6 + int8, ...)
+            "vision_encoder": self.model.vision_choice()[1],  # which vision encoder runs and why (INT8-PTQ or float)
             "decode_steps": self.model.decode_why,  # on the main compilation or an f32 one, and why
-            "export": export,
+            "export": self.model.export.info,
             "runtime": self.model.runtime_info(),
         }
 

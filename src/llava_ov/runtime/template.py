@@ -16,8 +16,8 @@ import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from llava_ov.common.layout import CHAT_TEMPLATE
 from llava_ov.errors import LlavaOvError
+from llava_ov.runtime.export import ExportDir
 
 
 class _GenerationTag(Extension):
@@ -48,32 +48,6 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def find_chat_template(export_dir: Path) -> str:
-    """The template from chat_template.jinja, chat_template.json or tokenizer_config.json."""
-    export_dir = Path(export_dir)
-    if (export_dir / CHAT_TEMPLATE).exists():
-        return (export_dir / CHAT_TEMPLATE).read_text()
-    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        path = export_dir / name
-        if path.exists():
-            template = json.loads(path.read_text()).get("chat_template")
-            if isinstance(template, str):
-                return template
-    raise LlavaOvError(f"{export_dir} has no chat template (chat_template.jinja / chat_template.json)")
-
-
-def special_tokens(export_dir: Path) -> dict[str, str]:
-    """bos/eos/unk/pad token strings the template may use."""
-    out: dict[str, str] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = Path(export_dir) / name
-        if path.exists():
-            for key, value in json.loads(path.read_text()).items():
-                if key.endswith("_token") and key not in out:
-                    out[key] = value["content"] if isinstance(value, dict) else value
-    return {k: v for k, v in out.items() if isinstance(v, str)}
-
-
 class ChatTemplate:
     """Renders a list of chat messages into the model's prompt text."""
 
@@ -85,8 +59,10 @@ class ChatTemplate:
         self.tokens = tokens or {}
 
     @classmethod
-    def from_export(cls, export_dir: Path) -> ChatTemplate:
-        return cls(find_chat_template(export_dir), special_tokens(export_dir))
+    def from_export(cls, export: ExportDir | Path) -> ChatTemplate:
+        """The export's chat template and the special tokens it may use."""
+        export = ExportDir.of(export)
+        return cls(export.chat_template, export.special_tokens)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         try:

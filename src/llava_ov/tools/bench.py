@@ -438,9 +438,13 @@ def _child_run(opts: BenchOptions, engine: str) -> None:
 
 
 def _export_source(export: Path) -> str:
-    from llava_ov.common.layout import ExportInfo
+    from llava_ov.errors import LlavaOvError
+    from llava_ov.runtime.export import ExportDir
 
-    return ExportInfo.load(export).source
+    source = ExportDir(export).info.get("source")
+    if not source:
+        raise LlavaOvError(f"{export} has no export_info.json naming its source checkpoint; pass the checkpoint")
+    return source
 
 
 def engine_summary(engine, runs: list[RunMetrics], rss_bytes: int) -> dict[str, Any]:

@@ -1,0 +1,58 @@
+"""Conversion hooks the LLaVA families share (torch and transformers imported lazily, at conversion only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def vision_module(model: Any) -> Any:
+    """CLIP tower -> hidden state of vision_feature_layer(s) -> (drop CLS) -> projector, as one torch module."""
+    import torch
+
+    cfg = model.config
+    layers = cfg.vision_feature_layer
+    drop_cls = cfg.vision_feature_select_strategy == "default"
+
+    class VisionEmbeddings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower = model.model.vision_tower
+            self.projector = model.model.multi_modal_projector
+
+        def forward(self, pixel_values):
+            hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states
+            feats = hidden[layers] if isinstance(layers, int) else torch.cat([hidden[i] for i in layers], dim=-1)
+            if drop_cls:
+                feats = feats[:, 1:]
+            return self.projector(feats)
+
+    return VisionEmbeddings().eval()
+
+
+class LlavaExport:
+    """How convert and the random test models handle one LLaVA family."""
+
+    def __init__(self, image_processor: str, processor: str):
+        self.image_processor = image_processor  # transformers class names
+        self.processor = processor
+
+    def vision_module(self, model: Any) -> Any:
+        return vision_module(model)
+
+    def config_extras(self, model: Any) -> dict[str, Any]:
+        """Entries convert adds to config.json beside the model's own config."""
+        return {}
+
+    def build_processor(self, preprocessor: dict[str, Any], tokenizer: Any, template: str, config: Any) -> Any:
+        """The transformers processor of a random test checkpoint, from its preprocessor_config.json."""
+        import transformers
+
+        kwargs = {k: v for k, v in preprocessor.items() if k not in ("image_processor_type", "processor_class")}
+        return getattr(transformers, self.processor)(
+            image_processor=getattr(transformers, self.image_processor)(**kwargs),
+            tokenizer=tokenizer,
+            chat_template=template,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+        )

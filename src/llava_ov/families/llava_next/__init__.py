@@ -1,0 +1,1 @@
+"""LLaVA-NeXT (LlavaNextForConditionalGeneration): anyres tiles, packed with unpad + image_newline."""
