@@ -220,6 +220,8 @@ class ExportedModel:
         if cache:
             props["CACHE_DIR"] = cache
         props.update(self.settings.properties)
+        if part == "vision" and self.settings.vision_threads:
+            props["INFERENCE_NUM_THREADS"] = self.settings.vision_threads
         if part == "language":
             props = self._avoid_known_crash(device, props)
         source: Any = self.part_path(part)

@@ -138,6 +138,11 @@ class LoadSettings:
         group=ENGINE_GROUP, choices=("auto", "same", "f32"), check=_one_of("decode precision", ("auto", "same", "f32")),
     )  # fmt: skip
 
+    vision_threads: int | None = _setting(
+        None, "CPU threads for the vision encoder (INFERENCE_NUM_THREADS of its compilation; default: the "
+              "plugin's own)", type=int, metavar="N", check=_at_least("--vision-threads", 1),
+    )  # fmt: skip
+
     # ------------------------------------------------------------ the command line
 
     @classmethod
