@@ -657,10 +657,11 @@ def plot_image_tokens(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def cmd_bench(args) -> int:
+def bench_options(args) -> BenchOptions:
+    """What the `bench` flags ask for; ours loads with every load setting (LoadSettings), as the server does."""
     from llava_ov.runtime.constrained import load_schema
 
-    opts = BenchOptions(
+    return BenchOptions(
         model=Path(args.model), image=Path(args.image) if args.image else default_image(), prompt=args.prompt,
         max_new_tokens=args.max_new_tokens, runs=args.runs, warmup=args.warmup,
         load=LoadSettings.from_args(args).validate(), genai_backend=args.genai_backend,
@@ -669,8 +670,12 @@ def cmd_bench(args) -> int:
         json_schema=load_schema(args.json_schema) if args.json_schema else None,
         image_token_variants=image_token_variants(args.max_image_tokens, args.visual_token_pruning),
     )  # fmt: skip
+
+
+def cmd_bench(args) -> int:
     from llava_ov.errors import require_extra
 
+    opts = bench_options(args)
     if "genai" in opts.compare:
         require_extra("openvino_genai", "bench", "--compare genai")
     if "transformers" in opts.compare:
