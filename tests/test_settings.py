@@ -144,7 +144,8 @@ def test_bench_loads_ours_with_every_engine_setting(exports, photos):
     from llava_ov.tools.bench import bench_options, make_engine
     from llava_ov.tools.bench_serving import FifoServing, OursServing
 
-    args = build_parser().parse_args(["bench", str(exports["llava-next"]), "--image", str(photos["coffee"]), *ENGINE_FLAGS])
+    argv = ["bench", str(exports["llava-next"]), "--image", str(photos["coffee"]), *ENGINE_FLAGS]
+    args = build_parser().parse_args(argv)
     opts = bench_options(args)
     assert opts.load == LoadSettings.from_args(args) != LoadSettings()
     loaded = [make_engine("ours", opts), make_engine("ours-same-decode", opts)]

@@ -45,8 +45,8 @@ def _setting(
     argv: Callable[[Any], list[str]] | None = None,
     **argparse_kwargs: Any,
 ) -> Any:
-    """A field defaulting to `value`, with its flag: `parse` turns the parsed flag into the value and `argv` turns a value
-    back into flags (both default to the value itself); `check` returns what is wrong, or None."""
+    """A field defaulting to `value`, with its flag: `parse` turns the parsed flag into the value and
+    `argv` a value back into flags (both default to the value itself); `check` says what is wrong, or None."""
     meta = dict(help=help, flag=flag, group=group, check=check, parse=parse, argv=argv, argparse=argparse_kwargs)
     if isinstance(value, dict):
         return field(default_factory=dict, metadata=meta)
@@ -203,7 +203,8 @@ class LoadSettings:
         names = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"unknown load setting(s) {', '.join(unknown)}; LoadSettings has {', '.join(sorted(names))}")
+            known = ", ".join(sorted(names))
+            raise TypeError(f"unknown load setting(s) {', '.join(unknown)}; LoadSettings has {known}")
         return replace(self, **overrides)
 
 

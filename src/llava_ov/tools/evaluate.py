@@ -223,8 +223,8 @@ def evaluate(
     """Compare `cand_model` with `ref_model` on images x prompts; returns the JSON-ready report.
 
     Each model is an export directory (loaded with `settings`, fields overridden by keyword as in
-    `Pipeline(path, properties=...)`) or a loaded Pipeline (reused, e.g. one reference for several candidates).  Two Pipelines loaded
-    with different properties are compared as they are (that measures the runtime's own
+    `Pipeline(path, properties=...)`) or a loaded Pipeline (reused, e.g. one reference for several
+    candidates).  Two Pipelines loaded with different properties are compared as they are (that measures the runtime's own
     numerics, e.g. f32 vs the plugin defaults); the report then has "candidate_properties".
     """
     from llava_ov.runtime.image import load_image

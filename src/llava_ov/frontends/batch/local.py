@@ -65,7 +65,8 @@ class PipelineSpec:
         props = self.settings.properties
         if not threads or self.settings.device.upper() != "CPU" or "INFERENCE_NUM_THREADS" in props:
             return self
-        return replace(self, settings=replace(self.settings, properties={**props, "INFERENCE_NUM_THREADS": int(threads)}))
+        pinned = replace(self.settings, properties={**props, "INFERENCE_NUM_THREADS": int(threads)})
+        return replace(self, settings=pinned)
 
     def load(self):
         from llava_ov.runtime.pipeline import Pipeline
