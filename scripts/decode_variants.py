@@ -14,7 +14,7 @@ from llava_ov.runtime.pipeline import Pipeline, Message
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.tools.bench import GenaiEngine
 model = Path(sys.argv[1]); image = "examples/cat.jpg"; N = 24
-pipe = Pipeline(model, "CPU", cache_dir=None)
+pipe = Pipeline(model, device="CPU", cache_dir=None)
 m = pipe.model
 genai = GenaiEngine(model, "CPU", {})
 gprompt = pipe.render([Message("user", "Describe this image.", [image])]).replace("<image>\n", "<image>")

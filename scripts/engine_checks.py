@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from llava_ov.tools.bench import RssSampler, current_rss, machine_info
-from llava_ov.runtime.engine.core import EngineConfig
+from llava_ov.runtime.settings import LoadSettings
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import Pipeline
 
@@ -48,7 +48,7 @@ def stat(values: list[float]) -> str:
 def slow_path(args) -> dict:
     out = {}
     for kind in ("paged", "stateful"):
-        pipe = Pipeline(args.export, kv_cache=kind, engine=EngineConfig(kv_cache_gb=args.kv_gb))
+        pipe = Pipeline(args.export, kv_cache=kind, kv_cache_gb=args.kv_gb)
         cold, after = [], []
         for i in range(args.runs + 1):
             pipe.clear_caches()
@@ -72,7 +72,7 @@ def long_prompt(args) -> dict:
     words = ("alpha beta gamma delta epsilon zeta eta theta iota kappa " * 4000).split()
     out: dict = {}
     for kind in ("paged", "stateful"):
-        pipe = Pipeline(args.export, kv_cache=kind, engine=EngineConfig(kv_cache_gb=args.kv_gb, max_step_tokens=args.budget))
+        pipe = Pipeline(args.export, kv_cache=kind, kv_cache_gb=args.kv_gb, max_step_tokens=args.budget)
         out[kind] = {}
         for length in [int(n) for n in args.lengths.split(",")]:
             pipe.clear_caches()
@@ -131,7 +131,7 @@ def interleaved(args) -> dict:
 def many_images(args) -> dict:
     from PIL import Image
 
-    pipe = Pipeline(args.export, engine=EngineConfig(kv_cache_gb=args.kv_gb) if args.kv_gb else None)
+    pipe = Pipeline(args.export, kv_cache_gb=args.kv_gb or None)
     pool_mb = pipe.engine.pool.num_blocks * pipe.engine.lm.bytes_per_block / 2**20
     loaded = current_rss() / 2**20
     big = []
@@ -172,7 +172,7 @@ def chunk_size(args) -> dict:
     stateful = Pipeline(args.export, kv_cache="stateful")
     pipes = {"stateful": stateful}
     for budget in [int(n) for n in args.budgets.split(",")]:
-        pipes[f"paged-{budget}"] = Pipeline(args.export, engine=EngineConfig(kv_cache_gb=args.kv_gb, max_step_tokens=budget))
+        pipes[f"paged-{budget}"] = Pipeline(args.export, kv_cache_gb=args.kv_gb, max_step_tokens=budget)
     times = {name: [] for name in pipes}
     for i in range(args.runs + 1):
         for name, pipe in pipes.items():  # interleaved
@@ -190,7 +190,7 @@ def chunk_size(args) -> dict:
 
 def anonymous_memory(args) -> dict:
     """RssAnon after loading with --decode and answering once (weights are repacked on first use)."""
-    pipe = Pipeline(args.export, decode_precision=args.decode, engine=EngineConfig(kv_cache_gb=args.kv_gb))
+    pipe = Pipeline(args.export, decode_precision=args.decode, kv_cache_gb=args.kv_gb)
     pipe.generate("Describe this image.", [args.image], GenerationConfig(max_new_tokens=4))
     status = Path("/proc/self/status").read_text().splitlines()
     kib = next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
@@ -208,7 +208,7 @@ def decode_precision(args) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         memory[precision] = json.loads(proc.stdout)["result"]["rss_anon_gib"]
         print("anonymous memory", precision, memory[precision], "GiB", flush=True)
-    pipe = Pipeline(args.export, decode_precision="f32", engine=EngineConfig(kv_cache_gb=args.kv_gb))
+    pipe = Pipeline(args.export, decode_precision="f32", kv_cache_gb=args.kv_gb)
     lm = pipe.model.paged
     variant_tokens = lm.decode_tokens
     config = GenerationConfig(max_new_tokens=args.tokens, ignore_eos=True)
@@ -239,7 +239,7 @@ def main() -> int:
     p.add_argument("--image2", default=str(EXAMPLES / "rocket.jpg"))
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--lengths", default="2000,4000,8000,12000")
-    p.add_argument("--budget", type=int, default=EngineConfig().max_step_tokens)
+    p.add_argument("--budget", type=int, default=LoadSettings().max_step_tokens)
     p.add_argument("--budgets", default="128,256,512,2048")
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--kv-gb", type=float, default=None)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from llava_ov.common import layout
 from llava_ov.tools.evaluate import DEFAULT_PROMPTS, evaluate, example_images
-from llava_ov.runtime.model import F32_PROPERTIES
+from llava_ov.runtime.settings import F32_PROPERTIES
 from llava_ov.exporting.calibration import SKIMAGE_PHOTOS
 from llava_ov.exporting.quantize import QuantConfig, compress_export
 

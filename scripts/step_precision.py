@@ -19,7 +19,8 @@ import time
 import numpy as np
 
 from llava_ov.tools.bench import machine_info
-from llava_ov.runtime.model import ExportedModel, LoadOptions
+from llava_ov.runtime.model import ExportedModel
+from llava_ov.runtime.settings import LoadSettings
 from llava_ov.runtime.engine.paged import ForwardBatch
 
 
@@ -35,7 +36,7 @@ def median_ms(fn, runs: int) -> float:
 
 
 def measure(export: str, props: dict, context: int, runs: int) -> dict:
-    model = ExportedModel(export, LoadOptions(properties=props, cache_dir=None))
+    model = ExportedModel(export, LoadSettings(properties=props, cache_dir=None))
     lm, rng = model.paged, np.random.default_rng(0)
     per_seq = -(-(context + 1100) // lm.block_size)
     lm.allocate(8 * per_seq + 1)

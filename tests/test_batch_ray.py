@@ -16,6 +16,7 @@ import ray
 
 from llava_ov.frontends.batch.local import PipelineSpec, run_batch
 from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.settings import LoadSettings
 
 CONFIG = GenerationConfig(max_new_tokens=12)
 DEFAULT = "Describe this image."
@@ -78,7 +79,7 @@ def test_ray_matches_single_machine_and_resumes(local_ray, exports, pipe, folder
     (out / "captions-cut.parquet").write_bytes(b"PAR1 truncated")
     (out / "notes.parquet").write_bytes(b"not ours, not readable")
 
-    spec = PipelineSpec(str(exports["llava-next"]), properties=dict(F32), cache_dir=None)
+    spec = PipelineSpec(str(exports["llava-next"]), LoadSettings(properties=dict(F32), cache_dir=None))
     summary = run_ray_batch(spec, folder, out, config=CONFIG, workers=2, batch_size=2)
     assert (summary.total, summary.succeeded, summary.failed, summary.skipped) == (4, 2, 1, 1)
     assert (out / "captions-cut.parquet.corrupt").exists() and not (out / "captions-cut.parquet").exists()

@@ -15,7 +15,6 @@ from PIL import Image
 
 from conftest import F32, FAMILIES
 from llava_ov.runtime.chat import ChatSession
-from llava_ov.runtime.engine.core import EngineConfig
 from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.export import DEFAULT_PINPOINTS
@@ -43,10 +42,10 @@ def paged(exports):
 
 
 def small_pool(export, blocks: int, **engine) -> Pipeline:
-    probe = Pipeline(export, properties=F32, cache_dir=None, engine=EngineConfig(kv_cache_gb=0.001))
+    probe = Pipeline(export, properties=F32, cache_dir=None, kv_cache_gb=0.001)
     gb = blocks * probe.model.paged.bytes_per_block / 2**30
     probe.close()
-    return Pipeline(export, properties=F32, cache_dir=None, engine=EngineConfig(kv_cache_gb=gb, **engine))
+    return Pipeline(export, properties=F32, cache_dir=None, kv_cache_gb=gb, **engine)
 
 
 # ----------------------------------------------------------------------------- the block pool alone
@@ -219,7 +218,7 @@ def test_prefill_chunks_of_1_7_256_give_the_same_logits(family, exports, statefu
     ref_pipe.reset()
     reference, _ = ref_pipe.prefill(prompt)
     ref_pipe.reset()
-    pipe = Pipeline(exports[family], properties=F32, cache_dir=None, engine=EngineConfig(kv_cache_gb=0.05))
+    pipe = Pipeline(exports[family], properties=F32, cache_dir=None, kv_cache_gb=0.05)
     lm, ids = pipe.model.paged, prompt.token_ids
     rows, features = prompt.image_rows()
     total = len(ids)
@@ -257,7 +256,7 @@ def test_two_interleaved_conversations_each_find_their_own_prefix(paged, photos)
 
 
 def test_cancel_takes_effect_during_prefill_and_frees_the_blocks(exports, photos):
-    pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None, engine=EngineConfig(max_step_tokens=16))
+    pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None, max_step_tokens=16)
     cancel = threading.Event()
     seen, steps_at_cancel = [], []
 

@@ -16,7 +16,8 @@ from llava_ov.runtime.generate import (
     StopStrings,
     apply_repetition_penalty,
 )
-from llava_ov.runtime.model import ExportedModel, LoadOptions
+from llava_ov.runtime.model import ExportedModel
+from llava_ov.runtime.settings import LoadSettings
 from llava_ov.runtime.template import ChatTemplate
 
 
@@ -72,7 +73,7 @@ def test_invalid_settings_are_rejected():
 
 @pytest.fixture(scope="module")
 def tokenizer(exports):
-    return ExportedModel(exports["llava-next"], LoadOptions(cache_dir=None)).tokenizer
+    return ExportedModel(exports["llava-next"], LoadSettings(cache_dir=None)).tokenizer
 
 
 TEXTS = ["Hello world, this is a test.", "Émojis 🦙🔥 and 日本語 mixed in", "  spaces   and\nnewlines\n\n",

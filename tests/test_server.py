@@ -29,6 +29,7 @@ from conftest import F32, serve_http
 from llava_ov.common.layout import EXAMPLES_DIR
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import Message, Pipeline
+from llava_ov.runtime.settings import LoadSettings
 from llava_ov.frontends.server import ServerSettings, create_app
 from llava_ov.frontends.server.mapping import FINISH_REASONS
 
@@ -111,7 +112,8 @@ def reference(exports) -> Pipeline:
 @pytest.fixture(scope="module")
 def server(exports):
     """The main server: loads the export itself (default factory) with the same F32 properties as the reference."""
-    settings = ServerSettings(model=str(exports["llava-next"]), properties=F32, cache_dir=None, max_body_bytes=LIMIT)
+    settings = ServerSettings(model=str(exports["llava-next"]), load=LoadSettings(properties=F32, cache_dir=None),
+                              max_body_bytes=LIMIT)
     with running(create_app(settings)) as base:
         wait_ready(base)
         yield base
@@ -675,7 +677,7 @@ def test_serve_command_options(tmp_path):
     settings = settings_from_args(args)
     assert (settings.api_key, settings.max_queue, settings.allow_local_files) == ("k", 3, True)
     assert not settings.allow_private_urls
-    assert settings.properties == F32 and settings.max_body_bytes == 1024 * 1024 and settings.served_name == "x"
+    assert settings.load.properties == F32 and settings.max_body_bytes == 1024 * 1024 and settings.served_name == "x"
 
 
 def test_load_test_script_smoke(server):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llava_ov.errors import LlavaOvError
 from llava_ov.frontends.args import add_generation_args, add_model_args, generation_config, load_pipeline, warn_token_cap
+from llava_ov.runtime.settings import LoadSettings
 
 # Modules that add subcommands: module path -> its register function.
 FRONT_ENDS = ("llava_ov.frontends.compress", "llava_ov.frontends.ui", "llava_ov.frontends.server.cli", "llava_ov.tools.bench", "llava_ov.frontends.batch.command")
@@ -95,10 +96,9 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from llava_ov.runtime.model import F32_PROPERTIES  # noqa: F401
     from llava_ov.runtime.pipeline import Pipeline
 
-    pipe = Pipeline(args.model, args.device)
+    pipe = Pipeline(args.model, LoadSettings.from_args(args))
     print(json.dumps(pipe.info(), indent=2))
     return 0
 
@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_model)
 
     p = sub.add_parser("info", help="show what an export holds and how it runs")
-    p.add_argument("model")
-    p.add_argument("--device", default="CPU")
+    p.add_argument("model", help="export directory")
+    LoadSettings.add_arguments(p)  # how it would run with these settings
     p.set_defaults(func=cmd_info)
 
     for name in FRONT_ENDS:

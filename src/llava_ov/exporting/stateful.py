@@ -16,7 +16,6 @@ import openvino as ov
 from openvino import opset13
 
 from llava_ov.common.layout import KV_BATCH_AXIS as BATCH_AXIS
-from llava_ov.common.layout import KV_SEQ_AXIS as SEQ_AXIS
 
 
 def kv_names(num_layers: int) -> tuple[list[str], list[str]]:

@@ -1,11 +1,12 @@
-"""Command-line flags shared by the front ends: model loading, engine and generation settings."""
+"""Command-line flags shared by the front ends: MODEL, generation settings, and the load settings' flags
+(declared by `llava_ov.runtime.settings.LoadSettings`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from llava_ov.errors import LlavaOvError
+from llava_ov.runtime.settings import LoadSettings
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -32,52 +33,10 @@ def add_image_token_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    """MODEL, --weight-format for a hub id, and every load setting (`LoadSettings.add_arguments`)."""
     p.add_argument("model", help="export directory, or a Hugging Face hub id (converted on first use)")
-    p.add_argument("--device", default="CPU", help="CPU, GPU, NPU or AUTO")
     p.add_argument("--weight-format", default="int4", help="for a hub id converted on first use (default int4)")
-    p.add_argument("--f32", action="store_true", help="pin f32 inference and KV cache (reference numerics)")
-    p.add_argument("--part-model", action="append", default=[], metavar="PART=PATH",
-                   help="use another IR (or export dir) for one part: vision, text_embeddings or language; "
-                        "e.g. language=exports/int4 to mix precisions")  # fmt: skip
-    p.add_argument("--part-device", action="append", default=[], metavar="PART=DEVICE",
-                   help="run one part on another device, e.g. vision=GPU")  # fmt: skip
-    p.add_argument("--vision-encoder", default="auto", choices=["auto", "int8", "float"],
-                   help="with an INT8-PTQ export: auto runs it where the CPU has int8 units (AMX, VNNI), "
-                        "else the float encoder kept beside it (`llava-ov info` says which and why)")  # fmt: skip
-    add_engine_args(p)
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    from llava_ov.runtime.engine.core import EngineConfig
-
-    d = EngineConfig()
-    g = p.add_argument_group("engine (paged KV cache, continuous batching)")
-    g.add_argument("--kv-cache", default="auto", choices=["auto", "paged", "stateful"],
-                   help="paged: many sequences share a KV block pool (default; auto picks stateful on NPU); "
-                        "stateful: the export's own cache, one sequence at a time")  # fmt: skip
-    g.add_argument("--kv-cache-gb", type=float, default=None,
-                   help="KV block pool size (default: min(4 GiB, a quarter of free memory))")  # fmt: skip
-    g.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens,
-                   help="tokens per forward: decode tokens plus prefill chunks")  # fmt: skip
-    g.add_argument("--max-running", type=int, default=d.max_running, help="sequences decoding at once")
-    g.add_argument("--decode-precision", default="auto", choices=["auto", "same", "f32"],
-                   help="f32: decode steps run on a second f32 compilation of the language model; on CPUs "
-                        "that compute bf16 by default, INT4 weights then decode ~1.35x faster while "
-                        "prompts still prefill at bf16, for a second copy of the LM weights in memory; auto "
-                        "(default): f32 where that holds and memory allows (`llava-ov info` says which)")  # fmt: skip
-
-
-def parse_parts(pairs: list[str], what: str) -> dict[str, str]:
-    """PART=VALUE options into a dict, with a clear error for anything else."""
-    from llava_ov.common.layout import MODEL_PARTS
-
-    out = {}
-    for pair in pairs:
-        part, sep, value = pair.partition("=")
-        if not sep or part not in MODEL_PARTS or not value:
-            raise LlavaOvError(f"--part-{what} expects PART={what.upper()} with PART one of {', '.join(MODEL_PARTS)}")
-        out[part] = value
-    return out
+    LoadSettings.add_arguments(p)
 
 
 def generation_config(args: argparse.Namespace):
@@ -96,37 +55,13 @@ def generation_config(args: argparse.Namespace):
     return config
 
 
-def engine_config(args: argparse.Namespace):
-    from llava_ov.runtime.engine.core import EngineConfig
-
-    d = EngineConfig()
-    return EngineConfig(
-        kv_cache_gb=getattr(args, "kv_cache_gb", None),
-        max_step_tokens=getattr(args, "max_step_tokens", d.max_step_tokens),
-        max_running=getattr(args, "max_running", d.max_running),
-    )
-
-
-def pipeline_options(args: argparse.Namespace) -> dict:
-    """Pipeline keyword arguments from the model options (MODEL resolved, converted if needed)."""
-    from llava_ov.exporting.hub import resolve_model
-    from llava_ov.runtime.model import F32_PROPERTIES
-
-    return dict(
-        model_dir=str(resolve_model(args.model, weight_format=args.weight_format)), device=args.device,
-        properties=dict(F32_PROPERTIES) if args.f32 else {},
-        part_paths=parse_parts(getattr(args, "part_model", []), "model"),
-        devices=parse_parts(getattr(args, "part_device", []), "device"),
-        kv_cache=getattr(args, "kv_cache", "auto"), engine=engine_config(args),
-        vision_encoder=getattr(args, "vision_encoder", "auto"),
-        decode_precision=getattr(args, "decode_precision", "auto"),
-    )  # fmt: skip
-
-
 def load_pipeline(args: argparse.Namespace):
+    """The Pipeline the model flags ask for (MODEL resolved, converted if needed); warnings to stderr."""
+    from llava_ov.exporting.hub import resolve_model
     from llava_ov.runtime.pipeline import Pipeline
 
-    pipe = Pipeline(**pipeline_options(args))
+    settings = LoadSettings.from_args(args).validate()  # a bad value fails before a hub id is converted
+    pipe = Pipeline(resolve_model(args.model, weight_format=args.weight_format), settings)
     for warning in pipe.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     return pipe

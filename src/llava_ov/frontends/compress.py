@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from llava_ov.errors import LlavaOvError
+from llava_ov.runtime.settings import LoadSettings
 
 LM_MODES = "int4_sym | int4_asym | int8 | none"  # mirrors quantize.LM_MODES (kept here: no numpy at import)
 VISION_MODES = "none | int8 | int8_ptq"
@@ -46,10 +47,11 @@ def register(subparsers) -> None:
     p.add_argument("--images", nargs="+", default=None, help="image files (default: the photos in examples/)")
     p.add_argument("--prompts", nargs="+", default=None, help="questions asked about every image")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--device", default="CPU")
-    p.add_argument("--f32", action="store_true", help="pin f32 inference and KV cache for both (default: plugin's)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full report (every sample) as JSON")
-    p.set_defaults(func=cmd_evaluate)
+    from llava_ov.tools.evaluate import EVALUATE_SETTINGS
+
+    LoadSettings.add_arguments(p)  # both exports load with these (default: the plugin's own precision)
+    p.set_defaults(func=cmd_evaluate, vision_encoder=EVALUATE_SETTINGS.vision_encoder)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -84,12 +86,11 @@ def print_parts(export: Path) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from llava_ov.tools.evaluate import evaluate, format_table, write_json
-    from llava_ov.runtime.model import F32_PROPERTIES
 
     report = evaluate(
         args.reference, args.candidate, images=args.images, prompts=args.prompts,
-        max_new_tokens=args.max_new_tokens, device=args.device,
-        properties=dict(F32_PROPERTIES) if args.f32 else {}, log=lambda m: print(m, file=sys.stderr),
+        max_new_tokens=args.max_new_tokens, settings=LoadSettings.from_args(args),
+        log=lambda m: print(m, file=sys.stderr),
     )  # fmt: skip
     print(format_table(report))
     if args.json:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from llava_ov.common import layout
 from llava_ov.errors import InvalidTextError, LlavaOvError, ModelNotFoundError
 from llava_ov.runtime.export import ExportDir
 from llava_ov.runtime.families import Family, family_for, load_family
+from llava_ov.runtime.settings import LoadSettings
 
 log = logging.getLogger(__name__)
 F32_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
@@ -49,39 +49,6 @@ def cache_dir_for(option: str | None, device: str) -> str | None:
 def check_export_dir(path: str | Path) -> Path:
     """An export directory with every required file, or a clear error (see `ExportDir.open`)."""
     return ExportDir.open(path).path
-
-
-@dataclass
-class LoadOptions:
-    device: str = "CPU"
-    devices: dict[str, str] = field(default_factory=dict)  # per part: vision/text_embeddings/language
-    properties: dict[str, Any] = field(default_factory=dict)  # OpenVINO properties for every part
-    part_paths: dict[str, str] = field(default_factory=dict)  # per part: another .xml or export dir
-    # Compiled-model cache. "default": the user cache dir, for GPU/NPU parts only (see cache_dir_for);
-    # a path: that dir, for every device; None: off.
-    cache_dir: str | None = "default"
-    # The language model's KV cache: "paged" (the engine's block pool, many sequences), "stateful"
-    # (the export's own state, one sequence), or "auto": paged, except on NPU (no PagedAttention there).
-    kv_cache: str = "auto"
-    # An export compressed with an INT8-PTQ vision encoder keeps the float one beside it. "auto": the INT8
-    # one on CPUs with int8 matrix units (AMX-INT8, AVX-512 VNNI, AVX-VNNI), where it is faster, else the
-    # float one; "int8" / "float": that one.
-    vision_encoder: str = "auto"
-    # The paged language model's decode steps (at most paged.DECODE_VARIANT_TOKENS tokens): "same" as
-    # prefill, or "f32": a second compilation at f32 runs them. Where the CPU plugin computes bf16 by
-    # default (AMX, AVX-512-bf16), f32 lets it quantize activations dynamically for INT4/INT8 weights,
-    # which decodes faster while bf16 prefills faster; it costs a second copy of the LM's weights.
-    # "auto": f32 where that pays (CPU, bf16 by default, INT4 LM weights, no precision pinned)
-    # and the memory allows it (see ExportedModel.decode_choice).
-    decode_precision: str = "auto"
-
-    def kv_backend(self) -> str:
-        if self.kv_cache not in ("auto", "paged", "stateful"):
-            raise LlavaOvError(f"unknown KV cache kind {self.kv_cache!r} (auto, paged, stateful)")
-        if self.kv_cache != "auto":
-            return self.kv_cache
-        device = self.devices.get("language", self.device).upper()
-        return "stateful" if "NPU" in device else "paged"
 
 
 AUTO_DECODE_HEADROOM = 4 * 2**30  # besides 3x the LM file, for the KV pool, vision and activations
@@ -150,21 +117,17 @@ def _plain(value: Any) -> str:
 class ExportedModel:
     """Compiled parts of one export plus the language model's KV state."""
 
-    def __init__(self, export_dir: str | Path, options: LoadOptions | None = None):
+    def __init__(self, export_dir: str | Path, settings: LoadSettings | None = None):
+        self.settings = (settings or LoadSettings()).validate()
         self.export = ExportDir.open(export_dir)
         self.dir = self.export.path
-        self.options = options or LoadOptions()
         self.config: dict[str, Any] = self.export.config
         self.family_entry = family_for(self.config)  # an unsupported architecture fails here, before compiling
         self._family: Family | None = None
         import openvino_tokenizers  # noqa: F401  (adds the tokenizer operations to Cores made after it)
 
         self.core = ov.Core()
-        self.kv_backend = self.options.kv_backend()
-        if self.options.decode_precision not in ("auto", "same", "f32"):
-            raise LlavaOvError(f"unknown decode precision {self.options.decode_precision!r} (auto, same, f32)")
-        if self.options.decode_precision == "f32" and self.kv_backend != "paged":
-            raise LlavaOvError("a decode precision of its own needs the paged KV cache (kv_cache='paged')")
+        self.kv_backend = self.settings.kv_backend()
         self.decode_why = "the stateful KV cache: one compilation" if self.kv_backend != "paged" else ""
         self._warn_if_rotary_fp16()
         self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
@@ -187,7 +150,7 @@ class ExportedModel:
     # ---------------------------------------------------------------- loading
 
     def part_path(self, part: str) -> Path:
-        override = self.options.part_paths.get(part)
+        override = self.settings.part_paths.get(part)
         if not override and part == "vision":
             return self.dir / self.vision_choice()[0]
         if not override:
@@ -200,9 +163,7 @@ class ExportedModel:
 
     def vision_choice(self) -> tuple[str, str]:
         """(file, why) of the vision encoder to run: the INT8-PTQ one or the float one beside it."""
-        mode = self.options.vision_encoder
-        if mode not in ("auto", "int8", "float"):
-            raise LlavaOvError(f"unknown vision encoder choice {mode!r} (auto, int8, float)")
+        mode = self.settings.vision_encoder
         float_file = self.export.vision_float_file
         if not float_file:
             precision = self.export.stored_precision("vision", "the export")
@@ -214,7 +175,7 @@ class ExportedModel:
             return chosen, f"chosen with vision_encoder={mode}"
         from llava_ov.common.hardware import int8_matrix_units
 
-        device = self.options.devices.get("vision", self.options.device).upper()
+        device = self.settings.device_for("vision").upper()
         units = int8_matrix_units()
         if device != "CPU":
             return layout.VISION_MODEL, f"INT8-PTQ on {device}"
@@ -230,12 +191,14 @@ class ExportedModel:
                         self.dir)  # fmt: skip
 
     def _compile(self, part: str) -> ov.CompiledModel:
-        device = self.options.devices.get(part, self.options.device)
+        device = self.settings.device_for(part)
         props = dict(SMALL_GRAPH) if part == "text_embeddings" and device == "CPU" else {}
-        cache = cache_dir_for(self.options.cache_dir, device)
+        cache = cache_dir_for(self.settings.cache_dir, device)
         if cache:
             props["CACHE_DIR"] = cache
-        props.update(self.options.properties)
+        props.update(self.settings.properties)
+        if part == "vision" and self.settings.vision_threads:
+            props["INFERENCE_NUM_THREADS"] = self.settings.vision_threads
         if part == "language":
             props = self._avoid_known_crash(device, props)
         source: Any = self.part_path(part)
@@ -256,8 +219,8 @@ class ExportedModel:
         no precision pinned by the caller, and room for a second copy of the weights: both
         compilations repack theirs on first use, so the memory available at load must hold 3x the
         LM file plus AUTO_DECODE_HEADROOM (pool, activations)."""
-        mode = self.options.decode_precision
-        device = self.options.devices.get("language", self.options.device).upper()
+        mode = self.settings.decode_precision
+        device = self.settings.device_for("language").upper()
         if mode == "same":
             return False, "same as prefill: chosen with decode_precision=same"
         if device != "CPU":
@@ -269,7 +232,7 @@ class ExportedModel:
             if main == ov.Type.f32:
                 log.warning("the language model already computes in f32: the f32 decode variant only costs memory")
             return True, "f32 decode steps: chosen with decode_precision=f32"
-        if "INFERENCE_PRECISION_HINT" in self.options.properties:
+        if "INFERENCE_PRECISION_HINT" in self.settings.properties:
             return False, "same as prefill: INFERENCE_PRECISION_HINT is set by the caller"
         if main != ov.Type.bf16:
             return False, f"same as prefill: the CPU plugin computes in {_plain(main)} here"
@@ -300,10 +263,10 @@ class ExportedModel:
         wanted, self.decode_why = self.decode_choice()
         if not wanted:
             return None
-        device = self.options.devices.get("language", self.options.device)
+        device = self.settings.device_for("language")
         main = self._compiled["language"]
         kv = main.get_property("KV_CACHE_PRECISION")  # the variant must keep the same block tensors
-        props = {**self.options.properties, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
+        props = {**self.settings.properties, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
         try:
             return self.core.compile_model(self._paged_source, device, props)  # the main one's source
         except RuntimeError as exc:
@@ -334,9 +297,9 @@ class ExportedModel:
     def stored_weights(self) -> dict[str, str]:
         """Per part: how the weights that run are stored (fp16, int4_sym g64 r0.6 + int8, ...), or where from."""
         stored = {part: self.export.stored_precision(part) for part in layout.MODEL_PARTS}
-        if self.vision_choice()[0] != layout.VISION_MODEL and "vision" not in self.options.part_paths:
+        if self.vision_choice()[0] != layout.VISION_MODEL and "vision" not in self.settings.part_paths:
             stored["vision"] = self.export.vision_float_precision
-        for part, path in self.options.part_paths.items():
+        for part, path in self.settings.part_paths.items():
             stored[part] = f"from {path}"
         return stored
 

@@ -26,12 +26,13 @@ import numpy as np
 from llava_ov.runtime.budget import Resolution, fit_budget
 from llava_ov.runtime.constrained import JsonConstraint, JsonGrammars
 from llava_ov.errors import ContextLengthError, LlavaOvError
-from llava_ov.runtime.engine.core import Engine, EngineConfig, Failed, Progress
+from llava_ov.runtime.engine.core import Engine, Failed, Progress
 from llava_ov.runtime.features import merge_embeddings
 from llava_ov.runtime.generate import Constraint, DecodeState, ForcedDecode, GenerationConfig, TokenEvent, TokenLogprob
 from llava_ov.runtime.image import ProcessedImage, load_image
 from llava_ov.runtime.pruning import kept_count, select_tokens
-from llava_ov.runtime.model import ExportedModel, LoadOptions
+from llava_ov.runtime.model import ExportedModel
+from llava_ov.runtime.settings import LoadSettings
 from llava_ov.runtime.template import ChatTemplate
 
 FEATURE_CACHE_SIZE = 16
@@ -188,18 +189,20 @@ def as_messages(prompt: str | Sequence[Message], images: Sequence[Any] = ()) -> 
 
 
 class Pipeline:
-    """A loaded export ready to answer questions about images."""
+    """A loaded export ready to answer questions about images.
 
-    def __init__(
-        self, model_dir: str | Path, device: str = "CPU", engine: EngineConfig | None = None, **load: Any
-    ):
-        self.model = ExportedModel(model_dir, LoadOptions(device=device, **load))
+    `settings` says how to load and run it; keyword arguments override single fields of it,
+    e.g. `Pipeline(path, device="GPU", kv_cache="stateful", max_running=8)`."""
+
+    def __init__(self, model_dir: str | Path, settings: LoadSettings | None = None, **overrides: Any):
+        self.settings = (settings or LoadSettings()).with_overrides(**overrides)
+        self.model = ExportedModel(model_dir, self.settings)
         self.template = ChatTemplate.from_export(self.model.export)
         self.eos_ids = self._eos_ids()
         self._features: OrderedDict[str, PreparedImage] = OrderedDict()
         self.engine: Engine | None = None
         if self.model.paged is not None:
-            self.engine = Engine(self.model.paged, self.model.max_context, engine)
+            self.engine = Engine(self.model.paged, self.model.max_context, self.settings)
         self._keys = None if self.engine is not None else np.empty(self.model.max_context + 1, np.int64)  # the stateful cache's
         # Guards the tokenizer and vision requests (prepare/count_tokens); on the stateful path
         # it is also held for a whole generation, one at a time.
@@ -581,7 +584,7 @@ class Pipeline:
         return {
             "model_dir": str(self.model.dir),
             "family": self.model.family.model_type,
-            "device": self.model.options.device,
+            "device": self.settings.device,
             "weights": self.model.stored_weights(),  # how each part's weights are stored (fp16, int4_sym g64 r0.6 + int8, ...)
             "vision_encoder": self.model.vision_choice()[1],  # which vision encoder runs and why (INT8-PTQ or float)
             "decode_steps": self.model.decode_why,  # on the main compilation or an f32 one, and why

@@ -22,11 +22,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from llava_ov.tools.bench_serving import DECODE_VARIANTS, engine_prompt, ours_name
+from llava_ov.runtime.settings import LoadSettings
+from llava_ov.tools.bench_serving import DECODE_VARIANTS, engine_prompt
 
 ENGINES = ("ours", "genai", "transformers", *DECODE_VARIANTS)
 
@@ -187,17 +188,16 @@ def kv_bytes_read(config: dict, context: int, bytes_per_value: float) -> float:
 
 
 class OursEngine:
-    name = "ours"
     json_schema: dict | None = None
     max_image_tokens: int | None = None
     pruning: float = 0.0
 
-    def __init__(self, export: Path, device: str, properties: dict, decode_precision: str = "auto"):
+    def __init__(self, export: Path, settings: LoadSettings, name: str = "ours"):
         from llava_ov.runtime.pipeline import Pipeline
 
         start = time.perf_counter()
-        self.pipe = Pipeline(export, device, properties=properties, decode_precision=decode_precision)
-        self.name = ours_name(decode_precision)
+        self.pipe = Pipeline(export, settings)
+        self.name = name
         self.load_s = time.perf_counter() - start
 
     def with_schema(self, schema: dict) -> OursEngine:
@@ -348,8 +348,7 @@ class BenchOptions:
     max_new_tokens: int = 64
     runs: int = 5
     warmup: int = 1
-    device: str = "CPU"
-    properties: dict[str, Any] = field(default_factory=dict)
+    load: LoadSettings = field(default_factory=LoadSettings)  # ours, with every load setting; genai: device, properties
     compare: tuple[str, ...] = ()
     genai_backend: str = "SDPA"
     source: str | None = None  # transformers checkpoint (default: export_info source)
@@ -363,10 +362,12 @@ class BenchOptions:
 
 def make_engine(name: str, opts: BenchOptions):
     """Load one engine on the export (or, for transformers, its source checkpoint)."""
-    if name == "ours" or name in DECODE_VARIANTS:
-        return OursEngine(opts.model, opts.device, opts.properties, DECODE_VARIANTS.get(name, "auto"))
+    if name == "ours":
+        return OursEngine(opts.model, opts.load)
+    if name in DECODE_VARIANTS:
+        return OursEngine(opts.model, replace(opts.load, decode_precision=DECODE_VARIANTS[name]), name)
     if name == "genai":
-        return GenaiEngine(opts.model, opts.device, opts.properties, opts.genai_backend)
+        return GenaiEngine(opts.model, opts.load.device, opts.load.properties, opts.genai_backend)
     if name == "transformers":
         return TorchEngine(opts.source or _export_source(opts.model), opts.torch_dtype)
     raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES[1:])}")
@@ -398,7 +399,8 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
         follow = [ours.follow_up(opts.image, opts.prompt, opts.follow_up, 8) for _ in range(max(2, opts.runs // 2))]
     report = {
         "machine": machine_info(),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()},
+        "options": {k: (str(v) if isinstance(v, Path) else asdict(v) if k == "load" else v)
+                    for k, v in opts.__dict__.items()},  # fmt: skip
         "engines": {e.name: engine_summary(e, runs[e.name], loaded_rss[e.name]) for e in engines},
         "peak_rss_mb": sampler.peak / 2**20,
         "follow_up": {"first_ttft": summarize([f for f, _ in follow]).__dict__,
@@ -578,8 +580,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="CPU")
-    p.add_argument("--f32", action="store_true", help="pin f32 inference and KV cache")
+    LoadSettings.add_arguments(p)  # ours runs with every load setting, as the server does
     p.add_argument("--compare", default="",
                    help="comma list: genai, transformers, ours-f32-decode / ours-same-decode (ours with "
                         "--decode-precision f32 / same)")  # fmt: skip
@@ -660,21 +661,25 @@ def plot_image_tokens(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def cmd_bench(args) -> int:
+def bench_options(args) -> BenchOptions:
+    """What the `bench` flags ask for; ours loads with every load setting (LoadSettings), as the server does."""
     from llava_ov.runtime.constrained import load_schema
-    from llava_ov.runtime.model import F32_PROPERTIES
 
-    opts = BenchOptions(
+    return BenchOptions(
         model=Path(args.model), image=Path(args.image) if args.image else default_image(), prompt=args.prompt,
-        max_new_tokens=args.max_new_tokens, runs=args.runs, warmup=args.warmup, device=args.device,
-        properties=dict(F32_PROPERTIES) if args.f32 else {}, genai_backend=args.genai_backend,
+        max_new_tokens=args.max_new_tokens, runs=args.runs, warmup=args.warmup,
+        load=LoadSettings.from_args(args).validate(), genai_backend=args.genai_backend,
         compare=tuple(c for c in args.compare.split(",") if c), source=args.source, torch_dtype=args.torch_dtype,
         bandwidth=not args.no_bandwidth, isolated_rss=args.isolated_rss,
         json_schema=load_schema(args.json_schema) if args.json_schema else None,
         image_token_variants=image_token_variants(args.max_image_tokens, args.visual_token_pruning),
     )  # fmt: skip
+
+
+def cmd_bench(args) -> int:
     from llava_ov.errors import require_extra
 
+    opts = bench_options(args)
     if "genai" in opts.compare:
         require_extra("openvino_genai", "bench", "--compare genai")
     if "transformers" in opts.compare:
@@ -684,8 +689,8 @@ def cmd_bench(args) -> int:
         from llava_ov.tools.bench_serving import format_concurrency, run_concurrency
 
         levels = [int(n) for n in args.concurrency.split(",") if n]
-        report = run_concurrency(opts.model, opts.image, levels, opts.max_new_tokens, opts.runs, opts.device,
-                                 opts.properties, opts.compare, log)  # fmt: skip
+        report = run_concurrency(opts.model, opts.image, levels, opts.max_new_tokens, opts.runs, opts.load,
+                                 opts.compare, log)  # fmt: skip
         report["machine"] = machine_info()
         formatted = format_concurrency(report)
     else:

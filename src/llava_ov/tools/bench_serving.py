@@ -18,9 +18,11 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from llava_ov.runtime.settings import LoadSettings
 
 QUESTIONS = (
     "Describe this image in detail.", "What colours stand out?", "What is in the background?",
@@ -29,11 +31,6 @@ QUESTIONS = (
 )  # fmt: skip
 
 DECODE_VARIANTS = {"ours-f32-decode": "f32", "ours-same-decode": "same"}  # engine name -> decode_precision
-
-
-def ours_name(decode_precision: str) -> str:
-    """The report name of our engine loaded with `decode_precision`."""
-    return next((n for n, p in DECODE_VARIANTS.items() if p == decode_precision), "ours")
 
 
 def engine_prompt(name: str, export: Path, image: Path, prompt: str) -> str:
@@ -78,16 +75,17 @@ def summarize_round(streams: list[StreamTimes]) -> dict[str, float]:
 
 
 class OursServing:
-    name = "ours"
+    """The engine (the paged KV cache, whatever --kv-cache says) with every other load setting."""
 
-    def __init__(
-        self, export: Path, device: str, properties: dict, kv_cache: str = "paged", decode_precision: str = "auto"
-    ):  # fmt: skip
+    def __init__(self, export: Path, settings: LoadSettings, name: str = "ours"):
         from llava_ov.runtime.pipeline import Pipeline
 
-        self.pipe = Pipeline(export, device, properties=properties, kv_cache=kv_cache, decode_precision=decode_precision)
-        if kv_cache == "paged":
-            self.name = ours_name(decode_precision)
+        self.pipe = Pipeline(export, self.settings_for(settings))
+        self.name = name
+
+    @staticmethod
+    def settings_for(settings: LoadSettings) -> LoadSettings:
+        return replace(settings, kv_cache="paged")
 
     def _one(self, question: str, image: Path, max_new: int, out: list, index: int, start: threading.Barrier | None):
         from llava_ov.runtime.generate import GenerationConfig
@@ -119,10 +117,13 @@ class OursServing:
 class FifoServing(OursServing):
     """One request at a time on the stateful cache: what the FIFO server did."""
 
-    name = "fifo"
+    def __init__(self, export: Path, settings: LoadSettings):
+        super().__init__(export, settings, "fifo")
 
-    def __init__(self, export: Path, device: str, properties: dict):
-        super().__init__(export, device, properties, kv_cache="stateful")
+    @staticmethod
+    def settings_for(settings: LoadSettings) -> LoadSettings:
+        """The stateful cache has one compilation: no decode precision of its own."""
+        return replace(settings, kv_cache="stateful", decode_precision="auto")
 
     def round(self, n: int, image: Path, max_new: int) -> list[StreamTimes]:
         self.pipe.clear_caches()
@@ -178,16 +179,17 @@ class GenaiServing:
 
 
 def run_concurrency(
-    export: Path, image: Path, levels: list[int], max_new: int, runs: int, device: str, properties: dict,
+    export: Path, image: Path, levels: list[int], max_new: int, runs: int, settings: LoadSettings,
     compare: tuple[str, ...] = (), log=print,
 ) -> dict[str, Any]:  # fmt: skip
     """Every engine at every level, `runs` rounds each after one warm-up round; mean ± std."""
 
-    engines = [OursServing(export, device, properties), FifoServing(export, device, properties)]
+    engines = [OursServing(export, settings), FifoServing(export, settings)]
     if "genai" in compare:
         pool_gb = engines[0].pipe.engine.pool.num_blocks * engines[0].pipe.engine.lm.bytes_per_block / 2**30
-        engines.append(GenaiServing(export, device, properties, pool_gb))
-    engines += [OursServing(export, device, properties, decode_precision=p) for n, p in DECODE_VARIANTS.items() if n in compare]
+        engines.append(GenaiServing(export, settings.device, settings.properties, pool_gb))
+    engines += [OursServing(export, replace(settings, decode_precision=p), n) for n, p in DECODE_VARIANTS.items()
+                if n in compare]  # fmt: skip
     results: dict[str, dict[str, Any]] = {e.name: {} for e in engines}
     for n in levels:
         rounds: dict[str, list[dict[str, float]]] = {e.name: [] for e in engines}

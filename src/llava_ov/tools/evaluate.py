@@ -37,7 +37,10 @@ import numpy as np
 
 from llava_ov.common.layout import EXAMPLES_DIR
 from llava_ov.errors import InvalidImageError, LlavaOvError
+from llava_ov.runtime.settings import LoadSettings
 
+# An export's INT8-PTQ vision encoder, if it has one, runs whatever the CPU: the compression is what is measured.
+EVALUATE_SETTINGS = LoadSettings(vision_encoder="int8")
 EXAMPLE_IMAGES = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
 DEFAULT_PROMPTS = (
     "Describe this image in one sentence.",
@@ -197,14 +200,13 @@ def export_summary(pipe) -> dict[str, Any]:
     return {"dir": info["model_dir"], "precision": info["weights"], "runtime": info["runtime"]}
 
 
-def load(model: Any, device: str, properties: dict[str, Any], cache_dir: str | None):
-    """A Pipeline as given, or loaded from an export directory (its INT8-PTQ vision encoder, if it has one,
-    whatever the CPU: the compression is what is measured)."""
+def load(model: Any, settings: LoadSettings):
+    """A Pipeline as given, or loaded from an export directory with `settings`."""
     from llava_ov.runtime.pipeline import Pipeline
 
     if isinstance(model, Pipeline):
         return model
-    return Pipeline(model, device, properties=properties, cache_dir=cache_dir, vision_encoder="int8")
+    return Pipeline(model, settings)
 
 
 def evaluate(
@@ -214,16 +216,15 @@ def evaluate(
     images: Sequence[str | Path] | None = None,
     prompts: Sequence[str] | None = None,
     max_new_tokens: int = 32,
-    device: str = "CPU",
-    properties: dict[str, Any] | None = None,
-    cache_dir: str | None = "default",
+    settings: LoadSettings = EVALUATE_SETTINGS,
     log: Callable[[str], None] | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Compare `cand_model` with `ref_model` on images x prompts; returns the JSON-ready report.
 
-    Each model is an export directory (loaded with `device`, `properties`, `cache_dir`) or a
-    loaded Pipeline (reused, e.g. one reference for several candidates).  Two Pipelines loaded
-    with different properties are compared as they are (that measures the runtime's own
+    Each model is an export directory (loaded with `settings`, fields overridden by keyword as in
+    `Pipeline(path, properties=...)`) or a loaded Pipeline (reused, e.g. one reference for several
+    candidates).  Two Pipelines loaded with different properties are compared as they are (that measures the runtime's own
     numerics, e.g. f32 vs the plugin defaults); the report then has "candidate_properties".
     """
     from llava_ov.runtime.image import load_image
@@ -238,9 +239,9 @@ def evaluate(
         raise LlavaOvError("prompts must not be empty")
     say = log or (lambda _: None)
     start = time.perf_counter()
-    ref = load(ref_model, device, dict(properties or {}), cache_dir)
-    cand = load(cand_model, device, dict(properties or {}), cache_dir)
-    props, cand_props = ref.model.options.properties, cand.model.options.properties
+    settings = settings.with_overrides(**overrides).validate()
+    ref, cand = load(ref_model, settings), load(cand_model, settings)
+    props, cand_props = ref.settings.properties, cand.settings.properties
     samples, total = [], len(paths) * len(questions)
     for path, question in ((p, q) for p in paths for q in questions):
         s = compare_sample(ref, cand, path, question, max_new_tokens)
@@ -251,7 +252,7 @@ def evaluate(
     return {
         "reference": export_summary(ref),
         "candidate": export_summary(cand),
-        "device": {"reference": ref.model.options.device, "candidate": cand.model.options.device},
+        "device": {"reference": ref.settings.device, "candidate": cand.settings.device},
         "properties": dict(props) or "plugin defaults",
         **({"candidate_properties": dict(cand_props) or "plugin defaults"} if cand_props != props else {}),
         "settings": {"max_new_tokens": max_new_tokens, "images": [str(p) for p in paths], "prompts": questions},

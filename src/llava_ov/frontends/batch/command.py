@@ -40,9 +40,11 @@ def register(subparsers) -> None:
 
 def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
     """What `args.load_pipeline(args)` would load, as a spec other processes can load."""
-    from llava_ov.frontends.args import pipeline_options
+    from llava_ov.exporting.hub import resolve_model
+    from llava_ov.runtime.settings import LoadSettings
 
-    return PipelineSpec(**pipeline_options(args))
+    settings = LoadSettings.from_args(args).validate()  # a bad value fails before a hub id is converted
+    return PipelineSpec(str(resolve_model(args.model, weight_format=args.weight_format)), settings)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from llava_ov.frontends.batch.files import DEFAULT_PROMPT, Row, is_url, open_sin
 from llava_ov.runtime.constrained import parse_answer
 from llava_ov.errors import InvalidImageError, LlavaOvError
 from llava_ov.runtime.fetch import FetchPolicy, fetch_url
+from llava_ov.runtime.settings import LoadSettings
 
 # ----------------------------------------------------------------------------- images from URLs
 
@@ -54,33 +55,23 @@ def load_source(row: Row, options: FetchOptions) -> str | bytes:
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """How to load a Pipeline in another process (worker or Ray actor)."""
+    """How to load a Pipeline in another process (worker or Ray actor): an export and its load settings."""
 
     model_dir: str
-    device: str = "CPU"
-    properties: dict[str, Any] = field(default_factory=dict)
-    cache_dir: str | None = "default"
-    devices: dict[str, str] = field(default_factory=dict)  # per part, as Pipeline(devices=...)
-    part_paths: dict[str, str] = field(default_factory=dict)  # per part, as Pipeline(part_paths=...)
-    kv_cache: str = "auto"
-    engine: Any = None  # an EngineConfig, or None for the defaults
-    vision_encoder: str = "auto"  # as Pipeline(vision_encoder=...)
-    decode_precision: str = "auto"  # as Pipeline(decode_precision=...)
+    settings: LoadSettings = field(default_factory=LoadSettings)
 
-    def with_threads(self, threads: int | None) -> "PipelineSpec":
+    def with_threads(self, threads: int | None) -> PipelineSpec:
         """The same spec pinning OpenVINO's CPU threads (one worker of several shares the cores)."""
-        if not threads or self.device.upper() != "CPU" or "INFERENCE_NUM_THREADS" in self.properties:
+        props = self.settings.properties
+        if not threads or self.settings.device.upper() != "CPU" or "INFERENCE_NUM_THREADS" in props:
             return self
-        return replace(self, properties={**self.properties, "INFERENCE_NUM_THREADS": int(threads)})
+        pinned = replace(self.settings, properties={**props, "INFERENCE_NUM_THREADS": int(threads)})
+        return replace(self, settings=pinned)
 
     def load(self):
         from llava_ov.runtime.pipeline import Pipeline
 
-        return Pipeline(
-            self.model_dir, self.device, properties=dict(self.properties), cache_dir=self.cache_dir,
-            devices=dict(self.devices), part_paths=dict(self.part_paths), kv_cache=self.kv_cache, engine=self.engine,
-            vision_encoder=self.vision_encoder, decode_precision=self.decode_precision,
-        )  # fmt: skip
+        return Pipeline(self.model_dir, self.settings)
 
 
 def caption_row(pipe, row: Row, config, fetch: FetchOptions = FetchOptions(), cancel=None) -> dict[str, Any]:
@@ -157,9 +148,7 @@ def run_batch(
     prompt: str = DEFAULT_PROMPT,
     config=None,
     in_flight: int = 4,
-    device: str = "CPU",
-    properties: dict[str, Any] | None = None,
-    cache_dir: str | None = "default",
+    settings: LoadSettings | None = None,
     columns: dict[str, str | None] | None = None,
     fetch: FetchOptions = FetchOptions(),
     retry_errors: bool = False,
@@ -169,7 +158,7 @@ def run_batch(
 
     `model` is an export directory, a `PipelineSpec` or a loaded `Pipeline`; `in_flight`
     rows are in the engine at once (they decode together in one forward, so rows finish
-    out of order).  `properties` are OpenVINO properties for the Pipeline (e.g. f32).
+    out of order).  `settings` load an export directory (default: `LoadSettings()`).
     `columns` maps "image"/"prompt"/"id" to table column names.  Ctrl-C stops
     the job with `summary.interrupted` set; everything written so far is kept.
     """
@@ -181,19 +170,19 @@ def run_batch(
         raise LlavaOvError("--in-flight must be >= 1")
     cols = columns or {}
     rows = read_rows(input_path, prompt, cols.get("image"), cols.get("prompt"), cols.get("id"))
-    spec = _as_spec(model, device, properties, cache_dir)
+    spec = _as_spec(model, settings)
     sink = open_sink(Path(output).expanduser())
     results = functools.partial(_results, model, spec, config, fetch, in_flight)
     return _run(rows, sink, results, retry_errors, progress)
 
 
-def _as_spec(model: Any, device: str, properties: dict | None, cache_dir: str | None) -> PipelineSpec | None:
+def _as_spec(model: Any, settings: LoadSettings | None) -> PipelineSpec | None:
     """The spec to load `model` from; None for an already loaded Pipeline."""
     if isinstance(model, PipelineSpec):
         return model
     if hasattr(model, "generate") and hasattr(model, "reset"):
         return None
-    return PipelineSpec(str(model), device, dict(properties or {}), cache_dir)
+    return PipelineSpec(str(model), settings or LoadSettings())
 
 
 def _results(model, spec, config, fetch, in_flight: int, todo: list[Row]) -> Iterator[dict[str, Any]]:

@@ -94,12 +94,12 @@ class JSONOffLoopRoute(APIRoute):
 
 
 def load_pipeline(settings: ServerSettings) -> Any:
-    """The default factory: resolve MODEL (converting a hub id once) and load it."""
+    """The default factory: resolve MODEL (converting a hub id once) and load it with every load setting."""
     from llava_ov.exporting.hub import resolve_model
     from llava_ov.runtime.pipeline import Pipeline
 
-    export = resolve_model(settings.model, weight_format=settings.weight_format)
-    pipeline = Pipeline(export, settings.device, properties=dict(settings.properties), cache_dir=settings.cache_dir)
+    settings.load.validate()  # before a hub id is converted
+    pipeline = Pipeline(resolve_model(settings.model, weight_format=settings.weight_format), settings.load)
     for warning in pipeline.warnings():
         log.warning("%s", warning)
     return pipeline

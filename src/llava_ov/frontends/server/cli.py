@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from llava_ov.frontends.args import add_image_token_args, add_model_args, load_pipeline
+from llava_ov.frontends.args import add_image_token_args, add_model_args
 from llava_ov.frontends.server.settings import MiB, ServerSettings
 
 
@@ -59,11 +59,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     GenerationConfig(max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
                      max_prompt_tokens=args.max_prompt_tokens).validate()
 
-    from llava_ov.runtime.model import F32_PROPERTIES
+    from llava_ov.runtime.settings import LoadSettings
 
     return ServerSettings(
-        model=args.model, model_id=args.model_name, device=args.device, weight_format=args.weight_format,
-        properties=dict(F32_PROPERTIES) if args.f32 else {},
+        model=args.model, model_id=args.model_name, weight_format=args.weight_format,
+        load=LoadSettings.from_args(args).validate(),
         api_key=args.api_key or os.environ.get("LLAVA_OV_API_KEY") or None,
         max_queue=args.max_queue, max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * MiB),
         max_image_bytes=int(args.max_image_mb * MiB), max_image_pixels=args.max_image_pixels,
@@ -101,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         failed.append(True)
         server.should_exit = True
 
-    app = create_app(settings, lambda: load_pipeline(args), stop_on_failure)  # every model option applies
+    app = create_app(settings, on_load_failure=stop_on_failure)  # the default loader: settings.load, all of it
     from llava_ov.frontends.server.http import uvicorn_config
 
     server = uvicorn.Server(uvicorn_config(app, settings, host=args.host, port=args.port, log_level=args.log_level))

@@ -1,24 +1,26 @@
-"""Server options and limits: what `llava-ov serve` flags set, with safe defaults."""
+"""Server options and limits: what `llava-ov serve` flags set, with safe defaults.
+
+How the model loads and runs (device, KV cache, engine limits, ...) is `load`, a `LoadSettings`:
+the same settings, flags and checks as every other front end."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from llava_ov.runtime.settings import LoadSettings
 
 MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Everything the app needs besides the pipeline itself."""
+    """Everything the app needs: the model, how it loads (`load`), and the server's own limits."""
 
     model: str = ""  # export directory or hub id to load
     model_id: str = ""  # the name /v1/models reports (default: derived from `model`)
-    device: str = "CPU"
     weight_format: str = "int4"  # for a hub id converted on first use
-    properties: dict[str, Any] = field(default_factory=dict)  # OpenVINO properties (e.g. f32 pins)
-    cache_dir: str | None = "default"  # compiled-model cache (None: off)
+    load: LoadSettings = field(default_factory=LoadSettings)  # how the default loader loads `model`
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer KEY`
     max_queue: int = 16  # requests waiting for an engine slot; more get 429
     max_body_bytes: int = 32 * MiB

@@ -27,28 +27,12 @@ from llava_ov.runtime.generate import DecodeState, TokenEvent
 from llava_ov.runtime.engine.kvcache import BlockPool
 from llava_ov.runtime.engine.paged import ForwardBatch, PagedLanguageModel
 from llava_ov.runtime.engine.scheduler import Chunk, Scheduler, Sequence
+from llava_ov.runtime.settings import LoadSettings
 
 log = logging.getLogger("llava_ov.runtime.engine.core")
 
 DEFAULT_KV_CACHE_GB = 4.0  # at most; also at most a quarter of the memory available at load time
 CONTEXTS_IN_POOL = 16  # the default pool holds at most this many full contexts (small models)
-
-
-@dataclass
-class EngineConfig:
-    kv_cache_gb: float | None = None  # None: DEFAULT_KV_CACHE_GB, capped by available memory
-    max_step_tokens: int = 256  # tokens per forward: decode tokens + prefill chunks
-    max_running: int = 32  # sequences decoding at once
-
-    def validate(self) -> None:
-        checks = [
-            (self.kv_cache_gb is None or self.kv_cache_gb > 0, "--kv-cache-gb must be > 0"),
-            (self.max_step_tokens >= 1, "--max-step-tokens must be >= 1"),
-            (self.max_running >= 1, "--max-running must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise LlavaOvError(message)
 
 
 @dataclass
@@ -144,11 +128,10 @@ def _close_all() -> None:
 class Engine:
     """Continuous batching over a `PagedLanguageModel`."""
 
-    def __init__(self, lm: PagedLanguageModel, max_context: int, config: EngineConfig | None = None):
+    def __init__(self, lm: PagedLanguageModel, max_context: int, config: LoadSettings | None = None):
         self.lm = lm
         self.max_context = max_context
-        self.config = config or EngineConfig()
-        self.config.validate()
+        self.config = (config or LoadSettings()).validate()  # reads kv_cache_gb, max_step_tokens, max_running
         num_blocks = default_pool_blocks(lm, self.config.kv_cache_gb, max_context)
         lm.allocate(num_blocks)
         self.pool = BlockPool(num_blocks, lm.block_size)
