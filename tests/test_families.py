@@ -12,7 +12,8 @@ import pytest
 from llava_ov.errors import UnsupportedModelError
 from llava_ov.runtime.budget import Resolution
 from llava_ov.runtime.export import ImageConfig
-from llava_ov.runtime.families import FAMILIES, family_for
+from llava_ov.runtime import families
+from llava_ov.runtime.families import family_for, registered
 
 SRC = Path(importlib.import_module("llava_ov").__file__).parent
 # config fields and flags that belong to a family (its folder) or to the export reader that parses the files
@@ -36,9 +37,27 @@ def test_the_architecture_decides_not_the_model_type():
 
 
 def test_registry_is_lazy_and_every_entry_loads():
-    for entry in FAMILIES.values():
+    assert set(registered()) == {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"}
+    for entry in registered().values():
         module = entry.runtime_module()
         assert module.FAMILY.architecture == entry.architecture and module.FAMILY.model_type == entry.model_type
+
+
+def test_a_family_is_registered_by_adding_its_folder(tmp_path, monkeypatch):
+    """A folder with MODEL_TYPE and ARCHITECTURES in its __init__.py is found; nothing else is edited."""
+    import llava_ov.families as package
+
+    folder = tmp_path / "toy_family"
+    folder.mkdir()
+    (folder / "__init__.py").write_text('MODEL_TYPE = "toy"\nARCHITECTURES = ("ToyForConditionalGeneration",)\n')
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    families.registered.cache_clear()
+    try:
+        entry = family_for({"architectures": ["ToyForConditionalGeneration"]})
+        assert (entry.model_type, entry.package) == ("toy", "llava_ov.families.toy_family")
+        assert "ToyForConditionalGeneration" in families.supported_architectures()
+    finally:
+        families.registered.cache_clear()
 
 
 def test_a_bound_family_answers_from_its_config():

@@ -240,6 +240,6 @@ def write_streamed_weights(arch: str, config, out: Path, dtype: str, seed: int, 
 
 def _build_processor(arch: str, preproc: dict, tok, template: str, config):
     """The family's transformers processor (its export hooks know which classes)."""
-    from llava_ov.runtime.families import FAMILIES
+    from llava_ov.runtime.families import registered
 
-    return FAMILIES[arch].export_hooks().build_processor(preproc, tok, template, config)
+    return registered()[arch].export_hooks().build_processor(preproc, tok, template, config)

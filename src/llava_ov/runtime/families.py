@@ -11,7 +11,9 @@ pattern), so the runtime depends on the `Family` interface only.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llava_ov.errors import UnsupportedModelError
@@ -66,17 +68,27 @@ class FamilyEntry:
         return importlib.import_module(f"{self.package}.export").EXPORT
 
 
-FAMILIES: dict[str, FamilyEntry] = {  # by architecture
-    entry.architecture: entry
-    for entry in (
-        FamilyEntry("llava_next", "LlavaNextForConditionalGeneration", "llava_ov.families.llava_next"),
-        FamilyEntry("llava", "LlavaForConditionalGeneration", "llava_ov.families.llava"),
-    )
-}
+FAMILIES_PACKAGE = "llava_ov.families"
+
+
+@lru_cache(maxsize=1)
+def registered() -> dict[str, FamilyEntry]:
+    """Every family folder of FAMILIES_PACKAGE, by architecture: a folder's `__init__.py` names its
+    MODEL_TYPE and ARCHITECTURES (and imports nothing), so adding a family is adding a folder."""
+    package = importlib.import_module(FAMILIES_PACKAGE)
+    entries: dict[str, FamilyEntry] = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if not info.ispkg:
+            continue
+        name = f"{FAMILIES_PACKAGE}.{info.name}"
+        folder = importlib.import_module(name)
+        for architecture in folder.ARCHITECTURES:
+            entries[architecture] = FamilyEntry(folder.MODEL_TYPE, architecture, name)
+    return entries
 
 
 def supported_architectures() -> str:
-    return ", ".join(FAMILIES)
+    return ", ".join(registered())
 
 
 def load_family(export: ExportDir) -> Family:
@@ -88,9 +100,9 @@ def family_for(config: dict[str, Any]) -> FamilyEntry:
     """The family of a config.json dict: by architecture, else (no architectures given) by model_type."""
     archs = config.get("architectures") or []
     if archs:
-        entry = FAMILIES.get(archs[0])
+        entry = registered().get(archs[0])
     else:
-        entry = next((e for e in FAMILIES.values() if e.model_type == config.get("model_type")), None)
+        entry = next((e for e in registered().values() if e.model_type == config.get("model_type")), None)
     if entry is None:
         found = archs[0] if archs else f"model_type={config.get('model_type')!r}"
         raise UnsupportedModelError(f"{found} is not supported; supported architectures: {supported_architectures()}")
