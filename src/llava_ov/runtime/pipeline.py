@@ -79,14 +79,6 @@ class Pipeline:
     # ---------------------------------------------------------------- prompts (runtime/prompts.py)
 
     @property
-    def image_config(self):
-        return self.prompts.image_config
-
-    @property
-    def template(self):
-        return self.prompts.template
-
-    @property
     def image_rules(self) -> ImageTokenRules:
         """How this model turns an image into tokens (for budgets and counts before encoding)."""
         return self.prompts.image_rules
