@@ -20,7 +20,7 @@ class ServerSettings:
     properties: dict[str, Any] = field(default_factory=dict)  # OpenVINO properties (e.g. f32 pins)
     cache_dir: str | None = "default"  # compiled-model cache (None: off)
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer KEY`
-    max_queue: int = 16  # requests waiting for an engine slot; more get 429
+    max_queue: int = 16  # requests accepted beyond what the engine runs at once; more get 429
     max_body_bytes: int = 32 * MiB
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = 40_000_000
