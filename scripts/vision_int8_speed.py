@@ -15,7 +15,8 @@ import time
 
 from llava_ov.common.hardware import int8_matrix_units, matrix_flags
 from llava_ov.runtime.image import ImageConfig, preprocess
-from llava_ov.runtime.model import ExportedModel, LoadOptions
+from llava_ov.runtime.model import ExportedModel
+from llava_ov.runtime.settings import LoadSettings
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
 
-    models = {kind: ExportedModel(args.export, LoadOptions(vision_encoder=kind, cache_dir=None))
+    models = {kind: ExportedModel(args.export, LoadSettings(vision_encoder=kind, cache_dir=None))
               for kind in ("int8", "float")}  # fmt: skip
     mode = models["int8"].family.preprocessing
     pixels = preprocess(args.image, ImageConfig.from_export(args.export), mode).pixel_values
@@ -43,7 +44,7 @@ def main() -> None:
     print(f"float / int8: {ratio:.2f}x")
     print(f"cpu flags: {' '.join(matrix_flags())}")
     print(f"int8 matrix units: {', '.join(int8_matrix_units()) or 'none'}")
-    auto = ExportedModel(args.export, LoadOptions(cache_dir=None)).vision_choice()[1]
+    auto = ExportedModel(args.export, LoadSettings(cache_dir=None)).vision_choice()[1]
     print(f"--vision-encoder auto here: {auto}")
 
 

@@ -179,7 +179,7 @@ def test_pruned_generation_equals_transformers_fed_the_same_tokens_at_the_same_p
     config = GenerationConfig(max_new_tokens=24, visual_token_pruning=ratio)
     full = pipe.prepare(messages)
     prompt = pipe.prepare(messages, config)
-    (job,) = pipe._plan_images([photos["chelsea"]], [QUESTION], None)
+    (job,) = pipe.prompts._plan_images([photos["chelsea"]], [QUESTION], None)
     newlines = int((job.tiles < 0).sum())
     assert prompt.image_tokens == newlines + kept_count(len(job.tiles) - newlines, ratio)
     assert prompt.image_tokens_total == full.image_tokens
@@ -194,7 +194,7 @@ def test_pruned_generation_equals_transformers_fed_the_same_tokens_at_the_same_p
     image_at = np.flatnonzero(full.keys < 0)
     hf_kept = select_tokens(
         embeds[image_at].double().numpy(), job.tiles,
-        model.get_input_embeddings()(torch.tensor(pipe._instruction_ids(QUESTION))).detach().double().numpy(), ratio,
+        model.get_input_embeddings()(torch.tensor(pipe.prompts._instruction_ids(QUESTION))).detach().double().numpy(), ratio,
     )  # fmt: skip
     np.testing.assert_array_equal(image_at[hf_kept], prompt.positions[prompt.keys < 0])
     ref = _hf_greedy_from_embeddings(model, embeds[prompt.positions], prompt.positions.tolist(), 24)

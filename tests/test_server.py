@@ -77,31 +77,33 @@ def wait_ready(base: str, timeout: float = 60) -> None:
 
 
 class Proxy:
-    """Test hook around the reference pipeline: optional gate before generating, records results.
+    """Test hook around a pipeline: records what the server submitted and the results.
 
     With `delay`, answers ignore EOS (slow_app also slows the engine's forwards by `delay`)."""
 
-    def __init__(self, pipe: Pipeline, delay: float = 0.0, gate: threading.Event | None = None, slots: int = 1):
-        self.pipe, self.delay, self.gate = pipe, delay, gate
-        self.max_concurrency = slots  # the server's slots (1: one request at a time, to test the queue)
+    def __init__(self, pipe: Pipeline, delay: float = 0.0):
+        self.pipe, self.delay = pipe, delay
         self.started = threading.Event()
-        self.calls = 0
-        self.results = []
+        self.streams = []  # the pipeline's ChunkStreams, in submission order
 
-    def __getattr__(self, name):  # the rest of the Pipeline API (token_bytes, json_constraint, ...)
+    def __getattr__(self, name):  # the rest of the Pipeline API (token_bytes, json_constraint, occupancy, ...)
         return getattr(self.pipe, name)
 
-    def stream(self, messages, config=None, cancel=None, progress=None):
-        self.calls += 1
+    @property
+    def calls(self) -> int:
+        return len(self.streams)
+
+    @property
+    def results(self) -> list:
+        return [s.result for s in self.streams if s.result is not None]
+
+    def submit(self, messages, config=None, cancel=None, progress=None):
         self.started.set()
-        if self.gate is not None:
-            assert self.gate.wait(30)
         if self.delay:  # long answers that only a cancel can stop early
             config = dataclasses.replace(config, ignore_eos=True)
-        for chunk in self.pipe.stream(messages, config=config, cancel=cancel, progress=progress):
-            if chunk.result is not None:
-                self.results.append(chunk.result)
-            yield chunk
+        stream = self.pipe.submit(messages, config=config, cancel=cancel, progress=progress)
+        self.streams.append(stream)
+        return stream
 
 
 @pytest.fixture(scope="module")
@@ -500,19 +502,37 @@ def test_failed_load_is_reported_without_paths():
 # ----------------------------------------------------------------------------- queue and cancellation
 
 
+@pytest.fixture(scope="module")
+def single(exports) -> Pipeline:
+    """A pipeline whose engine computes one sequence at a time (the rest wait in its queue)."""
+    return Pipeline(exports["llava-next"], properties=F32, cache_dir=None, max_running=1)
+
+
 @pytest.fixture
-def gated(exports, reference):
-    """An app with a one-place queue whose generations wait for `gate`."""
-    proxy = Proxy(reference, gate=threading.Event())
-    with running(create_app(ServerSettings(model=str(exports["llava-next"]), max_queue=1), lambda: proxy)) as base:
-        wait_ready(base)
-        yield base, proxy
+def gated(exports, single):
+    """An app with a one-place queue over a one-sequence engine whose forwards wait for `gate`."""
+    proxy = Proxy(single)
+    proxy.gate, proxy.entered = threading.Event(), threading.Event()
+    fast_forward = single.engine.lm.forward
+
+    def gated_forward(batch, **kwargs):  # the engine itself is busy: nothing in the server holds the requests
+        proxy.entered.set()
+        assert proxy.gate.wait(30)
+        return fast_forward(batch, **kwargs)
+
+    single.engine.lm.forward = gated_forward
+    try:
+        with running(create_app(ServerSettings(model=str(exports["llava-next"]), max_queue=1), lambda: proxy)) as base:
+            wait_ready(base)
+            yield base, proxy
+    finally:
         proxy.gate.set()
+        del single.engine.lm.forward  # back to the class's method
 
 
 def test_requests_run_concurrently_in_the_engine(exports, reference):
     """Two long answers overlap in time (they are batched), and each equals the pipeline's answer alone."""
-    with slow_app(exports, reference, slots=reference.max_concurrency, delay=0.005) as (base, proxy):
+    with slow_app(exports, reference, delay=0.005) as (base, proxy):
         body = {"messages": HELLO, "max_tokens": 40, "stream": True}
         stamps: dict[int, list[float]] = {0: [], 1: []}
 
@@ -532,19 +552,22 @@ def test_requests_run_concurrently_in_the_engine(exports, reference):
     assert len(answers) == 2 and answers[0] == answers[1]
 
 
-def test_full_queue_gets_429(gated):
+def test_full_queue_gets_429(gated, single):
+    """Requests beyond the engine's max_running wait in the engine's own queue; past max_queue: 429."""
     base, proxy = gated
     body = {"messages": HELLO, "max_tokens": 2}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         running_one = pool.submit(post, base, body)
-        assert proxy.started.wait(30)
+        assert proxy.entered.wait(30)  # the engine computes it (its forward waits for the gate)
         queued = pool.submit(post, base, body)
-        wait_for(lambda: metric(base, "llava_ov_queue_depth") == 1)
+        wait_for(lambda: single.occupancy() == (1, 1))  # submitted to the engine, waiting there
+        assert metric(base, "llava_ov_queue_depth") == 1 and metric(base, "llava_ov_requests_running") == 1
         error = assert_error(post(base, body), 429, "queue_full")
         assert error["type"] == "rate_limit_error"
         proxy.gate.set()
         assert running_one.result().status_code == 200 and queued.result().status_code == 200
     assert metric(base, 'llava_ov_http_errors_total{status="429"}') == 1
+    assert proxy.calls == 2  # the refused request never reached the pipeline
     assert_healthy(base)
 
 
@@ -552,20 +575,39 @@ def test_queued_request_of_a_departed_client_is_dropped(gated):
     base, proxy = gated
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         first = pool.submit(post, base, {"messages": HELLO, "max_tokens": 2})
-        assert proxy.started.wait(30)
+        assert proxy.entered.wait(30)
         with pytest.raises(httpx.ReadTimeout):  # this client gives up while its request waits in the queue
             httpx.post(f"{base}/v1/chat/completions", json={"messages": HELLO}, timeout=0.5)
         proxy.gate.set()
         assert first.result().status_code == 200
     wait_for(lambda: metric(base, "llava_ov_dropped_requests_total") == 1)
-    assert proxy.calls == 1  # the departed client's request never reached the pipeline
+    assert proxy.streams[0].started and not any(s.started for s in proxy.streams[1:])  # it never ran in the engine
+    assert metric(base, 'llava_ov_generations_total{finish_reason="cancelled"}') == 0
     assert_healthy(base)
 
 
+def test_stateful_backend_serves_through_the_same_worker(exports, reference):
+    """On the stateful path (one sequence at a time, its own queue) concurrent requests all get the
+    paged engine's answer."""
+    stateful = Pipeline(exports["llava-next"], properties=F32, cache_dir=None, kv_cache="stateful")
+    expected = reference.generate(messages_for(HELLO), config=GenerationConfig(max_new_tokens=8)).text
+    try:
+        with running(create_app(ServerSettings(model=str(exports["llava-next"])), lambda: stateful)) as base:
+            wait_ready(base)
+            body = {"messages": HELLO, "max_tokens": 8}
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                answers = list(pool.map(lambda _: post(base, body), range(3)))
+            assert [a.status_code for a in answers] == [200] * 3
+            assert [a.json()["choices"][0]["message"]["content"] for a in answers] == [expected] * 3
+            assert_healthy(base)
+    finally:
+        stateful.close()
+
+
 @contextmanager
-def slow_app(exports, reference, slots: int = 1, delay: float = 0.02, **settings):
+def slow_app(exports, reference, delay: float = 0.02, **settings):
     """An app whose generations take ~`delay` s per token and ignore EOS: only a cancel ends them early."""
-    proxy = Proxy(reference, delay=delay, slots=slots)
+    proxy = Proxy(reference, delay=delay)
     fast_forward = reference.engine.lm.forward
 
     def slow_forward(batch, **kwargs):  # the model is slow, not the client: the engine itself paces the tokens

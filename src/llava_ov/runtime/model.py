@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ def check_export_dir(path: str | Path) -> Path:
 
 AUTO_DECODE_HEADROOM = 4 * 2**30  # besides 3x the LM file, for the KV pool, vision and activations
 
+# Vision infer requests: this many images are encoded at once (each request holds its own activations).
+VISION_REQUESTS = 2
+
 # Tiny graphs (string ops, a gather): one thread avoids thread-pool wake-ups that cost more than the work.
 SMALL_GRAPH = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
 
@@ -67,6 +71,7 @@ class Tokenizer:
         self._decoder = core.compile_model(export.detokenizer_path, "CPU", SMALL_GRAPH)
         self._enc_req = self._encoder.create_infer_request()
         self._dec_req = self._decoder.create_infer_request()
+        self._enc_lock = threading.Lock()  # one encode at a time on the one request
         self._dec_lock = threading.Lock()
         self.pieces = PieceDecoder.from_export(export)
 
@@ -88,8 +93,9 @@ class Tokenizer:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:  # lone surrogates ("\ud800" in JSON) have no UTF-8 form
             raise InvalidTextError(f"the text is not valid Unicode (character {exc.start}: a lone surrogate)") from None
-        self._enc_req.infer([text])
-        return self._enc_req.get_tensor("input_ids").data[0].astype(np.int64)
+        with self._enc_lock:
+            self._enc_req.infer([text])
+            return self._enc_req.get_tensor("input_ids").data[0].astype(np.int64)
 
     def decode(self, ids) -> str:
         arr = np.asarray(ids, dtype=np.int64).reshape(1, -1)
@@ -132,9 +138,12 @@ class ExportedModel:
         self._warn_if_rotary_fp16()
         self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
         self.tokenizer = Tokenizer(self.core, self.export)
-        self._vision = self._compiled["vision"].create_infer_request()
+        self._vision: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()  # the free vision requests
+        for _ in range(VISION_REQUESTS):
+            self._vision.put(self._compiled["vision"].create_infer_request())
         self._embed = self._compiled["text_embeddings"].create_infer_request()
         self._embed_side = None  # for instruction embeddings (pruning), made on first use
+        self._embed_side_lock = threading.Lock()
         self.paged = None  # the PagedLanguageModel, when kv_backend == "paged"
         if self.kv_backend == "paged":
             from llava_ov.runtime.engine.paged import PagedLanguageModel
@@ -349,19 +358,26 @@ class ExportedModel:
     # ---------------------------------------------------------------- parts
 
     def encode_image_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
-        """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden] projected features."""
-        self._vision.infer({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})
-        return self._vision.get_output_tensor(0).data.copy()
+        """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden] projected features.
+
+        Thread-safe: runs on one of VISION_REQUESTS infer requests (waits for a free one)."""
+        request = self._vision.get()
+        try:
+            request.infer({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})
+            return request.get_output_tensor(0).data.copy()
+        finally:
+            self._vision.put(request)
 
     def embed_instruction(self, ids: np.ndarray) -> np.ndarray:
         """[T] ids -> [T, hidden] on a request of its own (the engine thread owns `embed_tokens`'s)."""
         if len(ids) == 0:
             return np.zeros((0, self.hidden_size), np.float32)
-        if self._embed_side is None:
-            self._embed_side = self._compiled["text_embeddings"].create_infer_request()
-        self._embed_side.set_input_tensor(ov.Tensor(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)))
-        self._embed_side.infer()
-        return self._embed_side.get_output_tensor(0).data[0].copy()
+        with self._embed_side_lock:
+            if self._embed_side is None:
+                self._embed_side = self._compiled["text_embeddings"].create_infer_request()
+            self._embed_side.set_input_tensor(ov.Tensor(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)))
+            self._embed_side.infer()
+            return self._embed_side.get_output_tensor(0).data[0].copy()
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         """[T] token ids -> [T, hidden] embeddings."""

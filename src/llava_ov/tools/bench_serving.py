@@ -15,8 +15,8 @@ wall time, prefills included), and mean TTFT. Engines, run one after another in 
 
 from __future__ import annotations
 
+import asyncio
 import statistics
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -87,11 +87,9 @@ class OursServing:
     def settings_for(settings: LoadSettings) -> LoadSettings:
         return replace(settings, kv_cache="paged")
 
-    def _one(self, question: str, image: Path, max_new: int, out: list, index: int, start: threading.Barrier | None):
+    def _one(self, question: str, image: Path, max_new: int, out: list, index: int):
         from llava_ov.runtime.generate import GenerationConfig
 
-        if start is not None:
-            start.wait()
         times = StreamTimes(time.perf_counter(), [])
         for chunk in self.pipe.stream(question, [image], GenerationConfig(max_new_tokens=max_new, ignore_eos=True)):
             if chunk.token_ids:
@@ -99,16 +97,24 @@ class OursServing:
         out[index] = times
 
     def round(self, n: int, image: Path, max_new: int) -> list[StreamTimes]:
+        """n streams submitted together on one event loop, as the server runs them (Pipeline.astream)."""
         self.pipe.clear_caches()
-        out: list[Any] = [None] * n
-        barrier = threading.Barrier(n)
-        threads = [threading.Thread(target=self._one, args=(QUESTIONS[i % len(QUESTIONS)], image, max_new, out, i,
-                                                           barrier)) for i in range(n)]  # fmt: skip
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return out
+
+        async def streams() -> list[StreamTimes]:
+            return await asyncio.gather(*(self._one_async(QUESTIONS[i % len(QUESTIONS)], image, max_new)
+                                          for i in range(n)))  # fmt: skip
+
+        return asyncio.run(streams())
+
+    async def _one_async(self, question: str, image: Path, max_new: int) -> StreamTimes:
+        from llava_ov.runtime.generate import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=max_new, ignore_eos=True)
+        times = StreamTimes(time.perf_counter(), [])
+        async for chunk in self.pipe.astream(question, [image], config):
+            if chunk.token_ids:
+                times.tokens.append(time.perf_counter())
+        return times
 
     def close(self) -> None:
         self.pipe.close()
@@ -130,7 +136,7 @@ class FifoServing(OursServing):
         submitted = time.perf_counter()
         out: list[Any] = [None] * n
         for i in range(n):
-            self._one(QUESTIONS[i % len(QUESTIONS)], image, max_new, out, i, None)
+            self._one(QUESTIONS[i % len(QUESTIONS)], image, max_new, out, i)
             out[i].submitted = submitted  # all arrived together; later ones waited in the queue
         return out
 

@@ -3,7 +3,7 @@
 Modules, one concern each: `settings` (options and limits), `schemas`
 (request/response models), `errors` (OpenAI error bodies), `mapping` (requests
 -> runtime messages and settings), `images` (image URLs: data, http(s) with
-SSRF guards, local files), `worker` (one FIFO generation thread per model),
+SSRF guards, local files), `worker` (admission into the pipeline's backend, one task per request),
 `completions` (one request: JSON or SSE answer, disconnects, timeouts),
 `guards` (API key and body-size middleware), `metrics` (Prometheus text),
 `app` (routes and lifecycle) and `cli`.

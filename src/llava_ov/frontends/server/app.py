@@ -156,7 +156,7 @@ class ServerState:
         threading.Thread(target=self.load, name="llava-ov-load", daemon=True).start()
         yield
         self._closing.set()
-        self.worker.stop()
+        await self.worker.stop()
         self.parser.close()
 
 
@@ -198,7 +198,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise queue_full()
         if config.json_schema is not None:  # a schema that cannot be compiled is refused before images are fetched
             await asyncio.to_thread(_check_schema_compiles, state.worker.pipeline, config.json_schema)
-        job = Job(await to_messages(body, settings, state.images), config, asyncio.get_running_loop())
+        job = Job(await to_messages(body, settings, state.images), config)
         try:
             state.worker.submit(job)
         except QueueFull:

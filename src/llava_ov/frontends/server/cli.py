@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (0: any free port)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set LLAVA_OV_API_KEY)")
     p.add_argument("--model-name", default="", help="model id reported to clients (default: the folder name)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests waiting for a slot (--max-running); more get 429")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests accepted beyond what the engine runs (--max-running); more get 429")
     p.add_argument("--max-tokens", type=int, default=1024, help="cap on max_tokens (and the default)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="refuse longer prompts (images counted from their sizes, before encoding; default: the context)")

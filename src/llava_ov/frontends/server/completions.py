@@ -47,7 +47,7 @@ class JobOutput:
             except asyncio.TimeoutError:
                 self.timed_out = True
                 self.job.cancel.set()  # a running job ends with a "cancelled" chunk soon; a queued one is dropped
-                if not self.started:
+                if not (self.started or self.job.started):
                     message = "the request timed out waiting in the queue; retry later"
                     raise APIError(503, message, code="timeout") from None
                 continue

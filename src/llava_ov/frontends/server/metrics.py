@@ -110,7 +110,7 @@ class ServerMetrics:
         )
         self.dropped = Counter(p + "dropped_requests_total", "Queued requests dropped because the client left.")
         self.queue_wait = Histogram(
-            p + "queue_wait_seconds", "Time from accepting a request to starting it.", LATENCY_BUCKETS
+            p + "queue_wait_seconds", "Time from accepting a request to the engine starting it (image work included).", LATENCY_BUCKETS
         )
         self.ttft = Histogram(
             p + "time_to_first_token_seconds", "From accepting a request to its first token (queue wait included).",
@@ -120,8 +120,9 @@ class ServerMetrics:
             p + "time_per_output_token_seconds", "Time of each generated token after the first.", TOKEN_BUCKETS
         )
         self.gauges = [
-            Gauge(p + "queue_depth", "Requests waiting in the queue.", queue_depth),
-            Gauge(p + "requests_running", "Requests holding a slot (preparing or generating).", running),
+            Gauge(p + "queue_depth", "Requests accepted beyond what the engine runs at once (max_queue bounds it).",
+                  queue_depth),
+            Gauge(p + "requests_running", "Requests the engine is computing (prefilling or decoding).", running),
             Gauge(p + "model_ready", "1 once the model is loaded.", ready),
             Gauge(p + "kv_blocks_used", "KV cache blocks held by running sequences.",
                   lambda: engine().get("blocks_used", 0)),

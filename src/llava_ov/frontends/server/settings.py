@@ -22,7 +22,7 @@ class ServerSettings:
     weight_format: str = "int4"  # for a hub id converted on first use
     load: LoadSettings = field(default_factory=LoadSettings)  # how the default loader loads `model`
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer KEY`
-    max_queue: int = 16  # requests waiting for an engine slot; more get 429
+    max_queue: int = 16  # requests accepted beyond what the engine runs at once; more get 429
     max_body_bytes: int = 32 * MiB
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = 40_000_000

@@ -1,15 +1,16 @@
-"""Admission of requests into the engine: bounded slots and a bounded queue, each job streamed back.
+"""Admission of requests into the pipeline's backend; each job streamed back on the event loop.
 
-Requests become `Job`s, each with a thread. A job takes one of the pipeline's
-`max_concurrency` slots (the engine's --max-running; 1 on the stateful path), prepares its
-prompt (image work included) and runs it through `Pipeline.stream`, where the engine batches
-it with every other running job; chunks go back to the request's event loop through a
-thread-safe bridge (`loop.call_soon_threadsafe` into an `asyncio.Queue`). Jobs waiting for a
-slot form the queue: at most `max_queue` (429 beyond), served in arrival order. A job whose
-cancel Event is set before it gets a slot is dropped; one that is running stops within one
-engine step. No conversation state lives here:
-each job carries its whole conversation, and the engine's prefix cache finds what it shares
-with earlier requests.
+Each accepted request becomes a `Job` and one asyncio task: it prepares the prompt in a
+worker thread (`Pipeline.submit`: template, tokens, image loading and encoding block), then
+awaits the backend's handle (`async for`: the engine thread wakes the loop with
+`call_soon_threadsafe`, nothing polls) and relays the chunks to the request. No thread waits
+on a generation and there is no queue here: the backend's admission (the engine's
+`--max-running`; one at a time on the stateful path) is the only one. `max_queue` bounds the
+requests accepted beyond what the backend runs at once (waiting in its queue, or preparing
+with no free place to run); more get 429. A job cancelled before the backend started it is
+dropped without any model work; a running one stops within one engine step. No conversation
+state lives here: each job carries its whole conversation, and the engine's prefix cache
+finds what it shares with earlier requests.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class QueueFull(Exception):
 
 @dataclass
 class Started:
-    """The engine started the job's prompt (after `wait_s` since the request arrived)."""
+    """The backend started the job's prompt (after `wait_s` since the request arrived)."""
 
     wait_s: float
 
@@ -50,21 +51,23 @@ class Dropped:
     """The job was cancelled before it started."""
 
 
-@dataclass(eq=False)  # a dict key, by identity
+@dataclass(eq=False)  # a set member, by identity
 class Job:
     messages: list[Message]
     config: GenerationConfig
-    loop: asyncio.AbstractEventLoop
     received_at: float = field(default_factory=time.perf_counter)  # when the request arrived
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    stream: Any = None  # the pipeline's ChunkStream once submitted
+
+    @property
+    def started(self) -> bool:
+        """The backend began computing the prompt."""
+        return self.stream is not None and self.stream.started
 
     def emit(self, item: Any) -> None:
-        """Hand an event to the request's loop (from any thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
+        """Hand an event to the request (on the event loop)."""
+        self.events.put_nowait(item)
 
     async def next_event(self, timeout: float | None = None) -> Any:
         """The next event; asyncio.TimeoutError after `timeout` seconds."""
@@ -72,28 +75,33 @@ class Job:
 
 
 class GenerationWorker:
-    """Runs every accepted job concurrently through the pipeline's engine."""
+    """Runs every accepted job as a task over the pipeline's backend (all on one event loop)."""
 
     def __init__(self, max_queue: int, metrics: ServerMetrics):
         self.max_queue = max(1, max_queue)
         self.metrics = metrics
         self.pipeline: Any = None
-        self._jobs: dict[Job, threading.Thread] = {}
-        self._waiting: list[Job] = []  # arrival order
         self._slots = 1
-        self._lock = threading.Condition()
+        self._preparing = 0  # accepted jobs not yet submitted to the backend
+        self._jobs: set[Job] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._stopping = False
 
     @property
     def depth(self) -> int:
-        """Jobs waiting for a slot."""
-        with self._lock:
-            return len(self._waiting)
+        """Accepted jobs beyond what the backend runs at once: waiting in its queue, or preparing
+        with no free place to run."""
+        running, waiting = self._occupancy()
+        free = max(0, self._slots - running - waiting)
+        return waiting + max(0, self._preparing - free)
 
     @property
     def running(self) -> int:
-        with self._lock:
-            return len(self._jobs) - len(self._waiting)
+        """Jobs the backend is computing."""
+        return self._occupancy()[0]
+
+    def _occupancy(self) -> tuple[int, int]:
+        return self.pipeline.occupancy() if self.pipeline is not None else (0, 0)
 
     def engine_stats(self) -> dict:
         engine = getattr(self.pipeline, "engine", None)
@@ -104,66 +112,67 @@ class GenerationWorker:
         self._slots = max(1, int(getattr(pipeline, "max_concurrency", 1)))
 
     def submit(self, job: Job) -> None:
-        with self._lock:
-            if self._stopping or len(self._waiting) >= self.max_queue:
-                raise QueueFull
-            thread = threading.Thread(target=self._run, args=(job,), name="llava-ov-request", daemon=True)
-            self._jobs[job] = thread
-            self._waiting.append(job)
-        thread.start()
+        """Accept a job (on the event loop); QueueFull when `max_queue` jobs wait already."""
+        if self._stopping or self.depth >= self.max_queue:
+            raise QueueFull
+        self._preparing += 1
+        self._jobs.add(job)
+        task = asyncio.get_running_loop().create_task(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _take_slot(self, job: Job) -> bool:
-        """Wait for a free slot in arrival order; False if the job was cancelled meanwhile."""
-        with self._lock:
-            while not job.cancel.is_set() and not (
-                self._waiting[0] is job and len(self._jobs) - len(self._waiting) < self._slots
-            ):
-                self._lock.wait(0.05)  # also wakes to notice a cancel
-            self._waiting.remove(job)
-            self._lock.notify_all()
-            return not job.cancel.is_set()
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every job and wait for their tasks."""
+        self._stopping = True
+        for job in self._jobs:
+            job.cancel.set()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel every job and wait for their threads."""
-        with self._lock:
-            self._stopping = True
-            jobs = dict(self._jobs)
-            for job in jobs:
-                job.cancel.set()
-            self._lock.notify_all()
-        deadline = time.monotonic() + timeout
-        for thread in jobs.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def _run(self, job: Job) -> None:
+    async def _run(self, job: Job) -> None:
         try:
-            if not self._take_slot(job):
-                self.metrics.dropped.inc()
-                job.emit(Dropped())
+            job.stream = await self._submit(job)
+            if job.stream is None:
+                self._drop(job)
                 return
-            wait_s = time.perf_counter() - job.received_at
-            self.metrics.queue_wait.observe(wait_s)
-            job.emit(Started(wait_s))
-            self._generate(job)
-        finally:
-            with self._lock:
-                self._jobs.pop(job, None)
-                self._lock.notify_all()
-
-    def _generate(self, job: Job) -> None:
-        first = True
-        try:
-            for chunk in self.pipeline.stream(job.messages, config=job.config, cancel=job.cancel):
-                if first and chunk.token_ids:
-                    first = False
-                    self.metrics.ttft.observe(time.perf_counter() - job.received_at)
-                if chunk.result is not None:
-                    self.metrics.record_result(chunk.result)
-                job.emit(chunk)
+            await self._relay(job)
         except Exception as exc:  # reported to the client; bugs are logged here with their trace
             if not isinstance(exc, LlavaOvError):
                 log.exception("generation failed")
             job.emit(Failed(exc))
+        finally:
+            self._jobs.discard(job)
+
+    async def _submit(self, job: Job) -> Any:
+        """Prepare and submit the job in a worker thread; None if it was cancelled before."""
+        try:
+            if job.cancel.is_set():
+                return None
+            return await asyncio.to_thread(self.pipeline.submit, job.messages, config=job.config, cancel=job.cancel)
+        finally:
+            self._preparing -= 1
+
+    async def _relay(self, job: Job) -> None:
+        announced = first = False
+        async for chunk in job.stream:
+            if not announced:
+                announced = True
+                if not job.stream.started:  # it ended before the backend ran it: cancelled while it waited
+                    self._drop(job)
+                    return
+                wait_s = job.stream.handle.stats.scheduled_at - job.received_at
+                self.metrics.queue_wait.observe(wait_s)
+                job.emit(Started(wait_s))
+            if not first and chunk.token_ids:
+                first = True
+                self.metrics.ttft.observe(time.perf_counter() - job.received_at)
+            if chunk.result is not None:
+                self.metrics.record_result(chunk.result)
+            job.emit(chunk)
+
+    def _drop(self, job: Job) -> None:
+        self.metrics.dropped.inc()
+        job.emit(Dropped())
 
 
 __all__ = ["Job", "GenerationWorker", "QueueFull", "Started", "Failed", "Dropped", "StreamChunk"]

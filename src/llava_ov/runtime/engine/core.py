@@ -1,7 +1,7 @@
 """The engine: one thread that runs many generations over one paged language model.
 
 Clients `submit` a prepared prompt (token ids, cache keys, image features) with its own
-generation settings and read a `Generation` handle: a thread-safe stream of progress, token
+generation settings and read a `Generation` handle (runtime/handle.py): a thread-safe stream of progress, token
 and final events. The engine thread loops: take new submissions, drop cancelled ones, ask the
 scheduler for the next forward (decode tokens of running sequences plus prefill chunks),
 run it (token ids and image features go in; the LM embeds the ids), sample every sequence that reached its last position, and publish the KV
@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.runtime.generate import DecodeState, TokenEvent
+from llava_ov.runtime.handle import Failed, Finished, Handle, Progress
 from llava_ov.runtime.engine.kvcache import BlockPool
 from llava_ov.runtime.engine.paged import ForwardBatch, PagedLanguageModel
 from llava_ov.runtime.engine.scheduler import Chunk, Scheduler, Sequence
@@ -35,65 +34,8 @@ DEFAULT_KV_CACHE_GB = 4.0  # at most; also at most a quarter of the memory avail
 CONTEXTS_IN_POOL = 16  # the default pool holds at most this many full contexts (small models)
 
 
-@dataclass
-class Progress:
-    """Prefill progress of one generation: `done` of `total` prompt positions are in the cache."""
-
-    done: int
-    total: int
-
-
-@dataclass
-class Finished:
-    """The generation ended (its last TokenEvent had the finish reason)."""
-
-
-@dataclass
-class Failed:
-    error: BaseException
-
-
-@dataclass
-class SequenceStats:
-    submitted_at: float = field(default_factory=time.perf_counter)
-    scheduled_at: float | None = None  # first admitted into a forward
-    first_token_at: float | None = None
-    cached_tokens: int = 0
-    preemptions: int = 0
-
-    @property
-    def queue_s(self) -> float:
-        return (self.scheduled_at or self.submitted_at) - self.submitted_at
-
-    @property
-    def prefill_s(self) -> float:
-        if self.first_token_at is None or self.scheduled_at is None:
-            return 0.0
-        return self.first_token_at - self.scheduled_at
-
-
-class Generation:
-    """A client's handle on one submitted sequence."""
-
-    def __init__(self, state: DecodeState, cancel: threading.Event):
-        self.state = state
-        self.cancel_event = cancel
-        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.stats = SequenceStats()
-        self.done = False
-
-    def cancel(self) -> None:
-        self.cancel_event.set()
-
-    def __iter__(self):
-        """Events in order: Progress, TokenEvent (the last one has finish_reason), or Failed."""
-        while True:
-            item = self.events.get()
-            if isinstance(item, Finished):
-                return
-            yield item
-            if isinstance(item, Failed):
-                return
+class Generation(Handle):
+    """A client's handle on one sequence of the engine (`for` or `async for` over its events)."""
 
 
 def default_pool_blocks(lm: PagedLanguageModel, kv_cache_gb: float | None, max_context: int) -> int:
@@ -111,9 +53,10 @@ def default_pool_blocks(lm: PagedLanguageModel, kv_cache_gb: float | None, max_c
 _LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()
 
 
-def _close_at_exit(engine: Engine) -> None:
-    """Stop engine threads before the interpreter finalizes: a daemon thread that comes back from
-    an OpenVINO call during finalization is unwound through C++ frames, and the process aborts."""
+def close_at_exit(engine: Any) -> None:
+    """Stop a backend's thread (anything with `close()`) before the interpreter finalizes: a daemon
+    thread that comes back from an OpenVINO call during finalization is unwound through C++ frames,
+    and the process aborts."""
     if not hasattr(_close_all, "registered"):
         atexit.register(_close_all)
         _close_all.registered = True  # type: ignore[attr-defined]
@@ -196,6 +139,10 @@ class Engine:
             self._clear_cache = True
             self._wake.notify()
 
+    def occupancy(self) -> tuple[int, int]:
+        """(running, waiting): sequences being computed, and those submitted but not yet admitted."""
+        return len(self.scheduler.running), len(self.scheduler.waiting) + len(self._inbox)
+
     def stats(self) -> dict[str, Any]:
         return {
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._inbox),
@@ -214,7 +161,7 @@ class Engine:
 
     def _start_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            _close_at_exit(self)
+            close_at_exit(self)
             self._thread = threading.Thread(target=self._run, name="llava-ov-engine", daemon=True)
             self._thread.start()
 
@@ -256,7 +203,7 @@ class Engine:
         woken by an event then takes the GIL while OpenVINO computes, not between two forwards."""
         outbox, self._outbox = self._outbox, []
         for handle, event in outbox:
-            handle.events.put(event)
+            handle.put(event)
 
     def _step(self) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):

@@ -1,0 +1,192 @@
+"""One generation interface, two backends: the paged engine and the stateful model behind
+`submit(prompt, state, cancel) -> Handle`; handles read with `for` and `async for`; image
+work outside any global lock (concurrent encodes, one encode per new image)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from conftest import F32
+from llava_ov.runtime.feature_cache import FeatureCache
+from llava_ov.runtime.generate import DecodeState, GenerationConfig, TokenEvent
+from llava_ov.runtime.handle import Finished, Handle
+from llava_ov.runtime.pipeline import Message, Pipeline
+
+GREEDY = GenerationConfig(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def paged(exports) -> Pipeline:
+    return Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
+
+
+@pytest.fixture(scope="module")
+def stateful(exports) -> Pipeline:
+    pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None, kv_cache="stateful")
+    yield pipe
+    pipe.close()
+
+
+def _tokens(handle: Handle) -> list[int]:
+    return [item.token_id for item in handle if isinstance(item, TokenEvent) and item.token_id is not None]
+
+
+def test_both_backends_give_the_same_greedy_tokens_through_one_interface(paged, stateful, photos):
+    prompt = paged.prepare([Message("user", "What is in the picture?", [photos["chelsea"]])])
+    answers = []
+    for pipe in (paged, stateful):
+        state = DecodeState(pipe.model.tokenizer.stream(), GREEDY, pipe.eos_ids)
+        handle = pipe.backend.submit(prompt, state)
+        answers.append(_tokens(handle))
+        assert handle.done and handle.started
+    assert len(answers[0]) > 3 and answers[0] == answers[1]
+    assert paged.engine is not None and stateful.engine is None  # the public attribute front ends read
+
+
+@pytest.mark.parametrize("backend", ["paged", "stateful"])
+def test_async_stream_equals_the_blocking_one(backend, request, photos):
+    pipe = request.getfixturevalue(backend)
+    messages = [Message("user", "Describe it.", [photos["coffee"]])]
+    expected = pipe.generate(messages, config=GREEDY)
+
+    async def collect(n: int) -> list[list[int]]:
+        async def one() -> list[int]:
+            return [t async for chunk in pipe.astream(messages, config=GREEDY) for t in chunk.token_ids]
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+    assert asyncio.run(collect(3)) == [expected.token_ids] * 3
+
+
+def test_stateful_handle_is_cancelled_while_waiting_without_running(stateful):
+    """One sequence at a time: a second one cancelled while the first runs ends without being computed."""
+    first = stateful.submit("Hello", config=GenerationConfig(max_new_tokens=64, ignore_eos=True))
+    cancel = threading.Event()
+    cancel.set()
+    second = stateful.submit("Hello again", config=GREEDY, cancel=cancel)
+    result = list(second)[-1].result
+    assert result.finish_reason == "cancelled" and not second.started and result.token_ids == []
+    assert list(first)[-1].result.finish_reason == "length"
+
+
+def test_handle_wakes_an_event_loop_from_another_thread():
+    """Events put by a backend thread reach `async for` without polling, in order, until Finished."""
+    handle = Handle(state=None)
+
+    def produce():
+        for i in range(50):
+            handle.put(TokenEvent(i, str(i)))
+            time.sleep(0.001)
+        handle.put(Finished())
+
+    async def consume() -> list[int]:
+        threading.Thread(target=produce).start()
+        return [event.token_id async for event in handle]
+
+    assert asyncio.run(asyncio.wait_for(consume(), 30)) == list(range(50))
+
+
+def test_concurrent_requests_encode_their_images_at_the_same_time(paged, photos, monkeypatch):
+    """Two requests with different images: both encodes are in progress at once (a barrier that
+    only opens when both calls are inside the encoder; a global lock would break it)."""
+    paged.clear_caches()
+    encode = paged.model.encode_image_tiles
+    both_inside = threading.Barrier(2, timeout=30)
+    spans = []
+
+    def recorded(pixels):
+        start = time.perf_counter()
+        both_inside.wait()
+        out = encode(pixels)
+        spans.append((start, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(paged.model, "encode_image_tiles", recorded)
+    results = {}
+
+    def ask(name):
+        results[name] = paged.prepare([Message("user", "What is it?", [photos[name]])])
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in ("chelsea", "astronaut")]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert set(results) == {"chelsea", "astronaut"} and len(spans) == 2
+    assert max(s for s, _ in spans) < min(e for _, e in spans)  # the two encodes overlap
+
+
+def test_the_same_new_image_requested_twice_at_once_is_encoded_once(paged, photos, monkeypatch):
+    paged.clear_caches()
+    encode = paged.model.encode_image_tiles
+    make = paged.prompts.features.get_or_make
+    arrived, calls = threading.Semaphore(0), []
+
+    def counted_make(key, fn):
+        arrived.release()
+        return make(key, fn)
+
+    def held_encode(pixels):  # the first encode waits until the second request asks for the same image
+        calls.append(1)
+        assert arrived.acquire(timeout=30) and arrived.acquire(timeout=30)
+        time.sleep(0.05)  # the second request is inside get_or_make: waiting on the first one's result
+        return encode(pixels)
+
+    monkeypatch.setattr(paged.prompts.features, "get_or_make", counted_make)
+    monkeypatch.setattr(paged.model, "encode_image_tiles", held_encode)
+    prompts = []
+
+    def ask():
+        prompts.append(paged.prepare([Message("user", "What is it?", [photos["rocket"]])]))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert len(prompts) == 2 and len(calls) == 1
+    assert prompts[0].images[0].features is prompts[1].images[0].features
+
+
+def test_feature_cache_makes_each_key_once_and_forgets_the_oldest():
+    cache: FeatureCache[int] = FeatureCache(2)
+    started, release, made = threading.Event(), threading.Event(), []
+
+    def slow():
+        made.append("a")
+        started.set()
+        assert release.wait(30)
+        return 1
+
+    out = []
+    first = threading.Thread(target=lambda: out.append(cache.get_or_make("a", slow)))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=lambda: out.append(cache.get_or_make("a", lambda: made.append("again") or 2)))
+    second.start()
+    release.set()
+    first.join(30), second.join(30)
+    assert out == [1, 1] and made == ["a"]
+    cache.get_or_make("b", lambda: 2)
+    cache.get_or_make("c", lambda: 3)
+    assert cache.get("a") is None and cache.get("c") == 3 and len(cache) == 2
+    with pytest.raises(ValueError):
+        cache.get_or_make("d", lambda: (_ for _ in ()).throw(ValueError("bad")))
+    assert cache.get_or_make("d", lambda: 4) == 4  # a failed make is not cached
+
+
+def test_vision_encoder_runs_while_another_request_holds_a_vision_request(paged, photos):
+    """The vision pool has more than one infer request: an encode completes while one is taken."""
+    from llava_ov.runtime.model import VISION_REQUESTS
+
+    assert VISION_REQUESTS >= 2
+    job = paged.prompts._plan_images([photos["motorcycle_left"]], [""], None)[0]
+    taken = paged.model._vision.get()  # another request is encoding with this one
+    try:
+        done = []
+        worker = threading.Thread(target=lambda: done.append(paged.model.encode_image_tiles(job.found.pixel_values)))
+        worker.start()
+        worker.join(60)
+        assert done and done[0].shape[0] == len(job.found.pixel_values)
+    finally:
+        paged.model._vision.put(taken)
