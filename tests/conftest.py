@@ -45,10 +45,11 @@ def serve_http(handler: type[http.server.BaseHTTPRequestHandler]):
 
 
 def _source_digest() -> str:
+    """A digest of the code that builds and converts the test models (export-time code and the families)."""
     src = Path(__file__).resolve().parents[1] / "src" / "llava_ov"
     h = hashlib.sha256()
-    for name in ("random_models.py", "convert.py", "stateful.py"):
-        h.update((src / name).read_bytes())
+    for path in sorted([*(src / "exporting").rglob("*.py"), *(src / "families").rglob("*.py")]):
+        h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 
