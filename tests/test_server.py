@@ -97,11 +97,12 @@ class Proxy:
     def results(self) -> list:
         return [s.result for s in self.streams if s.result is not None]
 
-    def submit(self, messages, config=None, cancel=None, progress=None):
+    def submit(self, messages, config=None, cancel=None, progress=None, max_prompt_tokens=None):
         self.started.set()
         if self.delay:  # long answers that only a cancel can stop early
             config = dataclasses.replace(config, ignore_eos=True)
-        stream = self.pipe.submit(messages, config=config, cancel=cancel, progress=progress)
+        stream = self.pipe.submit(messages, config=config, cancel=cancel, progress=progress,
+                                  max_prompt_tokens=max_prompt_tokens)  # fmt: skip
         self.streams.append(stream)
         return stream
 

@@ -36,7 +36,6 @@ class GenerationConfig:
     logprobs: int | None = None  # report each token's logprob and this many (0-20) top alternatives
     max_image_tokens: int | None = None  # the request's images at the largest resolutions within this many tokens
     visual_token_pruning: float = 0.0  # CDPruner: drop this share (0-0.99) of each image's tokens; 0: off
-    max_prompt_tokens: int | None = None  # refuse a longer prompt (images counted from their sizes, before encoding)
 
     def validate(self) -> None:
         checks = [
@@ -48,7 +47,6 @@ class GenerationConfig:
             (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"logprobs (top alternatives) must be in [0, {MAX_TOP_LOGPROBS}]"),
             (self.max_image_tokens is None or self.max_image_tokens >= 1, "max_image_tokens must be >= 1"),
-            (self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1"),
             (0 <= self.visual_token_pruning <= MAX_PRUNING, f"visual_token_pruning must be in [0, {MAX_PRUNING}]"),
         ]  # fmt: skip
         for ok, message in checks:

@@ -80,11 +80,14 @@ class Pipeline:
     def render(self, messages: Sequence[Message]) -> str:
         return self.prompts.render(messages)
 
-    def prepare(self, messages: Sequence[Message], config: GenerationConfig | None = None) -> PreparedPrompt:
+    def prepare(
+        self, messages: Sequence[Message], config: GenerationConfig | None = None, max_tokens: int | None = None
+    ) -> PreparedPrompt:
         """Render, tokenize and expand `<image>` into each image's feature positions.
 
-        `config` brings the image-token budget and visual-token pruning (none by default)."""
-        return self.prompts.prepare(messages, config)
+        `config` brings the image-token budget and visual-token pruning (none by default); a prompt
+        over `max_tokens` is refused before any image is encoded."""
+        return self.prompts.prepare(messages, config, max_tokens)
 
     def count_tokens(self, messages: Sequence[Message], config: GenerationConfig | None = None) -> int:
         """Prompt tokens of `messages`, image tokens included, from the image sizes (nothing is encoded)."""
@@ -144,12 +147,14 @@ class Pipeline:
         config: GenerationConfig | None = None,
         cancel: threading.Event | None = None,
         progress: Callable[[int, int], None] | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> ChunkStream:
         """Prepare the prompt (blocking: images are loaded and encoded here) and submit it to the backend.
 
         Read the returned stream with `for` or `async for`; stopping early, or setting `cancel`,
         cancels the generation. `progress(done, total)` is called by the reader as prompt chunks
-        are prefilled."""
+        are prefilled. A prompt over `max_prompt_tokens` (a caller's own limit) is refused before
+        any image is encoded."""
         started = time.perf_counter()
         config = config or GenerationConfig()
         config.validate()
@@ -157,7 +162,7 @@ class Pipeline:
         cancel = cancel or threading.Event()
         self._cancels.add(cancel)
         try:
-            prompt_, timings, state = self._start(messages, config)
+            prompt_, timings, state = self._start(messages, config, max_prompt_tokens)
             handle = self.backend.submit(prompt_, state, cancel)
         except BaseException:
             self._cancels.discard(cancel)
@@ -207,11 +212,13 @@ class Pipeline:
                 self._grammars = JsonGrammars.from_export(self.model.export, vocab, self.eos_ids)
         return self._grammars.constraint(schema)
 
-    def _start(self, messages: Sequence[Message], config: GenerationConfig) -> tuple[PreparedPrompt, Timings, DecodeState]:
+    def _start(
+        self, messages: Sequence[Message], config: GenerationConfig, max_prompt_tokens: int | None = None
+    ) -> tuple[PreparedPrompt, Timings, DecodeState]:
         timings = Timings()
         # before any image is encoded: a bad schema costs nothing
         constraint = None if config.json_schema is None else self.json_constraint(config.json_schema)
-        prompt = self.prepare(messages, config)
+        prompt = self.prepare(messages, config, max_prompt_tokens)
         self.prompts.check_context(prompt)
         timings.preprocess_s = sum(im.preprocess_s for im in prompt.images)
         timings.vision_s = sum(im.vision_s for im in prompt.images)

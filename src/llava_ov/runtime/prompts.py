@@ -210,19 +210,22 @@ class PromptBuilder:
     def render(self, messages: Sequence[Message]) -> str:
         return self.template.render([m.for_template() for m in messages], add_generation_prompt=True)
 
-    def prepare(self, messages: Sequence[Message], config: GenerationConfig | None = None) -> PreparedPrompt:
+    def prepare(
+        self, messages: Sequence[Message], config: GenerationConfig | None = None, max_tokens: int | None = None
+    ) -> PreparedPrompt:
         """Render, tokenize and expand `<image>` into each image's feature positions.
 
-        `config` brings the image-token budget and visual-token pruning (none by default)."""
+        `config` brings the image-token budget and visual-token pruning (none by default); a prompt
+        over `max_tokens` (a caller's limit, e.g. a server's) is refused before any image is encoded."""
         config = config or GenerationConfig()
         ratio = config.visual_token_pruning
         ids, positions, jobs = self._tokenize(messages, config)
         image_tokens = sum(self._image_tokens(j, ratio) for j in jobs)
         total = len(ids) - len(jobs) + image_tokens
-        if config.max_prompt_tokens is not None and total > config.max_prompt_tokens:
+        if max_tokens is not None and total > max_tokens:
             raise ContextLengthError(
-                f"the prompt is {total} tokens ({image_tokens} of them for images); this server takes at most "
-                f"{config.max_prompt_tokens} (fewer or smaller images, or max_image_tokens, make it shorter)"
+                f"the prompt is {total} tokens ({image_tokens} of them for images); prompts of at most "
+                f"{max_tokens} are taken here (fewer or smaller images, or max_image_tokens, make it shorter)"
             )
         self._check_length(total, image_tokens)  # before any vision encoding
         if ratio:  # pruned tokens keep their positions: the prompt spans as many as it would unpruned

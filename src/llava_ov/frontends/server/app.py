@@ -118,7 +118,7 @@ class ServerState:
             queue_depth=lambda: self.worker.depth, running=lambda: self.worker.running,
             ready=lambda: float(self.status == "ok"), engine=lambda: self.worker.engine_stats(),
         )  # fmt: skip
-        self.worker = GenerationWorker(settings.max_queue, self.metrics)
+        self.worker = GenerationWorker(settings.max_queue, self.metrics, settings.max_prompt_tokens)
         policy = ImagePolicy(
             max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
             allow_local_files=settings.allow_local_files, allow_private_urls=settings.allow_private_urls,

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from llava_ov.frontends.args import add_image_token_args, add_model_args
+from llava_ov.errors import LlavaOvError
 from llava_ov.frontends.server.settings import MiB, ServerSettings
 
 
@@ -57,8 +58,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from llava_ov.runtime.generate import GenerationConfig
 
     # request defaults that no request could use are refused now, not in every request's 400
-    GenerationConfig(max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
-                     max_prompt_tokens=args.max_prompt_tokens).validate()
+    GenerationConfig(max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning).validate()
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise LlavaOvError("--max-prompt-tokens must be >= 1")
 
     from llava_ov.runtime.settings import LoadSettings
 
@@ -79,8 +81,6 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start uvicorn; the model loads in the background (/health is 503 until it is ready)."""
-    from llava_ov.errors import LlavaOvError
-
     try:
         import uvicorn
 

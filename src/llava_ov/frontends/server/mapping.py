@@ -41,7 +41,6 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
         json_schema=json_schema(req),
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         max_image_tokens=req.max_image_tokens or settings.max_image_tokens,
-        max_prompt_tokens=settings.max_prompt_tokens,
         visual_token_pruning=settings.visual_token_pruning if req.visual_token_pruning is None
         else req.visual_token_pruning,
     )

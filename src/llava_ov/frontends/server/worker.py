@@ -77,8 +77,9 @@ class Job:
 class GenerationWorker:
     """Runs every accepted job as a task over the pipeline's backend (all on one event loop)."""
 
-    def __init__(self, max_queue: int, metrics: ServerMetrics):
+    def __init__(self, max_queue: int, metrics: ServerMetrics, max_prompt_tokens: int | None = None):
         self.max_queue = max(1, max_queue)
+        self.max_prompt_tokens = max_prompt_tokens  # the server's own limit, images counted before encoding
         self.metrics = metrics
         self.pipeline: Any = None
         self._slots = 1
@@ -148,7 +149,8 @@ class GenerationWorker:
         try:
             if job.cancel.is_set():
                 return None
-            return await asyncio.to_thread(self.pipeline.submit, job.messages, config=job.config, cancel=job.cancel)
+            return await asyncio.to_thread(self.pipeline.submit, job.messages, config=job.config, cancel=job.cancel,
+                                           max_prompt_tokens=self.max_prompt_tokens)  # fmt: skip
         finally:
             self._preparing -= 1
 
