@@ -17,9 +17,12 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from llava_ov.common import layout
+from llava_ov.common import hardware, layout
 from llava_ov.errors import InvalidTextError, LlavaOvError, ModelNotFoundError
+from llava_ov.runtime.detokenize import PieceDecoder
+from llava_ov.runtime.engine.paged import PagedLanguageModel, derive_paged_model
 from llava_ov.runtime.export import ExportDir
+from llava_ov.runtime.generate import IncrementalDetokenizer
 from llava_ov.runtime.families import Family, family_for, load_family
 from llava_ov.runtime.settings import LoadSettings
 
@@ -65,8 +68,6 @@ class Tokenizer:
     """openvino-tokenizers IRs: text -> ids (with BOS), ids -> text (special tokens skipped)."""
 
     def __init__(self, core: ov.Core, export: ExportDir):
-        from llava_ov.runtime.detokenize import PieceDecoder
-
         self._encoder = core.compile_model(export.tokenizer_path, "CPU", SMALL_GRAPH)
         self._decoder = core.compile_model(export.detokenizer_path, "CPU", SMALL_GRAPH)
         self._enc_req = self._encoder.create_infer_request()
@@ -84,8 +85,6 @@ class Tokenizer:
 
     def stream(self):
         """A text stream for one generation: vocabulary table when possible, else the detokenizer IR."""
-        from llava_ov.runtime.generate import IncrementalDetokenizer
-
         return self.pieces.stream() if self.pieces is not None else IncrementalDetokenizer(self.decode)
 
     def encode(self, text: str) -> np.ndarray:
@@ -146,8 +145,6 @@ class ExportedModel:
         self._embed_side_lock = threading.Lock()
         self.paged = None  # the PagedLanguageModel, when kv_backend == "paged"
         if self.kv_backend == "paged":
-            from llava_ov.runtime.engine.paged import PagedLanguageModel
-
             self.paged = PagedLanguageModel(self._compiled["language"], self._compile_decode_variant())
             self._paged_source = None  # derived for the compilations only
         else:
@@ -182,10 +179,8 @@ class ExportedModel:
         if mode != "auto":
             chosen = layout.VISION_MODEL if mode == "int8" else float_file
             return chosen, f"chosen with vision_encoder={mode}"
-        from llava_ov.common.hardware import int8_matrix_units
-
         device = self.settings.device_for("vision").upper()
-        units = int8_matrix_units()
+        units = hardware.int8_matrix_units()
         if device != "CPU":
             return layout.VISION_MODEL, f"INT8-PTQ on {device}"
         if units:
@@ -212,8 +207,6 @@ class ExportedModel:
             props = self._avoid_known_crash(device, props)
         source: Any = self.part_path(part)
         if part == "language" and self.kv_backend == "paged":
-            from llava_ov.runtime.engine.paged import derive_paged_model
-
             source = self._paged_source = derive_paged_model(self.core, source, self.part_path("text_embeddings"))
         try:
             return self.core.compile_model(source, device, props)
@@ -245,19 +238,15 @@ class ExportedModel:
             return False, "same as prefill: INFERENCE_PRECISION_HINT is set by the caller"
         if main != ov.Type.bf16:
             return False, f"same as prefill: the CPU plugin computes in {_plain(main)} here"
-        from llava_ov.common.hardware import int8_matrix_units
-
-        units = int8_matrix_units()
+        units = hardware.int8_matrix_units()
         if not units:
             return False, "same as prefill: no int8 matrix units (AMX/VNNI) for dynamically quantized decode"
         weights = self._language_weights()
         if not weights.startswith("int4"):  # INT8 decoded only ~1.08x faster at f32, fp16 slower (docs/speed.md)
             return False, f"same as prefill: the language model's weights are {weights} (f32 decode pays for INT4)"
-        from llava_ov.common.hardware import available_memory
-
         weights_file = self.part_path("language").with_suffix(".bin")
         size = weights_file.stat().st_size if weights_file.exists() else 0
-        need, room = 3 * size + AUTO_DECODE_HEADROOM, available_memory()
+        need, room = 3 * size + AUTO_DECODE_HEADROOM, hardware.available_memory()
         if room < need:
             return False, (f"same as prefill: a second copy of the {size / 2**30:.1f} GiB language model needs "
                            f"{need / 2**30:.1f} GiB available at load, {room / 2**30:.1f} GiB are")  # fmt: skip

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from llava_ov.common import hardware
 from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.runtime.generate import DecodeState, TokenEvent
 from llava_ov.runtime.handle import Failed, Finished, Handle, Progress
@@ -44,9 +45,7 @@ def default_pool_blocks(lm: PagedLanguageModel, kv_cache_gb: float | None, max_c
     one_context = -(-max_context // lm.block_size)
     if kv_cache_gb is not None:
         return max(1, int(kv_cache_gb * 2**30 // lm.bytes_per_block))
-    from llava_ov.common.hardware import available_memory  # MemAvailable capped by a container's cgroup limit
-
-    budget = min(DEFAULT_KV_CACHE_GB * 2**30, available_memory() / 4)
+    budget = min(DEFAULT_KV_CACHE_GB * 2**30, hardware.available_memory() / 4)  # available: capped by a cgroup limit
     return max(one_context, min(int(budget // lm.bytes_per_block), CONTEXTS_IN_POOL * one_context))
 
 
