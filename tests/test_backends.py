@@ -190,3 +190,92 @@ def test_vision_encoder_runs_while_another_request_holds_a_vision_request(paged,
         assert done and done[0].shape[0] == len(job.found.pixel_values)
     finally:
         paged.model._vision.put(taken)
+
+
+def test_prompts_holding_images_at_once_are_bounded(paged, photos, monkeypatch):
+    """However many threads prepare image prompts, at most IMAGE_PREPARATIONS hold decoded images at once
+    (bounded memory); a text prompt does not wait for a place."""
+    from llava_ov.runtime import prompts
+
+    paged.clear_caches()
+    plan = paged.prompts._plan_images
+    inside, most, lock = [0], [0], threading.Lock()
+
+    def counted(sources, *args, **kwargs):
+        if not sources:  # a text prompt plans no image
+            return plan(sources, *args, **kwargs)
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.2)
+            return plan(sources, *args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(paged.prompts, "_plan_images", counted)
+    names = ["chelsea", "astronaut", "coffee", "rocket"]
+    threads = [threading.Thread(target=paged.count_tokens, args=([Message("user", "Hi", [photos[names[i % 4]]])],))
+               for i in range(3 * prompts.IMAGE_PREPARATIONS)]  # fmt: skip
+    [t.start() for t in threads]
+    time.sleep(0.1)
+    paged.count_tokens([Message("user", "just text")])  # not behind the image prompts
+    still_preparing = inside[0]
+    [t.join(60) for t in threads]
+    assert most[0] == prompts.IMAGE_PREPARATIONS
+    assert still_preparing > 0  # the text prompt was answered while image prompts were still inside
+
+
+def test_a_task_cancelled_while_its_prompt_is_prepared_leaves_nothing_running(paged, photos, monkeypatch):
+    """astream's task cancelled during the image encode: the generation it would have submitted ends at once."""
+    paged.clear_caches()
+    encode = paged.model.encode_image_tiles
+
+    def slow(pixels):
+        time.sleep(0.5)
+        return encode(pixels)
+
+    monkeypatch.setattr(paged.model, "encode_image_tiles", slow)
+    long = GenerationConfig(max_new_tokens=400, ignore_eos=True)
+
+    async def cancelled_while_preparing() -> None:
+        task = asyncio.ensure_future(paged.astream([Message("user", "Hi", [photos["rocket"]])], config=long).__anext__())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    steps = paged.engine.steps
+    asyncio.run(cancelled_while_preparing())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and paged.occupancy() != (0, 0):
+        time.sleep(0.05)
+    assert paged.occupancy() == (0, 0)
+    assert paged.engine.steps - steps < 20  # not the 400 decode steps of an orphaned generation
+
+
+def test_an_unused_stateful_pipeline_is_freed_and_the_positional_device_still_works(exports):
+    import gc
+    import weakref
+
+    pipe = Pipeline(exports["llava-next"], "CPU", properties=F32, cache_dir=None, kv_cache="stateful")
+    assert pipe.settings.device == "CPU"
+    model = weakref.ref(pipe.model)
+    del pipe
+    gc.collect()
+    assert model() is None  # no backend thread holds it before the first submission
+
+
+def test_a_handle_has_one_async_reader():
+    handle = Handle(None, threading.Event())
+
+    async def two_readers() -> None:
+        first = handle.__aiter__()
+        waiting = asyncio.ensure_future(first.__anext__())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="one reader"):
+            await handle.__aiter__().__anext__()
+        waiting.cancel()
+
+    asyncio.run(two_readers())

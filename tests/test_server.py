@@ -7,6 +7,7 @@ disconnects cancel generation; the OpenAPI schema is fuzzed with schemathesis.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import dataclasses
@@ -891,3 +892,33 @@ def test_logprobs_as_openai_returns_them(client, reference):
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
     off = client.chat.completions.create(model="m", messages=prompt, max_tokens=3)
     assert off.choices[0].logprobs is None
+
+
+def test_a_submitted_job_counts_once_in_the_queue_depth():
+    """A job leaves the preparing count in the thread that puts it in the backend's queue: between that
+    put and its task resuming on the event loop it must not count twice (a spurious 429)."""
+    from llava_ov.frontends.server.metrics import ServerMetrics
+    from llava_ov.frontends.server.worker import GenerationWorker, Job
+    from llava_ov.runtime.generate import GenerationConfig
+
+    class Backlog:  # a pipeline whose one place is taken: what it gets waits
+        max_concurrency = 1
+        waiting: list = []
+
+        def occupancy(self):
+            return 1, len(self.waiting)
+
+        def submit(self, messages, **kwargs):
+            self.waiting.append(messages)
+            return object()
+
+    async def scenario() -> tuple[int, int]:
+        worker = GenerationWorker(max_queue=1, metrics=ServerMetrics())
+        worker.start(Backlog())
+        worker._preparing = 1  # accepted by `submit`, as the event loop counts it
+        job = Job(messages=[], config=GenerationConfig())
+        before = worker.depth
+        worker._prepare_and_submit(job)  # what the worker thread runs: the job is now in the backend's queue
+        return before, worker.depth
+
+    assert asyncio.run(scenario()) == (1, 1)

@@ -185,3 +185,13 @@ def test_the_servers_default_loader_refuses_bad_settings_before_loading(tmp_path
 
     with pytest.raises(LlavaOvError, match="--max-running must be >= 1"):
         load_pipeline(ServerSettings(model=str(tmp_path / "missing"), load=LoadSettings(max_running=0)))
+
+
+def test_unknown_parts_are_refused_in_the_api_too():
+    from llava_ov.errors import LlavaOvError
+    from llava_ov.runtime.settings import LoadSettings
+
+    with pytest.raises(LlavaOvError, match="devices: unknown part visoin"):
+        LoadSettings(devices={"visoin": "GPU"}).validate()
+    with pytest.raises(LlavaOvError, match="part_paths: unknown part lm"):
+        LoadSettings(part_paths={"lm": "x.xml"}).validate()

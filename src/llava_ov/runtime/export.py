@@ -174,9 +174,10 @@ class ExportDir:
         """export_info.json ({} when absent or unreadable: exports of other tools have none)."""
         path = self.path / layout.EXPORT_INFO
         try:
-            return _read(path) if path.is_file() else {}
+            data = _read(path) if path.is_file() else {}
         except (OSError, ValueError):
             return {}
+        return data if isinstance(data, dict) else {}
 
     def record(self) -> layout.ExportInfo | None:
         """export_info.json as the typed record the writers use (None when there is none)."""

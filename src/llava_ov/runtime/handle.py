@@ -96,6 +96,8 @@ class Handle:
         return self._async_events()
 
     async def _async_events(self) -> AsyncIterator[Any]:
+        if self._waker is not None:
+            raise RuntimeError("a handle has one reader: it is already being read with `async for`")
         flag = asyncio.Event()
         self._waker = (asyncio.get_running_loop(), flag)
         while True:

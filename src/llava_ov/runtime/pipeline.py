@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,15 @@ class Pipeline:
     `settings` says how to load and run it; keyword arguments override single fields of it,
     e.g. `Pipeline(path, device="GPU", kv_cache="stateful", max_running=8)`."""
 
-    def __init__(self, model_dir: str | Path, settings: LoadSettings | None = None, **overrides: Any):
+    def __init__(self, model_dir: str | Path, settings: LoadSettings | str | None = None, **overrides: Any):
+        if isinstance(settings, str):  # Pipeline(path, "GPU"): the device, as the API took it before LoadSettings
+            settings, overrides = None, {"device": settings, **overrides}
         self.settings = (settings or LoadSettings()).with_overrides(**overrides)
         self.model = ExportedModel(model_dir, self.settings)
         self.backend: Backend = backend_for(self.model, self.settings)
         self.prompts = PromptBuilder(self.model, self.backend)
         self.eos_ids = self._eos_ids()
-        self._cancels: set[threading.Event] = set()
+        self._cancels: weakref.WeakSet[threading.Event] = weakref.WeakSet()  # of generations still referenced
         self._grammars: JsonGrammars | None = None  # built on the first request with a JSON schema
         self._grammars_lock = threading.Lock()
 
@@ -193,7 +196,12 @@ class Pipeline:
     ) -> AsyncIterator[StreamChunk]:
         """`stream` for an event loop: the prompt is prepared in a worker thread (image work blocks),
         then the chunks are awaited (no thread waits on the generation)."""
-        chunks = await asyncio.to_thread(self.submit, prompt, images, config, cancel)
+        cancel = cancel or threading.Event()
+        try:
+            chunks = await asyncio.to_thread(self.submit, prompt, images, config, cancel)
+        except BaseException:  # e.g. the task was cancelled while the prompt was prepared
+            cancel.set()  # a generation submitted after nobody waits for it ends at once
+            raise
         try:
             async for chunk in chunks:
                 yield chunk

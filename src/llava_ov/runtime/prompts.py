@@ -14,8 +14,10 @@ encode their images at the same time; the same new image requested twice is enco
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,11 +28,14 @@ from llava_ov.runtime.budget import Resolution, fit_budget
 from llava_ov.runtime.feature_cache import FeatureCache
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.image import ProcessedImage, load_image
-from llava_ov.runtime.model import ExportedModel
+from llava_ov.runtime.model import VISION_REQUESTS, ExportedModel
 from llava_ov.runtime.pruning import kept_count, select_tokens
 from llava_ov.runtime.template import ChatTemplate
 
 FEATURE_CACHE_SIZE = 16
+# Prompts that hold decoded images at once (loading, preprocessing, encoding): memory stays bounded
+# however many requests arrive; twice the vision requests, so loading overlaps encoding.
+IMAGE_PREPARATIONS = 2 * VISION_REQUESTS
 
 
 @dataclass
@@ -140,14 +145,16 @@ class PromptBuilder:
         self.limits = limits
         self.template = ChatTemplate.from_export(self.model.export)
         self.features: FeatureCache[PreparedImage] = FeatureCache(FEATURE_CACHE_SIZE)
+        self._image_slots = threading.BoundedSemaphore(IMAGE_PREPARATIONS)
         self._lead_ids: np.ndarray | None = None  # the tokenizer's leading special tokens (for CDPruner queries)
 
     # ---------------------------------------------------------------- images
 
     def prepare_image(self, source: Any) -> PreparedImage:
         """Preprocess + encode + pack one image at the model's own resolution, cached by pixel content."""
-        job = self._plan_images([source], [""], None)[0]
-        return self._features_of(job)
+        with self._image_slots:
+            job = self._plan_images([source], [""], None)[0]
+            return self._features_of(job)
 
     def _features_of(self, job: _ImageJob) -> PreparedImage:
         """The job's cached features, or its encoding (once, however many ask for it at the same time)."""
@@ -217,7 +224,19 @@ class PromptBuilder:
 
         `config` brings the image-token budget and visual-token pruning (none by default); a prompt
         over `max_tokens` (a caller's limit, e.g. a server's) is refused before any image is encoded."""
-        config = config or GenerationConfig()
+        with self._image_room(messages):
+            return self._prepare(messages, config or GenerationConfig(), max_tokens)
+
+    @contextmanager
+    def _image_room(self, messages: Sequence[Message]) -> Iterator[None]:
+        """Wait for one of IMAGE_PREPARATIONS places when the messages carry images (text passes)."""
+        if not any(m.images for m in messages):
+            yield
+            return
+        with self._image_slots:
+            yield
+
+    def _prepare(self, messages: Sequence[Message], config: GenerationConfig, max_tokens: int | None) -> PreparedPrompt:
         ratio = config.visual_token_pruning
         ids, positions, jobs = self._tokenize(messages, config)
         image_tokens = sum(self._image_tokens(j, ratio) for j in jobs)
@@ -280,7 +299,8 @@ class PromptBuilder:
     def count_tokens(self, messages: Sequence[Message], config: GenerationConfig | None = None) -> int:
         """Prompt tokens of `messages`, image tokens included, from the image sizes (nothing is encoded)."""
         config = config or GenerationConfig()
-        ids, _, jobs = self._tokenize(messages, config)
+        with self._image_room(messages):
+            ids, _, jobs = self._tokenize(messages, config)
         return len(ids) - len(jobs) + sum(self._image_tokens(j, config.visual_token_pruning) for j in jobs)
 
     # ---------------------------------------------------------------- context checks

@@ -184,6 +184,10 @@ class LoadSettings:
             problem = check(getattr(self, f.name)) if check else None
             if problem:
                 raise LlavaOvError(problem)
+        for name in ("devices", "part_paths"):
+            unknown = set(getattr(self, name)) - set(MODEL_PARTS)
+            if unknown:
+                raise LlavaOvError(f"{name}: unknown part {', '.join(sorted(unknown))} (parts: {', '.join(MODEL_PARTS)})")
         if self.decode_precision == "f32" and self.kv_backend() != "paged":
             raise LlavaOvError("a decode precision of its own needs the paged KV cache (kv_cache='paged')")
         return self

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_ov.runtime.settings import LoadSettings
-from llava_ov.tools.bench_serving import DECODE_VARIANTS, engine_prompt
+from llava_ov.tools.bench_serving import DECODE_VARIANTS, engine_prompt, format_concurrency, run_concurrency
 
 ENGINES = ("ours", "genai", "transformers", *DECODE_VARIANTS)
 
@@ -686,8 +686,6 @@ def cmd_bench(args) -> int:
         require_extra("transformers", "convert", "--compare transformers")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.concurrency:
-        from llava_ov.tools.bench_serving import format_concurrency, run_concurrency
-
         levels = [int(n) for n in args.concurrency.split(",") if n]
         report = run_concurrency(opts.model, opts.image, levels, opts.max_new_tokens, opts.runs, opts.load,
                                  opts.compare, log)  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llava_ov.errors import LlavaOvError
+from llava_ov.errors import LlavaOvError, require_extra
 from llava_ov.frontends.batch.files import DEFAULT_PROMPT
 from llava_ov.frontends.batch.local import FetchOptions, PipelineSpec, run_batch
 
@@ -50,7 +50,6 @@ def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
 def cmd_batch(args: argparse.Namespace) -> int:
     """Exit status: 0 every row answered, 1 some rows have errors, 130 interrupted (see BatchSummary.exit_code)."""
     from llava_ov.frontends.args import generation_config
-    from llava_ov.errors import require_extra
 
     if args.ray or args.ray_address:
         require_extra("ray", "batch", "--ray")

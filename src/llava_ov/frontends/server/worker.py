@@ -84,6 +84,7 @@ class GenerationWorker:
         self.pipeline: Any = None
         self._slots = 1
         self._preparing = 0  # accepted jobs not yet submitted to the backend
+        self._count_lock = threading.Lock()  # `_preparing`: the loop adds, worker threads subtract
         self._jobs: set[Job] = set()
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
@@ -116,7 +117,8 @@ class GenerationWorker:
         """Accept a job (on the event loop); QueueFull when `max_queue` jobs wait already."""
         if self._stopping or self.depth >= self.max_queue:
             raise QueueFull
-        self._preparing += 1
+        with self._count_lock:
+            self._preparing += 1
         self._jobs.add(job)
         task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(task)
@@ -146,12 +148,22 @@ class GenerationWorker:
 
     async def _submit(self, job: Job) -> Any:
         """Prepare and submit the job in a worker thread; None if it was cancelled before."""
+        if job.cancel.is_set():
+            self._prepared()
+            return None
+        return await asyncio.to_thread(self._prepare_and_submit, job)
+
+    def _prepare_and_submit(self, job: Job) -> Any:
+        """(worker thread) The job leaves the preparing count as it enters the backend's queue, not
+        when the event loop next resumes its task (it would count twice in `depth` meanwhile)."""
         try:
-            if job.cancel.is_set():
-                return None
-            return await asyncio.to_thread(self.pipeline.submit, job.messages, config=job.config, cancel=job.cancel,
-                                           max_prompt_tokens=self.max_prompt_tokens)  # fmt: skip
+            return self.pipeline.submit(job.messages, config=job.config, cancel=job.cancel,
+                                        max_prompt_tokens=self.max_prompt_tokens)  # fmt: skip
         finally:
+            self._prepared()
+
+    def _prepared(self) -> None:
+        with self._count_lock:
             self._preparing -= 1
 
     async def _relay(self, job: Job) -> None:

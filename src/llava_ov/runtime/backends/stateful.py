@@ -43,9 +43,8 @@ class StatefulBackend:
         self._inbox: queue.SimpleQueue[tuple[Handle, PreparedPrompt] | None] = queue.SimpleQueue()
         self._current: Handle | None = None
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="llava-ov-stateful", daemon=True)
-        close_at_exit(self)
-        self._thread.start()
+        self._door = threading.Lock()  # submit vs close: nothing enters the inbox after the thread's last look
+        self._thread: threading.Thread | None = None  # started by the first submission (an unused backend is freed)
 
     @property
     def prompt_limit(self) -> int:
@@ -56,11 +55,19 @@ class StatefulBackend:
 
     def submit(self, prompt: PreparedPrompt, state: DecodeState | ForcedDecode,
                cancel: threading.Event | None = None) -> Handle:  # fmt: skip
-        if self._stopping:
-            raise LlavaOvError("the pipeline is closed")
         handle = Handle(state, cancel)
-        self._inbox.put((handle, prompt))
+        with self._door:
+            if self._stopping:
+                raise LlavaOvError("the pipeline is closed")
+            self._start_thread()
+            self._inbox.put((handle, prompt))
         return handle
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="llava-ov-stateful", daemon=True)
+            close_at_exit(self)
+            self._thread.start()
 
     def occupancy(self) -> tuple[int, int]:
         return int(self._current is not None), self._inbox.qsize()
@@ -82,9 +89,10 @@ class StatefulBackend:
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel what runs and waits, and stop the thread."""
-        self._stopping = True
-        self._inbox.put(None)
-        if self._thread is not threading.current_thread():
+        with self._door:
+            self._stopping = True
+            self._inbox.put(None)
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     # ---------------------------------------------------------------- the thread
