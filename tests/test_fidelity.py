@@ -16,6 +16,7 @@ from llava_ov.exporting.convert import ConvertOptions, convert
 from llava_ov.tools.fidelity import logit_drift
 from llava_ov.exporting.fp16 import f16_rotary_constants, rotary_constants
 from llava_ov.exporting.quantize import QuantConfig, compress_export, weight_stats
+from llava_ov.runtime.export import ExportDir
 
 LENGTHS = (20, 600, 2000, 4000)
 TOLERANCE = 2e-3
@@ -69,7 +70,7 @@ def test_rotary_frequencies_stay_fp32_and_are_recorded(fp16_exports, compressed_
     for export in [*fp16_exports.values(), *compressed_exports.values()]:
         model = core.read_model(str(export / layout.LANGUAGE_MODEL))
         assert rotary_constants(model) and not f16_rotary_constants(model), export
-        assert layout.ExportInfo.load(export).parts["language"]["rotary_frequencies"] == "fp32"
+        assert ExportDir.open(export).record().parts["language"]["rotary_frequencies"] == "fp32"
     for export in fp16_exports.values():  # and the weights themselves are still fp16
         stats = weight_stats(export / layout.LANGUAGE_MODEL)
         assert set(stats["weights"]) == {"f16"}, stats["weights"]

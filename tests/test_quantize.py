@@ -25,6 +25,7 @@ from llava_ov.families.llava_next.runtime import preprocess_anyres
 from llava_ov.runtime.export import ImageConfig
 from llava_ov.exporting.calibration import calibration_images
 from llava_ov.exporting.quantize import QuantConfig, compress_export, resolve_config, weight_stats
+from llava_ov.runtime.export import ExportDir
 
 core = ov.Core()
 VOCAB = 32064
@@ -117,7 +118,7 @@ def test_int4_export_files_and_info(int4_next, src_next):
         assert (int4_next / name).read_bytes() == (src_next / name).read_bytes(), name
     assert set(weight_stats(src_next / layout.LANGUAGE_MODEL)["weights"]) == {"f32"}  # source untouched
     assert not list(int4_next.parent.glob(".*partial*"))
-    info = layout.ExportInfo.load(int4_next)
+    info = ExportDir.open(int4_next).record()
     assert info.parts["language"]["precision"] == "int4_sym g64 r0.6 + int8"
     assert info.parts["text_embeddings"]["precision"] == "int8_asym"
     assert info.parts["vision"]["precision"] == "fp32"
@@ -151,7 +152,7 @@ def test_int8_in_place(src_next, tmp_path, capsys):
     assert set(weight_stats(export / layout.TEXT_EMBEDDINGS_MODEL)["weights"]) == {"u8"}
     assert not [p.name for p in export.iterdir() if p.name.startswith(".") and "tmp" in p.name]
     assert (export / layout.LANGUAGE_MODEL).stat().st_size != before
-    info = layout.ExportInfo.load(export)
+    info = ExportDir.open(export).record()
     assert info.parts["language"]["precision"] == "int8_asym" and info.compression["weight_format"] == "int8"
     assert "[compress 1/2] compressing language model (int8_asym) ..." in capsys.readouterr().err
     embeds = np.random.default_rng(1).standard_normal((1, 5, 64)).astype(np.float32)
@@ -173,7 +174,7 @@ def test_vision_int8_ptq_close_to_fp32(family, exports, photos, tmp_path):
     stats = weight_stats(out / layout.VISION_MODEL)
     assert stats["fake_quantize"] > 0 and "i8" in stats["weights"]
     assert set(weight_stats(out / layout.LANGUAGE_MODEL)["weights"]) == {"f32"}  # lm_mode none
-    info = layout.ExportInfo.load(out)
+    info = ExportDir.open(out).record()
     assert info.parts["vision"]["precision"] == "int8_ptq"
     cfg, preprocess = ImageConfig.from_export(src), preprocess_clip if family == "llava" else preprocess_anyres
     tiles = sum(preprocess(img, cfg).pixel_values.shape[0] for img in calib)  # each tile one NNCF sample
@@ -222,7 +223,7 @@ def test_vision_int8_weights_only(exports, tmp_path):
                           progress=False)  # fmt: skip
     stats = weight_stats(out / layout.VISION_MODEL)
     assert stats["fake_quantize"] == 0 and set(stats["weights"]) <= {"u8", "f32"} and "u8" in stats["weights"]
-    assert layout.ExportInfo.load(out).parts["vision"]["precision"] == "int8_asym"
+    assert ExportDir.open(out).record().parts["vision"]["precision"] == "int8_asym"
 
 
 def test_awq_int4_asym_with_folder_calibration(exports, photos, tmp_path):
@@ -236,7 +237,7 @@ def test_awq_int4_asym_with_folder_calibration(exports, photos, tmp_path):
     out = compress_export(exports["llava"], tmp_path / "awq", q, calibration=folder, progress=False)
     stats = weight_stats(out / layout.LANGUAGE_MODEL)
     assert {layer["type"] for layer in decoder_matmuls(stats)} == {"u4"}
-    info = layout.ExportInfo.load(out)
+    info = ExportDir.open(out).record()
     assert info.parts["language"]["precision"] == "int4_asym g32 r1 + int8 awq+se"
     assert info.compression["parts"]["language"]["awq_layers"] == 2  # one down_proj per decoder layer
     calib = info.compression["calibration"]

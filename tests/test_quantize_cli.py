@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from llava_ov import cli
-from llava_ov.common.layout import ExportInfo
 from llava_ov.exporting.quantize import weight_stats
+from llava_ov.runtime.export import ExportDir
 
 
 def run_cli(*args, env=None, timeout=300):
@@ -51,7 +51,7 @@ def test_compress_happy_path(compressed_cli, photo_folder):
     # one line per phase: none of NNCF's progress bars or tables
     noise = proc.stdout + proc.stderr
     assert "━" not in noise and "Statistics collection" not in noise, noise
-    info = ExportInfo.load(out)
+    info = ExportDir.open(out).record()
     assert info.parts["language"]["precision"] == "int4_sym g64 r0.6 + int8"
     assert info.parts["vision"]["precision"] == "int8_ptq"
     assert info.parts["text_embeddings"]["precision"] == "int8_asym"

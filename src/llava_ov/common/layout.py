@@ -49,15 +49,6 @@ class ExportInfo:
     def save(self, export_dir: Path) -> None:
         (Path(export_dir) / EXPORT_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
-    @classmethod
-    def load(cls, export_dir: Path) -> ExportInfo:
-        data = json.loads((Path(export_dir) / EXPORT_INFO).read_text())
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
 
 def library_versions(packages=("llava-ov", "openvino", "openvino-tokenizers", "nncf", "torch", "transformers")):
     """Installed versions of `packages` (missing ones left out)."""
