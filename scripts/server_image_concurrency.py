@@ -87,18 +87,16 @@ async def one_request(client: httpx.AsyncClient, url: str, image: str, max_token
         "messages": [{"role": "user", "content": [
             {"type": "text", "text": "Describe this image."}, {"type": "image_url", "image_url": {"url": image}}]}],
     }  # fmt: skip
-    started = time.perf_counter()
+    started, ttft = time.perf_counter(), None
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                delta = json.loads(line[6:])["choices"][0]["delta"]
-                if delta.get("content"):
+        async for line in resp.aiter_lines():  # read to the end: the next round starts clean
+            if ttft is None and line.startswith("data: ") and line != "data: [DONE]":
+                if json.loads(line[6:])["choices"][0]["delta"].get("content"):
                     ttft = time.perf_counter() - started
-                    async for _ in resp.aiter_lines():  # read to the end: the next round starts clean
-                        pass
-                    return ttft
-    raise RuntimeError("the stream ended without content")
+    if ttft is None:
+        raise RuntimeError("the stream ended without content")
+    return ttft
 
 
 async def one_round(url: str, images: list[str], max_tokens: int) -> list[float]:
