@@ -21,7 +21,7 @@ GREEDY = GenerationConfig(max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def paged(exports) -> Pipeline:
-    return Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
+    return Pipeline(exports["llava-next"], properties=F32, cache_dir=None, vision_requests=2)
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +177,7 @@ def test_feature_cache_makes_each_key_once_and_forgets_the_oldest():
 
 def test_vision_encoder_runs_while_another_request_holds_a_vision_request(paged, photos):
     """The vision pool has more than one infer request: an encode completes while one is taken."""
-    from llava_ov.runtime.model import VISION_REQUESTS
-
-    assert VISION_REQUESTS >= 2
+    assert paged.model.vision_requests == 2
     job = paged.prompts._plan_images([photos["motorcycle_left"]], [""], None)[0]
     taken = paged.model._vision.get()  # another request is encoding with this one
     try:
@@ -193,10 +191,8 @@ def test_vision_encoder_runs_while_another_request_holds_a_vision_request(paged,
 
 
 def test_prompts_holding_images_at_once_are_bounded(paged, photos, monkeypatch):
-    """However many threads prepare image prompts, at most IMAGE_PREPARATIONS hold decoded images at once
+    """However many threads prepare image prompts, at most `image_places` hold decoded images at once
     (bounded memory); a text prompt does not wait for a place."""
-    from llava_ov.runtime import prompts
-
     paged.clear_caches()
     plan = paged.prompts._plan_images
     inside, most, lock = [0], [0], threading.Lock()
@@ -217,13 +213,13 @@ def test_prompts_holding_images_at_once_are_bounded(paged, photos, monkeypatch):
     monkeypatch.setattr(paged.prompts, "_plan_images", counted)
     names = ["chelsea", "astronaut", "coffee", "rocket"]
     threads = [threading.Thread(target=paged.count_tokens, args=([Message("user", "Hi", [photos[names[i % 4]]])],))
-               for i in range(3 * prompts.IMAGE_PREPARATIONS)]  # fmt: skip
+               for i in range(3 * paged.prompts.image_places)]  # fmt: skip
     [t.start() for t in threads]
     time.sleep(0.1)
     paged.count_tokens([Message("user", "just text")])  # not behind the image prompts
     still_preparing = inside[0]
     [t.join(60) for t in threads]
-    assert most[0] == prompts.IMAGE_PREPARATIONS
+    assert most[0] == paged.prompts.image_places == 4
     assert still_preparing > 0  # the text prompt was answered while image prompts were still inside
 
 

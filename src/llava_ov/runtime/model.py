@@ -57,8 +57,6 @@ def check_export_dir(path: str | Path) -> Path:
 
 AUTO_DECODE_HEADROOM = 4 * 2**30  # besides 3x the LM file, for the KV pool, vision and activations
 
-# Vision infer requests: this many images are encoded at once (each request holds its own activations).
-VISION_REQUESTS = 2
 
 # Tiny graphs (string ops, a gather): one thread avoids thread-pool wake-ups that cost more than the work.
 SMALL_GRAPH = {"INFERENCE_NUM_THREADS": 1, "PERFORMANCE_HINT": "LATENCY"}
@@ -137,8 +135,9 @@ class ExportedModel:
         self._warn_if_rotary_fp16()
         self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
         self.tokenizer = Tokenizer(self.core, self.export)
+        self.vision_requests = self._vision_requests()
         self._vision: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()  # the free vision requests
-        for _ in range(VISION_REQUESTS):
+        for _ in range(self.vision_requests):
             self._vision.put(self._compiled["vision"].create_infer_request())
         self._embed = self._compiled["text_embeddings"].create_infer_request()
         self._embed_side = None  # for instruction embeddings (pruning), made on first use
@@ -166,6 +165,17 @@ class ExportedModel:
         if not path.exists():
             raise ModelNotFoundError(f"{part} model not found: {path}")
         return path
+
+    def _vision_requests(self) -> int:
+        """Images encoded at once: the setting, else what the plugin calls optimal for the vision
+        compilation (1 on CPU under its latency hint: one encode already uses every core; two at once
+        made concurrent image requests' TTFT no better on 2 cores, docs/benchmarks.md)."""
+        if self.settings.vision_requests is not None:
+            return self.settings.vision_requests
+        try:
+            return max(1, int(self._compiled["vision"].get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        except RuntimeError:  # a plugin that does not report it
+            return 1
 
     def vision_choice(self) -> tuple[str, str]:
         """(file, why) of the vision encoder to run: the INT8-PTQ one or the float one beside it."""
@@ -349,7 +359,7 @@ class ExportedModel:
     def encode_image_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
         """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden] projected features.
 
-        Thread-safe: runs on one of VISION_REQUESTS infer requests (waits for a free one)."""
+        Thread-safe: runs on one of `vision_requests` infer requests (waits for a free one)."""
         request = self._vision.get()
         try:
             request.infer({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})

@@ -28,14 +28,14 @@ from llava_ov.runtime.budget import Resolution, fit_budget
 from llava_ov.runtime.feature_cache import FeatureCache
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.image import ProcessedImage, load_image
-from llava_ov.runtime.model import VISION_REQUESTS, ExportedModel
+from llava_ov.runtime.model import ExportedModel
 from llava_ov.runtime.pruning import kept_count, select_tokens
 from llava_ov.runtime.template import ChatTemplate
 
 FEATURE_CACHE_SIZE = 16
-# Prompts that hold decoded images at once (loading, preprocessing, encoding): memory stays bounded
-# however many requests arrive; twice the vision requests, so loading overlaps encoding.
-IMAGE_PREPARATIONS = 2 * VISION_REQUESTS
+# Prompts that hold decoded images at once (loading, preprocessing, encoding), per vision request:
+# memory stays bounded however many requests arrive, and loading overlaps encoding.
+PREPARATIONS_PER_VISION_REQUEST = 2
 
 
 @dataclass
@@ -145,7 +145,8 @@ class PromptBuilder:
         self.limits = limits
         self.template = ChatTemplate.from_export(self.model.export)
         self.features: FeatureCache[PreparedImage] = FeatureCache(FEATURE_CACHE_SIZE)
-        self._image_slots = threading.BoundedSemaphore(IMAGE_PREPARATIONS)
+        self.image_places = PREPARATIONS_PER_VISION_REQUEST * model.vision_requests  # prompts holding images at once
+        self._image_slots = threading.BoundedSemaphore(self.image_places)
         self._lead_ids: np.ndarray | None = None  # the tokenizer's leading special tokens (for CDPruner queries)
 
     # ---------------------------------------------------------------- images
@@ -229,7 +230,7 @@ class PromptBuilder:
 
     @contextmanager
     def _image_room(self, messages: Sequence[Message]) -> Iterator[None]:
-        """Wait for one of IMAGE_PREPARATIONS places when the messages carry images (text passes)."""
+        """Wait for one of `image_places` when the messages carry images (text passes)."""
         if not any(m.images for m in messages):
             yield
             return

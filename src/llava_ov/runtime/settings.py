@@ -138,6 +138,12 @@ class LoadSettings:
         group=ENGINE_GROUP, choices=("auto", "same", "f32"), check=_one_of("decode precision", ("auto", "same", "f32")),
     )  # fmt: skip
 
+    vision_requests: int | None = _setting(
+        None, "images encoded at once (infer requests of the vision encoder; default: the plugin's "
+              "OPTIMAL_NUMBER_OF_INFER_REQUESTS, 1 on CPU, where one encode already uses every core)",
+        type=int, metavar="N", check=_at_least("--vision-requests", 1),
+    )  # fmt: skip
+
     vision_threads: int | None = _setting(
         None, "CPU threads for the vision encoder (INFERENCE_NUM_THREADS of its compilation; default: the "
               "plugin's own)", type=int, metavar="N", check=_at_least("--vision-threads", 1),
