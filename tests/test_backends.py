@@ -275,3 +275,11 @@ def test_a_handle_has_one_async_reader():
         waiting.cancel()
 
     asyncio.run(two_readers())
+
+
+def test_one_image_is_encoded_at_a_time_on_cpu_by_default(exports):
+    """The vision pool takes the plugin's optimal number of requests: 1 on CPU, where one encode uses
+    every core (two at once were no faster for concurrent image requests on 2 cores)."""
+    pipe = Pipeline(exports["llava-next"], properties=F32, cache_dir=None, kv_cache="stateful")
+    assert pipe.model.vision_requests == 1 and pipe.prompts.image_places == 2
+    assert Pipeline(exports["llava-next"], cache_dir=None, kv_cache="stateful", vision_requests=3).model.vision_requests == 3

@@ -11,13 +11,13 @@ import pytest
 from conftest import F32
 from llava_ov.cli import build_parser
 from llava_ov.errors import LlavaOvError
-from llava_ov.runtime.settings import LoadSettings
+from llava_ov.runtime.settings import LoadSettings, _flag
 
 # Every field away from its default (a new field must be added here: the test below checks that).
 CHANGED = LoadSettings(
     device="AUTO", devices={"text_embeddings": "AUTO", "vision": "CPU"}, part_paths={"language": "other/int4"},
     properties=dict(F32), cache_dir=None, vision_encoder="float", kv_cache="paged", kv_cache_gb=0.05,
-    max_step_tokens=64, max_running=3, decode_precision="same", vision_threads=1,
+    max_step_tokens=64, max_running=3, decode_precision="same", vision_threads=1, vision_requests=2,
 )  # fmt: skip
 
 # The positional arguments each command needs besides the load flags.
@@ -44,10 +44,9 @@ def test_the_sample_changes_every_field():
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_setting_is_a_flag_of_every_front_end(command):
     flags = option_strings(command)
-    expected = {"--device", "--part-device", "--part-model", "--f32", "--cache-dir", "--vision-encoder", "--kv-cache",
-                "--kv-cache-gb", "--max-step-tokens", "--max-running", "--decode-precision", "--vision-threads"}  # fmt: skip
-    assert expected <= flags
-    assert len(fields(LoadSettings)) == len(expected)  # one flag per field
+    expected = {_flag(f) for f in fields(LoadSettings)}  # one flag per field, whatever fields are added
+    assert len(expected) == len(fields(LoadSettings)) and expected <= flags
+    assert {"--device", "--part-device", "--f32", "--kv-cache-gb", "--max-running", "--vision-threads"} <= expected
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -76,6 +75,7 @@ def test_evaluate_runs_the_int8_vision_encoder_unless_told():
         (dict(max_step_tokens=0), "--max-step-tokens must be >= 1"),
         (dict(max_running=0), "--max-running must be >= 1"),
         (dict(vision_threads=0), "--vision-threads must be >= 1"),
+        (dict(vision_requests=0), "--vision-requests must be >= 1"),
         (dict(kv_cache="rolling"), "unknown KV cache kind 'rolling' \\(auto, paged, stateful\\)"),
         (dict(vision_encoder="int4"), "unknown vision encoder choice 'int4'"),
         (dict(decode_precision="f16"), "unknown decode precision 'f16'"),
