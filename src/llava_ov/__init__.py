@@ -16,6 +16,7 @@ _EXPORTS = {
     "GenerationResult": "llava_ov.runtime.pipeline",
     "ChatSession": "llava_ov.runtime.chat",
     "GenerationConfig": "llava_ov.runtime.generate",
+    "LoadSettings": "llava_ov.runtime.settings",
     "convert": "llava_ov.exporting.convert",
     "LlavaOvError": "llava_ov.errors",
 }
