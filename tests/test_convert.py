@@ -16,6 +16,7 @@ from conftest import F32, FAMILIES
 from llava_ov.common import layout
 from llava_ov.exporting.convert import ConvertOptions, convert
 from llava_ov.errors import DiskFullError, ExportExistsError, LlavaOvError, ModelNotFoundError, UnsupportedModelError
+from llava_ov.runtime.export import ExportDir
 
 core = ov.Core()
 
@@ -185,7 +186,7 @@ def test_export_layout_and_info(exports):
         assert (export / name).exists(), name
     cfg = json.loads((export / "config.json").read_text())
     assert len(cfg["image_newline"]) == cfg["text_config"]["hidden_size"]
-    info = layout.ExportInfo.load(export)
+    info = ExportDir.open(export).record()
     assert info.family == "llava_next" and info.versions["openvino"]
     assert {p["precision"] for p in info.parts.values()} == {"fp32"}
     assert "</s>" in (export / layout.CHAT_TEMPLATE).read_text()
