@@ -182,10 +182,11 @@ def test_vision_encoder_runs_while_another_request_holds_a_vision_request(paged,
     taken = paged.model._vision.get()  # another request is encoding with this one
     try:
         done = []
-        worker = threading.Thread(target=lambda: done.append(paged.model.encode_image_tiles(job.found.pixel_values)))
+        pixels = paged.model.family.preprocess(job.found, job.resolution).pixel_values
+        worker = threading.Thread(target=lambda: done.append(paged.model.encode_image_tiles(pixels)))
         worker.start()
         worker.join(60)
-        assert done and done[0].shape[0] == len(job.found.pixel_values)
+        assert done and done[0].shape[0] == len(pixels)
     finally:
         paged.model._vision.put(taken)
 

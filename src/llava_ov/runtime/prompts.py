@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
 from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.runtime.budget import Resolution, fit_budget
 from llava_ov.runtime.feature_cache import FeatureCache
 from llava_ov.runtime.generate import GenerationConfig
-from llava_ov.runtime.image import ProcessedImage, load_image
+from llava_ov.runtime.image import load_image
 from llava_ov.runtime.model import ExportedModel
 from llava_ov.runtime.pruning import kept_count, select_tokens
 from llava_ov.runtime.template import ChatTemplate
@@ -104,7 +105,7 @@ class _ImageJob:
     """One image of a prompt between loading and encoding."""
 
     digest: str  # pixel content + chosen resolution: the feature cache's key
-    found: PreparedImage | ProcessedImage  # cached features, or pixels still to encode
+    found: PreparedImage | Image.Image  # cached features, or the loaded image (preprocessed when encoded)
     prep_s: float
     resolution: Resolution
     full_tokens: int  # at the model's own resolution
@@ -176,23 +177,24 @@ class PromptBuilder:
             size = (image.height, image.width)
             digest = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.size).encode()[:16]).hexdigest()
             digest = f"{digest}:{res.label}"
-            found: PreparedImage | ProcessedImage | None = self.features.get(digest)
+            found: PreparedImage | Image.Image | None = self.features.get(digest)
             if found is not None:
                 found, prep_s = PreparedImage(found.key, found.features, full_tokens=opts[0].tokens), 0.0
-            else:
-                found = self.model.family.preprocess(image, res)
-                prep_s = load_s + time.perf_counter() - started
+            else:  # pixels are made only for an encode (counting tokens needs the sizes alone)
+                found, prep_s = image, load_s + time.perf_counter() - started
             tiles = self.model.family.packed_tiles(size, res)
             jobs.append(_ImageJob(digest, found, prep_s, res, opts[0].tokens, text, tiles))
         return jobs
 
     def _encode_image(self, job: _ImageJob) -> PreparedImage:
-        processed: ProcessedImage = job.found
+        started = time.perf_counter()
+        processed = self.model.family.preprocess(job.found, job.resolution)
         start = time.perf_counter()
         tiles = self.model.encode_image_tiles(processed.pixel_values)
         packed = self.model.family.pack(tiles, processed)
         vision_s = time.perf_counter() - start
-        return PreparedImage(_content_key(job.digest), packed, job.prep_s, vision_s, job.full_tokens)
+        prep_s = job.prep_s + start - started
+        return PreparedImage(_content_key(job.digest), packed, prep_s, vision_s, job.full_tokens)
 
     def _prune(self, image: PreparedImage, job: _ImageJob, ratio: float) -> PreparedImage:
         """The image's tokens CDPruner keeps for its instruction (the text of the message carrying it)."""

@@ -143,8 +143,9 @@ class Engine:
         return len(self.scheduler.running), len(self.scheduler.waiting) + len(self._inbox)
 
     def stats(self) -> dict[str, Any]:
+        running, waiting = self.occupancy()
         return {
-            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._inbox),
+            "running": running, "waiting": waiting,
             "blocks_total": self.pool.num_blocks, "blocks_used": self.pool.used, "block_size": self.pool.block_size,
             "blocks_cached_idle": len(self.pool.idle), "prefix_hit_blocks": self.scheduler.cached_blocks,
             "preemptions": self.scheduler.preemptions, "steps": self.steps,
