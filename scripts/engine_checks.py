@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from llava_ov.tools.bench import RssSampler, current_rss, machine_info
+from llava_ov.tools.measure import RssSampler, current_rss, machine_info
 from llava_ov.runtime.settings import LoadSettings
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import Pipeline

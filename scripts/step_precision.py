@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from llava_ov.tools.bench import machine_info
+from llava_ov.tools.measure import machine_info
 from llava_ov.runtime.model import ExportedModel
 from llava_ov.runtime.settings import LoadSettings
 from llava_ov.runtime.engine.paged import ForwardBatch

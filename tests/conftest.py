@@ -20,6 +20,7 @@ import pytest
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
 FAMILIES = {"llava-next": "llava-v1.6-mistral-7b-hf", "llava": "llava-1.5-7b-hf"}
+VIDEO_CONFIG = "LLaVA-NeXT-Video-7B-hf"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
 
 
@@ -93,6 +94,24 @@ def exports(model_root, checkpoints) -> dict[str, Path]:
         return lambda p: convert(str(checkpoints[fam]), p, opts)
 
     return {fam: _build_once(model_root / f"ov-{fam}", build(fam)) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def video_checkpoint(model_root) -> Path:
+    """A tiny random LLaVA-NeXT-Video checkpoint (the 7B's real config files, scaled down)."""
+    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
+
+    spec = RandomModelSpec(VIDEO_CONFIG)
+    return _build_once(model_root / "hf-llava-next-video", lambda p: build_random_checkpoint(spec, p))
+
+
+@pytest.fixture(scope="session")
+def video_export(model_root, video_checkpoint) -> Path:
+    """Its fp32 OpenVINO export (vision tower, projector and resampler as three models)."""
+    from llava_ov.exporting.convert import ConvertOptions, convert
+
+    opts = ConvertOptions(weight_format="fp32", overwrite=True, show_progress=False)
+    return _build_once(model_root / "ov-llava-next-video", lambda p: convert(str(video_checkpoint), p, opts))
 
 
 @pytest.fixture(scope="session")

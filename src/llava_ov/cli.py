@@ -45,9 +45,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = generation_config(args)  # a bad schema file fails before the model loads
     pipe = load_pipeline(args)
     images = [args.image] if args.image else []
+    videos = list(args.video)
     warn_token_cap(pipe, config)
     if args.json:
-        result = pipe.generate(args.prompt, images, config)
+        result = pipe.generate(args.prompt, images, config, videos=videos)
         print(json.dumps(result.as_dict(), ensure_ascii=False))
         return 0
     result = None
@@ -58,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         shown = True
         print(f"\r[prefill {done:,}/{total:,} tokens]", end="", file=sys.stderr, flush=True)
 
-    for chunk in pipe.stream(args.prompt, images, config, progress=progress if args.verbose else None):
+    for chunk in pipe.stream(args.prompt, images, config, progress=progress if args.verbose else None, videos=videos):
         if shown:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
             shown = False
@@ -122,16 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert even where the memory/disk estimate says it will not fit")  # fmt: skip
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("run", help="answer one prompt about an image (streams the answer)")
+    p = sub.add_parser("run", help="answer one prompt about an image or a video (streams the answer)")
     add_model_args(p)
     p.add_argument("--image", help="image file")
+    p.add_argument("--video", action="append", default=[], metavar="FILE",
+                   help="video file (repeatable; LLaVA-NeXT-Video models): --num-frames frames sampled uniformly")  # fmt: skip
     p.add_argument("--prompt", required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, timings")
     p.add_argument("-v", "--verbose", action="store_true", help="print finish reason and speed")
     add_generation_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("chat", help="interactive terminal chat (/image PATH, /reset, /exit)")
+    p = sub.add_parser("chat", help="interactive terminal chat (/image PATH, /video PATH, /reset, /exit)")
     add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     add_generation_args(p)

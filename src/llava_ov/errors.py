@@ -23,6 +23,10 @@ class InvalidImageError(LlavaOvError):
     """An image that is missing, corrupt, or too large to decode safely."""
 
 
+class InvalidVideoError(LlavaOvError):
+    """A video that is missing, corrupt, too large or too long to decode safely."""
+
+
 class ContextLengthError(LlavaOvError):
     """A prompt (with its image tokens) longer than the model's context."""
 

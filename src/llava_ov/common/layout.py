@@ -29,6 +29,12 @@ MODEL_PARTS = {
     "text_embeddings": TEXT_EMBEDDINGS_MODEL,
     "language": LANGUAGE_MODEL,
 }
+# Vision stages some families export as models of their own (optimum-intel's names, as openvino_genai
+# loads them): "vision" is then the tower alone, and these run after it (families/*/runtime.py says which).
+PROJECTOR_MODEL = "openvino_multi_modal_projector_model.xml"
+RESAMPLER_MODEL = "openvino_vision_resampler_model.xml"
+STAGE_PARTS = {"projector": PROJECTOR_MODEL, "resampler": RESAMPLER_MODEL}
+ALL_PARTS = {**MODEL_PARTS, **STAGE_PARTS}
 
 
 @dataclass

@@ -160,7 +160,7 @@ def load_checkpoint(src: str, family: Family, revision: str | None = None):
     if problems or info.get("error_msgs"):
         detail = "; ".join(f"{k}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
         raise LlavaOvError(f"checkpoint weights do not match {family.architecture}: {detail or info['error_msgs']}")
-    processor = transformers.AutoProcessor.from_pretrained(src, revision=revision)
+    processor = family.export_hooks().load_processor(src, revision)
     return model.eval(), processor
 
 
@@ -258,6 +258,17 @@ def convert_vision(model, family: Family):
             family.export_hooks().vision_module(model), example_input=example, input=[("pixel_values", [-1, 3, size, size], ov.Type.f32)]
         )
     name_ports(ov_model, ["pixel_values"], ["last_hidden_state"])
+    return ov_model
+
+
+def convert_stage(stage):
+    """One vision stage of a family (projector, resampler) as an OpenVINO model with a dynamic batch."""
+    import openvino as ov
+    import torch
+
+    with torch.no_grad():
+        ov_model = ov.convert_model(stage.module, example_input=stage.example, input=[(stage.input_name, stage.shape, ov.Type.f32)])
+    name_ports(ov_model, [stage.input_name], ["last_hidden_state"])
     return ov_model
 
 
@@ -374,7 +385,7 @@ def convert(src: str, out: str | Path, options: ConvertOptions | None = None) ->
         check_settings_for_config(opts.quant, opts.weight_format, text_input_channels(source_cfg))
     if opts.check_resources:
         check_convert_resources(src, source_cfg, out, opts.weight_format)
-    phases = Phases("convert", 6, enabled=opts.show_progress)
+    phases = Phases("convert", 6 + len(family.runtime_module().FAMILY.stages), enabled=opts.show_progress)
     tmp = staging_dir(out, opts.overwrite)
     try:
         info = _convert_into(src, tmp, family, opts, phases)
@@ -415,16 +426,18 @@ def _convert_parts(src: str, out: Path, family: Family, opts: ConvertOptions, ph
         stored_dtype = str(model.dtype).replace("torch.", "")
         _traceable(model)
     parts: dict[str, dict[str, Any]] = {}
+    stages = family.export_hooks().stages(model)
     steps = [
-        ("vision", "vision embeddings (CLIP + projector)", lambda m: convert_vision(m, family)),
+        ("vision", "vision embeddings (CLIP + projector)" if not stages else "vision tower", lambda m: convert_vision(m, family)),
+        *[(part, f"vision {part}", lambda m, s=stage: convert_stage(s)) for part, stage in stages.items()],
         ("text_embeddings", "text embeddings", convert_text_embeddings),
         ("language", "language model (stateful KV cache)", convert_language_model),
     ]
     for part, label, fn in steps:
         with phases.phase(f"tracing and saving {label}"):
             ov_model = fn(model)
-            stored = save_ir(ov_model, out / layout.MODEL_PARTS[part], fmt)
-            parts[part] = {"file": layout.MODEL_PARTS[part], **stored}
+            stored = save_ir(ov_model, out / layout.ALL_PARTS[part], fmt)
+            parts[part] = {"file": layout.ALL_PARTS[part], **stored}
             del ov_model
             release_memory()
     with phases.phase("converting tokenizer and detokenizer"):

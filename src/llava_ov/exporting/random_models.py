@@ -45,6 +45,7 @@ RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 FAMILY_CONFIGS = {
     "llava-next": "llava-v1.6-mistral-7b-hf",
     "llava": "llava-1.5-7b-hf",
+    "llava-next-video": "LLaVA-NeXT-Video-7B-hf",
 }
 
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -86,8 +87,17 @@ def scaled_config_dict(spec: RandomModelSpec) -> dict[str, Any]:
     return cfg
 
 
-def build_tokenizer(out_dir: Path, config_name: str):
-    """Mistral v1 SentencePiece vocabulary + `<image>`/`<pad>`, saved into `out_dir`."""
+DEFAULT_ADDED_TOKENS = {"<image>": 32000, "<pad>": 32001}
+
+
+def added_tokens(config_name: str) -> dict[str, int]:
+    """The checkpoint's added special tokens (added_tokens.json), e.g. `<image>`=32000, `<pad>`=32001."""
+    path = model_config_dir(config_name) / "added_tokens.json"
+    return _read_json(path) if path.exists() else dict(DEFAULT_ADDED_TOKENS)
+
+
+def build_tokenizer(out_dir: Path | None, config_name: str):
+    """Mistral v1 SentencePiece vocabulary + the checkpoint's added tokens (`<image>`, `<pad>`, `<video>`)."""
     import mistral_common
     from transformers import AddedToken, LlamaTokenizer
 
@@ -96,13 +106,15 @@ def build_tokenizer(out_dir: Path, config_name: str):
         shutil.copy(spm, Path(tmp) / "tokenizer.model")
         # LlamaTokenizerFast(vocab_file=...) silently gives a 3-token vocabulary in transformers 5.
         tok = LlamaTokenizer.from_pretrained(tmp, legacy=False, add_bos_token=True)
-    specials = [AddedToken(t, special=True, normalized=False) for t in ("<image>", "<pad>")]
-    tok.add_tokens(specials, special_tokens=True)
-    tok.pad_token = "<pad>"
-    if tok.convert_tokens_to_ids(["<image>", "<pad>"]) != [32000, 32001]:
-        raise RuntimeError("tokenizer build: <image>/<pad> did not land on ids 32000/32001")
+    wanted = sorted(added_tokens(config_name).items(), key=lambda item: item[1])
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t, _ in wanted], special_tokens=True)
+    if tok.convert_tokens_to_ids([t for t, _ in wanted]) != [i for _, i in wanted]:
+        raise RuntimeError(f"tokenizer build: the added tokens did not land on their ids {dict(wanted)}")
+    tok.pad_token = "<pad>" if "<pad>" in dict(wanted) else "<unk>"  # Vicuna pads with <unk> (pad_token_id 0)
     tok.padding_side = "left"
     tok.image_token = "<image>"
+    if "<video>" in dict(wanted):
+        tok.video_token = "<video>"
     return tok
 
 
@@ -121,8 +133,8 @@ def _config_for(spec: RandomModelSpec) -> tuple[str, Any]:
 
     cfg_dict = scaled_config_dict(spec)
     arch = cfg_dict["architectures"][0]
-    config_cls = transformers.AutoConfig.for_model(cfg_dict.pop("model_type")).__class__
-    return arch, config_cls.from_dict(cfg_dict)
+    cfg_dict.pop("model_type")  # the architecture's config class: old Hub configs name another model_type
+    return arch, getattr(transformers, arch).config_class.from_dict(cfg_dict)
 
 
 def build_random_checkpoint(

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
+from llava_ov.errors import LlavaOvError
 from llava_ov.runtime.export import ImageConfig
+from llava_ov.runtime.families import RunStage
 
 
 class LlavaConfigMapping:
-    """The config.json fields every LLaVA family reads the same way."""
+    """The config.json fields every LLaVA family reads the same way; images only, one vision model."""
 
     model_type = ""
     architecture = ""
+    stages: tuple[str, ...] = ()  # vision stages exported as models of their own (common.layout.STAGE_PARTS)
+    takes_video = False
+    default_frames = 0
 
-    def __init__(self, config: dict[str, Any], image: ImageConfig):
+    def __init__(self, config: dict[str, Any], image: ImageConfig, video: ImageConfig | None = None):
         self.config = config
         self.image = image
+        self.video = video or image
 
     @property
     def image_token_id(self) -> int:
@@ -27,3 +37,26 @@ class LlavaConfigMapping:
         vision = self.config.get("vision_config", {})
         patches = (int(vision.get("image_size", 336)) // int(vision.get("patch_size", 14))) ** 2
         return patches + int(self.config.get("vision_feature_select_strategy", "default") == "full")
+
+    def encode_tiles(self, run: RunStage, pixel_values: np.ndarray) -> np.ndarray:
+        """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden]: the vision model holds tower and projector."""
+        return run("vision", pixel_values)
+
+    # ------------------------------------------------------------ video (families that take it override)
+
+    @property
+    def video_token_id(self) -> int | None:
+        return None
+
+    @property
+    def tokens_per_frame(self) -> int:
+        raise self._no_video()
+
+    def preprocess_frames(self, frames: Sequence[Image.Image]) -> np.ndarray:
+        raise self._no_video()
+
+    def encode_frames(self, run: RunStage, pixel_values: np.ndarray) -> np.ndarray:
+        raise self._no_video()
+
+    def _no_video(self) -> LlavaOvError:
+        return LlavaOvError(f"{self.architecture} takes no video (LLaVA-NeXT-Video models do); send frames as images")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
-def vision_module(model: Any) -> Any:
-    """CLIP tower -> hidden state of vision_feature_layer(s) -> (drop CLS) -> projector, as one torch module."""
+def vision_module(model: Any, project: bool = True) -> Any:
+    """CLIP tower -> hidden state of vision_feature_layer(s) -> (drop CLS) -> projector (unless
+    `project` is False: then the projector is a stage of its own), as one torch module."""
     import torch
 
     cfg = model.config
@@ -17,7 +19,7 @@ def vision_module(model: Any) -> Any:
         def __init__(self):
             super().__init__()
             self.tower = model.model.vision_tower
-            self.projector = model.model.multi_modal_projector
+            self.projector = model.model.multi_modal_projector if project else torch.nn.Identity()
 
         def forward(self, pixel_values):
             hidden = self.tower(pixel_values, output_hidden_states=True).hidden_states
@@ -29,6 +31,16 @@ def vision_module(model: Any) -> Any:
     return VisionEmbeddings().eval()
 
 
+@dataclass
+class Stage:
+    """A vision stage traced into a model of its own: the module, an example input, its input's name and shape."""
+
+    module: Any
+    example: Any
+    input_name: str
+    shape: list[int]
+
+
 class LlavaExport:
     """How convert and the random test models handle one LLaVA family."""
 
@@ -38,6 +50,16 @@ class LlavaExport:
 
     def vision_module(self, model: Any) -> Any:
         return vision_module(model)
+
+    def stages(self, model: Any) -> dict[str, Stage]:
+        """Vision stages exported beside the vision model (common.layout.STAGE_PARTS); none here."""
+        return {}
+
+    def load_processor(self, src: str, revision: str | None) -> Any:
+        """The checkpoint's transformers processor (tokenizer, image processor, chat template)."""
+        import transformers
+
+        return transformers.AutoProcessor.from_pretrained(src, revision=revision)
 
     def config_extras(self, model: Any) -> dict[str, Any]:
         """Entries convert adds to config.json beside the model's own config."""

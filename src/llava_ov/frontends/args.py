@@ -20,6 +20,16 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-schema", metavar="FILE", default=None,
                    help="answer with JSON valid under this JSON Schema (constrained decoding)")  # fmt: skip
     add_image_token_args(p)
+    add_video_args(p)
+
+
+def add_video_args(p: argparse.ArgumentParser) -> None:
+    """How frames are sampled from a video (LLaVA-NeXT-Video models)."""
+    p.add_argument("--num-frames", type=int, default=None, metavar="N",
+                   help="frames sampled uniformly from each video (default: the model's own, 32 for LLaVA-NeXT-Video, "
+                        "fewer when the context cannot hold them)")  # fmt: skip
+    p.add_argument("--video-fps", type=float, default=None, metavar="FPS",
+                   help="or sample this many frames per second of video (not with --num-frames)")
 
 
 def add_image_token_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +60,7 @@ def generation_config(args: argparse.Namespace):
         json_schema=load_schema(schema) if schema else None,
         max_image_tokens=getattr(args, "max_image_tokens", None),
         visual_token_pruning=getattr(args, "visual_token_pruning", 0.0),
+        num_frames=getattr(args, "num_frames", None), video_fps=getattr(args, "video_fps", None),
     )  # fmt: skip
     config.validate()  # before the model loads
     return config

@@ -1,6 +1,6 @@
 """`llava-ov chat`: an interactive terminal conversation over ChatSession.
 
-Commands: `/image PATH` attaches an image to the next message, `/reset`
+Commands: `/image PATH` / `/video PATH` attach an image / a video to the next message, `/reset`
 starts over, `/exit` (or Ctrl-D) quits; Ctrl-C stops the current answer.
 """
 
@@ -14,7 +14,7 @@ from llava_ov.runtime.chat import ChatSession
 from llava_ov.errors import LlavaOvError
 from llava_ov.runtime.generate import GenerationConfig
 
-HELP = "commands: /image PATH (attach to next message), /reset, /exit"
+HELP = "commands: /image PATH, /video PATH (attach to the next message), /reset, /exit"
 
 
 def run_terminal_chat(
@@ -22,7 +22,7 @@ def run_terminal_chat(
     stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
 ) -> int:  # fmt: skip
     session = ChatSession(pipeline, system=system)
-    pending_images: list[str] = []
+    pending: dict[str, list[str]] = {"image": [], "video": []}
     print(f"llava-ov chat — {HELP}", file=stdout)
     while True:
         stdout.write("you> ")
@@ -35,41 +35,55 @@ def run_terminal_chat(
         if not line:
             continue
         if line.startswith("/"):
-            if handle_command(line, session, pending_images, stdout):
+            if handle_command(line, session, pending, stdout):
                 return 0
             continue
-        answer_turn(session, line, pending_images, config, stdout)
-        pending_images.clear()
+        answer_turn(session, line, pending, config, stdout)
+        for attached in pending.values():
+            attached.clear()
 
 
-def handle_command(line: str, session: ChatSession, pending: list[str], out: TextIO) -> bool:
+def handle_command(line: str, session: ChatSession, pending: dict[str, list[str]], out: TextIO) -> bool:
     """Run a slash command; True means exit."""
     cmd, _, arg = line.partition(" ")
     if cmd in ("/exit", "/quit"):
         return True
     if cmd == "/reset":
         session.reset()
-        pending.clear()
+        for attached in pending.values():
+            attached.clear()
         print("(conversation cleared)", file=out)
-    elif cmd == "/image" and arg.strip():
-        from llava_ov.runtime.image import load_image
-
-        try:
-            load_image(arg.strip())
-            pending.append(arg.strip())
-            print(f"(image {arg.strip()} will go with your next message)", file=out)
-        except LlavaOvError as exc:
-            print(f"error: {exc}", file=out)
+    elif cmd in ("/image", "/video") and arg.strip():
+        attach(cmd[1:], arg.strip(), session, pending, out)
     else:
         print(HELP, file=out)
     return False
 
 
-def answer_turn(session: ChatSession, text: str, images: list[str], config: GenerationConfig, out: TextIO) -> None:
+def attach(kind: str, path: str, session: ChatSession, pending: dict[str, list[str]], out: TextIO) -> None:
+    """Check an image or video now (a bad file is said at once) and keep it for the next message."""
+    try:
+        if kind == "image":
+            from llava_ov.runtime.image import load_image
+
+            load_image(path)
+        else:
+            from llava_ov.runtime.video import open_video
+
+            if not session.pipeline.model.family.takes_video:
+                raise LlavaOvError(f"{session.pipeline.model.family.architecture} takes no video; send frames as images")
+            open_video(path).close()
+        pending[kind].append(path)
+        print(f"({kind} {path} will go with your next message)", file=out)
+    except LlavaOvError as exc:
+        print(f"error: {exc}", file=out)
+
+
+def answer_turn(session: ChatSession, text: str, pending: dict[str, list[str]], config: GenerationConfig, out: TextIO) -> None:
     cancel = threading.Event()
     out.write("assistant> ")
     try:
-        for chunk in session.stream(text, list(images), config, cancel):
+        for chunk in session.stream(text, list(pending["image"]), config, cancel, videos=list(pending["video"])):
             out.write(chunk.text)
             out.flush()
     except KeyboardInterrupt:

@@ -45,10 +45,12 @@ MIN_UPDATE_S, MAX_UPDATE_S = 0.1, 2.0  # streamed updates to the page: at most t
 RENDER_CHARS_PER_S = 10_000  # ... and no more characters re-rendered per second than this
 STOP_WAIT_S = 30.0  # how long New chat waits for the stopped answer to end (the model stops within a step)
 NO_IMAGE = "Attach an image to your first message: the assistant answers questions about a picture."
+NO_VISUAL = "Attach an image or a video to your first message: the assistant answers questions about them."
 NO_TEXT = "Type a question to go with your message."
 WAITING = "waiting for the model…"
 BUSY = "Wait for the answer to your last message, or press Stop, before sending another."
 NEW_IMAGE_NOTE = "New image: the conversation starts over from here (earlier turns are not sent to the model)."
+NEW_VIDEO_NOTE = "New video: the conversation starts over from here (earlier turns are not sent to the model)."
 _END = object()  # marks the end of a worker's chunks
 
 
@@ -58,7 +60,7 @@ class TabState:
 
     chat: ChatSession
     display: list[dict[str, Any]] = field(default_factory=list)  # what the tab's Chatbot shows
-    pending: tuple[str, list[str]] | None = None  # accepted message waiting for the model
+    pending: tuple[str, list[str], list[str]] | None = None  # accepted message (text, images, videos) waiting
     pending_from: int = 0  # display index where the pending message starts
     cancel: threading.Event = field(default_factory=threading.Event)  # of the running answer
     worker: threading.Thread | None = None
@@ -71,6 +73,11 @@ class TabState:
     def view(self) -> list[dict[str, Any]]:
         """A copy of the chat for the page (gradio streams the diff to the value it sent last)."""
         return [dict(m) for m in self.display]
+
+    @property
+    def has_visual(self) -> bool:
+        """The conversation has an image or a video that questions can refer to."""
+        return self.chat.last_image is not None or self.chat.last_video is not None
 
     @property
     def busy(self) -> bool:
@@ -112,18 +119,24 @@ class ChatPage:
             raise gr.Error(BUSY, title="Still answering")
         text = str((message or {}).get("text") or "").strip()
         files = [_file_path(f) for f in (message or {}).get("files") or []]
-        if not files and state.chat.last_image is None:
-            raise gr.Error(NO_IMAGE, title="No image")
+        videos = [path for path in files if _is_video(path)]
+        images = [path for path in files if path not in videos]
+        takes_video = self.pipe.model.family.takes_video
+        if not files and not state.has_visual:
+            raise gr.Error(NO_VISUAL if takes_video else NO_IMAGE, title="No image")
         if not text:
             raise gr.Error(NO_TEXT, title="No question")
-        for path in files:
+        for path in images:
             _check_image(path)
+        for path in videos:
+            _check_video(path, takes_video)
         state.pending_from = len(state.display)
-        if files and state.chat.last_image is not None:
-            state.display.append({"role": "assistant", "content": NEW_IMAGE_NOTE, "metadata": {"title": "New image"}})
+        if files and state.has_visual:
+            note, title = (NEW_VIDEO_NOTE, "New video") if videos else (NEW_IMAGE_NOTE, "New image")
+            state.display.append({"role": "assistant", "content": note, "metadata": {"title": title}})
         state.display += [{"role": "user", "content": {"path": path}} for path in files]
         state.display.append({"role": "user", "content": text})
-        state.pending = (text, files)
+        state.pending = (text, images, videos)
         state.stats = WAITING
         return None, state.stats
 
@@ -144,15 +157,15 @@ class ChatPage:
         with state.lock:  # Stop either withdraws the pending message or cancels this answer
             if state.pending is None:
                 return
-            (text, images), state.pending = state.pending, None
+            (text, images, videos), state.pending = state.pending, None
             state.cancel = cancel = threading.Event()
             epoch, state.answering = state.epoch, True
         earlier = list(state.chat.messages)
-        if images and state.chat.last_image is not None:
-            state.chat.reset()  # a new image starts a new conversation (LLaVA answers about one image)
+        if (images or videos) and state.has_visual:
+            state.chat.reset()  # a new image or video starts a new conversation (LLaVA answers about one)
         chunks: queue.Queue = queue.Queue()
         on_progress = lambda done, total: chunks.put(Prefill(done, total))  # noqa: E731
-        stream = state.chat.stream(text, images, config, cancel, progress=on_progress)
+        stream = state.chat.stream(text, images, config, cancel, progress=on_progress, videos=videos)
         state.worker = threading.Thread(target=_pump, args=(state, stream, chunks), daemon=True)
         state.display.append({"role": "assistant", "content": ""})
         state.last_result, state.stats = None, "generating…"
@@ -344,6 +357,24 @@ def _file_path(item: Any) -> str:
     return str(item.get("path") if isinstance(item, dict) else getattr(item, "path", item))
 
 
+def _is_video(path: str) -> bool:
+    from llava_ov.runtime.video import VIDEO_EXTENSIONS
+
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _check_video(path: str, takes_video: bool) -> None:
+    """A video the model can take and whose container passes the checks (nothing decoded yet)."""
+    from llava_ov.runtime.video import open_video
+
+    if not takes_video:
+        raise _gradio().Error("this model takes no video (LLaVA-NeXT-Video models do)", title="No video here")
+    try:
+        open_video(path).close()
+    except LlavaOvError as exc:
+        raise _gradio().Error(str(exc), title="Not a usable video") from None
+
+
 def _check_image(path: str) -> None:
     from llava_ov.runtime.image import load_image
 
@@ -373,9 +404,11 @@ def build_demo(page: ChatPage):
         state = gr.State(lambda: page.new_state(), delete_callback=TabState.close)
         gr.Markdown(page.header(), elem_id="header")
         chatbot = gr.Chatbot(elem_id="chat", label="Chat", height=480, buttons=["copy"])
+        takes_video = page.pipe.model.family.takes_video
         box = gr.MultimodalTextbox(
-            elem_id="message", file_types=["image"], file_count="multiple", show_label=False,
-            placeholder="Ask about an image (attach one with the first message)…",
+            elem_id="message", file_types=["image", "video"] if takes_video else ["image"], file_count="multiple",
+            show_label=False, placeholder="Ask about an image or a video (attach one with the first message)…"
+            if takes_video else "Ask about an image (attach one with the first message)…",
         )  # fmt: skip
         with gr.Row():
             stop = gr.Button("Stop", elem_id="stop", variant="stop")

@@ -36,6 +36,14 @@ class ChatSession:
                 return message.images[-1]
         return None
 
+    @property
+    def last_video(self) -> Any | None:
+        """The most recent video in the conversation."""
+        for message in reversed(self.messages):
+            if message.videos:
+                return message.videos[-1]
+        return None
+
     def reset(self) -> None:
         self.messages.clear()
         self.dropped_turns = 0
@@ -51,9 +59,11 @@ class ChatSession:
         config: GenerationConfig | None = None,
         cancel: threading.Event | None = None,
         progress: Callable[[int, int], None] | None = None,
+        *,
+        videos: Sequence[Any] = (),
     ) -> Iterator[StreamChunk]:
         """Add a user turn, stream the answer, and keep it in the history (`progress` as Pipeline.stream)."""
-        self.messages.append(Message("user", text, list(images)))
+        self.messages.append(Message("user", text, list(images), list(videos)))
         try:
             self._fit_context(config or GenerationConfig())
             result = None
@@ -65,9 +75,9 @@ class ChatSession:
             raise
         self.messages.append(Message("assistant", result.text if result else ""))
 
-    def ask(self, text: str, images: Sequence[Any] = (), config=None, cancel=None) -> GenerationResult:
+    def ask(self, text: str, images: Sequence[Any] = (), config=None, cancel=None, *, videos=()) -> GenerationResult:
         result = None
-        for chunk in self.stream(text, images, config, cancel):
+        for chunk in self.stream(text, images, config, cancel, videos=videos):
             result = chunk.result or result
         assert result is not None
         return result
@@ -82,15 +92,16 @@ class ChatSession:
                 break
         if size >= limit:
             raise ContextLengthError(
-                f"this message needs {size} tokens with its images; the model's context (or KV cache) holds {limit}"
+                f"this message needs {size} tokens with its images and videos; the model's context (or KV cache) "
+                f"holds {limit}"
             )
 
     def _drop_oldest_turn(self) -> bool:
-        """Remove the oldest user turn (and its answer) that does not carry the latest image.
+        """Remove the oldest user turn (and its answer) that does not carry the latest image or video.
 
-        Follow-up questions refer to the latest image, so its turn stays; False when
-        nothing but the current turn and that image's turn is left."""
-        last_image_turn = max((i for i, m in enumerate(self.messages) if m.images), default=None)
+        Follow-up questions refer to the latest image or video, so its turn stays; False when
+        nothing but the current turn and that turn is left."""
+        last_image_turn = max((i for i, m in enumerate(self.messages) if m.images or m.videos), default=None)
         for i, message in enumerate(self.messages[:-1]):
             if message.role == "user" and i != last_image_turn:
                 end = i + 1

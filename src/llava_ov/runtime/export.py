@@ -21,6 +21,7 @@ from llava_ov.errors import LlavaOvError, ModelNotFoundError, UnsupportedModelEr
 
 REQUIRED_FILES = (layout.LANGUAGE_MODEL, layout.TEXT_EMBEDDINGS_MODEL, layout.VISION_MODEL, "config.json")
 IMAGE_SETTINGS_FILES = ("preprocessor_config.json", "processor_config.json")
+VIDEO_SETTINGS_FILE = "video_preprocessor_config.json"
 TEMPLATE_FILES = ("chat_template.json", "processor_config.json", "tokenizer_config.json")
 SPECIAL_TOKEN_FILES = ("special_tokens_map.json", "tokenizer_config.json")
 TOKENIZER_JSON = "tokenizer.json"
@@ -200,6 +201,20 @@ class ExportDir:
                 return ImageConfig.from_dict(_read(path))
         raise ModelNotFoundError(f"{self.path} has no preprocessor_config.json or processor_config.json")
 
+    @cached_property
+    def video_config(self) -> ImageConfig:
+        """The video processor's per-frame settings: video_preprocessor_config.json (or processor_config.json's
+        "video_processor"), else the image settings (as transformers' video processor falls back to them)."""
+        path = self.path / VIDEO_SETTINGS_FILE
+        if path.is_file():
+            return ImageConfig.from_dict(_read(path))
+        processor = self.path / "processor_config.json"
+        if processor.is_file():
+            video = _read(processor).get("video_processor")
+            if isinstance(video, dict):
+                return ImageConfig.from_dict(video)
+        return self.image_config
+
     def eos_ids(self) -> set[int]:
         """End-of-sequence ids from generation_config.json, the text config and config.json."""
         ids: set[int] = set()
@@ -257,8 +272,8 @@ class ExportDir:
     # ------------------------------------------------------------ parts
 
     def part_path(self, part: str) -> Path:
-        """The IR of a part (vision, text_embeddings, language) in this export."""
-        return self.path / layout.MODEL_PARTS[part]
+        """The IR of a part (vision, text_embeddings, language, or a family's projector/resampler) in this export."""
+        return self.path / layout.ALL_PARTS[part]
 
     def part_info(self, part: str) -> dict[str, Any]:
         """export_info.json's record of one part ({} when unknown)."""

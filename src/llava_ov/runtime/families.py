@@ -14,6 +14,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from functools import lru_cache
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llava_ov.errors import UnsupportedModelError
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from llava_ov.runtime.image import ProcessedImage
 
 
+# Runs one vision stage ("vision", "projector", "resampler") on an array: the model gives it to a family.
+RunStage = Callable[[str, "np.ndarray"], "np.ndarray"]
+
+
 class Family(Protocol):
     """What the runtime asks of a model family, bound to one export's config and image settings."""
 
@@ -34,6 +39,20 @@ class Family(Protocol):
     architecture: str
     tokens_per_tile: int  # image tokens of one vision tile
     image_token_id: int  # the prompt's <image> placeholder id
+    stages: tuple[str, ...]  # vision stages beside "vision" the export holds (common.layout.STAGE_PARTS)
+    takes_video: bool
+    video_token_id: int | None  # the prompt's <video> placeholder id (None: no video)
+    tokens_per_frame: int  # video tokens of one frame
+    default_frames: int  # frames sampled from a video when the request does not say
+
+    def encode_tiles(self, run: RunStage, pixel_values: np.ndarray) -> np.ndarray:
+        """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden] projected features."""
+
+    def preprocess_frames(self, frames: Sequence[Image.Image]) -> np.ndarray:
+        """RGB frames -> [frames, 3, H, W] model-ready pixels (the video processor's per-frame steps)."""
+
+    def encode_frames(self, run: RunStage, pixel_values: np.ndarray) -> np.ndarray:
+        """[frames, 3, H, W] -> [frames, tokens_per_frame, hidden] video features."""
 
     def resolutions(self, image_size: tuple[int, int]) -> list[Resolution]:
         """Every way to feed an image of (height, width), most tokens first (the first: the model's own)."""
@@ -59,9 +78,9 @@ class FamilyEntry:
     def runtime_module(self) -> Any:
         return importlib.import_module(f"{self.package}.runtime")
 
-    def load(self, config: dict[str, Any], image: Any) -> Family:
-        """The family bound to one export's config.json and image settings (an export.ImageConfig)."""
-        return self.runtime_module().FAMILY(config, image)
+    def load(self, config: dict[str, Any], image: Any, video: Any = None) -> Family:
+        """The family bound to one export's config.json and image (and video) settings (export.ImageConfig)."""
+        return self.runtime_module().FAMILY(config, image, video)
 
     def export_hooks(self) -> Any:
         """The family's conversion hooks (imports its export module, which may use torch)."""
@@ -93,7 +112,7 @@ def supported_architectures() -> str:
 
 def load_family(export: ExportDir) -> Family:
     """The family of an export, bound to its config.json and image settings."""
-    return family_for(export.config).load(export.config, export.image_config)
+    return family_for(export.config).load(export.config, export.image_config, export.video_config)
 
 
 def family_for(config: dict[str, Any]) -> FamilyEntry:

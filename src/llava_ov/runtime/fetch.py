@@ -40,6 +40,8 @@ class FetchPolicy:
     allow_private_urls: bool = False
     fetch_timeout_s: float = 10.0  # the whole download: resolving, redirects and body
     max_redirects: int = 3
+    what: str = "image"  # what is fetched, as refusals name it ("video" for video URLs)
+    accept: str = "image/*"
 
     def ip_allowed(self, ip: IPAddress) -> bool:
         return self.allow_private_urls or is_public_ip(ip)
@@ -56,18 +58,21 @@ def is_public_ip(ip: IPAddress) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_unspecified or ip.is_reserved)
 
 
-def decode_data_url(url: str, max_bytes: int) -> bytes:
-    """The bytes of a `data:[mediatype];base64,...` URL."""
+def decode_data_url(url: str, max_bytes: int, mime_types: frozenset[str] | None = None, what: str = "image") -> bytes:
+    """The bytes of a `data:[mediatype];base64,...` URL whose media type is one of `mime_types` (images by default)."""
     from llava_ov.runtime.image import IMAGE_MIME_TYPES
 
+    allowed = IMAGE_MIME_TYPES if mime_types is None else mime_types
     header, sep, payload = url.partition(",")
     if not sep or not header.lower().endswith(";base64"):
-        raise InvalidImageError("a data URL image must be base64: data:image/png;base64,...")
+        example = "image/png" if mime_types is None else min(allowed)
+        raise InvalidImageError(f"a data URL {what} must be base64: data:{example};base64,...")
     mime = header[5:-7].split(";")[0].strip().lower()  # data:<mime>[;params];base64
-    if mime not in IMAGE_MIME_TYPES:
-        raise InvalidImageError(f"a data URL image must be image/png, jpeg, webp, gif, bmp or tiff, not {mime or 'none'!r}")
+    if mime not in allowed:
+        listed = "image/png, jpeg, webp, gif, bmp or tiff" if mime_types is None else ", ".join(sorted(allowed))
+        raise InvalidImageError(f"a data URL {what} must be {listed}, not {mime or 'none'!r}")
     if len(payload) * 3 // 4 > max_bytes + 3:
-        raise InvalidImageError(f"image is over the limit of {max_bytes:,} bytes")
+        raise InvalidImageError(f"{what} is over the limit of {max_bytes:,} bytes")
     try:
         return base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError):
@@ -94,7 +99,7 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise InvalidImageError(f"cannot resolve the image URL's host {host!r}") from None
+        raise InvalidImageError(f"cannot resolve the URL's host {host!r}") from None
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
 
@@ -111,7 +116,7 @@ class ImageFetcher:
             return await asyncio.wait_for(self._follow(url), self.policy.fetch_timeout_s)
         except asyncio.TimeoutError:
             limit = self.policy.fetch_timeout_s
-            raise InvalidImageError(f"downloading the image took longer than {limit:g} s") from None
+            raise InvalidImageError(f"downloading the {self.policy.what} took longer than {limit:g} s") from None
 
     async def _follow(self, url: str) -> bytes:
         httpx = _httpx()
@@ -122,26 +127,26 @@ class ImageFetcher:
                 try:
                     location, data = await self._get_once(client, url)
                 except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # ValueError: e.g. a bad port
-                    raise InvalidImageError(f"cannot download the image: {type(exc).__name__}") from None
+                    raise InvalidImageError(f"cannot download the {self.policy.what}: {type(exc).__name__}") from None
                 if location is None:
                     return data
                 url = urljoin(url, location)
-        raise InvalidImageError(f"the image URL redirected more than {self.policy.max_redirects} times")
+        raise InvalidImageError(f"the {self.policy.what} URL redirected more than {self.policy.max_redirects} times")
 
     async def _get_once(self, client: Any, url: str) -> tuple[str | None, bytes]:
         """One GET pinned to a checked address: (redirect location or None, body)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidImageError("only http:// and https:// image URLs are downloaded")
+            raise InvalidImageError(f"only http:// and https:// {self.policy.what} URLs are downloaded")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         addresses = await self.resolver(parts.hostname, port)
         if not addresses or not all(self.policy.ip_allowed(ip) for ip in addresses):
             raise InvalidImageError(
-                "the image URL points to a loopback, private or link-local address, which is not fetched "
+                f"the {self.policy.what} URL points to a loopback, private or link-local address, which is not fetched "
                 "unless private URLs are allowed (--allow-private-urls)"
             )
         pinned = _pinned_url(url, addresses[0])
-        headers = {"Host": parts.netloc.rpartition("@")[2], "Accept": "image/*", "User-Agent": "llava-ov",
+        headers = {"Host": parts.netloc.rpartition("@")[2], "Accept": self.policy.accept, "User-Agent": "llava-ov",
                    "Accept-Encoding": "identity"}  # images are compressed already; see _read_bounded  # fmt: skip
         request = client.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": parts.hostname})
         response = await client.send(request, stream=True)
@@ -149,7 +154,7 @@ class ImageFetcher:
             if response.status_code in REDIRECTS and "location" in response.headers:
                 return response.headers["location"], b""
             if response.status_code != 200:
-                raise InvalidImageError(f"downloading the image failed with HTTP status {response.status_code}")
+                raise InvalidImageError(f"downloading the {self.policy.what} failed with HTTP status {response.status_code}")
             return None, await self._read_bounded(response)
         finally:
             await response.aclose()
@@ -158,8 +163,8 @@ class ImageFetcher:
         limit = self.policy.max_bytes
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise InvalidImageError(f"image is over the limit of {limit:,} bytes")
-        decoded = BoundedDecoder(response.headers.get("content-encoding", ""), limit)
+            raise InvalidImageError(f"{self.policy.what} is over the limit of {limit:,} bytes")
+        decoded = BoundedDecoder(response.headers.get("content-encoding", ""), limit, self.policy.what)
         async for piece in response.aiter_raw():  # raw: httpx would inflate each chunk without a bound
             decoded.feed(piece)
         return decoded.finish()
@@ -172,20 +177,20 @@ class BoundedDecoder:
     whole, so the fetcher asks for identity and decodes what a server compresses anyway here,
     bounded. Encodings it cannot bound (br, zstd, ...) are refused."""
 
-    def __init__(self, encoding: str, limit: int):
+    def __init__(self, encoding: str, limit: int, what: str = "image"):
         import zlib
 
-        self.limit = limit
+        self.limit, self.what = limit, what
         self.data = bytearray()
         codings = [c.strip().lower() for c in encoding.split(",") if c.strip() and c.strip().lower() != "identity"]
         if len(codings) > 1 or (codings and codings[0] not in ("gzip", "x-gzip", "deflate")):
-            raise InvalidImageError(f"the image was sent with Content-Encoding {encoding!r}, which is not accepted")
+            raise InvalidImageError(f"the {what} was sent with Content-Encoding {encoding!r}, which is not accepted")
         self.inflate = zlib.decompressobj(32 + zlib.MAX_WBITS) if codings else None  # gzip or zlib header
 
     def _add(self, piece: bytes) -> None:
         self.data += piece
         if len(self.data) > self.limit:
-            raise InvalidImageError(f"image is over the limit of {self.limit:,} bytes")
+            raise InvalidImageError(f"{self.what} is over the limit of {self.limit:,} bytes")
 
     def feed(self, raw: bytes) -> None:
         if self.inflate is None:
@@ -198,7 +203,7 @@ class BoundedDecoder:
                 self._add(self.inflate.decompress(raw, self.limit - len(self.data) + 1))
                 raw = self.inflate.unconsumed_tail
         except zlib.error:
-            raise InvalidImageError("the image's compressed transfer encoding is corrupt") from None
+            raise InvalidImageError(f"the {self.what}'s compressed transfer encoding is corrupt") from None
 
     def finish(self) -> bytes:
         if self.inflate is not None:

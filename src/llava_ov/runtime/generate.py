@@ -20,6 +20,8 @@ from llava_ov.errors import LlavaOvError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 MAX_PRUNING = 0.99  # keep at least 1% of the image tokens
+MAX_FRAMES = 256  # sampled frames per video (144 tokens each on LLaVA-NeXT-Video: far past any context)
+MAX_VIDEO_FPS = 60.0
 
 
 @dataclass
@@ -36,6 +38,8 @@ class GenerationConfig:
     logprobs: int | None = None  # report each token's logprob and this many (0-20) top alternatives
     max_image_tokens: int | None = None  # the request's images at the largest resolutions within this many tokens
     visual_token_pruning: float = 0.0  # CDPruner: drop this share (0-0.99) of each image's tokens; 0: off
+    num_frames: int | None = None  # frames sampled uniformly from each video (None: the model's own count)
+    video_fps: float | None = None  # or frames sampled per second of video (not with num_frames)
 
     def validate(self) -> None:
         checks = [
@@ -48,6 +52,9 @@ class GenerationConfig:
              f"logprobs (top alternatives) must be in [0, {MAX_TOP_LOGPROBS}]"),
             (self.max_image_tokens is None or self.max_image_tokens >= 1, "max_image_tokens must be >= 1"),
             (0 <= self.visual_token_pruning <= MAX_PRUNING, f"visual_token_pruning must be in [0, {MAX_PRUNING}]"),
+            (self.num_frames is None or 1 <= self.num_frames <= MAX_FRAMES, f"num_frames must be in [1, {MAX_FRAMES}]"),
+            (self.video_fps is None or 0 < self.video_fps <= MAX_VIDEO_FPS, f"video_fps must be in (0, {MAX_VIDEO_FPS}]"),
+            (self.num_frames is None or self.video_fps is None, "num_frames and video_fps exclude each other"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

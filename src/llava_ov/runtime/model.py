@@ -133,12 +133,14 @@ class ExportedModel:
         self.kv_backend = self.settings.kv_backend()
         self.decode_why = "the stateful KV cache: one compilation" if self.kv_backend != "paged" else ""
         self._warn_if_rotary_fp16()
-        self._compiled = {part: self._compile(part) for part in layout.MODEL_PARTS}
+        self.parts = self._parts()
+        self._compiled = {part: self._compile(part) for part in self.parts}
         self.tokenizer = Tokenizer(self.core, self.export)
         self.vision_requests = self._vision_requests()
-        self._vision: queue.SimpleQueue[ov.InferRequest] = queue.SimpleQueue()  # the free vision requests
+        # the free vision request sets: one infer request per vision stage ("vision", a family's projector, ...)
+        self._vision: queue.SimpleQueue[dict[str, ov.InferRequest]] = queue.SimpleQueue()
         for _ in range(self.vision_requests):
-            self._vision.put(self._compiled["vision"].create_infer_request())
+            self._vision.put({part: self._compiled[part].create_infer_request() for part in self.vision_stages})
         self._embed = self._compiled["text_embeddings"].create_infer_request()
         self._embed_side = None  # for instruction embeddings (pruning), made on first use
         self._embed_side_lock = threading.Lock()
@@ -154,6 +156,20 @@ class ExportedModel:
 
     # ---------------------------------------------------------------- loading
 
+    @property
+    def vision_stages(self) -> tuple[str, ...]:
+        return ("vision", *self.family.stages)
+
+    def _parts(self) -> dict[str, str]:
+        """Every model of the export to compile: the three parts plus the family's vision stages."""
+        parts = dict(layout.MODEL_PARTS)
+        for stage in self.family.stages:
+            parts[stage] = layout.STAGE_PARTS[stage]
+            if stage not in self.settings.part_paths and not (self.dir / parts[stage]).is_file():
+                raise ModelNotFoundError(f"{self.dir} has no {parts[stage]} (the {stage} of a "
+                                         f"{self.family.architecture} export); convert it again")  # fmt: skip
+        return parts
+
     def part_path(self, part: str) -> Path:
         override = self.settings.part_paths.get(part)
         if not override and part == "vision":
@@ -161,7 +177,7 @@ class ExportedModel:
         if not override:
             return self.export.part_path(part)
         path = Path(override).expanduser()
-        path = path / layout.MODEL_PARTS[part] if path.is_dir() else path
+        path = path / layout.ALL_PARTS[part] if path.is_dir() else path
         if not path.exists():
             raise ModelNotFoundError(f"{part} model not found: {path}")
         return path
@@ -304,7 +320,7 @@ class ExportedModel:
 
     def stored_weights(self) -> dict[str, str]:
         """Per part: how the weights that run are stored (fp16, int4_sym g64 r0.6 + int8, ...), or where from."""
-        stored = {part: self.export.stored_precision(part) for part in layout.MODEL_PARTS}
+        stored = {part: self.export.stored_precision(part) for part in self.parts}
         if self.vision_choice()[0] != layout.VISION_MODEL and "vision" not in self.settings.part_paths:
             stored["vision"] = self.export.vision_float_precision
         for part, path in self.settings.part_paths.items():
@@ -359,13 +375,26 @@ class ExportedModel:
     def encode_image_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
         """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden] projected features.
 
-        Thread-safe: runs on one of `vision_requests` infer requests (waits for a free one)."""
-        request = self._vision.get()
-        try:
-            request.infer({"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)})
+        Thread-safe: runs on one of `vision_requests` request sets (waits for a free one)."""
+        return self._run_vision(self.family.encode_tiles, pixel_values)
+
+    def encode_frames(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[frames, 3, H, W] -> [frames, tokens_per_frame, hidden] video features (thread-safe, as above)."""
+        return self._run_vision(self.family.encode_frames, pixel_values)
+
+    def _run_vision(self, encode: Any, pixel_values: np.ndarray) -> np.ndarray:
+        """`encode(run, pixels)` on one free request set; `run(stage, array)` infers one vision stage."""
+        requests = self._vision.get()
+
+        def run(stage: str, array: np.ndarray) -> np.ndarray:
+            request = requests[stage]
+            request.infer({0: np.ascontiguousarray(array, dtype=np.float32)})
             return request.get_output_tensor(0).data.copy()
+
+        try:
+            return encode(run, pixel_values)
         finally:
-            self._vision.put(request)
+            self._vision.put(requests)
 
     def embed_instruction(self, ids: np.ndarray) -> np.ndarray:
         """[T] ids -> [T, hidden] on a request of its own (the engine thread owns `embed_tokens`'s)."""

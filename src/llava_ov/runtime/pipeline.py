@@ -84,13 +84,14 @@ class Pipeline:
         return self.prompts.render(messages)
 
     def prepare(
-        self, messages: Sequence[Message], config: GenerationConfig | None = None, max_tokens: int | None = None
+        self, messages: Sequence[Message], config: GenerationConfig | None = None, max_tokens: int | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> PreparedPrompt:
-        """Render, tokenize and expand `<image>` into each image's feature positions.
+        """Render, tokenize and expand `<image>`/`<video>` into each one's feature positions.
 
-        `config` brings the image-token budget and visual-token pruning (none by default); a prompt
-        over `max_tokens` is refused before any image is encoded."""
-        return self.prompts.prepare(messages, config, max_tokens)
+        `config` brings the image-token budget, video sampling and visual-token pruning; a prompt
+        over `max_tokens` is refused before any image is encoded; `cancel()` stops a video's decoding."""
+        return self.prompts.prepare(messages, config, max_tokens, cancel)
 
     def count_tokens(self, messages: Sequence[Message], config: GenerationConfig | None = None) -> int:
         """Prompt tokens of `messages`, image tokens included, from the image sizes (nothing is encoded)."""
@@ -151,21 +152,23 @@ class Pipeline:
         cancel: threading.Event | None = None,
         progress: Callable[[int, int], None] | None = None,
         max_prompt_tokens: int | None = None,
+        *,
+        videos: Sequence[Any] = (),
     ) -> ChunkStream:
-        """Prepare the prompt (blocking: images are loaded and encoded here) and submit it to the backend.
+        """Prepare the prompt (blocking: images and videos are loaded and encoded here) and submit it.
 
         Read the returned stream with `for` or `async for`; stopping early, or setting `cancel`,
-        cancels the generation. `progress(done, total)` is called by the reader as prompt chunks
-        are prefilled. A prompt over `max_prompt_tokens` (a caller's own limit) is refused before
-        any image is encoded."""
+        cancels the generation (and a video's decoding while the prompt is prepared).
+        `progress(done, total)` is called by the reader as prompt chunks are prefilled. A prompt
+        over `max_prompt_tokens` (a caller's own limit) is refused before any image is encoded."""
         started = time.perf_counter()
         config = config or GenerationConfig()
         config.validate()
-        messages = as_messages(prompt, images)
+        messages = as_messages(prompt, images, videos)
         cancel = cancel or threading.Event()
         self._cancels.add(cancel)
         try:
-            prompt_, timings, state = self._start(messages, config, max_prompt_tokens)
+            prompt_, timings, state = self._start(messages, config, max_prompt_tokens, cancel)
             handle = self.backend.submit(prompt_, state, cancel)
         except BaseException:
             self._cancels.discard(cancel)
@@ -180,12 +183,14 @@ class Pipeline:
         config: GenerationConfig | None = None,
         cancel: threading.Event | None = None,
         progress: Callable[[int, int], None] | None = None,
+        *,
+        videos: Sequence[Any] = (),
     ) -> Iterator[StreamChunk]:
         """Yield text pieces as they are decoded; the last chunk has finish_reason and the result.
 
         `progress(done, total)` is called (in the caller's thread) as prompt chunks are prefilled.
         Closing the iterator early, or setting `cancel`, cancels the generation."""
-        yield from self.submit(prompt, images, config, cancel, progress)
+        yield from self.submit(prompt, images, config, cancel, progress, videos=videos)
 
     async def astream(
         self,
@@ -193,12 +198,14 @@ class Pipeline:
         images: Sequence[Any] = (),
         config: GenerationConfig | None = None,
         cancel: threading.Event | None = None,
+        *,
+        videos: Sequence[Any] = (),
     ) -> AsyncIterator[StreamChunk]:
         """`stream` for an event loop: the prompt is prepared in a worker thread (image work blocks),
         then the chunks are awaited (no thread waits on the generation)."""
         cancel = cancel or threading.Event()
         try:
-            chunks = await asyncio.to_thread(self.submit, prompt, images, config, cancel)
+            chunks = await asyncio.to_thread(self.submit, prompt, images, config, cancel, videos=videos)
         except BaseException:  # e.g. the task was cancelled while the prompt was prepared
             cancel.set()  # a generation submitted after nobody waits for it ends at once
             raise
@@ -221,12 +228,13 @@ class Pipeline:
         return self._grammars.constraint(schema)
 
     def _start(
-        self, messages: Sequence[Message], config: GenerationConfig, max_prompt_tokens: int | None = None
+        self, messages: Sequence[Message], config: GenerationConfig, max_prompt_tokens: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> tuple[PreparedPrompt, Timings, DecodeState]:
         timings = Timings()
         # before any image is encoded: a bad schema costs nothing
         constraint = None if config.json_schema is None else self.json_constraint(config.json_schema)
-        prompt = self.prepare(messages, config, max_prompt_tokens)
+        prompt = self.prepare(messages, config, max_prompt_tokens, cancel.is_set if cancel is not None else None)
         self.prompts.check_context(prompt)
         timings.preprocess_s = sum(im.preprocess_s for im in prompt.images)
         timings.vision_s = sum(im.vision_s for im in prompt.images)
@@ -238,9 +246,9 @@ class Pipeline:
         )  # fmt: skip
         return prompt, timings, state
 
-    def generate(self, prompt, images=(), config=None, cancel=None) -> GenerationResult:
-        """Run `stream` to the end and return the collected result."""
-        for chunk in self.stream(prompt, images, config, cancel):
+    def generate(self, prompt, images=(), config=None, cancel=None, *, videos=()) -> GenerationResult:
+        """Run `stream` to the end and return the collected result (`videos`: files, bytes or frame lists)."""
+        for chunk in self.stream(prompt, images, config, cancel, videos=videos):
             if chunk.result is not None:
                 return chunk.result
         raise RuntimeError("generation ended without a result")  # unreachable: streams always finish

@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+
+Cancel = Callable[[], bool] | None  # true when the request was cancelled
 
 import numpy as np
 from PIL import Image
@@ -32,8 +34,12 @@ from llava_ov.runtime.image import load_image
 from llava_ov.runtime.model import ExportedModel
 from llava_ov.runtime.pruning import kept_count, select_tokens
 from llava_ov.runtime.template import ChatTemplate
+from llava_ov.runtime.video import Video, VideoCancelled, VideoLimits, open_video, sample_indices
 
 FEATURE_CACHE_SIZE = 16
+FRAME_CACHE_SIZE = 64  # per-frame video features (2.4 MB each at 144 x 4096 f32): another sampling reuses them
+FRAMES_PER_ENCODE = 8
+ANSWER_ROOM = 512  # tokens kept for the answer when default-length videos are shortened to fit the context  # frames preprocessed and encoded at once: bounded memory, cancellable between batches
 # Prompts that hold decoded images at once (loading, preprocessing, encoding), per vision request:
 # memory stays bounded however many requests arrive, and loading overlaps encoding.
 PREPARATIONS_PER_VISION_REQUEST = 2
@@ -41,15 +47,17 @@ PREPARATIONS_PER_VISION_REQUEST = 2
 
 @dataclass
 class Message:
-    """One chat turn: role ("system" | "user" | "assistant"), text, and the images it carries."""
+    """One chat turn: role ("system" | "user" | "assistant"), text, and the images and videos it carries."""
 
     role: str
     text: str = ""
     images: list[Any] = field(default_factory=list)  # paths, bytes, PIL images or arrays
+    videos: list[Any] = field(default_factory=list)  # video files, their bytes, or lists of frames
 
     def for_template(self) -> dict[str, Any]:
         content: list[dict[str, Any]] = [{"type": "text", "text": self.text}]
         content += [{"type": "image"} for _ in self.images]
+        content += [{"type": "video"} for _ in self.videos]
         return {"role": self.role, "content": content}
 
 
@@ -63,6 +71,8 @@ class PreparedImage:
     kept: np.ndarray | None = None  # pruned: which of the resolution's packed tokens these features are
     packed_tokens: int = 0  # tokens at the chosen resolution, before pruning
     prune_s: float = 0.0
+    kind: str = "image"  # "image" | "video"
+    frames: int = 0  # a video's sampled frames
 
     def __post_init__(self) -> None:
         self.full_tokens = self.full_tokens or len(self.features)
@@ -77,13 +87,26 @@ class PreparedPrompt:
     positions: np.ndarray | None = None  # position ids when pruned tokens left gaps (else 0..n-1)
 
     @property
-    def image_tokens(self) -> int:
+    def visual_tokens(self) -> int:
+        """Tokens of the prompt's images and videos (the kept ones)."""
         return sum(len(im.features) for im in self.images)
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(len(im.features) for im in self.images if im.kind == "image")
+
+    @property
+    def video_tokens(self) -> int:
+        return sum(len(im.features) for im in self.images if im.kind == "video")
+
+    @property
+    def video_frames(self) -> int:
+        return sum(im.frames for im in self.images if im.kind == "video")
 
     @property
     def image_tokens_total(self) -> int:
         """Image tokens the model's own resolution would make, without a budget or pruning."""
-        return sum(im.full_tokens for im in self.images)
+        return sum(im.full_tokens for im in self.images if im.kind == "image")
 
     @property
     def position_end(self) -> int:
@@ -102,15 +125,36 @@ class PreparedPrompt:
 
 @dataclass
 class _ImageJob:
-    """One image of a prompt between loading and encoding."""
+    """One image (or video) of a prompt between loading and encoding."""
 
-    digest: str  # pixel content + chosen resolution: the feature cache's key
-    found: PreparedImage | Image.Image  # cached features, or the loaded image (preprocessed when encoded)
+    digest: str  # pixel content + chosen resolution (a video: content + sampling): the feature cache's key
+    found: PreparedImage | Image.Image | _FramesToEncode  # cached features, or what to encode
     prep_s: float
-    resolution: Resolution
-    full_tokens: int  # at the model's own resolution
+    resolution: Resolution | FrameCount
+    full_tokens: int  # at the model's own resolution (a video: at the requested frame count)
     instruction: str  # the text of the message carrying the image (CDPruner's query)
-    tiles: np.ndarray  # per packed position: its tile, -1 for image_newline (Family.packed_tiles)
+    tiles: np.ndarray  # per packed position: its tile (a video: its frame), -1 for image_newline
+    position: int = 0  # of its placeholder token in the prompt
+
+
+@dataclass(frozen=True)
+class FrameCount:
+    """One way to feed a video: so many uniformly sampled frames (what the image-token budget lowers)."""
+
+    frames: int
+    tokens: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.frames}f"
+
+
+@dataclass
+class _FramesToEncode:
+    """A video's opened source and the frame indices sampled from it."""
+
+    video: Video
+    indices: np.ndarray
 
 
 class Limits(Protocol):
@@ -129,12 +173,12 @@ def _content_key(text: str) -> int:
     return -(int(hashlib.blake2b(text.encode(), digest_size=8).hexdigest()[:15], 16) + 1)
 
 
-def as_messages(prompt: str | Sequence[Message], images: Sequence[Any] = ()) -> list[Message]:
-    """A plain prompt (+ images) becomes one user message."""
+def as_messages(prompt: str | Sequence[Message], images: Sequence[Any] = (), videos: Sequence[Any] = ()) -> list[Message]:
+    """A plain prompt (+ images and videos) becomes one user message."""
     if isinstance(prompt, str):
-        return [Message("user", prompt, list(images))]
-    if images:
-        raise LlavaOvError("pass images inside the messages, not separately, when giving a conversation")
+        return [Message("user", prompt, list(images), list(videos))]
+    if images or videos:
+        raise LlavaOvError("pass images and videos inside the messages, not separately, when giving a conversation")
     return list(prompt)
 
 
@@ -146,6 +190,8 @@ class PromptBuilder:
         self.limits = limits
         self.template = ChatTemplate.from_export(self.model.export)
         self.features: FeatureCache[PreparedImage] = FeatureCache(FEATURE_CACHE_SIZE)
+        self.frame_features: FeatureCache[np.ndarray] = FeatureCache(FRAME_CACHE_SIZE)
+        self.video_limits = VideoLimits()
         self.image_places = PREPARATIONS_PER_VISION_REQUEST * model.vision_requests  # prompts holding images at once
         self._image_slots = threading.BoundedSemaphore(self.image_places)
         self._lead_ids: np.ndarray | None = None  # the tokenizer's leading special tokens (for CDPruner queries)
@@ -155,36 +201,122 @@ class PromptBuilder:
     def prepare_image(self, source: Any) -> PreparedImage:
         """Preprocess + encode + pack one image at the model's own resolution, cached by pixel content."""
         with self._image_slots:
-            job = self._plan_images([source], [""], None)[0]
-            return self._features_of(job)
+            (image, load_s), = self._load_images([source])
+            options = self.model.family.resolutions((image.height, image.width))
+            return self._features_of(self._image_job(image, load_s, options, options[0], ""))
 
-    def _features_of(self, job: _ImageJob) -> PreparedImage:
+    def _features_of(self, job: _ImageJob, cancel: Cancel = None) -> PreparedImage:
         """The job's cached features, or its encoding (once, however many ask for it at the same time)."""
         if isinstance(job.found, PreparedImage):
             return job.found
-        return self.features.get_or_make(job.digest, lambda: self._encode_image(job))
+        try:
+            return self.features.get_or_make(job.digest, lambda: self._encode(job, cancel))
+        except VideoCancelled:
+            if cancel is not None and cancel():
+                raise
+            return self.features.get_or_make(job.digest, lambda: self._encode(job, cancel))  # another's cancel
 
-    def _plan_images(self, sources: Sequence[Any], texts: Sequence[str], budget: int | None) -> list[_ImageJob]:
-        """Load every image, choose its resolution within `budget`, and look its features up (no encoding)."""
+    def _load_images(self, sources: Sequence[Any]) -> list[tuple[Image.Image, float]]:
         loaded = []
         for src in sources:
             started = time.perf_counter()
             loaded.append((load_image(src), time.perf_counter() - started))
-        options = [self.model.family.resolutions((img.height, img.width)) for img, _ in loaded]
-        jobs = []
-        for (image, load_s), opts, res, text in zip(loaded, options, fit_budget(options, budget), texts):
-            started = time.perf_counter()
-            size = (image.height, image.width)
-            digest = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.size).encode()[:16]).hexdigest()
-            digest = f"{digest}:{res.label}"
-            found: PreparedImage | Image.Image | None = self.features.get(digest)
-            if found is not None:
-                found, prep_s = PreparedImage(found.key, found.features, full_tokens=opts[0].tokens), 0.0
-            else:  # pixels are made only for an encode (counting tokens needs the sizes alone)
-                found, prep_s = image, load_s + time.perf_counter() - started
-            tiles = self.model.family.packed_tiles(size, res)
-            jobs.append(_ImageJob(digest, found, prep_s, res, opts[0].tokens, text, tiles))
-        return jobs
+        return loaded
+
+    def _image_job(self, image: Image.Image, load_s: float, options: list[Resolution], res: Resolution, text: str) -> _ImageJob:
+        """An image's cache lookup at one resolution (pixels are made only for an encode)."""
+        started = time.perf_counter()
+        size = (image.height, image.width)
+        digest = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.size).encode()[:16]).hexdigest()
+        digest = f"{digest}:{res.label}"
+        found: PreparedImage | Image.Image | None = self.features.get(digest)
+        if found is not None:
+            found, prep_s = PreparedImage(found.key, found.features, full_tokens=options[0].tokens), 0.0
+        else:
+            found, prep_s = image, load_s + time.perf_counter() - started
+        return _ImageJob(digest, found, prep_s, res, options[0].tokens, text, self.model.family.packed_tiles(size, res))
+
+    # ---------------------------------------------------------------- videos
+
+    def _open_videos(self, sources: Sequence[Any]) -> list[tuple[Video, float]]:
+        """Every video opened and checked (nothing decoded yet); a refused one closes those before it."""
+        opened: list[tuple[Video, float]] = []
+        try:
+            for src in sources:
+                started = time.perf_counter()
+                opened.append((open_video(src, self.video_limits), time.perf_counter() - started))
+        except BaseException:
+            for video, _ in opened:
+                video.close()
+            raise
+        return opened
+
+    def _frame_options(self, video: Video, config: GenerationConfig) -> list[FrameCount]:
+        """The frame counts a video can be fed with, most first: the requested (or default) count, then fewer."""
+        family, info = self.model.family, video.info
+        if config.video_fps is not None:
+            wanted = len(sample_indices(info.frames, fps=config.video_fps, video_fps=info.fps))
+        else:
+            wanted = config.num_frames or family.default_frames
+        wanted = max(1, min(wanted, info.frames))
+        return [FrameCount(n, n * family.tokens_per_frame) for n in range(wanted, 0, -1)]
+
+    def _video_job(self, video: Video, load_s: float, options: list[FrameCount], chosen: FrameCount, text: str) -> _ImageJob:
+        """A video's cache lookup: its content digest and sampling (frames are decoded only for an encode)."""
+        indices = sample_indices(video.info.frames, num_frames=chosen.frames)
+        sampling = hashlib.blake2b(indices.astype(np.int64).tobytes(), digest_size=8).hexdigest()
+        digest = f"video:{video.digest_seed}:{chosen.label}:{sampling}"
+        found: PreparedImage | _FramesToEncode | None = self.features.get(digest)
+        if found is not None:
+            found = replace(found, full_tokens=options[0].tokens, preprocess_s=0.0, vision_s=0.0)
+        else:
+            found = _FramesToEncode(video, indices)
+        tiles = np.repeat(np.arange(chosen.frames, dtype=np.int64), self.model.family.tokens_per_frame)
+        return _ImageJob(digest, found, load_s, chosen, options[0].tokens, text, tiles)
+
+    def _encode(self, job: _ImageJob, cancel: Cancel) -> PreparedImage:
+        if isinstance(job.found, _FramesToEncode):
+            return self._encode_video(job, job.found, cancel)
+        return self._encode_image(job)
+
+    def _encode_video(self, job: _ImageJob, todo: _FramesToEncode, cancel: Cancel) -> PreparedImage:
+        """Decode the sampled frames one at a time, encode the new ones in batches (cached per frame)."""
+        prep_s, vision_s = job.prep_s, 0.0
+        features: list[np.ndarray | None] = []
+        batch: list[tuple[int, str, np.ndarray]] = []  # (slot, frame digest, pixels)
+        started = time.perf_counter()
+        for frame in todo.video.frames(todo.indices, cancel):
+            digest = hashlib.blake2b(frame.tobytes(), digest_size=16, person=str(frame.size).encode()[:16]).hexdigest()
+            cached = self.frame_features.get(digest)
+            features.append(cached)
+            if cached is None:
+                batch.append((len(features) - 1, digest, self.model.family.preprocess_frames([frame])[0]))
+            if len(batch) == FRAMES_PER_ENCODE:
+                vision_s += self._encode_frame_batch(batch, features, cancel)
+                batch = []
+        vision_s += self._encode_frame_batch(batch, features, cancel)
+        prep_s += time.perf_counter() - started - vision_s
+        packed = np.concatenate([f for f in features if f is not None]).astype(np.float32, copy=False)
+        return PreparedImage(
+            _content_key(job.digest), packed, prep_s, vision_s, job.full_tokens, kind="video", frames=len(features)
+        )
+
+    def _encode_frame_batch(self, batch: list[tuple[int, str, np.ndarray]], features: list, cancel: Cancel) -> float:
+        """Encode a batch of frames into their slots of `features` (and the frame cache); seconds spent."""
+        if not batch:
+            return 0.0
+        if cancel is not None and cancel():
+            raise VideoCancelled("cancelled while the video's frames were encoded")
+        started = time.perf_counter()
+        encoded = self.model.encode_frames(np.stack([pixels for _, _, pixels in batch]))
+        for (slot, digest, _), frame_features in zip(batch, encoded):
+            features[slot] = self.frame_features.get_or_make(digest, lambda f=frame_features: f.copy())
+        return time.perf_counter() - started
+
+    def _close(self, jobs: Sequence[_ImageJob]) -> None:
+        for job in jobs:
+            if isinstance(job.found, _FramesToEncode):
+                job.found.video.close()
 
     def _encode_image(self, job: _ImageJob) -> PreparedImage:
         started = time.perf_counter()
@@ -204,7 +336,7 @@ class PromptBuilder:
         key = _content_key(f"{job.digest}:{hashlib.blake2b(kept.tobytes(), digest_size=16).hexdigest()}")
         return PreparedImage(
             key, image.features[kept], image.preprocess_s, image.vision_s, image.full_tokens, kept,
-            len(image.features), time.perf_counter() - started,
+            len(image.features), time.perf_counter() - started, image.kind, image.frames,
         )  # fmt: skip
 
     def _instruction_ids(self, text: str) -> np.ndarray:
@@ -221,48 +353,56 @@ class PromptBuilder:
         return self.template.render([m.for_template() for m in messages], add_generation_prompt=True)
 
     def prepare(
-        self, messages: Sequence[Message], config: GenerationConfig | None = None, max_tokens: int | None = None
+        self, messages: Sequence[Message], config: GenerationConfig | None = None, max_tokens: int | None = None,
+        cancel: Cancel = None,
     ) -> PreparedPrompt:
-        """Render, tokenize and expand `<image>` into each image's feature positions.
+        """Render, tokenize and expand `<image>`/`<video>` into each one's feature positions.
 
-        `config` brings the image-token budget and visual-token pruning (none by default); a prompt
-        over `max_tokens` (a caller's limit, e.g. a server's) is refused before any image is encoded."""
+        `config` brings the image-token budget, video sampling and visual-token pruning; a prompt over
+        `max_tokens` (a caller's limit, e.g. a server's) is refused before any image is encoded;
+        `cancel()` true stops a video's decoding and encoding (VideoCancelled)."""
         with self._image_room(messages):
-            return self._prepare(messages, config or GenerationConfig(), max_tokens)
+            return self._prepare(messages, config or GenerationConfig(), max_tokens, cancel)
 
     @contextmanager
     def _image_room(self, messages: Sequence[Message]) -> Iterator[None]:
-        """Wait for one of `image_places` when the messages carry images (text passes)."""
-        if not any(m.images for m in messages):
+        """Wait for one of `image_places` when the messages carry images or videos (text passes)."""
+        if not any(m.images or m.videos for m in messages):
             yield
             return
         with self._image_slots:
             yield
 
-    def _prepare(self, messages: Sequence[Message], config: GenerationConfig, max_tokens: int | None) -> PreparedPrompt:
+    def _prepare(
+        self, messages: Sequence[Message], config: GenerationConfig, max_tokens: int | None, cancel: Cancel
+    ) -> PreparedPrompt:
         ratio = config.visual_token_pruning
-        ids, positions, jobs = self._tokenize(messages, config)
-        image_tokens = sum(self._image_tokens(j, ratio) for j in jobs)
-        total = len(ids) - len(jobs) + image_tokens
-        if max_tokens is not None and total > max_tokens:
-            raise ContextLengthError(
-                f"the prompt is {total} tokens ({image_tokens} of them for images); prompts of at most "
-                f"{max_tokens} are taken here (fewer or smaller images, or max_image_tokens, make it shorter)"
-            )
-        self._check_length(total, image_tokens)  # before any vision encoding
-        if ratio:  # pruned tokens keep their positions: the prompt spans as many as it would unpruned
-            self._check_positions(len(ids) - len(jobs) + sum(len(j.tiles) for j in jobs))
-        images = [self._features_of(j) for j in jobs]
+        ids, jobs = self._tokenize(messages, config)
+        try:
+            image_tokens = sum(self._image_tokens(j, ratio) for j in jobs)
+            total = len(ids) - len(jobs) + image_tokens
+            if max_tokens is not None and total > max_tokens:
+                raise ContextLengthError(
+                    f"the prompt is {total} tokens ({image_tokens} of them for images and videos); prompts of at "
+                    f"most {max_tokens} are taken here (fewer or smaller images, fewer frames, or max_image_tokens)"
+                )
+            self._check_length(total, image_tokens)  # before any vision encoding
+            if ratio:  # pruned tokens keep their positions: the prompt spans as many as it would unpruned
+                self._check_positions(len(ids) - len(jobs) + sum(len(j.tiles) for j in jobs))
+            images = [self._features_of(j, cancel) for j in jobs]
+        finally:
+            self._close(jobs)
         if ratio:
             images = [self._prune(image, job, ratio) for image, job in zip(images, jobs)]
-        return self._layout(ids, positions, images)
+        return self._layout(ids, [j.position for j in jobs], images)
 
-    def _layout(self, ids: np.ndarray, positions: np.ndarray, images: list[PreparedImage]) -> PreparedPrompt:
-        """Token ids, cache keys and position ids with each `<image>` expanded into its features' positions."""
+    def _layout(self, ids: np.ndarray, positions: Sequence[int], images: list[PreparedImage]) -> PreparedPrompt:
+        """Token ids, cache keys and position ids with each placeholder expanded into its features' positions."""
         pieces_ids, pieces_keys, pieces_pos, prev, offset = [], [], [], 0, 0
         for pos, image in zip(positions, images):
             text = ids[prev:pos]
-            pieces_ids += [text, np.full(len(image.features), self.model.image_token_id, np.int64)]
+            token = self.model.family.video_token_id if image.kind == "video" else self.model.image_token_id
+            pieces_ids += [text, np.full(len(image.features), token, np.int64)]
             pieces_keys += [text, np.full(len(image.features), image.key, np.int64)]
             start = offset + len(text)
             kept = image.kept if image.kept is not None else np.arange(len(image.features))
@@ -278,19 +418,76 @@ class PromptBuilder:
             np.concatenate(pieces_pos).astype(np.int64) if pruned else None,
         )  # fmt: skip
 
-    def _tokenize(self, messages: Sequence[Message], config: GenerationConfig) -> tuple[np.ndarray, np.ndarray, list]:
-        """(ids, <image> positions, planned images): everything but vision encoding."""
+    def _tokenize(self, messages: Sequence[Message], config: GenerationConfig) -> tuple[np.ndarray, list[_ImageJob]]:
+        """(ids, planned images and videos in prompt order): everything but decoding frames and vision encoding.
+
+        The caller closes the jobs' videos (`_close`)."""
+        family = self.model.family
+        videos = [v for m in messages for v in m.videos]
+        if videos and not family.takes_video:
+            raise LlavaOvError(f"{family.architecture} takes no video (LLaVA-NeXT-Video models do); send frames as images")
         text = self.render(messages)
         self._check_text_size(text)
         ids = self.model.tokenizer.encode(text)
-        sources = [img for m in messages for img in m.images]
-        texts = [m.text for m in messages for _ in m.images]
-        positions = np.flatnonzero(ids == self.model.image_token_id)
-        if len(positions) != len(sources):
-            raise LlavaOvError(f"the prompt has {len(positions)} <image> tokens but {len(sources)} images were given")
+        images = [img for m in messages for img in m.images]
+        image_at = self._placeholders(ids, self.model.image_token_id, len(images), "<image>", "images")
+        video_at = self._placeholders(ids, family.video_token_id, len(videos), "<video>", "videos")
         if config.visual_token_pruning and not self.limits.allows_pruning:
             raise LlavaOvError("visual-token pruning needs the paged KV cache (load with kv_cache='paged')")
-        return ids, positions, self._plan_images(sources, texts, config.max_image_tokens)
+        jobs = self._plan(
+            images, [m.text for m in messages for _ in m.images], videos, [m.text for m in messages for _ in m.videos],
+            config, len(ids) - len(image_at) - len(video_at),
+        )  # fmt: skip
+        for job, position in zip(jobs, [*image_at, *video_at]):
+            job.position = int(position)
+        return ids, sorted(jobs, key=lambda j: j.position)
+
+    @staticmethod
+    def _placeholders(ids: np.ndarray, token: int | None, count: int, name: str, what: str) -> np.ndarray:
+        """Where a placeholder token stands in the prompt; as many as there are items, or a clear error."""
+        found = np.flatnonzero(ids == token) if token is not None else np.zeros(0, np.int64)
+        if len(found) != count:
+            raise LlavaOvError(f"the prompt has {len(found)} {name} tokens but {count} {what} were given")
+        return found
+
+    def _plan(
+        self, images: Sequence[Any], image_texts: Sequence[str], videos: Sequence[Any], video_texts: Sequence[str],
+        config: GenerationConfig, text_tokens: int,
+    ) -> list[_ImageJob]:  # fmt: skip
+        """Load the images and open the videos, choose every one's resolution / frame count within the
+        budget, and look their features up; images first, then videos."""
+        loaded = self._load_images(images)
+        opened = self._open_videos(videos)
+        try:
+            image_options = [self.model.family.resolutions((img.height, img.width)) for img, _ in loaded]
+            video_options = [self._frame_options(video, config) for video, _ in opened]
+            chosen = self._fit(image_options, video_options, config, text_tokens)
+        except BaseException:
+            for video, _ in opened:
+                video.close()
+            raise
+        jobs = [self._image_job(img, s, o, c, t) for (img, s), o, c, t in zip(loaded, image_options, chosen, image_texts)]
+        chosen = chosen[len(loaded):]
+        jobs += [self._video_job(v, s, o, c, t) for (v, s), o, c, t in zip(opened, video_options, chosen, video_texts)]
+        return jobs
+
+    def _fit(
+        self, image_options: list[list[Resolution]], video_options: list[list[FrameCount]], config: GenerationConfig,
+        text_tokens: int,
+    ) -> list[Resolution | FrameCount]:  # fmt: skip
+        """fit_budget over images and videos. With no budget and videos at their default frame count, the
+        videos get fewer frames when the prompt would not fit the context (images keep theirs); a video's
+        frames are lowered before anything else because each frame's features stay as the model was
+        trained, where smaller pooling or resolution would change them."""
+        options: list[list[Any]] = [*image_options, *video_options]
+        if config.max_image_tokens is not None or not video_options or config.num_frames or config.video_fps:
+            return fit_budget(options, config.max_image_tokens)
+        room = self.limits.prompt_limit - text_tokens - min(config.max_new_tokens, ANSWER_ROOM)
+        fixed = [opts[:1] for opts in image_options]
+        images = sum(opts[0].tokens for opts in image_options)
+        if room - images < len(video_options) * self.model.family.tokens_per_frame:
+            return [opts[0] for opts in options]  # not even one frame each fits: the length check says so
+        return fit_budget([*fixed, *video_options], room)
 
     def _image_tokens(self, job: _ImageJob, ratio: float) -> int:
         """Tokens an image will take, from its sizes alone (after the budget and pruning)."""
@@ -300,16 +497,17 @@ class PromptBuilder:
         return newlines + kept_count(len(job.tiles) - newlines, ratio)
 
     def count_tokens(self, messages: Sequence[Message], config: GenerationConfig | None = None) -> int:
-        """Prompt tokens of `messages`, image tokens included, from the image sizes (nothing is encoded)."""
+        """Prompt tokens of `messages`, image and video tokens included, from sizes alone (nothing is encoded)."""
         config = config or GenerationConfig()
         with self._image_room(messages):
-            ids, _, jobs = self._tokenize(messages, config)
+            ids, jobs = self._tokenize(messages, config)
+            self._close(jobs)
         return len(ids) - len(jobs) + sum(self._image_tokens(j, config.visual_token_pruning) for j in jobs)
 
     # ---------------------------------------------------------------- context checks
 
     def check_context(self, prompt: PreparedPrompt) -> None:
-        self._check_length(len(prompt.token_ids), prompt.image_tokens)
+        self._check_length(len(prompt.token_ids), prompt.visual_tokens)
         self._check_positions(prompt.position_end)
 
     def _check_positions(self, position_end: int) -> None:

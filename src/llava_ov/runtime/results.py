@@ -58,12 +58,16 @@ class GenerationResult:
     timings: Timings
     logprobs: list[TokenLogprob] | None = None  # one per token, when the config asks for them
     image_tokens_total: int = 0  # image tokens at the model's own resolution (image_tokens: those kept)
+    video_tokens: int = 0  # the prompt's video tokens (not counted in image_tokens)
+    video_frames: int = 0  # frames sampled from the prompt's videos
 
     def image_token_note(self) -> str:
         """'2928 image' or, when a budget or pruning removed some, '732 of 2928 image tokens kept'."""
         if self.image_tokens_total and self.image_tokens != self.image_tokens_total:
-            return f"{self.image_tokens} of {self.image_tokens_total} image tokens kept"
-        return f"{self.image_tokens} image"
+            note = f"{self.image_tokens} of {self.image_tokens_total} image tokens kept"
+        else:
+            note = f"{self.image_tokens} image"
+        return note + (f", {self.video_tokens} video ({self.video_frames} frames)" if self.video_frames else "")
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -111,7 +115,7 @@ class Collector:
             chunk.result = GenerationResult(
                 "".join(self.texts), self.tokens, event.finish_reason, len(self.prompt.token_ids),
                 self.prompt.image_tokens, self.reused, self.timings, self.logprobs if self.logprobs else None,
-                self.prompt.image_tokens_total,
+                self.prompt.image_tokens_total, self.prompt.video_tokens, self.prompt.video_frames,
             )  # fmt: skip
         return chunk
 

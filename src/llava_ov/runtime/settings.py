@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
 
-from llava_ov.common.layout import MODEL_PARTS
+from llava_ov.common.layout import ALL_PARTS as MODEL_PARTS
 from llava_ov.errors import LlavaOvError
 
 F32_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}

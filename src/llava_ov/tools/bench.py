@@ -14,40 +14,24 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from llava_ov.runtime.settings import LoadSettings
+from llava_ov.tools.measure import RssSampler, Stat, current_rss, machine_info, summarize
 from llava_ov.tools.bench_serving import DECODE_VARIANTS, engine_prompt, format_concurrency, run_concurrency
 
 ENGINES = ("ours", "genai", "transformers", *DECODE_VARIANTS)
 
 
 # ---------------------------------------------------------------- statistics
-
-
-@dataclass
-class Stat:
-    mean: float
-    std: float
-    n: int
-
-    def fmt(self, scale: float = 1.0, digits: int = 1) -> str:
-        return f"{self.mean * scale:.{digits}f} ± {self.std * scale:.{digits}f}"
-
-
-def summarize(values: list[float]) -> Stat:
-    vals = [float(v) for v in values]
-    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
 
 
 @dataclass
@@ -69,39 +53,6 @@ class RunMetrics:
     @property
     def tokens_per_s(self) -> float:
         return 1.0 / self.tpot_s if self.tpot_s else 0.0
-
-
-# ---------------------------------------------------------------- memory
-
-
-class RssSampler:
-    """Samples this process's RSS in a thread; `.peak` in bytes."""
-
-    def __init__(self, interval: float = 0.02):
-        import psutil
-
-        self._proc, self.interval, self.peak = psutil.Process(), interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def current_rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
 
 
 # ---------------------------------------------------------------- bandwidth bound
@@ -507,18 +458,6 @@ def bandwidth_bound(export: Path, runs: list[RunMetrics], ours: OursEngine) -> d
             "bound_tokens_per_s": bound_tps, "decode_tokens_per_s": tps, "share_of_bound": tps / bound_tps}  # fmt: skip
 
 
-def machine_info() -> dict[str, Any]:
-    import platform
-
-    import openvino as ov
-
-    from llava_ov.common.hardware import matrix_flags
-
-    cpu = ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
-    return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": matrix_flags(), "python": platform.python_version(),
-            "openvino": ov.__version__}  # fmt: skip
-
-
 def _mb(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f}"  # not measured (without --isolated-rss): a dash, not nan
 
@@ -601,6 +540,9 @@ def register(subparsers) -> None:
     p.add_argument("--concurrency", default="",
                    help="comma list of concurrent streams, e.g. 1,2,4,8: aggregate decode throughput of the engine "
                         "vs the one-at-a-time path (and genai's ContinuousBatchingPipeline with --compare genai)")  # fmt: skip
+    p.add_argument("--video", default=None, metavar="FILE",
+                   help="time a video prompt instead (LLaVA-NeXT-Video exports): TTFT and memory per --frames")  # fmt: skip
+    p.add_argument("--frames", default="8,16,32", metavar="N[,N...]", help="with --video: frame counts to sample")
     p.add_argument("--json", default=None, help="write the report as JSON to this file ('-' for stdout)")
     p.set_defaults(func=cmd_bench)
 
@@ -685,7 +627,18 @@ def cmd_bench(args) -> int:
     if "transformers" in opts.compare:
         require_extra("transformers", "convert", "--compare transformers")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    if args.concurrency:
+    if args.video:
+        from llava_ov.tools.bench_video import VideoBenchOptions, format_video_report, plot_video, run_video_bench
+
+        frames = tuple(int(n) for n in args.frames.split(",") if n.strip())
+        report = run_video_bench(VideoBenchOptions(
+            opts.model, Path(args.video), frames, max_new_tokens=opts.max_new_tokens, runs=opts.runs,
+            warmup=opts.warmup, load=opts.load, compare=opts.compare,
+        ), log)  # fmt: skip
+        formatted = format_video_report(report)
+        if args.plot:
+            plot_video(report, Path(args.plot))
+    elif args.concurrency:
         levels = [int(n) for n in args.concurrency.split(",") if n]
         report = run_concurrency(opts.model, opts.image, levels, opts.max_new_tokens, opts.runs, opts.load,
                                  opts.compare, log)  # fmt: skip

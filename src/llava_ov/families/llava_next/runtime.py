@@ -154,8 +154,8 @@ class LlavaNext(LlavaConfigMapping):
     model_type = "llava_next"
     architecture = "LlavaNextForConditionalGeneration"
 
-    def __init__(self, config: dict[str, Any], image: ImageConfig):
-        super().__init__(config, image)
+    def __init__(self, config: dict[str, Any], image: ImageConfig, video: ImageConfig | None = None):
+        super().__init__(config, image, video)
         newline = config.get("image_newline")  # written into config.json by convert (as openvino_genai reads it)
         self.newline = np.asarray(newline, dtype=np.float32) if newline is not None else None
 

@@ -15,13 +15,15 @@ def register(subparsers) -> None:
     from llava_ov.frontends.args import add_generation_args, add_model_args
 
     p = subparsers.add_parser(
-        "batch", help="caption a folder or table of images into JSONL/Parquet (resumable; --in-flight, --ray)"
+        "batch", help="caption a folder or table of images or videos into JSONL/Parquet (resumable; --in-flight, --ray)"
     )
     add_model_args(p)
     p.add_argument("input", help="folder of images (recursive), or a .csv/.jsonl/.parquet table of image paths/URLs")
     p.add_argument("-o", "--output", required=True, help="results: .jsonl or .parquet (with --ray: a directory)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for rows without their own (default: %(default)r)")
     p.add_argument("--image-column", default=None, help="table column with the image path or URL (default: image)")
+    p.add_argument("--video-column", default=None,
+                   help="table column with a video path or URL (default: video, if any; LLaVA-NeXT-Video models)")
     p.add_argument("--prompt-column", default=None, help="table column with a per-row prompt (default: prompt, if any)")
     p.add_argument("--id-column", default=None, help="table column with a unique row id (default: id, else row index)")
     p.add_argument("--in-flight", type=int, default=4,
@@ -59,7 +61,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     spec = pipeline_spec(args)
     common = dict(
         prompt=args.prompt, config=generation_config(args),
-        columns={"image": args.image_column, "prompt": args.prompt_column, "id": args.id_column},
+        columns={"image": args.image_column, "prompt": args.prompt_column, "id": args.id_column,
+                 "video": args.video_column},
         fetch=FetchOptions(fetch_timeout_s=args.url_timeout, allow_private_urls=args.allow_private_urls),
         retry_errors=args.retry_errors,
     )  # fmt: skip

@@ -1,8 +1,8 @@
 """Batch job input and output: rows from a folder or a table, and crash-safe result sinks.
 
-Inputs: a folder of images (recursive, sorted; the relative path is the row id)
-or a CSV/JSONL/Parquet table with an image path/URL column and optional prompt
-and id columns.  Outputs: JSONL (one fsynced append per finished row; a cut last
+Inputs: a folder of images and videos (recursive, sorted; the relative path is the row id)
+or a CSV/JSONL/Parquet table with an image and/or a video path/URL column and optional
+prompt and id columns.  Outputs: JSONL (one fsynced append per finished row; a cut last
 line is truncated on restart) or Parquet (rows journalled to OUTPUT.journal.jsonl
 during the run, then written atomically with os.replace).  A rerun reads what is
 there and skips the ids already done.
@@ -22,11 +22,13 @@ from typing import Any
 from llava_ov.errors import LlavaOvError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"})
 TABLE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 DEFAULT_PROMPT = "Describe this image."
+DEFAULT_VIDEO_PROMPT = "Describe this video."  # rows with a video and no image, when --prompt is left as it is
 JOURNAL_SUFFIX = ".journal.jsonl"
 FIELDS = (
-    "id", "image", "prompt", "answer", "finish_reason", "prompt_tokens", "completion_tokens", "timings",
+    "id", "image", "video", "prompt", "answer", "finish_reason", "prompt_tokens", "completion_tokens", "timings",
     "json",  # with a JSON schema: the parsed answer (JSONL: the object; Parquet: its JSON text)
     "error",
 )  # fmt: skip
@@ -37,12 +39,14 @@ FIELDS = (
 
 @dataclass(frozen=True)
 class Row:
-    """One unit of work: a stable id, the image as given, where to load it from, and the prompt."""
+    """One unit of work: a stable id, the image and/or video as given, where to load them from, and the prompt."""
 
     id: str
     image: str  # as written in the input (relative path, URL) -- echoed in the output
-    source: str  # absolute path or URL to load
+    source: str  # absolute path or URL to load ("" : no image)
     prompt: str
+    video: str = ""  # as written in the input
+    video_source: str = ""  # absolute path or URL to load ("" : no video)
 
 
 def read_rows(
@@ -51,13 +55,14 @@ def read_rows(
     image_column: str | None = None,
     prompt_column: str | None = None,
     id_column: str | None = None,
+    video_column: str | None = None,
 ) -> list[Row]:
-    """The rows of a folder of images or a CSV/JSONL/Parquet table, in a deterministic order."""
+    """The rows of a folder of images and videos or a CSV/JSONL/Parquet table, in a deterministic order."""
     path = Path(input_path).expanduser()
     if path.is_dir():
         rows = folder_rows(path, prompt)
     elif path.is_file():
-        rows = table_rows(path, read_table(path), prompt, image_column, prompt_column, id_column)
+        rows = table_rows(path, read_table(path), prompt, image_column, prompt_column, id_column, video_column)
     else:
         raise LlavaOvError(f"batch input not found: {path}")
     check_unique_ids(rows)
@@ -65,16 +70,24 @@ def read_rows(
 
 
 def folder_rows(folder: Path, prompt: str) -> list[Row]:
-    """Every image file under `folder` (recursive), sorted by relative path; the id is that path."""
+    """Every image and video file under `folder` (recursive), sorted by relative path; the id is that path."""
     files = sorted(
-        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS and p.is_file()),
         key=lambda p: p.relative_to(folder).as_posix(),
     )
     rows = []
     for p in files:
-        rel = p.relative_to(folder).as_posix()
-        rows.append(Row(rel, rel, str(p.resolve()), prompt))
+        rel, full = p.relative_to(folder).as_posix(), str(p.resolve())
+        if p.suffix.lower() in VIDEO_EXTENSIONS:
+            rows.append(Row(rel, "", "", video_prompt(prompt), rel, full))
+        else:
+            rows.append(Row(rel, rel, full, prompt))
     return rows
+
+
+def video_prompt(prompt: str) -> str:
+    """The prompt of a row with only a video: the video default where the image default was left."""
+    return DEFAULT_VIDEO_PROMPT if prompt == DEFAULT_PROMPT else prompt
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
@@ -121,20 +134,25 @@ def table_rows(
     image_column: str | None,
     prompt_column: str | None,
     id_column: str | None,
+    video_column: str | None = None,
 ) -> list[Row]:
-    """Rows from table records; relative image paths are resolved against the table's folder."""
+    """Rows from table records; relative image and video paths are resolved against the table's folder."""
     columns = {k for r in records for k in r}
-    image_col = _column(columns, image_column, "image", required=True, path=path)
+    video_col = _column(columns, video_column, "video", required=False, path=path)
+    image_col = _column(columns, image_column, "image", required=video_col is None, path=path)
     prompt_col = _column(columns, prompt_column, "prompt", required=False, path=path)
     id_col = _column(columns, id_column, "id", required=False, path=path)
     rows = []
     for index, record in enumerate(records):
-        image = _text(record.get(image_col))
+        image = _text(record.get(image_col)) if image_col else ""
+        video = _text(record.get(video_col)) if video_col else ""
         row_prompt = _text(record.get(prompt_col)) if prompt_col else ""
         row_id = _text(record.get(id_col)) if id_col else str(index)
         if not row_id:
             raise LlavaOvError(f"{path.name} row {index} has an empty {id_col!r}")
-        rows.append(Row(row_id, image, resolve_source(image, path.parent), row_prompt or prompt))
+        default = video_prompt(prompt) if video and not image else prompt
+        rows.append(Row(row_id, image, resolve_source(image, path.parent), row_prompt or default,
+                        video, resolve_source(video, path.parent)))  # fmt: skip
     return rows
 
 
@@ -148,7 +166,7 @@ def _column(columns: set[str], chosen: str | None, default: str, *, required: bo
         return default
     if required:
         raise LlavaOvError(
-            f"{path.name} has no {default!r} column; name the image column with --image-column "
+            f"{path.name} has no {default!r} or 'video' column; name the image column with --image-column "
             f"(columns: {', '.join(sorted(columns)) or 'none'})"
         )
     return None
@@ -187,7 +205,7 @@ def arrow_schema():
     import pyarrow as pa
 
     timings = pa.struct([("ttft_s", pa.float64()), ("tpot_s", pa.float64()), ("total_s", pa.float64())])
-    types = [pa.string()] * 5 + [pa.int64(), pa.int64(), timings, pa.string(), pa.string()]
+    types = [pa.string()] * 6 + [pa.int64(), pa.int64(), timings, pa.string(), pa.string()]
     return pa.schema(list(zip(FIELDS, types)))
 
 

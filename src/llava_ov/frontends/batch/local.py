@@ -29,6 +29,9 @@ from llava_ov.frontends.batch.files import DEFAULT_PROMPT, Row, is_url, open_sin
 from llava_ov.runtime.constrained import parse_answer
 from llava_ov.errors import InvalidImageError, LlavaOvError
 from llava_ov.runtime.fetch import FetchPolicy, fetch_url
+from llava_ov.runtime.video import InvalidVideoError
+
+VIDEO_FETCH_BYTES = 64 * 1024 * 1024
 from llava_ov.runtime.settings import LoadSettings
 
 # ----------------------------------------------------------------------------- images from URLs
@@ -48,6 +51,26 @@ def load_source(row: Row, options: FetchOptions) -> str | bytes:
     if not row.source:
         raise InvalidImageError("the row has no image")
     return fetch_url(row.source, options) if is_url(row.source) else row.source
+
+
+def load_video(row: Row, options: FetchOptions) -> str | bytes:
+    """A row's video: a local path, or the bytes fetched from its URL (the video limits: VIDEO_FETCH)."""
+    if not is_url(row.video_source):
+        return row.video_source
+    policy = replace(options, what="video", accept="video/*", max_bytes=max(options.max_bytes, VIDEO_FETCH_BYTES))
+    try:
+        return fetch_url(row.video_source, policy)
+    except InvalidImageError as exc:  # the shared fetcher's refusals
+        raise InvalidVideoError(str(exc)) from None
+
+
+def row_inputs(row: Row, options: FetchOptions) -> tuple[list, list]:
+    """(images, videos) of a row; a row with neither is an error."""
+    if not row.source and not row.video_source:
+        raise InvalidImageError("the row has no image and no video")
+    images = [load_source(row, options)] if row.source else []
+    videos = [load_video(row, options)] if row.video_source else []
+    return images, videos
 
 
 # ----------------------------------------------------------------------------- one row
@@ -78,8 +101,8 @@ def caption_row(pipe, row: Row, config, fetch: FetchOptions = FetchOptions(), ca
     """Answer one row; any failure becomes an error record instead of an exception."""
     start = time.perf_counter()
     try:
-        source = load_source(row, fetch)
-        result = pipe.generate(row.prompt, [source], config, cancel=cancel)
+        images, videos = row_inputs(row, fetch)
+        result = pipe.generate(row.prompt, images, config, cancel=cancel, videos=videos)
     except LlavaOvError as e:
         return error_record(row, str(e), time.perf_counter() - start)
     except Exception as e:  # e.g. an OpenVINO runtime error: record it, keep the job going
@@ -90,7 +113,7 @@ def caption_row(pipe, row: Row, config, fetch: FetchOptions = FetchOptions(), ca
         parsed, error = parse_answer(result.text, result.finish_reason, len(result.token_ids))
         error = error and f"{error}; then rerun with --retry-errors"  # a cut answer is an error row: redo only those
     return {
-        "id": row.id, "image": row.image, "prompt": row.prompt, "answer": result.text,
+        "id": row.id, "image": row.image, "video": row.video, "prompt": row.prompt, "answer": result.text,
         "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
         "completion_tokens": len(result.token_ids),
         "timings": {"ttft_s": t.ttft_s, "tpot_s": t.tpot_s, "total_s": time.perf_counter() - start},
@@ -100,7 +123,8 @@ def caption_row(pipe, row: Row, config, fetch: FetchOptions = FetchOptions(), ca
 
 def error_record(row: Row, message: str, total_s: float) -> dict[str, Any]:
     return {
-        "id": row.id, "image": row.image, "prompt": row.prompt, "answer": None, "finish_reason": "error",
+        "id": row.id, "image": row.image, "video": row.video, "prompt": row.prompt, "answer": None,
+        "finish_reason": "error",
         "prompt_tokens": None, "completion_tokens": None,
         "timings": {"ttft_s": None, "tpot_s": None, "total_s": total_s}, "json": None, "error": message,
     }  # fmt: skip
@@ -169,7 +193,7 @@ def run_batch(
     if in_flight < 1:
         raise LlavaOvError("--in-flight must be >= 1")
     cols = columns or {}
-    rows = read_rows(input_path, prompt, cols.get("image"), cols.get("prompt"), cols.get("id"))
+    rows = read_rows(input_path, prompt, cols.get("image"), cols.get("prompt"), cols.get("id"), cols.get("video"))
     spec = _as_spec(model, settings)
     sink = open_sink(Path(output).expanduser())
     results = functools.partial(_results, model, spec, config, fetch, in_flight)

@@ -118,7 +118,7 @@ def run_ray_batch(
         raise LlavaOvError("--workers must be >= 1")
     started = time.perf_counter()
     cols = columns or {}
-    rows = read_rows(input_path, prompt, cols.get("image"), cols.get("prompt"), cols.get("id"))
+    rows = read_rows(input_path, prompt, cols.get("image"), cols.get("prompt"), cols.get("id"), cols.get("video"))
     out = _output_dir(output_dir)
     done = existing_results(out)
     todo = [row for row in rows if row.id not in done]

@@ -29,6 +29,7 @@ from llava_ov.frontends.server.completions import Completion, EventStream
 from llava_ov.frontends.server.errors import APIError, error_body
 from llava_ov.frontends.server.guards import APIKeyGuard, BodyLimit
 from llava_ov.frontends.server.images import ImageLoader, ImagePolicy
+from llava_ov.frontends.server.videos import VideoLoader, VideoPolicy
 from llava_ov.frontends.server.jsonparse import OFFLOAD_BYTES, TooManyValues, exit_with_parent, parse_limited
 from llava_ov.frontends.server.mapping import generation_config, schema_error, to_messages
 from llava_ov.frontends.server.metrics import MetricsMiddleware, ServerMetrics
@@ -125,6 +126,11 @@ class ServerState:
             fetch_timeout_s=settings.fetch_timeout_s, max_redirects=settings.max_redirects,
         )  # fmt: skip
         self.images = ImageLoader(policy)
+        self.videos = VideoLoader(VideoPolicy(
+            max_bytes=settings.max_video_bytes, limits=settings.video_limits(),
+            allow_local_files=settings.allow_local_files, allow_private_urls=settings.allow_private_urls,
+            fetch_timeout_s=settings.fetch_timeout_s, max_redirects=settings.max_redirects,
+        ))  # fmt: skip
         self.parser = BodyParser()
         self._closing = threading.Event()
 
@@ -198,7 +204,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise queue_full()
         if config.json_schema is not None:  # a schema that cannot be compiled is refused before images are fetched
             await asyncio.to_thread(_check_schema_compiles, state.worker.pipeline, config.json_schema)
-        job = Job(await to_messages(body, settings, state.images), config)
+        takes_video = state.worker.pipeline.model.family.takes_video
+        job = Job(await to_messages(body, settings, state.images, state.videos, takes_video), config)
         try:
             state.worker.submit(job)
         except QueueFull:

@@ -27,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-image-mb", type=float, default=20, help="largest image (encoded)")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image (decoded pixels)")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--max-videos", type=int, default=2, help="videos per request (LLaVA-NeXT-Video models)")
+    p.add_argument("--max-video-mb", type=float, default=64, help="largest video (encoded)")
+    p.add_argument("--max-video-seconds", type=float, default=600, help="longest video (declared duration)")
+    p.add_argument("--max-video-frames", type=int, default=9_000, help="most frames a video may declare")
+    p.add_argument("--num-frames", type=int, default=None, metavar="N",
+                   help="frames sampled from each video when a request does not say (default: the model's own)")  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=600, help="seconds for queue wait + generation")
     p.add_argument("--fetch-timeout", type=float, default=10, help="seconds to download one image URL")
     p.add_argument("--allow-local-files", action="store_true", help="accept file:// URLs and server paths as images")
@@ -58,7 +64,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     from llava_ov.runtime.generate import GenerationConfig
 
     # request defaults that no request could use are refused now, not in every request's 400
-    GenerationConfig(max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning).validate()
+    GenerationConfig(max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
+                     num_frames=args.num_frames).validate()  # fmt: skip
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise LlavaOvError("--max-prompt-tokens must be >= 1")
 
@@ -75,7 +82,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_connections=args.max_connections, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
         max_header_bytes=int(args.max_header_kb * 1024), keep_alive_s=args.keep_alive,
         max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
-        max_prompt_tokens=args.max_prompt_tokens,
+        max_prompt_tokens=args.max_prompt_tokens, max_videos=args.max_videos,
+        max_video_bytes=int(args.max_video_mb * MiB), max_video_seconds=args.max_video_seconds,
+        max_video_frames=args.max_video_frames, num_frames=args.num_frames,
     )  # fmt: skip
 
 

@@ -11,8 +11,10 @@ from llava_ov.runtime.generate import GenerationConfig, TokenLogprob
 from llava_ov.runtime.pipeline import Message
 from llava_ov.frontends.server.errors import APIError
 from llava_ov.frontends.server.images import ImageLoader
-from llava_ov.frontends.server.schemas import ChatCompletionRequest, ChatMessage, ImagePart
+from llava_ov.frontends.server.schemas import ChatCompletionRequest, ChatMessage, ImagePart, VideoFramesPart, VideoPart
 from llava_ov.frontends.server.settings import ServerSettings
+from llava_ov.frontends.server.videos import VideoLoader
+from llava_ov.runtime.video import InvalidVideoError
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # runtime finish reason -> OpenAI's; "cancelled" only reaches a client when the request timeout cut the answer,
@@ -43,6 +45,7 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
         max_image_tokens=req.max_image_tokens or settings.max_image_tokens,
         visual_token_pruning=settings.visual_token_pruning if req.visual_token_pruning is None
         else req.visual_token_pruning,
+        num_frames=req.num_frames or settings.num_frames, video_fps=req.video_fps,
     )
     try:
         config.validate()
@@ -77,28 +80,46 @@ def logprobs_content(entries: list[TokenLogprob] | None, token_bytes: Callable[[
     return [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries or []]
 
 
-async def to_messages(req: ChatCompletionRequest, settings: ServerSettings, images: ImageLoader) -> list[Message]:
-    """The conversation as runtime messages, with every image fetched and decoded (400 on a bad one)."""
-    parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content if isinstance(p, ImagePart)]
-    if len(parts) > settings.max_images:
-        raise APIError(400, f"{len(parts)} images in one request; the limit is {settings.max_images}", param="messages")
-    return [await _to_message(i, m, images) for i, m in enumerate(req.messages)]
+async def to_messages(
+    req: ChatCompletionRequest, settings: ServerSettings, images: ImageLoader, videos: VideoLoader,
+    takes_video: bool = True,
+) -> list[Message]:  # fmt: skip
+    """The conversation as runtime messages, every image and video fetched and checked (400 on a bad one)."""
+    parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content]
+    count = sum(isinstance(p, ImagePart) for p in parts)
+    if count > settings.max_images:
+        raise APIError(400, f"{count} images in one request; the limit is {settings.max_images}", param="messages")
+    count = sum(isinstance(p, (VideoPart, VideoFramesPart)) for p in parts)
+    if count and not takes_video:
+        raise APIError(400, "this model takes no video (LLaVA-NeXT-Video models do); send frames as images",
+                       param="messages", code="invalid_video")  # fmt: skip
+    if count > settings.max_videos:
+        raise APIError(400, f"{count} videos in one request; the limit is {settings.max_videos}", param="messages")
+    return [await _to_message(i, m, images, videos) for i, m in enumerate(req.messages)]
 
 
-async def _to_message(index: int, msg: ChatMessage, loader: ImageLoader) -> Message:
+async def _to_message(index: int, msg: ChatMessage, images: ImageLoader, videos: VideoLoader) -> Message:
     if msg.content is None or isinstance(msg.content, str):
         return Message(ROLES[msg.role], msg.content or "")
-    texts, images = [], []
+    message = Message(ROLES[msg.role])
+    texts = []
     for j, part in enumerate(msg.content):
-        if isinstance(part, ImagePart):
-            try:
-                images.append(await loader.load(part.image_url.url))
-            except InvalidImageError as exc:
-                param = f"messages[{index}].content[{j}].image_url"
-                raise APIError(400, str(exc), param=param, code="invalid_image") from None
-        else:
-            texts.append(part.text)
-    return Message(ROLES[msg.role], "\n".join(texts), images)
+        param = f"messages[{index}].content[{j}].{part.type}"
+        try:
+            if isinstance(part, ImagePart):
+                message.images.append(await images.load(part.image_url.url))
+            elif isinstance(part, VideoPart):
+                message.videos.append(await videos.load(part.video_url.url))
+            elif isinstance(part, VideoFramesPart):
+                message.videos.append(await videos.frames(part.video, images))
+            else:
+                texts.append(part.text)
+        except InvalidImageError as exc:
+            raise APIError(400, str(exc), param=param, code="invalid_image") from None
+        except InvalidVideoError as exc:
+            raise APIError(400, str(exc), param=param, code="invalid_video") from None
+    message.text = "\n".join(texts)
+    return message
 
 
 def api_error(exc: BaseException) -> APIError:
@@ -109,6 +130,8 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, InvalidImageError):
         return APIError(400, str(exc), param="messages", code="invalid_image")
+    if isinstance(exc, InvalidVideoError):
+        return APIError(400, str(exc), param="messages", code="invalid_video")
     if isinstance(exc, InvalidSchemaError):
         return schema_error(exc)
     if isinstance(exc, LlavaOvError):
@@ -121,4 +144,5 @@ def usage(result: Any) -> dict[str, int]:
     return {
         "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
         "image_tokens": result.image_tokens, "image_tokens_total": result.image_tokens_total,
+        "video_tokens": result.video_tokens, "video_frames": result.video_frames,
     }  # fmt: skip

@@ -35,7 +35,28 @@ class ImagePart(_Lenient):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoURL(_Lenient):
+    url: str = Field(description="data:video/...;base64,... or http(s) URL (file paths only when enabled)")
+
+
+class VideoPart(_Lenient):
+    """A video (vLLM's `video_url` part): LLaVA-NeXT-Video models."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+MAX_FRAME_URLS = 256
+
+
+class VideoFramesPart(_Lenient):
+    """A video given as its frames, each an image URL (as transformers' chat templates take `video`)."""
+
+    type: Literal["video"]
+    video: list[str] = Field(min_length=1, max_length=MAX_FRAME_URLS)
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart, VideoFramesPart], Field(discriminator="type")]
 
 
 class ChatMessage(_Lenient):
@@ -93,6 +114,8 @@ class ChatCompletionRequest(_Lenient):
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="needs logprobs: true")
     max_image_tokens: int | None = Field(default=None, ge=1, description="extension: image-token budget")
     visual_token_pruning: float | None = Field(default=None, ge=0, le=0.99, description="extension: CDPruner ratio")
+    num_frames: int | None = Field(default=None, ge=1, le=256, description="extension: frames sampled from each video")
+    video_fps: float | None = Field(default=None, gt=0, le=60, description="extension: or frames per second of video")
     # accepted for compatibility, must keep their neutral values (checked in mapping)
     tools: list[dict[str, Any]] | None = None
 
@@ -103,6 +126,8 @@ class Usage(BaseModel):
     total_tokens: int
     image_tokens: int = Field(default=0, description="extension: image tokens in the prompt (kept)")
     image_tokens_total: int = Field(default=0, description="extension: before the image-token budget and pruning")
+    video_tokens: int = Field(default=0, description="extension: video tokens in the prompt")
+    video_frames: int = Field(default=0, description="extension: frames sampled from the prompt's videos")
 
 
 class AssistantMessage(BaseModel):

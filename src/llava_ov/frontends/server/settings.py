@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_ov.runtime.settings import LoadSettings
+from llava_ov.runtime.video import VideoLimits
 
 MiB = 1024 * 1024
 
@@ -27,6 +28,11 @@ class ServerSettings:
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = 40_000_000
     max_images: int = 8  # per request
+    max_videos: int = 2  # per request
+    max_video_bytes: int = 64 * MiB
+    max_video_seconds: float = 600.0  # declared duration
+    max_video_frames: int = 9_000  # declared frame count
+    num_frames: int | None = None  # default frames sampled per video (None: the model's own)
     allow_local_files: bool = False  # file:// URLs and plain paths in image_url
     allow_private_urls: bool = False  # http(s) image URLs reaching loopback/private/link-local addresses
     max_tokens: int = 1024  # cap on max_tokens, and the default when a request gives none
@@ -41,6 +47,11 @@ class ServerSettings:
     body_timeout_s: float = 30.0  # and its body within this after them (408 beyond)
     max_header_bytes: int = 64 * 1024  # request line + headers
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+
+    def video_limits(self) -> VideoLimits:
+        """What a request's videos may be, checked before any frame is decoded."""
+        return VideoLimits(max_bytes=self.max_video_bytes, max_duration_s=self.max_video_seconds,
+                           max_frames=self.max_video_frames)  # fmt: skip
 
     @property
     def served_name(self) -> str:

@@ -1,0 +1,76 @@
+"""Video URLs of chat requests -> checked encoded videos (or checked frame lists), refusing what was not allowed.
+
+A `video_url` part (vLLM's form) is a `data:video/...;base64,` URL, an http(s) URL (downloaded by
+`llava_ov.runtime.fetch` with the image path's guards: size and time limits, public addresses only
+unless allowed, pinned connection, redirects checked again) or, when local files are allowed, a path.
+The video is then opened and checked (container, codec, declared size, frame count, duration) off the
+event loop, without decoding frames: a hostile file is a 400 before the request waits for the engine.
+A `video` part with a list of image URLs is a video given as its frames ("frames as images").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from llava_ov.errors import InvalidImageError
+from llava_ov.frontends.server.images import ImageLoader
+from llava_ov.runtime.fetch import FetchPolicy, ImageFetcher, decode_data_url, local_path
+from llava_ov.runtime.video import VIDEO_MIME_TYPES, InvalidVideoError, VideoLimits, open_video
+
+
+@dataclass(frozen=True)
+class VideoPolicy(FetchPolicy):
+    """Download limits for video URLs, the decode limits of `runtime.video`, and the local-file permission."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    what: str = "video"
+    accept: str = "video/*"
+    limits: VideoLimits = field(default_factory=VideoLimits)
+    allow_local_files: bool = False
+
+
+class VideoLoader:
+    """Turns a `video_url.url` into checked encoded bytes (or a path), a few checks at a time."""
+
+    def __init__(self, policy: VideoPolicy, fetcher: ImageFetcher | None = None, concurrency: int = 2, downloads: int = 4):
+        self.policy = policy
+        self.fetcher = fetcher or ImageFetcher(policy)
+        self._checks = asyncio.Semaphore(concurrency)
+        self._downloads = asyncio.Semaphore(downloads)
+
+    async def load(self, url: str) -> Any:
+        """InvalidVideoError with a client-safe message for anything refused."""
+        try:
+            source = await self._source(url)
+        except InvalidImageError as exc:  # the shared fetcher's refusals
+            raise InvalidVideoError(str(exc)) from None
+        async with self._checks:
+            await asyncio.to_thread(self._check, source)
+        return source
+
+    async def frames(self, urls: list[str], images: ImageLoader) -> list[Any]:
+        """A video given as its frames: each an image URL, checked as images are."""
+        if len(urls) > self.policy.limits.max_frames:
+            raise InvalidVideoError(f"{len(urls)} frames; the limit is {self.policy.limits.max_frames}")
+        try:
+            return [await images.load(url) for url in urls]
+        except InvalidImageError as exc:
+            raise InvalidVideoError(f"a frame of the video: {exc}") from None
+
+    async def _source(self, url: str) -> Any:
+        if url[:5].lower() == "data:":
+            return decode_data_url(url, self.policy.max_bytes, VIDEO_MIME_TYPES, "video")
+        if urlsplit(url).scheme.lower() in ("http", "https"):
+            async with self._downloads:
+                return await self.fetcher.fetch(url)
+        if (path := local_path(url)) is not None:
+            if not self.policy.allow_local_files:
+                raise InvalidVideoError("local files are not allowed as videos here; send a data: or http(s) URL")
+            return path
+        raise InvalidVideoError("unsupported video URL scheme; use data:video/...;base64, or http(s)")
+
+    def _check(self, source: Any) -> None:
+        open_video(source, self.policy.limits).close()
