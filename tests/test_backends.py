@@ -178,7 +178,7 @@ def test_feature_cache_makes_each_key_once_and_forgets_the_oldest():
 def test_vision_encoder_runs_while_another_request_holds_a_vision_request(paged, photos):
     """The vision pool has more than one infer request: an encode completes while one is taken."""
     assert paged.model.vision_requests == 2
-    job = paged.prompts._plan_images([photos["motorcycle_left"]], [""], None)[0]
+    job = paged.prompts._plan([photos["motorcycle_left"]], [""], [], [], GenerationConfig(), 0)[0]
     taken = paged.model._vision.get()  # another request is encoding with this one
     try:
         done = []
@@ -195,7 +195,7 @@ def test_prompts_holding_images_at_once_are_bounded(paged, photos, monkeypatch):
     """However many threads prepare image prompts, at most `image_places` hold decoded images at once
     (bounded memory); a text prompt does not wait for a place."""
     paged.clear_caches()
-    plan = paged.prompts._plan_images
+    plan = paged.prompts._plan
     inside, most, lock = [0], [0], threading.Lock()
 
     def counted(sources, *args, **kwargs):
@@ -211,7 +211,7 @@ def test_prompts_holding_images_at_once_are_bounded(paged, photos, monkeypatch):
             with lock:
                 inside[0] -= 1
 
-    monkeypatch.setattr(paged.prompts, "_plan_images", counted)
+    monkeypatch.setattr(paged.prompts, "_plan", counted)
     names = ["chelsea", "astronaut", "coffee", "rocket"]
     threads = [threading.Thread(target=paged.count_tokens, args=([Message("user", "Hi", [photos[names[i % 4]]])],))
                for i in range(3 * paged.prompts.image_places)]  # fmt: skip

@@ -179,7 +179,7 @@ def test_pruned_generation_equals_transformers_fed_the_same_tokens_at_the_same_p
     config = GenerationConfig(max_new_tokens=24, visual_token_pruning=ratio)
     full = pipe.prepare(messages)
     prompt = pipe.prepare(messages, config)
-    (job,) = pipe.prompts._plan_images([photos["chelsea"]], [QUESTION], None)
+    (job,) = pipe.prompts._plan([photos["chelsea"]], [QUESTION], [], [], GenerationConfig(), 0)
     newlines = int((job.tiles < 0).sum())
     assert prompt.image_tokens == newlines + kept_count(len(job.tiles) - newlines, ratio)
     assert prompt.image_tokens_total == full.image_tokens
