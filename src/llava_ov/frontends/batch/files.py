@@ -166,7 +166,7 @@ def _column(columns: set[str], chosen: str | None, default: str, *, required: bo
         return default
     if required:
         raise LlavaOvError(
-            f"{path.name} has no {default!r} or 'video' column; name the image column with --image-column "
+            f"{path.name} has no {default!r} column (nor a 'video' one); name the image column with --image-column "
             f"(columns: {', '.join(sorted(columns)) or 'none'})"
         )
     return None
