@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import F32
+from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import Message, Pipeline
 from reference import hf_generate, hf_inputs
 
@@ -87,3 +88,35 @@ def test_genai_equals_transformers_on_small_image(genai_pipes, renderers, hf_mod
     assert result.perf_metrics.get_num_input_tokens() == expected_prompt  # the stage where they part: packing
     ref = hf_generate(model, processor, messages)
     assert genai_tokens(genai_pipes["llava-next"], renderers["llava-next"].render(messages), small_photo) == ref
+
+
+# ----------------------------------------------------------------------------- LLaVA-NeXT-Video
+
+
+@pytest.fixture(scope="module")
+def video_pipes(video_export):
+    return og.VLMPipeline(str(video_export), "CPU", **F32), Pipeline(video_export, properties=F32, cache_dir=None)
+
+
+def test_genai_loads_our_next_video_export_and_agrees_on_images(video_pipes, photos):
+    genai, ours = video_pipes
+    image = Image.open(photos["chelsea"]).convert("RGB")
+    cfg = og.GenerationConfig()
+    cfg.max_new_tokens = 12
+    theirs = genai.generate("Describe the image.", images=[ov.Tensor(np.asarray(image)[None])], generation_config=cfg)
+    assert theirs.texts[0] == ours.generate("Describe the image.", [image], GenerationConfig(max_new_tokens=12)).text
+
+
+def test_genai_agrees_on_videos_whose_frames_need_no_resize(video_pipes, photos):
+    """336x336 frames: both feed the same pixels. (Frames of other sizes differ from the first resized pixel:
+    genai resizes frames its own way, ours as transformers' processor does; docs/video.md.)"""
+    genai, ours = video_pipes
+    photo = Image.open(photos["astronaut"]).convert("RGB")
+    frames = [photo.crop((16 * i, 8 * i, 16 * i + 336, 8 * i + 336)) for i in range(8)]
+    cfg = og.GenerationConfig()
+    cfg.max_new_tokens = 24
+    video = ov.Tensor(np.stack([np.asarray(f) for f in frames]))
+    theirs = genai.generate("What happens in this video?", videos=[video], generation_config=cfg)
+    mine = ours.generate("What happens in this video?", config=GenerationConfig(max_new_tokens=24, num_frames=8),
+                         videos=[frames])  # fmt: skip
+    assert theirs.texts[0] == mine.text and len(mine.token_ids) == 24

@@ -157,3 +157,78 @@ def test_image_and_video_in_one_prompt_keep_their_order(pipe, frames, photos):
     video_at = np.flatnonzero(prompt.token_ids == pipe.model.family.video_token_id)
     image_at = np.flatnonzero(prompt.token_ids == pipe.model.image_token_id)
     assert len(video_at) == 4 * 144 and image_at.max() < video_at.min()
+
+
+# ----------------------------------------------------------------------------- the engine's features on video
+
+
+def test_prefix_cache_keys_a_video_by_content_and_sampling(pipe, frames):
+    pipe.clear_caches()
+    config = GenerationConfig(max_new_tokens=4, num_frames=4)
+    first = pipe.generate("Describe.", config=config, videos=[frames])
+    again = pipe.generate("Describe.", config=config, videos=[list(frames)])  # the same frames, another list
+    assert again.token_ids == first.token_ids and again.cached_tokens >= 4 * 144  # the video's KV blocks reused
+    other = pipe.generate("Describe.", config=GenerationConfig(max_new_tokens=4, num_frames=2), videos=[frames])
+    assert other.cached_tokens < 144  # another sampling is another video: only the text before it is shared
+
+
+def test_frame_features_are_cached_per_frame(pipe, frames, monkeypatch):
+    """Frames 0, 2, 4, 6 of 8 are what a 4-frame sampling takes: encoded once, with the 8-frame request."""
+    pipe.clear_caches()
+    encoded = []
+    encode = pipe.model.encode_frames
+    monkeypatch.setattr(pipe.model, "encode_frames", lambda px: encoded.append(len(px)) or encode(px))
+    pipe.prepare([Message("user", "x", videos=[frames])], GenerationConfig(num_frames=8))
+    pipe.prepare([Message("user", "y", videos=[frames])], GenerationConfig(num_frames=4))
+    assert encoded == [8]
+
+
+def test_budget_lowers_frames_first(pipe, frames):
+    prompt = pipe.prepare([Message("user", "x", videos=[frames])], GenerationConfig(num_frames=8, max_image_tokens=3 * 144))
+    assert prompt.video_frames == 3 and prompt.video_tokens == 3 * 144
+
+
+def test_default_frame_count_fits_the_context(pipe, photos):
+    """32 frames (the model's own count) would be 4,608 tokens: over this model's 4,096; fewer are taken."""
+    photo = Image.open(photos["coffee"]).convert("RGB")
+    many = [photo.rotate(i) for i in range(40)]
+    config = GenerationConfig(max_new_tokens=100)
+    prompt = pipe.prepare([Message("user", "x", videos=[many])], config)
+    assert prompt.video_frames < 32 and len(prompt.token_ids) + 100 <= pipe.model.max_context
+    assert prompt.video_frames == (pipe.model.max_context - 1 - (len(prompt.token_ids) - prompt.video_tokens) - 100) // 144
+    with pytest.raises(Exception, match="tokens"):  # an explicit count is taken as asked: too long is an error
+        pipe.prepare([Message("user", "x", videos=[many])], GenerationConfig(num_frames=32))
+
+
+def test_pruning_applies_across_frames(pipe, frames):
+    from llava_ov.runtime.pruning import kept_count
+
+    config = GenerationConfig(max_new_tokens=4, num_frames=4, visual_token_pruning=0.5)
+    result = pipe.generate("Describe.", config=config, videos=[frames])
+    assert result.video_tokens == kept_count(4 * 144, 0.5) and result.token_ids
+
+
+def test_cancel_stops_a_long_video_before_its_frames_are_all_encoded(pipe, photos, monkeypatch):
+    import threading
+    import time
+
+    from llava_ov.runtime.video import VideoCancelled
+
+    pipe.clear_caches()
+    photo = Image.open(photos["rocket"]).convert("RGB")
+    many = [photo.rotate(i / 3) for i in range(24)]
+    batches = []
+    encode = pipe.model.encode_frames
+
+    def slow(px):
+        batches.append(len(px))
+        time.sleep(0.3)
+        return encode(px)
+
+    monkeypatch.setattr(pipe.model, "encode_frames", slow)
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    started = time.perf_counter()
+    with pytest.raises(VideoCancelled):
+        pipe.submit("x", config=GenerationConfig(num_frames=24), cancel=cancel, videos=[many])
+    assert time.perf_counter() - started < 1.5 and len(batches) < 3

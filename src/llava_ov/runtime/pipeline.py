@@ -134,9 +134,10 @@ class Pipeline:
         self.backend.reset()
 
     def clear_caches(self) -> None:
-        """Forget cached KV and cached image features (first-turn measurements)."""
+        """Forget cached KV and cached image and frame features (first-turn measurements)."""
         self.reset()
         self.prompts.features.clear()
+        self.prompts.frame_features.clear()
 
     def close(self) -> None:
         """Stop the backend's thread (cancels what runs); the pipeline cannot generate afterwards."""
