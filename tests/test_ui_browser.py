@@ -258,3 +258,48 @@ def test_closing_a_tab_stops_its_answer(open_tab, server):
     free.start()
     free.join(30)  # the 4,000-token answer would hold the model for minutes
     assert not free.is_alive()
+
+
+# ---------------------------------------------------------------- video (LLaVA-NeXT-Video)
+
+
+@pytest.fixture(scope="module")
+def video_page(video_export, tmp_path_factory):
+    """The page for the tiny LLaVA-NeXT-Video model, and a short H.264 clip to upload."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from llava_ov.frontends.ui import ChatPage, build_demo, launch
+    from llava_ov.runtime.generate import GenerationConfig
+    from llava_ov.runtime.pipeline import Pipeline
+    from videos import write_video
+
+    clip = write_video(tmp_path_factory.mktemp("clip") / "clip.mp4", 12, size=(160, 120), fps=12)
+    pipe = Pipeline(video_export, properties=F32, cache_dir=None)
+    demo = build_demo(ChatPage(pipe, GenerationConfig(max_new_tokens=12, num_frames=4)))
+    port = free_port()
+    launch(demo, "127.0.0.1", port, block=False)
+    yield f"http://127.0.0.1:{port}/", pipe, clip
+    demo.close()
+
+
+def test_video_conversation_in_the_browser(browser, video_page):
+    from llava_ov.runtime.generate import GenerationConfig
+
+    url, pipe, clip = video_page
+    context = browser.new_context(viewport={"width": 1100, "height": 1300})
+    tab = context.new_page()
+    tab.goto(url)
+    tab.wait_for_selector("#message textarea", timeout=60_000)
+    tab.set_input_files("#message input[type=file]", str(clip))
+    tab.wait_for_selector("#message video, #message .thumbnail-item", timeout=30_000)  # the upload's preview
+    tab.fill("#message textarea", "What happens in this video?")
+    tab.press("#message textarea", "Enter")
+    stats = wait_answer(tab, 1, finished="·")
+    tab.wait_for_function("() => (document.querySelector('#stats')?.innerText || '').includes('video (4 frames)')",
+                          timeout=60_000)  # fmt: skip
+    expected = pipe.generate("What happens in this video?", config=GenerationConfig(max_new_tokens=12, num_frames=4),
+                             videos=[clip])  # fmt: skip
+    assert answers(tab)[0].strip() == expected.text.strip(), stats
+    assert tab.locator('#chat [data-testid="user"] video').count() == 1  # the video is shown in the conversation
+    ARTIFACTS.mkdir(exist_ok=True)
+    tab.screenshot(path=str(ARTIFACTS / "ui-video.png"), full_page=True)
+    context.close()

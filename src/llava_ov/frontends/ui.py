@@ -239,7 +239,8 @@ class ChatPage:
 
     def header(self) -> str:
         """Markdown naming the model, device and precision that are running, plus its warnings."""
-        lines = ["## llava-ov — chat about an image", describe_pipeline(self.pipe.info())]
+        about = "an image or a video" if self.pipe.model.family.takes_video else "an image"
+        lines = [f"## llava-ov — chat about {about}", describe_pipeline(self.pipe.info())]
         lines += [f"**Warning:** {w}" for w in self.pipe.warnings()]
         return "\n\n".join(lines)
 
