@@ -255,3 +255,17 @@ def test_page_answers_about_a_video(vpipe, clip, reference):
     assert display[-3:] == [{"role": "user", "content": {"path": str(clip)}}, {"role": "user", "content": PROMPT},
                             {"role": "assistant", "content": reference.text}]  # fmt: skip
     assert "video (4 frames)" in stats
+
+
+def test_bench_times_frame_counts(video_export, clip, tmp_path):
+    from llava_ov.tools.bench_video import VideoBenchOptions, format_video_report, plot_video, run_video_bench
+
+    opts = VideoBenchOptions(video_export, clip, (2, 4), max_new_tokens=4, runs=2, warmup=0,
+                             load=LoadSettings(properties=F32, cache_dir=None))  # fmt: skip
+    report = run_video_bench(opts, log=lambda _: None)
+    assert [report["levels"][n]["ours"]["video_tokens"] for n in ("2", "4")] == [288, 576]
+    assert all(report["levels"][n]["ours"]["ttft_s"]["n"] == 2 for n in ("2", "4"))
+    table = format_video_report(report)
+    assert table.count("| ours |") == 2 and report["machine"]["cpu"] in table
+    plot_video(report, tmp_path / "frames.png")
+    assert (tmp_path / "frames.png").stat().st_size > 1000

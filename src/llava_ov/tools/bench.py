@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_ov.runtime.settings import LoadSettings
-from llava_ov.tools.measure import RssSampler, Stat, current_rss, machine_info, summarize
+from llava_ov.tools.measure import RssSampler, Stat, current_rss, machine_info, save_seconds_plot, summarize
 from llava_ov.tools.bench_serving import DECODE_VARIANTS, engine_prompt, format_concurrency, run_concurrency
 
 ENGINES = ("ours", "genai", "transformers", *DECODE_VARIANTS)
@@ -591,16 +591,8 @@ def plot_image_tokens(report: dict[str, Any], path: Path) -> None:
         for p in points[:-1]:
             ax.annotate(p[3].split("=", 1)[1].rstrip("]"), (p[0], p[1]["mean"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 4))  # fmt: skip
-    ax.set_xlabel("image tokens kept (rightmost: the full image)")
-    ax.set_ylabel("seconds")
-    m = report["machine"]
-    ax.set_title(f"TTFT vs image tokens ({m.get('cpu', 'CPU')}, {m.get('cores', '?')} cores)", fontsize=9)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_seconds_plot(fig, ax, path, "image tokens kept (rightmost: the full image)", "TTFT vs image tokens",
+                      report["machine"])  # fmt: skip
 
 
 def bench_options(args) -> BenchOptions:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llava_ov.runtime.settings import LoadSettings
-from llava_ov.tools.measure import RssSampler, Stat, current_rss, machine_info, summarize
+from llava_ov.tools.measure import RssSampler, Stat, current_rss, machine_info, save_seconds_plot, summarize
 
 DEFAULT_FRAMES = (8, 16, 32)
 
@@ -142,14 +142,5 @@ def plot_video(report: dict[str, Any], path: Path) -> None:
         stats = [levels[f]["genai"]["ttft_s"] for f in levels]
         ax.errorbar(x, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="s", capsize=3,
                     linestyle="--", label="genai TTFT")  # fmt: skip
-    ax.set_xlabel("frames sampled")
-    ax.set_ylabel("seconds")
-    m = report["machine"]
-    ax.set_title(f"Video TTFT vs frames ({m.get('cpu', 'CPU')}, {m.get('cores', '?')} cores)", fontsize=9)
     ax.set_xticks(x)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_seconds_plot(fig, ax, path, "frames sampled", "Video TTFT vs frames", report["machine"])

@@ -67,3 +67,18 @@ def machine_info() -> dict[str, Any]:
     cpu = ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
     return {"cpu": cpu, "cores": os.cpu_count(), "cpu_flags": matrix_flags(), "python": platform.python_version(),
             "openvino": ov.__version__}  # fmt: skip
+
+
+def save_seconds_plot(fig, ax, path, xlabel: str, title: str, machine: dict[str, Any]) -> None:
+    """Label a seconds-vs-something plot, name the machine in its title, save it and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("seconds")
+    ax.set_title(f"{title} ({machine.get('cpu', 'CPU')}, {machine.get('cores', '?')} cores)", fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
