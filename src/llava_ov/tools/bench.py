@@ -625,7 +625,7 @@ def cmd_bench(args) -> int:
         frames = tuple(int(n) for n in args.frames.split(",") if n.strip())
         report = run_video_bench(VideoBenchOptions(
             opts.model, Path(args.video), frames, max_new_tokens=opts.max_new_tokens, runs=opts.runs,
-            warmup=opts.warmup, load=opts.load, compare=opts.compare,
+            warmup=opts.warmup, load=opts.load, compare=opts.compare, genai_backend=opts.genai_backend,
         ), log)  # fmt: skip
         formatted = format_video_report(report)
         if args.plot:
