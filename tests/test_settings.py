@@ -173,8 +173,11 @@ def test_the_servers_default_loader_honours_every_setting(exports):
     app = create_app(settings)  # no factory: the server loads settings.model with settings.load
     with TestClient(app) as client:
         deadline = time.monotonic() + 120
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline and app.state.server.status == "loading", app.state.server.status
+        while True:
+            status = app.state.server.status  # read before asking: loading may end in between
+            if client.get("/health").status_code == 200:
+                break
+            assert time.monotonic() < deadline and status == "loading", status
             time.sleep(0.05)
         assert_loaded_with_engine_flags(app.state.server.worker.pipeline)
 
