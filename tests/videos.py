@@ -162,3 +162,51 @@ def patch_mpeg4_size(data: bytes, width: int, height: int) -> bytes:
             f(max(1, (resolution - 1).bit_length()))
         f(1), f(13, width), f(1), f(13, height)
     return patch_mp4_size(bytes(b), width, height, b"mp4v") if b"mp4v" in b else bytes(b)
+
+
+def variable_rate(path: Path, n: int = 30, *, size: tuple[int, int] = (64, 32)) -> Path:
+    """n index frames whose durations vary (1 or 2 ticks of 1/30 s): a variable-frame-rate file."""
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=30, options={"preset": "ultrafast", "g": "5"})
+        s.width, s.height, s.pix_fmt, s.time_base = size[0], size[1], "yuv420p", Fraction(1, 30)
+        pts = 0
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(index_frame(i, *size), format="rgb24")
+            f.pts, f.time_base = pts, Fraction(1, 30)
+            pts += 1 + i % 2
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+    return path
+
+
+def with_audio(path: Path, n: int = 24, *, seconds: float = 1.0, size: tuple[int, int] = (64, 32)) -> Path:
+    """n index frames at 24 fps and `seconds` of AAC silence (the container from the path's suffix)."""
+    with av.open(path, "w") as c:
+        v = c.add_stream("libx264", rate=24, options={"preset": "ultrafast"})
+        v.width, v.height, v.pix_fmt = size[0], size[1], "yuv420p"
+        a = c.add_stream("aac", rate=48000)
+        for i in range(n):
+            c.mux(v.encode(av.VideoFrame.from_ndarray(index_frame(i, *size), format="rgb24")))
+        for k in range(int(48000 * seconds) // 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 48000, k * 1024
+            c.mux(a.encode(frame))
+        c.mux(v.encode())
+        c.mux(a.encode())
+    return path
+
+
+def size_change(path: Path, sizes: list[tuple[int, int]]) -> Path:
+    """An MJPEG AVI whose frame i has size sizes[i] (JPEG frames are independent); headers declare the first size."""
+    with av.open(path, "w") as c:
+        s = c.add_stream("mjpeg", rate=1)
+        s.width, s.height, s.pix_fmt = sizes[0][0], sizes[0][1], "yuvj420p"
+        for i, (w, h) in enumerate(sizes):
+            enc = av.CodecContext.create("mjpeg", "w")
+            enc.width, enc.height, enc.pix_fmt, enc.time_base = w, h, "yuvj420p", Fraction(1, 1)
+            frame = av.VideoFrame.from_ndarray(index_frame(i, w, h), format="rgb24")
+            frame.pts = i
+            for p in [*enc.encode(frame), *enc.encode(None)]:
+                p.stream, p.pts, p.dts, p.time_base = s, i, i, Fraction(1, 1)
+                c.mux(p)
+    return path

@@ -247,7 +247,8 @@ class _EncodedVideo(Video):
         """Decode from the start, counting frames."""
         container, position, k = self._container(), -1, 0
         try:
-            for position, frame in enumerate(_decoded(container, self._stream(container), budget)):
+            decoded = _Decoded(container, self._stream(container), budget)
+            for position, frame in enumerate(decoded):
                 if position == targets[k]:
                     image = self._image(frame, position)
                     del frame
@@ -259,7 +260,8 @@ class _EncodedVideo(Video):
             container.close()
         raise InvalidVideoError(
             f"the video has only {position + 1:,} decodable frames of the {self.info.frames:,} it declares "
-            f"(frame {targets[k]:,} was asked for): it is truncated or corrupt"
+            f"(frame {targets[k]:,} was asked for): truncated or corrupt"
+            + (f"; {decoded.error}" if decoded.error else "")
         )
 
     def _seeking(self, targets: list[int], index: _SeekIndex, budget: _Budget) -> Generator[Image.Image, None, int]:
@@ -268,14 +270,14 @@ class _EncodedVideo(Video):
         container = self._container()
         try:
             stream = self._stream(container)
-            frames, position = _decoded(container, stream, budget), None
+            frames, position = iter(_Decoded(container, stream, budget)), None
             for done, target in enumerate(targets):
                 key = index.key_before(target)
                 if position is not None and key > position + 1:
                     frames.close()
                     if not _seek(container, stream, index.pts[key]):
                         return done
-                    frames, position = _decoded(container, stream, budget), None
+                    frames, position = iter(_Decoded(container, stream, budget)), None
                 position = yield from self._seek_to(frames, position, target, index)
                 if position != target:
                     return done
@@ -283,7 +285,9 @@ class _EncodedVideo(Video):
         finally:
             container.close()
 
-    def _seek_to(self, frames: Iterator[VideoFrame], position: int | None, target: int, index: _SeekIndex):
+    def _seek_to(
+        self, frames: Iterator[VideoFrame], position: int | None, target: int, index: _SeekIndex
+    ) -> Generator[Image.Image, None, int]:
         """Decode on to `target` (yielding it); the position reached, or -1 where a frame was not the one expected.
         position None: just after a seek, where the first frame must be a keyframe."""
         for frame in frames:
@@ -358,23 +362,38 @@ def _seek_index(packets: list[tuple[int, bool]], frames: int) -> _SeekIndex | No
     return _SeekIndex(pts, keys, {pts[k]: k for k in keys})
 
 
-def _decoded(container: InputContainer, stream: VideoStream, budget: _Budget) -> Iterator[VideoFrame]:
-    """Every frame the decoder outputs from the container's position; the budget checked at each packet and frame."""
-    packets = container.demux(stream)
-    while True:
-        budget.check()
+class _Decoded:
+    """Every frame the decoder outputs from the container's position, the budget checked at each packet and frame.
+
+    Ends at the end of the data or at the first packet FFmpeg cannot read or decode (`error` then says why),
+    after the frames the decoder still holds: what a truncated file has.
+    """
+
+    def __init__(self, container: InputContainer, stream: VideoStream, budget: _Budget):
+        self.container, self.stream, self.budget = container, stream, budget
+        self.error: str | None = None
+
+    def __iter__(self) -> Iterator[VideoFrame]:
+        packets = self.container.demux(self.stream)
+        while True:
+            self.budget.check()
+            try:
+                packet = next(packets, None)
+                frames = self.stream.decode(packet) if packet is not None else []
+            except Exception as e:  # av.error.*, MemoryError, ...: the data is bad from here on
+                self.budget.check()  # a read that ran out of time (FFmpeg's interrupt) is the time limit
+                self.error, packet, frames = _av_message(e), None, self._flush()
+            for frame in frames:
+                self.budget.check()
+                yield frame
+            if packet is None:
+                return
+
+    def _flush(self) -> list[VideoFrame]:
         try:
-            packet = next(packets, None)
-            frames = stream.decode(packet) if packet is not None else []
-        except LlavaOvError:
-            raise
-        except Exception as e:  # av.error.*, MemoryError, ...: the data is bad
-            raise InvalidVideoError(f"video data is corrupt: {_av_message(e)}") from None
-        if packet is None:
-            return
-        for frame in frames:
-            budget.check()
-            yield frame
+            return self.stream.decode(None)
+        except Exception:  # nothing more to get
+            return []
 
 
 # ----------------------------------------------------------------------------- a list of frames
@@ -511,6 +530,8 @@ def _open_container(data: bytes, limits: VideoLimits) -> InputContainer:
         return av.open(
             io.BytesIO(data), container_options=whitelists, metadata_errors="ignore", timeout=limits.max_decode_s
         )
+    except av.error.ExitError:  # FFmpeg's interrupt: the timeout
+        raise InvalidVideoError(f"opening the video took longer than the limit of {limits.max_decode_s:g} s") from None
     except Exception as e:  # av.error.*, MemoryError, ...
         raise _not_opened(e) from None
 
@@ -559,18 +580,22 @@ def _checked_info(container: InputContainer, stream: VideoStream, limits: VideoL
         raise InvalidVideoError(f"video codec {codec!r} is not supported ({', '.join(VIDEO_CODECS)})")
     width, height = ctx.width, ctx.height
     _check_frame_size(width, height, limits.max_frame_pixels)
-    fps, duration = _frame_rate(stream), _declared_duration(container, stream)
-    if duration is not None and duration > limits.max_duration_s:
-        raise InvalidVideoError(f"video is {duration:,.1f} s long, over the limit of {limits.max_duration_s:g} s")
+    fps, (own, longest) = _frame_rate(stream), _durations(container, stream)
+    _check_duration(longest, limits.max_duration_s)
+    duration = own or longest
     frames = stream.frames if stream.frames > 0 else (round(duration * fps) if duration and fps else 0)
     if frames <= 0:
         raise InvalidVideoError("video declares neither its frame count nor its duration and frame rate")
     if duration is None and fps:
         duration = frames / fps
-        if duration > limits.max_duration_s:
-            raise InvalidVideoError(f"video is {duration:,.1f} s long, over the limit of {limits.max_duration_s:g} s")
+        _check_duration(duration, limits.max_duration_s)
     _check_frames(frames, width * height, limits)
     return VideoInfo(frames, fps, duration, width, height, container.format.name.split(",")[0], codec)
+
+
+def _check_duration(seconds: float | None, max_s: float) -> None:
+    if seconds is not None and seconds > max_s:
+        raise InvalidVideoError(f"video is {seconds:,.1f} s long, over the limit of {max_s:g} s")
 
 
 def _check_frame_size(width: int, height: int, max_pixels: int) -> None:
@@ -599,14 +624,22 @@ def _frame_rate(stream: VideoStream) -> float | None:
     return float(rate) if rate else None
 
 
-def _declared_duration(container: InputContainer, stream: VideoStream) -> float | None:
-    """Seconds: the longer of the stream's and the container's declared durations (None: neither declares one)."""
-    known = []
+def _durations(container: InputContainer, stream: VideoStream) -> tuple[float | None, float | None]:
+    """Seconds: the video stream's own declared duration, and the longest declared (stream, tag, or container,
+    which may count a longer audio track); None where nothing declares one."""
+    own = None
     if stream.duration and stream.duration > 0 and stream.time_base:
-        known.append(float(stream.duration * stream.time_base))
-    if container.duration and container.duration > 0:
-        known.append(container.duration / 1_000_000)
-    return max(known) if known else None
+        own = float(stream.duration * stream.time_base)
+    elif tag := _duration_tag(stream.metadata.get("DURATION", "")):  # Matroska's per-track tag
+        own = tag
+    known = [d for d in (own, container.duration / 1_000_000 if container.duration else None) if d and d > 0]
+    return own, max(known) if known else None
+
+
+def _duration_tag(text: str) -> float | None:
+    """ "HH:MM:SS.fraction" (Matroska's DURATION tag) in seconds."""
+    match = re.fullmatch(r"(\d+):(\d{2}):(\d{2}(?:\.\d+)?)", text.strip())
+    return int(match[1]) * 3600 + int(match[2]) * 60 + float(match[3]) if match else None
 
 
 def _av_message(e: BaseException) -> str:
@@ -615,4 +648,4 @@ def _av_message(e: BaseException) -> str:
     text = text[0] if text else type(e).__name__
     reason, _, log = text.partition("; last error log: ")
     reason = getattr(e, "strerror", None) or reason
-    return f"{reason} ({log.strip()})" if log else reason
+    return f"{reason}: {log.strip()}" if log else reason
