@@ -269,3 +269,14 @@ def test_bench_times_frame_counts(video_export, clip, tmp_path):
     assert table.count("| ours |") == 2 and report["machine"]["cpu"] in table
     plot_video(report, tmp_path / "frames.png")
     assert (tmp_path / "frames.png").stat().st_size > 1000
+
+
+def test_sampling_by_frames_per_second(vpipe, clip, photos):
+    """The 1 s, 12-frame clip at 2 frames a second: 2 frames; a list of frames has no rate to sample by."""
+    result = vpipe.generate(PROMPT, config=GenerationConfig(max_new_tokens=2, video_fps=2), videos=[clip])
+    assert result.video_frames == 2
+    frames = [Image.open(photos["coffee"]).convert("RGB")] * 3
+    with pytest.raises(LlavaOvError, match="frame rate"):
+        vpipe.generate(PROMPT, config=GenerationConfig(max_new_tokens=2, video_fps=2), videos=[frames])
+    with pytest.raises(LlavaOvError, match="exclude each other"):
+        vpipe.generate(PROMPT, config=GenerationConfig(num_frames=2, video_fps=2), videos=[clip])

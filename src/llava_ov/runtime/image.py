@@ -22,6 +22,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from llava_ov.common.files import check_size, read_bounded
 from llava_ov.errors import InvalidImageError, UnsupportedModelError
 from llava_ov.runtime.export import ImageConfig
 
@@ -51,29 +52,11 @@ class ProcessedImage:
 
 
 def _read_source(source: str | Path, max_bytes: int) -> bytes:
-    """The bytes of an image file, refusing missing, non-file and oversize paths."""
-    path = Path(source)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise InvalidImageError(f"image file not found: {path}") from None
-    except OSError as e:
-        raise InvalidImageError(f"cannot read image file {path}: {e.strerror or e}") from None
-    if not path.is_file():
-        raise InvalidImageError(f"not an image file: {path}")
-    _check_bytes(size, max_bytes)
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise InvalidImageError(f"cannot read image file {path}: {e.strerror or e}") from None
+    return read_bounded(source, max_bytes, "image", InvalidImageError)
 
 
 def _check_bytes(n: int, max_bytes: int) -> None:
-    """Refuse empty and oversize inputs."""
-    if n == 0:
-        raise InvalidImageError("image is empty (0 bytes)")
-    if n > max_bytes:
-        raise InvalidImageError(f"image is {n:,} bytes, over the limit of {max_bytes:,} bytes")
+    check_size(n, max_bytes, "image", InvalidImageError)
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:

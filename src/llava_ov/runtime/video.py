@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image
 
-from llava_ov.errors import InvalidImageError, InvalidVideoError, LlavaOvError
+from llava_ov.common.files import check_size, read_bounded
+from llava_ov.errors import InvalidImageError, InvalidVideoError, LlavaOvError, require_extra
 from llava_ov.runtime.image import ImageSource, load_image
 
 if TYPE_CHECKING:
@@ -480,32 +481,11 @@ def open_video(source: VideoSource, limits: VideoLimits = VideoLimits()) -> Vide
 
 
 def _read_source(source: str | Path, max_bytes: int) -> bytes:
-    """The bytes of a video file, refusing missing, non-file and oversize paths (before reading them)."""
-    path = Path(source)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise InvalidVideoError(f"video file not found: {path}") from None
-    except OSError as e:
-        raise InvalidVideoError(f"cannot read video file {path}: {e.strerror or e}") from None
-    if not path.is_file():
-        raise InvalidVideoError(f"not a video file: {path}")
-    _check_bytes(size, max_bytes)
-    try:
-        with path.open("rb") as f:
-            data = f.read(max_bytes + 1)  # the file may have grown since stat
-    except OSError as e:
-        raise InvalidVideoError(f"cannot read video file {path}: {e.strerror or e}") from None
-    _check_bytes(len(data), max_bytes)
-    return data
+    return read_bounded(source, max_bytes, "video", InvalidVideoError)
 
 
 def _check_bytes(n: int, max_bytes: int) -> None:
-    """Refuse empty and oversize inputs."""
-    if n == 0:
-        raise InvalidVideoError("video is empty (0 bytes)")
-    if n > max_bytes:
-        raise InvalidVideoError(f"video is {n:,} bytes, over the limit of {max_bytes:,} bytes")
+    check_size(n, max_bytes, "video", InvalidVideoError)
 
 
 def _open_encoded(data: bytes, limits: VideoLimits) -> _EncodedVideo:
@@ -521,7 +501,7 @@ def _open_encoded(data: bytes, limits: VideoLimits) -> _EncodedVideo:
 
 def _open_container(data: bytes, limits: VideoLimits) -> InputContainer:
     """PyAV's container for the bytes, opening only the allowed demuxers (and, while probing, decoders)."""
-    import av
+    av = require_extra("av", "video", "video input")
 
     if av.logging.get_level() is None:  # PyAV's default: keep FFmpeg quiet, but keep its errors for our messages
         av.logging.set_level(av.logging.PANIC)
