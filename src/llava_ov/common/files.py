@@ -35,3 +35,12 @@ def read_bounded(source: str | Path, max_bytes: int, what: str, error: type[Llav
         raise error(f"cannot read {what} file {path}: {e.strerror or e}") from None
     check_size(len(data), max_bytes, what, error)
     return data
+
+
+def check_pixels(width: int, height: int, max_pixels: int, what: str, error: type[LlavaOvError]) -> None:
+    """Refuse a declared size with no pixels, or more pixels than allowed (decompression bombs)."""
+    if width <= 0 or height <= 0:
+        raise error(f"{what} has no frame size ({width}x{height})")
+    if width * height > max_pixels:
+        raise error(f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+                    "pixels (possible decompression bomb)")  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from llava_ov.common.files import check_size, read_bounded
+from llava_ov.common.files import check_pixels, check_size, read_bounded
 from llava_ov.errors import InvalidImageError, UnsupportedModelError
 from llava_ov.runtime.export import ImageConfig
 
@@ -61,13 +61,7 @@ def _check_bytes(n: int, max_bytes: int) -> None:
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     """Refuse images whose header claims more pixels than allowed (decompression bombs)."""
-    if width <= 0 or height <= 0:
-        raise InvalidImageError(f"image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise InvalidImageError(
-            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} pixels "
-            "(possible decompression bomb)"
-        )
+    check_pixels(width, height, max_pixels, "image", InvalidImageError)
 
 
 _PIL_BOMB = "image header claims more pixels than Pillow will decode (possible decompression bomb)"

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 from PIL import Image
 
-from llava_ov.common.files import check_size, read_bounded
+from llava_ov.common.files import check_pixels, check_size, read_bounded
 from llava_ov.errors import InvalidImageError, InvalidVideoError, LlavaOvError, require_extra
 from llava_ov.runtime.image import ImageSource, load_image
 
@@ -579,13 +579,7 @@ def _check_duration(seconds: float | None, max_s: float) -> None:
 
 
 def _check_frame_size(width: int, height: int, max_pixels: int) -> None:
-    if width <= 0 or height <= 0:
-        raise InvalidVideoError(f"video declares no frame size ({width}x{height})")
-    if width * height > max_pixels:
-        raise InvalidVideoError(
-            f"video frames are {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} pixels "
-            "(possible decompression bomb)"
-        )
+    check_pixels(width, height, max_pixels, "a video frame", InvalidVideoError)
 
 
 def _check_frames(frames: int, pixels: int, limits: VideoLimits) -> None:
