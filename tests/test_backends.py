@@ -148,6 +148,19 @@ def test_the_same_new_image_requested_twice_at_once_is_encoded_once(paged, photo
     assert prompts[0].images[0].features is prompts[1].images[0].features
 
 
+def test_feature_cache_holds_at_most_its_bytes():
+    """Videos make large entries: the cache keeps the newest that fit `max_bytes` (and always the newest one)."""
+    cache: FeatureCache[bytes] = FeatureCache(16, max_bytes=100, weigh=len)
+    for key, size in [("a", 40), ("b", 40), ("c", 40)]:
+        cache.get_or_make(key, lambda n=size: b"x" * n)
+    assert [k for k in "abc" if cache.get(k)] == ["b", "c"]
+    cache.get_or_make("huge", lambda: b"x" * 500)
+    assert cache.get("huge") and len(cache) == 1
+    cache.clear()
+    cache.get_or_make("d", lambda: b"x" * 60)
+    assert cache.get("d") and len(cache) == 1
+
+
 def test_feature_cache_makes_each_key_once_and_forgets_the_oldest():
     cache: FeatureCache[int] = FeatureCache(2)
     started, release, made = threading.Event(), threading.Event(), []

@@ -232,3 +232,14 @@ def test_cancel_stops_a_long_video_before_its_frames_are_all_encoded(pipe, photo
     with pytest.raises(VideoCancelled):
         pipe.submit("x", config=GenerationConfig(num_frames=24), cancel=cancel, videos=[many])
     assert time.perf_counter() - started < 1.5 and len(batches) < 3
+
+
+def test_stateful_backend_answers_a_video_as_the_engine_does(video_export, pipe, frames):
+    """--kv-cache stateful (NPU's default) takes the same prepared video prompt."""
+    stateful = Pipeline(video_export, properties=F32, cache_dir=None, kv_cache="stateful")
+    config = GenerationConfig(max_new_tokens=8, num_frames=4)
+    try:
+        assert stateful.generate("Describe.", config=config, videos=[frames]).token_ids == pipe.generate(
+            "Describe.", config=config, videos=[frames]).token_ids
+    finally:
+        stateful.close()

@@ -16,10 +16,13 @@ T = TypeVar("T")
 
 
 class FeatureCache(Generic[T]):
-    """At most `size` entries by key, least recently used dropped first."""
+    """At most `size` entries by key (and, with `weigh`, at most `max_bytes` of them), least recently used
+    dropped first; the newest entry stays even when it alone is over `max_bytes`."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, max_bytes: int | None = None, weigh: Callable[[T], int] | None = None):
         self.size = size
+        self.max_bytes, self.weigh = max_bytes, weigh
+        self._bytes = 0
         self._entries: OrderedDict[str, T] = OrderedDict()
         self._pending: dict[str, Future[T]] = {}  # keys being encoded now
         self._lock = threading.Lock()
@@ -53,14 +56,22 @@ class FeatureCache(Generic[T]):
         with self._lock:
             del self._pending[key]
             self._entries[key] = value
-            if len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+            self._bytes += self._weight(value)
+            while len(self._entries) > 1 and (len(self._entries) > self.size or self._over_budget()):
+                self._bytes -= self._weight(self._entries.popitem(last=False)[1])
         mine.set_result(value)
         return value
+
+    def _weight(self, value: T) -> int:
+        return self.weigh(value) if self.weigh is not None else 0
+
+    def _over_budget(self) -> bool:
+        return self.max_bytes is not None and self._bytes > self.max_bytes
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -37,6 +37,7 @@ from llava_ov.runtime.template import ChatTemplate
 from llava_ov.runtime.video import Video, VideoCancelled, VideoLimits, open_video, sample_indices
 
 FEATURE_CACHE_SIZE = 16
+FEATURE_CACHE_BYTES = 1 << 30  # 16 LLaVA-NeXT images at 7B width are 0.75 GB; a 32-frame video is 75 MB
 FRAME_CACHE_SIZE = 64  # per-frame video features (2.4 MB each at 144 x 4096 f32): another sampling reuses them
 FRAMES_PER_ENCODE = 8
 ANSWER_ROOM = 512  # tokens kept for the answer when default-length videos are shortened to fit the context  # frames preprocessed and encoded at once: bounded memory, cancellable between batches
@@ -189,7 +190,9 @@ class PromptBuilder:
         self.model = model
         self.limits = limits
         self.template = ChatTemplate.from_export(self.model.export)
-        self.features: FeatureCache[PreparedImage] = FeatureCache(FEATURE_CACHE_SIZE)
+        self.features: FeatureCache[PreparedImage] = FeatureCache(
+            FEATURE_CACHE_SIZE, FEATURE_CACHE_BYTES, weigh=lambda image: image.features.nbytes
+        )
         self.frame_features: FeatureCache[np.ndarray] = FeatureCache(FRAME_CACHE_SIZE)
         self.video_limits = VideoLimits()
         self.image_places = PREPARATIONS_PER_VISION_REQUEST * model.vision_requests  # prompts holding images at once
