@@ -13,6 +13,9 @@ from llava_ov.runtime.export import ImageConfig
 from llava_ov.runtime.families import RunStage
 
 
+TOWERS_WITHOUT_CLS = ("siglip_vision_model", "siglip2_vision_model")  # vision_config model_types: patches only
+
+
 class LlavaConfigMapping:
     """The config.json fields every LLaVA family reads the same way; images only, one vision model."""
 
@@ -33,10 +36,13 @@ class LlavaConfigMapping:
 
     @property
     def tokens_per_tile(self) -> int:
-        """Image tokens per vision tile: (image_size / patch_size)^2 (576 for CLIP-L/336), + CLS if kept."""
+        """Image tokens per vision tile: (image_size / patch_size)^2 patches (576 for CLIP-L/336, 729 for
+        SigLIP/384), + the CLS token of towers that have one, - the first token for the "default" strategy
+        (transformers drops it whatever it is)."""
         vision = self.config.get("vision_config", {})
         patches = (int(vision.get("image_size", 336)) // int(vision.get("patch_size", 14))) ** 2
-        return patches + int(self.config.get("vision_feature_select_strategy", "default") == "full")
+        has_cls = vision.get("model_type", "clip_vision_model") not in TOWERS_WITHOUT_CLS
+        return patches + int(has_cls) - int(self.config.get("vision_feature_select_strategy", "default") == "default")
 
     def encode_tiles(self, run: RunStage, pixel_values: np.ndarray) -> np.ndarray:
         """[tiles, 3, H, W] -> [tiles, tokens_per_tile, hidden]: the vision model holds tower and projector."""
