@@ -46,6 +46,7 @@ FAMILY_CONFIGS = {
     "llava-next": "llava-v1.6-mistral-7b-hf",
     "llava": "llava-1.5-7b-hf",
     "llava-next-video": "LLaVA-NeXT-Video-7B-hf",
+    "vip-llava": "vip-llava-13b-hf",
 }
 
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)

@@ -13,7 +13,7 @@ def vision_module(model: Any, project: bool = True) -> Any:
 
     cfg = model.config
     layers = cfg.vision_feature_layer
-    drop_cls = cfg.vision_feature_select_strategy == "default"
+    drop_cls = getattr(cfg, "vision_feature_select_strategy", "default") == "default"  # VipLlava: always dropped
 
     class VisionEmbeddings(torch.nn.Module):
         def __init__(self):
@@ -75,6 +75,6 @@ class LlavaExport:
             tokenizer=tokenizer,
             chat_template=template,
             patch_size=config.vision_config.patch_size,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            vision_feature_select_strategy=getattr(config, "vision_feature_select_strategy", "default"),
             num_additional_image_tokens=1,
         )
