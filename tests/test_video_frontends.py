@@ -280,3 +280,41 @@ def test_sampling_by_frames_per_second(vpipe, clip, photos):
         vpipe.generate(PROMPT, config=GenerationConfig(max_new_tokens=2, video_fps=2), videos=[frames])
     with pytest.raises(LlavaOvError, match="exclude each other"):
         vpipe.generate(PROMPT, config=GenerationConfig(num_frames=2, video_fps=2), videos=[clip])
+
+
+def test_a_chat_keeps_its_video_sampling_and_reuses_the_cache(vpipe, photos):
+    """Frames fitted to the context on the first turn stay for the conversation (a longer history would
+    otherwise mean fewer frames each turn, another sampling, and no prefix reuse)."""
+    from llava_ov.runtime.chat import ChatSession
+
+    vpipe.clear_caches()
+    many = [Image.open(photos["rocket"]).convert("RGB").rotate(i) for i in range(40)]
+    chat = ChatSession(vpipe)
+    config = GenerationConfig(max_new_tokens=64, ignore_eos=True)
+    first = chat.ask("What happens?", config=config, videos=[many])
+    second = chat.ask("And then?", config=config)
+    assert first.video_frames == second.video_frames == chat.frames_per_video > 1
+    assert second.cached_tokens >= 0.95 * first.prompt_tokens  # the first turn, video included, in full blocks
+    chat.reset()
+    assert chat.frames_per_video is None
+
+
+def test_server_default_frames_do_not_clash_with_a_requests_fps():
+    from llava_ov.frontends.server.mapping import generation_config
+    from llava_ov.frontends.server.schemas import ChatCompletionRequest
+
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], video_fps=1.0)
+    config = generation_config(req, ServerSettings(num_frames=8))
+    assert (config.num_frames, config.video_fps) == (None, 1.0)
+
+
+def test_default_frames_fit_the_callers_prompt_limit(vpipe, photos):
+    many = [Image.open(photos["coffee"]).convert("RGB").rotate(i) for i in range(40)]
+    prompt = vpipe.prepare([Message("user", "x", videos=[many])], GenerationConfig(max_new_tokens=16), max_tokens=2000)
+    assert len(prompt.token_ids) <= 2000 and prompt.video_frames == (2000 - (len(prompt.token_ids) - prompt.video_tokens) - 16) // 144
+
+
+def test_server_takes_transformers_video_part_with_one_url(server, clip, reference):
+    content = [{"type": "text", "text": PROMPT}, {"type": "video", "video": data_url(clip.read_bytes())}]
+    body = post(server, {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "num_frames": FRAMES})
+    assert body.json()["choices"][0]["message"]["content"] == reference.text

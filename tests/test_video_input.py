@@ -415,3 +415,43 @@ for source in (b"junk" * 1000, {str(tmp_path / "cut.mp4")!r}):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stderr == ""
+
+
+def _cut_by_stream_copy(n: int = 60, cut: int = 20) -> bytes:
+    """An mp4 whose first `cut` frames are before 0 (what `ffmpeg -ss ... -c copy` writes): its edit list
+    marks their packets discarded, but mp4's frame count still includes them."""
+    raw = io.BytesIO()
+    with av.open(raw, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=24, options={"preset": "ultrafast", "g": str(n), "bf": "0"})
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        for i in range(n):
+            for p in s.encode(av.VideoFrame.from_ndarray(videos.index_frame(i), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    raw.seek(0)
+    out = io.BytesIO()
+    with av.open(raw) as src, av.open(out, "w", format="mp4") as dst:
+        ist = src.streams.video[0]
+        ost = dst.add_stream_from_template(ist)
+        shift = int(cut / 24 / ist.time_base)
+        for p in src.demux(ist):
+            if p.dts is None:
+                continue
+            p.pts, p.dts, p.stream = p.pts - shift, p.dts - shift, ost
+            dst.mux(p)
+    return out.getvalue()
+
+
+def test_frames_a_file_shows_not_what_it_declares(tmp_path):
+    """A stream-copied cut (discarded packets in mp4's count) and a variable-rate mkv (duration x nominal rate)
+    declare more frames than they show: sampling uses the frames shown, so every sampled frame comes."""
+    cut = _cut_by_stream_copy()
+    with open_video(cut) as video:
+        assert video.info.frames == 40
+        frames = list(video.frames(sample_indices(video.info.frames, 8)))
+        assert len(frames) == 8
+    vfr = videos.variable_rate(tmp_path / "vfr.mkv")
+    with open_video(vfr) as video:
+        assert video.info.frames == 30
+        assert [videos.read_index(f) for f in video.frames(sample_indices(30, 8))] == list(sample_indices(30, 8))

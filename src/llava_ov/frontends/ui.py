@@ -31,6 +31,7 @@ from llava_ov.common.layout import EXAMPLES_DIR
 from llava_ov.errors import LlavaOvError
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import GenerationResult, Pipeline
+from llava_ov.runtime.video import VIDEO_EXTENSIONS
 
 EXAMPLES = (
     ("cat.jpg", "What animal is this, and what is it doing?"),
@@ -92,6 +93,7 @@ class TabState:
         """Gradio deep-copies new state values: copy the conversation, share the pipeline."""
         chat = ChatSession(self.chat.pipeline, system=self.chat.system, truncate=self.chat.truncate)
         chat.messages = copy.deepcopy(self.chat.messages, memo)
+        chat.frames_per_video = self.chat.frames_per_video
         return TabState(chat, copy.deepcopy(self.display, memo), copy.deepcopy(self.pending, memo), self.pending_from)
 
 
@@ -359,8 +361,6 @@ def _file_path(item: Any) -> str:
 
 
 def _is_video(path: str) -> bool:
-    from llava_ov.runtime.video import VIDEO_EXTENSIONS
-
     return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
@@ -407,7 +407,8 @@ def build_demo(page: ChatPage):
         chatbot = gr.Chatbot(elem_id="chat", label="Chat", height=480, buttons=["copy"])
         takes_video = page.pipe.model.family.takes_video
         box = gr.MultimodalTextbox(
-            elem_id="message", file_types=["image", "video"] if takes_video else ["image"], file_count="multiple",
+            elem_id="message", file_types=["image", *sorted(VIDEO_EXTENSIONS)] if takes_video else ["image"],
+            file_count="multiple",
             show_label=False, placeholder="Ask about an image or a video (attach one with the first message)…"
             if takes_video else "Ask about an image (attach one with the first message)…",
         )  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from llava_ov.errors import ContextLengthError
@@ -27,6 +28,7 @@ class ChatSession:
         self.truncate = truncate
         self.messages: list[Message] = []
         self.dropped_turns = 0
+        self.frames_per_video: int | None = None  # the first video turn's sampling, kept for the conversation
 
     @property
     def last_image(self) -> Any | None:
@@ -47,6 +49,7 @@ class ChatSession:
     def reset(self) -> None:
         self.messages.clear()
         self.dropped_turns = 0
+        self.frames_per_video = None
 
     def history(self) -> list[Message]:
         head = [Message("system", self.system)] if self.system else []
@@ -65,7 +68,8 @@ class ChatSession:
         """Add a user turn, stream the answer, and keep it in the history (`progress` as Pipeline.stream)."""
         self.messages.append(Message("user", text, list(images), list(videos)))
         try:
-            self._fit_context(config or GenerationConfig())
+            config = self._pinned_frames(config or GenerationConfig())
+            self._fit_context(config)
             result = None
             for chunk in self.pipeline.stream(self.history(), config=config, cancel=cancel, progress=progress):
                 result = chunk.result or result
@@ -73,7 +77,17 @@ class ChatSession:
         except BaseException:
             self.messages.pop()  # a failed turn leaves the conversation as it was
             raise
+        if videos and result is not None and result.video_frames and self.frames_per_video is None:
+            self.frames_per_video = max(1, result.video_frames // sum(len(m.videos) for m in self.messages))
         self.messages.append(Message("assistant", result.text if result else ""))
+
+    def _pinned_frames(self, config: GenerationConfig) -> GenerationConfig:
+        """Later turns sample the conversation's videos as its first video turn did: with the frame count
+        chosen to fit the context each turn, a longer history would mean fewer frames, another sampling,
+        and no reuse of the cached prompt."""
+        if self.frames_per_video is None or config.num_frames is not None or config.video_fps is not None:
+            return config
+        return replace(config, num_frames=self.frames_per_video)
 
     def ask(self, text: str, images: Sequence[Any] = (), config=None, cancel=None, *, videos=()) -> GenerationResult:
         result = None

@@ -58,14 +58,15 @@ def is_public_ip(ip: IPAddress) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_unspecified or ip.is_reserved)
 
 
-def decode_data_url(url: str, max_bytes: int, mime_types: frozenset[str] | None = None, what: str = "image") -> bytes:
+def decode_data_url(
+    url: str, max_bytes: int, mime_types: frozenset[str] | None = None, what: str = "image", example: str = "image/png"
+) -> bytes:
     """The bytes of a `data:[mediatype];base64,...` URL whose media type is one of `mime_types` (images by default)."""
     from llava_ov.runtime.image import IMAGE_MIME_TYPES
 
     allowed = IMAGE_MIME_TYPES if mime_types is None else mime_types
     header, sep, payload = url.partition(",")
     if not sep or not header.lower().endswith(";base64"):
-        example = "image/png" if mime_types is None else min(allowed)
         raise InvalidImageError(f"a data URL {what} must be base64: data:{example};base64,...")
     mime = header[5:-7].split(";")[0].strip().lower()  # data:<mime>[;params];base64
     if mime not in allowed:

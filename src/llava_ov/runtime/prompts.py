@@ -17,7 +17,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -136,6 +136,7 @@ class _ImageJob:
     instruction: str  # the text of the message carrying the image (CDPruner's query)
     tiles: np.ndarray  # per packed position: its tile (a video: its frame), -1 for image_newline
     position: int = 0  # of its placeholder token in the prompt
+    video: Video | None = None  # a video's opened source (closed once the prompt is prepared)
 
 
 @dataclass(frozen=True)
@@ -212,12 +213,13 @@ class PromptBuilder:
         """The job's cached features, or its encoding (once, however many ask for it at the same time)."""
         if isinstance(job.found, PreparedImage):
             return job.found
-        try:
-            return self.features.get_or_make(job.digest, lambda: self._encode(job, cancel))
-        except VideoCancelled:
-            if cancel is not None and cancel():
-                raise
-            return self.features.get_or_make(job.digest, lambda: self._encode(job, cancel))  # another's cancel
+        while True:
+            try:
+                return self.features.get_or_make(job.digest, lambda: self._encode(job, cancel))
+            except VideoCancelled:
+                if cancel is not None and cancel():
+                    raise
+                # another request's cancel stopped the encoding this one waited for: encode it again
 
     def _load_images(self, sources: Sequence[Any]) -> list[tuple[Image.Image, float]]:
         loaded = []
@@ -275,7 +277,7 @@ class PromptBuilder:
         else:
             found = _FramesToEncode(video, indices)
         tiles = np.repeat(np.arange(chosen.frames, dtype=np.int64), self.model.family.tokens_per_frame)
-        return _ImageJob(digest, found, load_s, chosen, options[0].tokens, text, tiles)
+        return _ImageJob(digest, found, load_s, chosen, options[0].tokens, text, tiles, video=video)
 
     def _encode(self, job: _ImageJob, cancel: Cancel) -> PreparedImage:
         if isinstance(job.found, _FramesToEncode):
@@ -288,15 +290,17 @@ class PromptBuilder:
         features: list[np.ndarray | None] = []
         batch: list[tuple[int, str, np.ndarray]] = []  # (slot, frame digest, pixels)
         started = time.perf_counter()
-        for frame in todo.video.frames(todo.indices, cancel):
-            digest = hashlib.blake2b(frame.tobytes(), digest_size=16, person=str(frame.size).encode()[:16]).hexdigest()
-            cached = self.frame_features.get(digest)
-            features.append(cached)
-            if cached is None:
-                batch.append((len(features) - 1, digest, self.model.family.preprocess_frames([frame])[0]))
-            if len(batch) == FRAMES_PER_ENCODE:
-                vision_s += self._encode_frame_batch(batch, features, cancel)
-                batch = []
+        with closing(todo.video.frames(todo.indices, cancel)) as frames:  # its decoder closes on any error too
+            for frame in frames:
+                digest = hashlib.blake2b(frame.tobytes(), digest_size=16, person=str(frame.size).encode()[:16])
+                key = digest.hexdigest()
+                cached = self.frame_features.get(key)
+                features.append(cached)
+                if cached is None:
+                    batch.append((len(features) - 1, key, self.model.family.preprocess_frames([frame])[0]))
+                if len(batch) == FRAMES_PER_ENCODE:
+                    vision_s += self._encode_frame_batch(batch, features, cancel)
+                    batch = []
         vision_s += self._encode_frame_batch(batch, features, cancel)
         prep_s += time.perf_counter() - started - vision_s
         packed = np.concatenate([f for f in features if f is not None]).astype(np.float32, copy=False)
@@ -318,8 +322,8 @@ class PromptBuilder:
 
     def _close(self, jobs: Sequence[_ImageJob]) -> None:
         for job in jobs:
-            if isinstance(job.found, _FramesToEncode):
-                job.found.video.close()
+            if job.video is not None:
+                job.video.close()
 
     def _encode_image(self, job: _ImageJob) -> PreparedImage:
         started = time.perf_counter()
@@ -380,7 +384,7 @@ class PromptBuilder:
         self, messages: Sequence[Message], config: GenerationConfig, max_tokens: int | None, cancel: Cancel
     ) -> PreparedPrompt:
         ratio = config.visual_token_pruning
-        ids, jobs = self._tokenize(messages, config)
+        ids, jobs = self._tokenize(messages, config, max_tokens)
         try:
             image_tokens = sum(self._image_tokens(j, ratio) for j in jobs)
             total = len(ids) - len(jobs) + image_tokens
@@ -421,7 +425,9 @@ class PromptBuilder:
             np.concatenate(pieces_pos).astype(np.int64) if pruned else None,
         )  # fmt: skip
 
-    def _tokenize(self, messages: Sequence[Message], config: GenerationConfig) -> tuple[np.ndarray, list[_ImageJob]]:
+    def _tokenize(
+        self, messages: Sequence[Message], config: GenerationConfig, max_tokens: int | None = None
+    ) -> tuple[np.ndarray, list[_ImageJob]]:
         """(ids, planned images and videos in prompt order): everything but decoding frames and vision encoding.
 
         The caller closes the jobs' videos (`_close`)."""
@@ -439,7 +445,7 @@ class PromptBuilder:
             raise LlavaOvError("visual-token pruning needs the paged KV cache (load with kv_cache='paged')")
         jobs = self._plan(
             images, [m.text for m in messages for _ in m.images], videos, [m.text for m in messages for _ in m.videos],
-            config, len(ids) - len(image_at) - len(video_at),
+            config, len(ids) - len(image_at) - len(video_at), max_tokens,
         )  # fmt: skip
         for job, position in zip(jobs, [*image_at, *video_at]):
             job.position = int(position)
@@ -455,7 +461,7 @@ class PromptBuilder:
 
     def _plan(
         self, images: Sequence[Any], image_texts: Sequence[str], videos: Sequence[Any], video_texts: Sequence[str],
-        config: GenerationConfig, text_tokens: int,
+        config: GenerationConfig, text_tokens: int, max_tokens: int | None = None,
     ) -> list[_ImageJob]:  # fmt: skip
         """Load the images and open the videos, choose every one's resolution / frame count within the
         budget, and look their features up; images first, then videos."""
@@ -464,19 +470,20 @@ class PromptBuilder:
         try:
             image_options = [self.model.family.resolutions((img.height, img.width)) for img, _ in loaded]
             video_options = [self._frame_options(video, config) for video, _ in opened]
-            chosen = self._fit(image_options, video_options, config, text_tokens)
+            chosen = self._fit(image_options, video_options, config, text_tokens, max_tokens)
+            jobs = [self._image_job(img, s, o, c, t)
+                    for (img, s), o, c, t in zip(loaded, image_options, chosen, image_texts)]  # fmt: skip
+            chosen = chosen[len(loaded):]
+            return jobs + [self._video_job(v, s, o, c, t)
+                           for (v, s), o, c, t in zip(opened, video_options, chosen, video_texts)]  # fmt: skip
         except BaseException:
             for video, _ in opened:
                 video.close()
             raise
-        jobs = [self._image_job(img, s, o, c, t) for (img, s), o, c, t in zip(loaded, image_options, chosen, image_texts)]
-        chosen = chosen[len(loaded):]
-        jobs += [self._video_job(v, s, o, c, t) for (v, s), o, c, t in zip(opened, video_options, chosen, video_texts)]
-        return jobs
 
     def _fit(
         self, image_options: list[list[Resolution]], video_options: list[list[FrameCount]], config: GenerationConfig,
-        text_tokens: int,
+        text_tokens: int, max_tokens: int | None = None,
     ) -> list[Resolution | FrameCount]:  # fmt: skip
         """fit_budget over images and videos. With no budget and videos at their default frame count, the
         videos get fewer frames when the prompt would not fit the context (images keep theirs); a video's
@@ -485,7 +492,8 @@ class PromptBuilder:
         options: list[list[Any]] = [*image_options, *video_options]
         if config.max_image_tokens is not None or not video_options or config.num_frames or config.video_fps:
             return fit_budget(options, config.max_image_tokens)
-        room = self.limits.prompt_limit - text_tokens - min(config.max_new_tokens, ANSWER_ROOM)
+        limit = self.limits.prompt_limit if max_tokens is None else min(self.limits.prompt_limit, max_tokens + 1)
+        room = limit - text_tokens - min(config.max_new_tokens, ANSWER_ROOM)
         fixed = [opts[:1] for opts in image_options]
         images = sum(opts[0].tokens for opts in image_options)
         if room - images < len(video_options) * self.model.family.tokens_per_frame:

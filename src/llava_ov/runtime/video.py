@@ -24,7 +24,7 @@ import io
 import re
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -55,6 +55,7 @@ _ALLOWED = "mp4/mov, mkv/webm, avi or gif"
 _HARDWARE = 1 << 18 | 1 << 19  # AV_CODEC_CAP_HARDWARE | AV_CODEC_CAP_HYBRID: GPU/driver decoders are not used
 
 VideoSource = Union[str, Path, bytes, bytearray, memoryview, Sequence[ImageSource]]
+FRAME_FILE_BYTES = 50_000_000  # a frame file's size limit: load_image's default
 _FRAME_TYPES = (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
 
@@ -430,15 +431,11 @@ def _load_frame(items: list, i: int) -> Image.Image:
 
 def _frame_digest(item: Any, i: int) -> bytes:
     """A frame's content digest: a file's or buffer's bytes, an array's or image's pixels."""
-    if isinstance(item, (str, Path)):
-        h = hashlib.blake2b()
+    if isinstance(item, (str, Path)):  # a regular file within the image byte limit: no /dev/zero, no huge reads
         try:
-            with open(item, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-        except OSError as e:
-            raise InvalidVideoError(f"frame {i:,} of the video: cannot read {item}: {e.strerror or e}") from None
-        return h.digest()
+            return hashlib.blake2b(read_bounded(item, FRAME_FILE_BYTES, "image", InvalidImageError)).digest()
+        except InvalidImageError as e:
+            raise InvalidVideoError(f"frame {i:,} of the video: {e}") from None
     if isinstance(item, (bytes, bytearray, memoryview)):
         return hashlib.blake2b(item).digest()
     if isinstance(item, np.ndarray):
@@ -496,7 +493,34 @@ def _open_encoded(data: bytes, limits: VideoLimits) -> _EncodedVideo:
     except BaseException:
         container.close()
         raise
+    if info.container in SEEKING_CONTAINERS:
+        info = replace(info, frames=_shown_frames(data, stream.index, info, limits))
     return _EncodedVideo(data, container, stream.index, info, limits)
+
+
+def _shown_frames(data: bytes, stream_index: int, info: VideoInfo, limits: VideoLimits) -> int:
+    """The frames an mp4/mkv shows: its video packets that are not discarded (a demux pass, no decoding).
+
+    What the container declares can be more: a stream-copied cut keeps its edit list's discarded packets in
+    mp4's count, and a variable-rate mkv/webm has duration x nominal rate. Sampling by the declared count
+    would then ask for frames that never come. An mp4 with fewer packets than its count is cut short: the
+    declared count stays, and decoding says the file is truncated (so do corrupt packets)."""
+    container, shown, packets, declared = _open_container(data, limits), 0, 0, info.frames
+    budget = _Budget(limits.max_decode_s, None)
+    try:
+        for packet in container.demux(container.streams[stream_index]):
+            budget.check()
+            packets += bool(packet.size)
+            shown += bool(packet.size) and not packet.is_discard
+            if packets > declared:  # more than declared: sequential decoding counts them as they come
+                break
+    except Exception:  # corrupt packets, or the time limit: the declared count (decoding says what is wrong)
+        return declared
+    finally:
+        container.close()
+    if (info.container == "mov" and packets < declared) or shown == 0:
+        return declared
+    return min(shown, declared)
 
 
 def _open_container(data: bytes, limits: VideoLimits) -> InputContainer:

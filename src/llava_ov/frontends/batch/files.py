@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from llava_ov.errors import LlavaOvError
+from llava_ov.runtime.video import VIDEO_EXTENSIONS
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"})
+
 TABLE_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 DEFAULT_PROMPT = "Describe this image."
 DEFAULT_VIDEO_PROMPT = "Describe this video."  # rows with a video and no image, when --prompt is left as it is

@@ -146,6 +146,7 @@ class ServerState:
             self.status = "failed"
             self.on_load_failure()
             return
+        pipeline.prompts.video_limits = self.settings.video_limits()  # what the loader let through, the run takes
         if not self._closing.is_set():
             self.worker.start(pipeline)
             self.status = "ok"

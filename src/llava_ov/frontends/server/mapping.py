@@ -45,7 +45,8 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
         max_image_tokens=req.max_image_tokens or settings.max_image_tokens,
         visual_token_pruning=settings.visual_token_pruning if req.visual_token_pruning is None
         else req.visual_token_pruning,
-        num_frames=req.num_frames or settings.num_frames, video_fps=req.video_fps,
+        num_frames=req.num_frames or (settings.num_frames if req.video_fps is None else None),
+        video_fps=req.video_fps,
     )
     try:
         config.validate()
@@ -110,6 +111,8 @@ async def _to_message(index: int, msg: ChatMessage, images: ImageLoader, videos:
                 message.images.append(await images.load(part.image_url.url))
             elif isinstance(part, VideoPart):
                 message.videos.append(await videos.load(part.video_url.url))
+            elif isinstance(part, VideoFramesPart) and isinstance(part.video, str):
+                message.videos.append(await videos.load(part.video))
             elif isinstance(part, VideoFramesPart):
                 message.videos.append(await videos.frames(part.video, images))
             else:

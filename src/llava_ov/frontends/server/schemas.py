@@ -46,14 +46,14 @@ class VideoPart(_Lenient):
     video_url: VideoURL
 
 
-MAX_FRAME_URLS = 256
+MAX_FRAME_URLS = 64
 
 
 class VideoFramesPart(_Lenient):
-    """A video given as its frames, each an image URL (as transformers' chat templates take `video`)."""
+    """A video given as its frames, each an image URL, or as one video URL (transformers' `video` part)."""
 
     type: Literal["video"]
-    video: list[str] = Field(min_length=1, max_length=MAX_FRAME_URLS)
+    video: str | Annotated[list[str], Field(min_length=1, max_length=MAX_FRAME_URLS)]
 
 
 ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart, VideoFramesPart], Field(discriminator="type")]

@@ -52,17 +52,29 @@ class VideoLoader:
         return source
 
     async def frames(self, urls: list[str], images: ImageLoader) -> list[Any]:
-        """A video given as its frames: each an image URL, checked as images are."""
+        """A video given as its frames: each an image URL, checked as images are; all of them within the
+        video's byte limit and one download time limit."""
         if len(urls) > self.policy.limits.max_frames:
             raise InvalidVideoError(f"{len(urls)} frames; the limit is {self.policy.limits.max_frames}")
         try:
-            return [await images.load(url) for url in urls]
+            return await asyncio.wait_for(self._frames(urls, images), self.policy.fetch_timeout_s)
+        except asyncio.TimeoutError:
+            raise InvalidVideoError(f"loading the video's frames took longer than {self.policy.fetch_timeout_s:g} s") from None
         except InvalidImageError as exc:
             raise InvalidVideoError(f"a frame of the video: {exc}") from None
 
+    async def _frames(self, urls: list[str], images: ImageLoader) -> list[Any]:
+        frames, total = [], 0
+        for url in urls:
+            frames.append(await images.load(url))
+            total += len(frames[-1]) if isinstance(frames[-1], (bytes, bytearray)) else 0
+            if total > self.policy.max_bytes:
+                raise InvalidVideoError(f"the video's frames are over the limit of {self.policy.max_bytes:,} bytes")
+        return frames
+
     async def _source(self, url: str) -> Any:
         if url[:5].lower() == "data:":
-            return decode_data_url(url, self.policy.max_bytes, VIDEO_MIME_TYPES, "video")
+            return decode_data_url(url, self.policy.max_bytes, VIDEO_MIME_TYPES, "video", "video/mp4")
         if urlsplit(url).scheme.lower() in ("http", "https"):
             async with self._downloads:
                 return await self.fetcher.fetch(url)
