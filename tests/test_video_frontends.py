@@ -318,3 +318,28 @@ def test_server_takes_transformers_video_part_with_one_url(server, clip, referen
     content = [{"type": "text", "text": PROMPT}, {"type": "video", "video": data_url(clip.read_bytes())}]
     body = post(server, {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "num_frames": FRAMES})
     assert body.json()["choices"][0]["message"]["content"] == reference.text
+
+
+def test_page_stop_while_the_video_is_read_withdraws_the_message_quietly(vpipe, photos, monkeypatch):
+    """Stop pressed while the video's frames are encoded: the message is withdrawn as a Stop before the
+    answer begins is, with no error shown."""
+    import threading
+
+    from llava_ov.frontends.ui import ChatPage
+
+    vpipe.clear_caches()
+    frames = [Image.open(photos["rocket"]).convert("RGB").rotate(i / 2) for i in range(24)]
+    page = ChatPage(vpipe, GenerationConfig(max_new_tokens=4, num_frames=24))
+    state = page.new_state()
+    encode = vpipe.model.encode_frames
+
+    def slow(px):  # Stop arrives during the first batch of frames
+        threading.Timer(0.05, lambda: page.stop(state)).start()
+        time.sleep(0.3)
+        return encode(px)
+
+    monkeypatch.setattr(vpipe.model, "encode_frames", slow)
+    state.pending, state.pending_from = ("What happens?", [], [frames]), len(state.display)
+    state.display.append({"role": "user", "content": "What happens?"})
+    updates = list(page.respond(state, 4, 0.0, 1.0))  # no gr.Error raised
+    assert updates and updates[-1][0] == [] and state.chat.messages == []

@@ -31,7 +31,7 @@ from llava_ov.common.layout import EXAMPLES_DIR
 from llava_ov.errors import LlavaOvError
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import GenerationResult, Pipeline
-from llava_ov.runtime.video import VIDEO_EXTENSIONS
+from llava_ov.runtime.video import VIDEO_EXTENSIONS, VideoCancelled
 
 EXAMPLES = (
     ("cat.jpg", "What animal is this, and what is it doing?"),
@@ -185,6 +185,8 @@ class ChatPage:
                     del state.display[state.pending_from :]
                     state.stats = ""
                     yield state.view(), state.stats
+                    if isinstance(error, VideoCancelled):  # Stop while the video was read: withdrawn, as before
+                        return  # the model starts (no error to show)
                     if isinstance(error, LlavaOvError):
                         raise gr.Error(str(error), title="Could not answer")
                     raise error
