@@ -54,6 +54,15 @@ def _source_digest() -> str:
     return h.hexdigest()[:12]
 
 
+def converted_pipeline(checkpoint: Path, out: Path):
+    """A checkpoint converted to fp32 at `out`, loaded with the f32 pins (for the tests' one-off models)."""
+    from llava_ov.exporting.convert import ConvertOptions, convert
+    from llava_ov.runtime.pipeline import Pipeline
+
+    export = convert(str(checkpoint), out, ConvertOptions(weight_format="fp32", show_progress=False))
+    return Pipeline(export, properties=F32, cache_dir=None)
+
+
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory) -> Path:
     cache = os.environ.get("LLAVA_OV_TEST_CACHE")

@@ -11,7 +11,7 @@ import torch
 import transformers
 from PIL import Image
 
-from conftest import F32
+from conftest import converted_pipeline
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import Message, Pipeline
 from reference import hf_generate
@@ -52,11 +52,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipe(checkpoint, tmp_path_factory) -> Pipeline:
-    from llava_ov.exporting.convert import ConvertOptions, convert
-
-    out = convert(str(checkpoint), tmp_path_factory.mktemp("siglip") / "ov",
-                  ConvertOptions(weight_format="fp32", show_progress=False))  # fmt: skip
-    return Pipeline(out, properties=F32, cache_dir=None)
+    return converted_pipeline(checkpoint, tmp_path_factory.mktemp("siglip") / "ov")
 
 
 def test_siglip_llava_answers_as_transformers(pipe, checkpoint, photos):

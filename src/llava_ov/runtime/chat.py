@@ -33,17 +33,18 @@ class ChatSession:
     @property
     def last_image(self) -> Any | None:
         """The most recent image in the conversation (what a follow-up question refers to)."""
-        for message in reversed(self.messages):
-            if message.images:
-                return message.images[-1]
-        return None
+        return self._last("images")
 
     @property
     def last_video(self) -> Any | None:
         """The most recent video in the conversation."""
+        return self._last("videos")
+
+    def _last(self, kind: str) -> Any | None:
         for message in reversed(self.messages):
-            if message.videos:
-                return message.videos[-1]
+            items = getattr(message, kind)
+            if items:
+                return items[-1]
         return None
 
     def reset(self) -> None:
