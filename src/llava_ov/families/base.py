@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from llava_ov.errors import LlavaOvError
 from llava_ov.runtime.export import ImageConfig
-from llava_ov.runtime.families import RunStage
+from llava_ov.runtime.families import RunStage, no_video
 
 
 TOWERS_WITHOUT_CLS = ("siglip_vision_model", "siglip2_vision_model")  # vision_config model_types: patches only
@@ -56,13 +55,10 @@ class LlavaConfigMapping:
 
     @property
     def tokens_per_frame(self) -> int:
-        raise self._no_video()
+        raise no_video(self.architecture)
 
     def preprocess_frames(self, frames: Sequence[Image.Image]) -> np.ndarray:
-        raise self._no_video()
+        raise no_video(self.architecture)
 
     def encode_frames(self, run: RunStage, pixel_values: np.ndarray) -> np.ndarray:
-        raise self._no_video()
-
-    def _no_video(self) -> LlavaOvError:
-        return LlavaOvError(f"{self.architecture} takes no video (LLaVA-NeXT-Video models do); send frames as images")
+        raise no_video(self.architecture)

@@ -68,10 +68,12 @@ def attach(kind: str, path: str, session: ChatSession, pending: dict[str, list[s
 
             load_image(path)
         else:
+            from llava_ov.runtime.families import no_video
             from llava_ov.runtime.video import open_video
 
-            if not session.pipeline.model.family.takes_video:
-                raise LlavaOvError(f"{session.pipeline.model.family.architecture} takes no video; send frames as images")
+            family = session.pipeline.model.family
+            if not family.takes_video:
+                raise no_video(family.architecture)
             open_video(path).close()
         pending[kind].append(path)
         print(f"({kind} {path} will go with your next message)", file=out)

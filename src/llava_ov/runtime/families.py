@@ -17,7 +17,7 @@ from functools import lru_cache
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llava_ov.errors import UnsupportedModelError
+from llava_ov.errors import LlavaOvError, UnsupportedModelError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,6 +65,11 @@ class Family(Protocol):
 
     def packed_tiles(self, image_size: tuple[int, int], resolution: Resolution) -> np.ndarray:
         """Per packed token (before encoding): its tile (0 = base image), or -1 for a separator token."""
+
+
+def no_video(architecture: str) -> LlavaOvError:
+    """The error a video meets where the model takes none."""
+    return LlavaOvError(f"{architecture} takes no video (LLaVA-NeXT-Video models do); send frames as images")
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ class ExportedModel:
         parts = dict(layout.MODEL_PARTS)
         for stage in self.family.stages:
             parts[stage] = layout.STAGE_PARTS[stage]
-            if stage not in self.settings.part_paths and not (self.dir / parts[stage]).is_file():
+            if stage not in self.settings.part_paths and not self.export.part_path(stage).is_file():
                 raise ModelNotFoundError(f"{self.dir} has no {parts[stage]} (the {stage} of a "
                                          f"{self.family.architecture} export); convert it again")  # fmt: skip
         return parts

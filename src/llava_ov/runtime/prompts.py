@@ -21,8 +21,6 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-Cancel = Callable[[], bool] | None  # true when the request was cancelled
-
 import numpy as np
 from PIL import Image
 
@@ -34,13 +32,16 @@ from llava_ov.runtime.image import load_image
 from llava_ov.runtime.model import ExportedModel
 from llava_ov.runtime.pruning import kept_count, select_tokens
 from llava_ov.runtime.template import ChatTemplate
+from llava_ov.runtime.families import no_video
 from llava_ov.runtime.video import Video, VideoCancelled, VideoLimits, open_video, sample_indices
+
+Cancel = Callable[[], bool] | None  # true when the request was cancelled
 
 FEATURE_CACHE_SIZE = 16
 FEATURE_CACHE_BYTES = 1 << 30  # 16 LLaVA-NeXT images at 7B width are 0.75 GB; a 32-frame video is 75 MB
 FRAME_CACHE_SIZE = 64  # per-frame video features (2.4 MB each at 144 x 4096 f32): another sampling reuses them
-FRAMES_PER_ENCODE = 8
-ANSWER_ROOM = 512  # tokens kept for the answer when default-length videos are shortened to fit the context  # frames preprocessed and encoded at once: bounded memory, cancellable between batches
+FRAMES_PER_ENCODE = 8  # frames preprocessed and encoded at once: bounded memory, cancellable between batches
+ANSWER_ROOM = 512  # tokens kept for the answer when default-length videos are shortened to fit the context
 # Prompts that hold decoded images at once (loading, preprocessing, encoding), per vision request:
 # memory stays bounded however many requests arrive, and loading overlaps encoding.
 PREPARATIONS_PER_VISION_REQUEST = 2
@@ -153,9 +154,8 @@ class FrameCount:
 
 @dataclass
 class _FramesToEncode:
-    """A video's opened source and the frame indices sampled from it."""
+    """The frame indices sampled from a video (its job holds the opened video)."""
 
-    video: Video
     indices: np.ndarray
 
 
@@ -168,6 +168,11 @@ class Limits(Protocol):
     def prompt_limit(self) -> int: ...
 
     def limit_reason(self) -> str: ...
+
+
+def _pixels_digest(image: Image.Image) -> str:
+    """An RGB image's pixel content (and size): the feature caches' key."""
+    return hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.size).encode()[:16]).hexdigest()
 
 
 def _content_key(text: str) -> int:
@@ -232,8 +237,7 @@ class PromptBuilder:
         """An image's cache lookup at one resolution (pixels are made only for an encode)."""
         started = time.perf_counter()
         size = (image.height, image.width)
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.size).encode()[:16]).hexdigest()
-        digest = f"{digest}:{res.label}"
+        digest = f"{_pixels_digest(image)}:{res.label}"
         found: PreparedImage | Image.Image | None = self.features.get(digest)
         if found is not None:
             found, prep_s = PreparedImage(found.key, found.features, full_tokens=options[0].tokens), 0.0
@@ -275,25 +279,24 @@ class PromptBuilder:
         if found is not None:
             found = replace(found, full_tokens=options[0].tokens, preprocess_s=0.0, vision_s=0.0)
         else:
-            found = _FramesToEncode(video, indices)
+            found = _FramesToEncode(indices)
         tiles = np.repeat(np.arange(chosen.frames, dtype=np.int64), self.model.family.tokens_per_frame)
         return _ImageJob(digest, found, load_s, chosen, options[0].tokens, text, tiles, video=video)
 
     def _encode(self, job: _ImageJob, cancel: Cancel) -> PreparedImage:
         if isinstance(job.found, _FramesToEncode):
-            return self._encode_video(job, job.found, cancel)
+            return self._encode_video(job, job.video, job.found, cancel)
         return self._encode_image(job)
 
-    def _encode_video(self, job: _ImageJob, todo: _FramesToEncode, cancel: Cancel) -> PreparedImage:
+    def _encode_video(self, job: _ImageJob, video: Video, todo: _FramesToEncode, cancel: Cancel) -> PreparedImage:
         """Decode the sampled frames one at a time, encode the new ones in batches (cached per frame)."""
         prep_s, vision_s = job.prep_s, 0.0
         features: list[np.ndarray | None] = []
         batch: list[tuple[int, str, np.ndarray]] = []  # (slot, frame digest, pixels)
         started = time.perf_counter()
-        with closing(todo.video.frames(todo.indices, cancel)) as frames:  # its decoder closes on any error too
+        with closing(video.frames(todo.indices, cancel)) as frames:  # its decoder closes on any error too
             for frame in frames:
-                digest = hashlib.blake2b(frame.tobytes(), digest_size=16, person=str(frame.size).encode()[:16])
-                key = digest.hexdigest()
+                key = _pixels_digest(frame)
                 cached = self.frame_features.get(key)
                 features.append(cached)
                 if cached is None:
@@ -434,7 +437,7 @@ class PromptBuilder:
         family = self.model.family
         videos = [v for m in messages for v in m.videos]
         if videos and not family.takes_video:
-            raise LlavaOvError(f"{family.architecture} takes no video (LLaVA-NeXT-Video models do); send frames as images")
+            raise no_video(family.architecture)
         text = self.render(messages)
         self._check_text_size(text)
         ids = self.model.tokenizer.encode(text)
@@ -485,10 +488,10 @@ class PromptBuilder:
         self, image_options: list[list[Resolution]], video_options: list[list[FrameCount]], config: GenerationConfig,
         text_tokens: int, max_tokens: int | None = None,
     ) -> list[Resolution | FrameCount]:  # fmt: skip
-        """fit_budget over images and videos. With no budget and videos at their default frame count, the
-        videos get fewer frames when the prompt would not fit the context (images keep theirs); a video's
-        frames are lowered before anything else because each frame's features stay as the model was
-        trained, where smaller pooling or resolution would change them."""
+        """fit_budget over images and videos (a video's step down is one frame fewer: each remaining frame's
+        features stay as the model was trained, where a coarser pooling or a smaller frame would change
+        them). With no budget and videos at their default frame count, the videos get fewer frames when the
+        prompt would not fit the context (or the caller's `max_tokens`); images keep theirs."""
         options: list[list[Any]] = [*image_options, *video_options]
         if config.max_image_tokens is not None or not video_options or config.num_frames or config.video_fps:
             return fit_budget(options, config.max_image_tokens)

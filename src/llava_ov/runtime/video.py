@@ -54,6 +54,7 @@ SEEKING_CONTAINERS = ("mov", "matroska")  # indexed: a seek lands on the keyfram
 _ALLOWED = "mp4/mov, mkv/webm, avi or gif"
 _HARDWARE = 1 << 18 | 1 << 19  # AV_CODEC_CAP_HARDWARE | AV_CODEC_CAP_HYBRID: GPU/driver decoders are not used
 
+_Packet = tuple[int | None, bool, bool]  # a demuxed packet's pts, keyframe flag, discard flag
 VideoSource = Union[str, Path, bytes, bytearray, memoryview, Sequence[ImageSource]]
 FRAME_FILE_BYTES = 50_000_000  # a frame file's size limit: load_image's default
 _FRAME_TYPES = (str, Path, bytes, bytearray, memoryview, Image.Image, np.ndarray)
@@ -211,9 +212,13 @@ class _SeekIndex:
 class _EncodedVideo(Video):
     """A video file's bytes, decoded with PyAV."""
 
-    def __init__(self, data: bytes, container: InputContainer, stream_index: int, info: VideoInfo, limits: VideoLimits):
+    def __init__(
+        self, data: bytes, container: InputContainer, stream_index: int, info: VideoInfo, limits: VideoLimits,
+        packets: list[_Packet] | None = None,
+    ):  # fmt: skip
         super().__init__(info, limits)
         self._data, self._probe, self._stream_index = data, container, stream_index
+        self._packets = packets  # the demux pass made at open (indexed containers), for seeking
 
     @cached_property
     def digest_seed(self) -> str:
@@ -238,7 +243,7 @@ class _EncodedVideo(Video):
     def _decode(self, targets: list[int], budget: _Budget) -> Generator[Image.Image, None, None]:
         if not targets:
             return
-        index = self._seek_index(targets, budget)
+        index = self._seek_index(targets)
         if index is not None and index.saves(targets):
             done = yield from self._seeking(targets, index, budget)
             targets = targets[done:]
@@ -307,26 +312,13 @@ class _EncodedVideo(Video):
                 return position
         return -1
 
-    def _seek_index(self, targets: list[int], budget: _Budget) -> _SeekIndex | None:
+    def _seek_index(self, targets: list[int]) -> _SeekIndex | None:
         """The packets' timestamps, where seeking provably gives the frames sequential decoding would; else None."""
-        if self.info.container not in SEEKING_CONTAINERS or len(targets) == self.info.frames:
+        if self._packets is None or len(targets) == self.info.frames:
             return None
-        container, packets = self._container(), []
-        try:
-            for packet in container.demux(container.streams[self._stream_index]):
-                budget.check()
-                if packet.size == 0:
-                    continue
-                if packet.pts is None or packet.is_discard or len(packets) == self.info.frames:
-                    return None
-                packets.append((packet.pts, packet.is_keyframe))
-        except LlavaOvError:
-            raise
-        except Exception:  # corrupt packets: sequential decoding says what is wrong
+        if any(pts is None or discarded for pts, _, discarded in self._packets):
             return None
-        finally:
-            container.close()
-        return _seek_index(packets, self.info.frames)
+        return _seek_index([(pts, key) for pts, key, _ in self._packets], self.info.frames)
 
     def _image(self, frame: VideoFrame, i: int) -> Image.Image:
         width, height, limit = frame.width, frame.height, self.limits.max_frame_pixels
@@ -493,34 +485,44 @@ def _open_encoded(data: bytes, limits: VideoLimits) -> _EncodedVideo:
     except BaseException:
         container.close()
         raise
-    if info.container in SEEKING_CONTAINERS:
-        info = replace(info, frames=_shown_frames(data, stream.index, info, limits))
-    return _EncodedVideo(data, container, stream.index, info, limits)
+    packets = _scan_packets(data, stream.index, info.frames, limits) if info.container in SEEKING_CONTAINERS else None
+    info = replace(info, frames=_shown_frames(packets, info))
+    return _EncodedVideo(data, container, stream.index, info, limits, packets)
 
 
-def _shown_frames(data: bytes, stream_index: int, info: VideoInfo, limits: VideoLimits) -> int:
-    """The frames an mp4/mkv shows: its video packets that are not discarded (a demux pass, no decoding).
-
-    What the container declares can be more: a stream-copied cut keeps its edit list's discarded packets in
-    mp4's count, and a variable-rate mkv/webm has duration x nominal rate. Sampling by the declared count
-    would then ask for frames that never come. An mp4 with fewer packets than its count is cut short: the
-    declared count stays, and decoding says the file is truncated (so do corrupt packets)."""
-    container, shown, packets, declared = _open_container(data, limits), 0, 0, info.frames
+def _scan_packets(data: bytes, stream_index: int, declared: int, limits: VideoLimits) -> list[_Packet] | None:
+    """Every non-empty video packet's (pts, keyframe, discarded), demuxed once at open (no decoding); None when
+    the demux fails, runs past the time limit, or finds more packets than declared (then sequential decoding
+    counts the frames as they come, and says what is wrong)."""
+    container, packets = _open_container(data, limits), []
     budget = _Budget(limits.max_decode_s, None)
     try:
         for packet in container.demux(container.streams[stream_index]):
             budget.check()
-            packets += bool(packet.size)
-            shown += bool(packet.size) and not packet.is_discard
-            if packets > declared:  # more than declared: sequential decoding counts them as they come
-                break
-    except Exception:  # corrupt packets, or the time limit: the declared count (decoding says what is wrong)
-        return declared
+            if packet.size:
+                packets.append((packet.pts, packet.is_keyframe, packet.is_discard))
+                if len(packets) > declared:
+                    return None
+    except Exception:
+        return None
     finally:
         container.close()
-    if (info.container == "mov" and packets < declared) or shown == 0:
-        return declared
-    return min(shown, declared)
+    return packets
+
+
+def _shown_frames(packets: list[_Packet] | None, info: VideoInfo) -> int:
+    """The frames an mp4/mkv shows: its packets that are not discarded.
+
+    What the container declares can be more: a stream-copied cut keeps its edit list's discarded packets in
+    mp4's count, and a variable-rate mkv/webm has duration x nominal rate. Sampling by the declared count
+    would then ask for frames that never come. An mp4 with fewer packets than its count is cut short: the
+    declared count stays, and decoding says the file is truncated."""
+    if packets is None:
+        return info.frames
+    shown = sum(not discarded for _, _, discarded in packets)
+    if (info.container == "mov" and len(packets) < info.frames) or shown == 0:
+        return info.frames
+    return min(shown, info.frames)
 
 
 def _open_container(data: bytes, limits: VideoLimits) -> InputContainer:

@@ -40,9 +40,9 @@ def run_video_bench(opts: VideoBenchOptions, log=print) -> dict[str, Any]:
 
     pipe = Pipeline(opts.model, opts.load)
     if not pipe.model.family.takes_video:
-        from llava_ov.errors import LlavaOvError
+        from llava_ov.runtime.families import no_video
 
-        raise LlavaOvError(f"{pipe.model.family.architecture} takes no video: bench --video needs a LLaVA-NeXT-Video export")
+        raise no_video(pipe.model.family.architecture)
     genai = _genai(opts) if "genai" in opts.compare else None
     levels = {}
     for frames in opts.frames:

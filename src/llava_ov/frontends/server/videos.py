@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from llava_ov.errors import InvalidImageError
-from llava_ov.frontends.server.images import ImageLoader
-from llava_ov.runtime.fetch import FetchPolicy, ImageFetcher, decode_data_url, local_path
+from llava_ov.frontends.server.images import ImageLoader, UrlLoader
+from llava_ov.runtime.fetch import FetchPolicy, ImageFetcher
 from llava_ov.runtime.video import VIDEO_MIME_TYPES, InvalidVideoError, VideoLimits, open_video
 
 
@@ -32,14 +31,15 @@ class VideoPolicy(FetchPolicy):
     allow_local_files: bool = False
 
 
-class VideoLoader:
+class VideoLoader(UrlLoader):
     """Turns a `video_url.url` into checked encoded bytes (or a path), a few checks at a time."""
 
+    mime_types = VIDEO_MIME_TYPES
+    example_mime = "video/mp4"
+    error = InvalidVideoError
+
     def __init__(self, policy: VideoPolicy, fetcher: ImageFetcher | None = None, concurrency: int = 2, downloads: int = 4):
-        self.policy = policy
-        self.fetcher = fetcher or ImageFetcher(policy)
-        self._checks = asyncio.Semaphore(concurrency)
-        self._downloads = asyncio.Semaphore(downloads)
+        super().__init__(policy, fetcher, concurrency, downloads)
 
     async def load(self, url: str) -> Any:
         """InvalidVideoError with a client-safe message for anything refused."""
@@ -71,18 +71,6 @@ class VideoLoader:
             if total > self.policy.max_bytes:
                 raise InvalidVideoError(f"the video's frames are over the limit of {self.policy.max_bytes:,} bytes")
         return frames
-
-    async def _source(self, url: str) -> Any:
-        if url[:5].lower() == "data:":
-            return decode_data_url(url, self.policy.max_bytes, VIDEO_MIME_TYPES, "video", "video/mp4")
-        if urlsplit(url).scheme.lower() in ("http", "https"):
-            async with self._downloads:
-                return await self.fetcher.fetch(url)
-        if (path := local_path(url)) is not None:
-            if not self.policy.allow_local_files:
-                raise InvalidVideoError("local files are not allowed as videos here; send a data: or http(s) URL")
-            return path
-        raise InvalidVideoError("unsupported video URL scheme; use data:video/...;base64, or http(s)")
 
     def _check(self, source: Any) -> None:
         open_video(source, self.policy.limits).close()
