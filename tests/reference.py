@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import transformers
 from PIL import Image
 
 from llava_ov.runtime.pipeline import Message
@@ -14,6 +15,8 @@ def hf_inputs(processor, messages: list[Message]):
     text = processor.apply_chat_template(chat, add_generation_prompt=True)
     images = [Image.open(img).convert("RGB") if not isinstance(img, Image.Image) else img
               for m in messages for img in m.images]  # fmt: skip
+    if images and isinstance(processor, transformers.LlavaOnevisionProcessor):
+        images = [images]  # one conversation's images: OneVision feeds several at base resolution
     return processor(images=images or None, text=text, return_tensors="pt")
 
 

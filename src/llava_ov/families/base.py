@@ -62,3 +62,11 @@ class LlavaConfigMapping:
 
     def encode_frames(self, run: RunStage, pixel_values: np.ndarray) -> np.ndarray:
         raise no_video(self.architecture)
+
+    def video_tiles(self, frames: int) -> np.ndarray:
+        """Per packed video position: its frame (0..frames-1), or -1 for a separator token."""
+        return np.repeat(np.arange(frames, dtype=np.int64), self.tokens_per_frame)
+
+    def pack_frames(self, frame_features: Sequence[np.ndarray]) -> np.ndarray:
+        """Per-frame features [tokens_per_frame, C] -> the video's [N, C] prompt tokens (frames in order)."""
+        return np.concatenate(frame_features).astype(np.float32, copy=False)

@@ -81,8 +81,8 @@ class ImageConfig:
             kw["size"] = _size_dict(kw["size"], square=False)
         if "crop_size" in kw:
             kw["crop_size"] = _size_dict(kw["crop_size"], square=True)
-        elif "do_center_crop" not in kw:  # SigLIP's processor resizes to its size and crops nothing
-            kw["do_center_crop"] = False
+        elif not kw.get("do_center_crop"):  # SigLIP-style: resized to its size, nothing cropped, tiles of size
+            kw["do_center_crop"], kw["crop_size"] = False, {}
         for key in ("image_mean", "image_std"):
             if key in kw:
                 kw[key] = tuple(float(v) for v in (kw[key] if isinstance(kw[key], (list, tuple)) else [kw[key]] * 3))

@@ -54,8 +54,15 @@ class Family(Protocol):
     def encode_frames(self, run: RunStage, pixel_values: np.ndarray) -> np.ndarray:
         """[frames, 3, H, W] -> [frames, tokens_per_frame, hidden] video features."""
 
-    def resolutions(self, image_size: tuple[int, int]) -> list[Resolution]:
-        """Every way to feed an image of (height, width), most tokens first (the first: the model's own)."""
+    def video_tiles(self, frames: int) -> np.ndarray:
+        """Per packed video position: its frame, or -1 for a separator; its length is the video's tokens."""
+
+    def pack_frames(self, frame_features: Sequence[np.ndarray]) -> np.ndarray:
+        """The frames' encoded features (in order) -> the video's [N, C] prompt tokens."""
+
+    def resolutions(self, image_size: tuple[int, int], images_in_prompt: int = 1) -> list[Resolution]:
+        """Every way to feed an image of (height, width), most tokens first (the first: the model's own);
+        `images_in_prompt`: how many images the whole prompt holds (some families feed several differently)."""
 
     def preprocess(self, image: Image.Image, resolution: Resolution) -> ProcessedImage:
         """Model-ready pixel tiles of an RGB image at one of its resolutions."""

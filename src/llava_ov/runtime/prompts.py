@@ -268,7 +268,7 @@ class PromptBuilder:
         else:
             wanted = config.num_frames or family.default_frames
         wanted = max(1, min(wanted, info.frames))
-        return [FrameCount(n, n * family.tokens_per_frame) for n in range(wanted, 0, -1)]
+        return [FrameCount(n, len(family.video_tiles(n))) for n in range(wanted, 0, -1)]
 
     def _video_job(self, video: Video, load_s: float, options: list[FrameCount], chosen: FrameCount, text: str) -> _ImageJob:
         """A video's cache lookup: its content digest and sampling (frames are decoded only for an encode)."""
@@ -280,7 +280,7 @@ class PromptBuilder:
             found = replace(found, full_tokens=options[0].tokens, preprocess_s=0.0, vision_s=0.0)
         else:
             found = _FramesToEncode(indices)
-        tiles = np.repeat(np.arange(chosen.frames, dtype=np.int64), self.model.family.tokens_per_frame)
+        tiles = self.model.family.video_tiles(chosen.frames)
         return _ImageJob(digest, found, load_s, chosen, options[0].tokens, text, tiles, video=video)
 
     def _encode(self, job: _ImageJob, cancel: Cancel) -> PreparedImage:
@@ -306,7 +306,7 @@ class PromptBuilder:
                     batch = []
         vision_s += self._encode_frame_batch(batch, features, cancel)
         prep_s += time.perf_counter() - started - vision_s
-        packed = np.concatenate([f for f in features if f is not None]).astype(np.float32, copy=False)
+        packed = self.model.family.pack_frames([f for f in features if f is not None])
         return PreparedImage(
             _content_key(job.digest), packed, prep_s, vision_s, job.full_tokens, kind="video", frames=len(features)
         )
@@ -471,7 +471,7 @@ class PromptBuilder:
         loaded = self._load_images(images)
         opened = self._open_videos(videos)
         try:
-            image_options = [self.model.family.resolutions((img.height, img.width)) for img, _ in loaded]
+            image_options = [self.model.family.resolutions((img.height, img.width), len(loaded)) for img, _ in loaded]
             video_options = [self._frame_options(video, config) for video, _ in opened]
             chosen = self._fit(image_options, video_options, config, text_tokens, max_tokens)
             jobs = [self._image_job(img, s, o, c, t)
@@ -499,7 +499,7 @@ class PromptBuilder:
         room = limit - text_tokens - min(config.max_new_tokens, ANSWER_ROOM)
         fixed = [opts[:1] for opts in image_options]
         images = sum(opts[0].tokens for opts in image_options)
-        if room - images < len(video_options) * self.model.family.tokens_per_frame:
+        if room - images < sum(opts[-1].tokens for opts in video_options):
             return [opts[0] for opts in options]  # not even one frame each fits: the length check says so
         return fit_budget([*fixed, *video_options], room)
 

@@ -31,7 +31,7 @@ class Llava(LlavaConfigMapping):
     model_type = "llava"
     architecture = "LlavaForConditionalGeneration"
 
-    def resolutions(self, image_size: tuple[int, int]) -> list[Resolution]:
+    def resolutions(self, image_size: tuple[int, int], images_in_prompt: int = 1) -> list[Resolution]:
         return [Resolution(None, self.tokens_per_tile, (1, 1))]
 
     def preprocess(self, image: Image.Image, resolution: Resolution) -> ProcessedImage:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -122,15 +123,13 @@ def _grid(image_size: tuple[int, int], pinpoints: Pinpoints, patch: int) -> tupl
 
 
 def anyres_resolutions(
-    tokens_per_tile: int, newline: bool, image: ImageConfig, image_size: tuple[int, int]
+    image: ImageConfig, image_size: tuple[int, int], tokens: Callable[[tuple[int, int]], int], base_tokens: int
 ) -> list[Resolution]:
     """Every distinct resolution of an image, most tokens first: the model's default, then each
-    reduced pinpoint list (the pinpoints with at most so many tokens), then the base tile only."""
+    reduced pinpoint list (the pinpoints with at most so many tokens), then the base tile only.
+
+    `tokens(grid)`: the packed tokens of the image on a (rows, cols) grid; `base_tokens`: of the base tile alone."""
     pinpoints, patch = image.image_grid_pinpoints, image.patch_size
-
-    def tokens(grid: tuple[int, int]) -> int:
-        return packed_length(tokens_per_tile, image_size, grid, newline)
-
     cost = {p: tokens(_grid(image_size, (p,), patch)) for p in pinpoints}
     default_grid = _grid(image_size, pinpoints, patch)
     options = [Resolution(None, tokens(default_grid), default_grid)]
@@ -139,9 +138,8 @@ def anyres_resolutions(
         grid = _grid(image_size, subset, patch)
         if tokens(grid) < options[-1].tokens:
             options.append(Resolution(subset, tokens(grid), grid))
-    base = tokens_per_tile + int(newline)
-    if base < options[-1].tokens:
-        options.append(Resolution((), base, (0, 0)))
+    if base_tokens < options[-1].tokens:
+        options.append(Resolution((), base_tokens, (0, 0)))
     return options
 
 
@@ -159,8 +157,12 @@ class LlavaNext(LlavaConfigMapping):
         newline = config.get("image_newline")  # written into config.json by convert (as openvino_genai reads it)
         self.newline = np.asarray(newline, dtype=np.float32) if newline is not None else None
 
-    def resolutions(self, image_size: tuple[int, int]) -> list[Resolution]:
-        return anyres_resolutions(self.tokens_per_tile, self.newline is not None, self.image, image_size)
+    def resolutions(self, image_size: tuple[int, int], images_in_prompt: int = 1) -> list[Resolution]:
+        newline = self.newline is not None
+        return anyres_resolutions(
+            self.image, image_size, lambda grid: packed_length(self.tokens_per_tile, image_size, grid, newline),
+            self.tokens_per_tile + int(newline),
+        )
 
     def preprocess(self, image: Image.Image, resolution: Resolution) -> ProcessedImage:
         cfg = self.image if resolution.pinpoints is None else replace(self.image, image_grid_pinpoints=resolution.pinpoints)
