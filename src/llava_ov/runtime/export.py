@@ -251,6 +251,24 @@ class ExportDir:
                         out[key] = value["content"] if isinstance(value, dict) else value
         return {k: v for k, v in out.items() if isinstance(v, str)}
 
+    def describe(self) -> dict[str, Any]:
+        """What the checkpoint is: its transformers class, vision tower and language model (config.json)."""
+        vision, text = self.config.get("vision_config") or {}, self.text_config
+        return {
+            "architecture": (self.config.get("architectures") or [None])[0],
+            "vision_tower": vision.get("model_type"),
+            "image_size": vision.get("image_size"),
+            "language_model": text.get("model_type"),
+            "language_layers": text.get("num_hidden_layers"),
+            "hidden_size": text.get("hidden_size"),
+            "context": text.get("max_position_embeddings"),
+        }
+
+    def special_token_ids(self) -> dict[str, int]:
+        """The tokenizer's special added tokens (tokenizer.json), text -> id."""
+        added = (self.tokenizer_json or {}).get("added_tokens") or []
+        return {t["content"]: int(t["id"]) for t in added if isinstance(t, dict) and t.get("special") and "content" in t}
+
     @cached_property
     def tokenizer_json_text(self) -> str | None:
         """tokenizer.json as text (None when absent)."""

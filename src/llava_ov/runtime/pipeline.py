@@ -72,7 +72,9 @@ class Pipeline:
         return self.backend.occupancy()
 
     def _eos_ids(self) -> set[int]:
-        return self.model.export.eos_ids()
+        """The configs' eos ids and the token the chat template ends an assistant turn with."""
+        turn_end = self.prompts.template.turn_end(self.model.export.special_token_ids())
+        return self.model.export.eos_ids() | ({turn_end} if turn_end is not None else set())
 
     # ---------------------------------------------------------------- prompts (runtime/prompts.py)
 
@@ -269,6 +271,7 @@ class Pipeline:
         return {
             "model_dir": str(self.model.dir),
             "family": self.model.family.model_type,
+            "model": self.model.export.describe(),  # architecture, vision tower, language model, what it takes
             "device": self.settings.device,
             "weights": self.model.stored_weights(),  # how each part's weights are stored (fp16, int4_sym g64 r0.6 + int8, ...)
             "vision_encoder": self.model.vision_choice()[1],  # which vision encoder runs and why (INT8-PTQ or float)

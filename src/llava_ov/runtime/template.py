@@ -48,6 +48,9 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+TURN_MARK = "\x00answer\x00"  # stands for an assistant's text when finding what the template writes after it
+
+
 class ChatTemplate:
     """Renders a list of chat messages into the model's prompt text."""
 
@@ -69,3 +72,15 @@ class ChatTemplate:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
         except jinja2.TemplateError as exc:
             raise LlavaOvError(f"chat template rejected the conversation: {exc}") from None
+
+    def turn_end(self, specials: dict[str, int]) -> int | None:
+        """The special token the template writes right after an assistant's text (ChatML's <|im_end|>,
+        Llama-3's <|eot_id|>, Mistral's </s>): a generated answer ends there, as at eos."""
+        chat = [{"role": "user", "content": [{"type": "text", "text": "?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": TURN_MARK}]}]  # fmt: skip
+        try:
+            after = self.render(chat, add_generation_prompt=False).partition(TURN_MARK)[2]
+        except LlavaOvError:
+            return None
+        found = [token for token in specials if after.startswith(token)]
+        return specials[max(found, key=len)] if found else None
