@@ -32,15 +32,18 @@ def test_the_architecture_decides_not_the_model_type():
     video = {"architectures": ["LlavaNextVideoForConditionalGeneration"], "model_type": "llava_next"}
     assert family_for(video).model_type == "llava_next_video"  # the Hub's first configs of LLaVA-NeXT-Video
     onevision = {"architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava"}
-    with pytest.raises(UnsupportedModelError, match="LlavaOnevision.*not supported.*LlavaForConditionalGeneration"):
-        family_for(onevision)
+    assert family_for(onevision).model_type == "llava_onevision"
+    other = {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "llava"}
+    with pytest.raises(UnsupportedModelError, match="Qwen2VL.*not supported.*LlavaForConditionalGeneration"):
+        family_for(other)
     with pytest.raises(UnsupportedModelError, match="model_type='bert' is not supported"):
         family_for({"model_type": "bert"})
 
 
 def test_registry_is_lazy_and_every_entry_loads():
     assert set(registered()) == {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                                 "LlavaNextVideoForConditionalGeneration", "VipLlavaForConditionalGeneration"}
+                                 "LlavaNextVideoForConditionalGeneration", "VipLlavaForConditionalGeneration",
+                                 "LlavaOnevisionForConditionalGeneration"}
     for entry in registered().values():
         module = entry.runtime_module()
         assert module.FAMILY.architecture == entry.architecture and module.FAMILY.model_type == entry.model_type
