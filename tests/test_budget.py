@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import F32, FAMILIES
-from llava_ov.families.llava_next.runtime import anyres_resolutions
+from llava_ov.families.llava_next.runtime import anyres_resolutions, packed_length
 from llava_ov.runtime.budget import Resolution, fit_budget
 from llava_ov.errors import ContextLengthError
 from llava_ov.runtime.generate import GenerationConfig
@@ -141,7 +141,7 @@ def _image_config() -> ImageConfig:
 
 
 def test_resolutions_of_a_square_photo_on_the_real_pinpoints():
-    options = anyres_resolutions(576, True, _image_config(), (672, 672))
+    options = anyres_resolutions(_image_config(), (672, 672), lambda grid: packed_length(576, (672, 672), grid, True), 577)
     assert [(o.label, o.tokens) for o in options] == [("full", 2928), ("1x2", 1176), ("base", 577)]
 
 
