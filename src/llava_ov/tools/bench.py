@@ -258,7 +258,7 @@ class TorchEngine:
         start = time.perf_counter()
         cls = getattr(transformers, family_for(cfg).architecture)
         self.model = cls.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
-        self.processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+        self.processor = family_for(cfg).export_hooks().load_processor(checkpoint, None)  # no torchvision needed
         self.load_s = time.perf_counter() - start
 
     def run(self, image: Path, prompt: str, max_new: int) -> RunMetrics:
