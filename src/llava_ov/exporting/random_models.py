@@ -3,10 +3,11 @@
 No machine here reaches the Hugging Face Hub, so tests, the offline demo and the
 benchmarks build checkpoints locally: the real `config.json` / processor files
 shipped in `llava_ov/model_configs/`, scaled down ("tiny") or kept at real width
-with fewer decoder layers ("real"), random weights, and the real Mistral v1
-SentencePiece vocabulary from the `mistral-common` package plus `<image>`=32000
-and `<pad>`=32001.  The answers of such a model are noise; its shapes, tokenizer,
-preprocessing and numerics are real.
+with fewer decoder layers ("real"), random weights, and the backbone's real
+vocabulary from a PyPI package (vocabularies.py: Mistral v1 SentencePiece, Qwen or
+Llama-3 BPE; Yi-34B gets a stand-in with moved token ids) plus the checkpoint's
+added tokens (`<image>`=32000 and `<pad>`=32001 for Mistral/Vicuna).  The answers
+of such a model are noise; its shapes, tokenizer, preprocessing and numerics are real.
 
 Needs the `[convert]` extra (torch, transformers).
 """
@@ -14,14 +15,16 @@ Needs the `[convert]` extra (torch, transformers).
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from llava_ov.exporting import vocabularies
 
 # The current Hub template of llava-v1.6-mistral ends assistant turns with `</s>`;
 # the 2024 copy in model_configs still has the `<\s>` typo (see SOURCES.md).
@@ -47,6 +50,7 @@ FAMILY_CONFIGS = {
     "llava": "llava-1.5-7b-hf",
     "llava-next-video": "LLaVA-NeXT-Video-7B-hf",
     "vip-llava": "vip-llava-13b-hf",
+    "llava-onevision": "llava-onevision-qwen2-0.5b-ov-hf",
 }
 
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -85,7 +89,7 @@ def scaled_config_dict(spec: RandomModelSpec) -> dict[str, Any]:
     for key in ("torch_dtype", "dtype"):
         cfg.pop(key, None)
         text.pop(key, None)
-    return cfg
+    return remap_token_ids(cfg, spec.config_name)
 
 
 DEFAULT_ADDED_TOKENS = {"<image>": 32000, "<pad>": 32001}
@@ -98,25 +102,70 @@ def added_tokens(config_name: str) -> dict[str, int]:
 
 
 def build_tokenizer(out_dir: Path | None, config_name: str):
-    """Mistral v1 SentencePiece vocabulary + the checkpoint's added tokens (`<image>`, `<pad>`, `<video>`)."""
-    import mistral_common
-    from transformers import AddedToken, LlamaTokenizer
+    """The checkpoint's real base vocabulary (see vocabularies.py) + its added tokens (`<image>`, `<pad>`, `<video>`).
 
-    spm = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(spm, Path(tmp) / "tokenizer.model")
-        # LlamaTokenizerFast(vocab_file=...) silently gives a 3-token vocabulary in transformers 5.
-        tok = LlamaTokenizer.from_pretrained(tmp, legacy=False, add_bos_token=True)
-    wanted = sorted(added_tokens(config_name).items(), key=lambda item: item[1])
-    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t, _ in wanted], special_tokens=True)
-    if tok.convert_tokens_to_ids([t for t, _ in wanted]) != [i for _, i in wanted]:
-        raise RuntimeError(f"tokenizer build: the added tokens did not land on their ids {dict(wanted)}")
-    tok.pad_token = "<pad>" if "<pad>" in dict(wanted) else "<unk>"  # Vicuna pads with <unk> (pad_token_id 0)
+    config.json's text_config picks the vocabulary: Qwen BPE for qwen2, Llama-3 BPE for a
+    llama with >= 128000 tokens, the Yi stand-in (Mistral SPM, ids moved: remap_token_ids)
+    for Yi-34B, the Mistral v1 SentencePiece vocabulary otherwise.  The added tokens
+    (added_tokens.json) land on their ids, or a ValueError says which did not.
+    """
+    vocab, wanted = _vocabulary(config_name)
+    tok = vocabularies.base_tokenizer(vocab)
+    vocabularies.add_tokens_on_ids(tok, vocabularies.stand_in_added_tokens(vocab, wanted))
+    if vocab in (vocabularies.MISTRAL_SPM, vocabularies.YI_STAND_IN):
+        tok.pad_token = "<pad>" if "<pad>" in wanted else "<unk>"  # Vicuna pads with <unk> (pad_token_id 0)
+    if vocab is vocabularies.YI_STAND_IN:
+        tok.eos_token = "<|im_end|>"  # Yi-34B chat's eos (id 7 in Yi's own vocabulary)
+    if vocab in (vocabularies.QWEN, vocabularies.LLAMA3):
+        if vocab is vocabularies.LLAMA3 and "<pad>" in wanted:
+            tok.pad_token = "<pad>"
+        names = _special_tokens_map(config_name)  # the checkpoint's own bos/eos/pad/unk
+        missing = [name for name in dict.fromkeys(names.values()) if name not in tok.get_vocab()]
+        if missing and not (model_config_dir(config_name) / "added_tokens.json").exists():
+            # no added_tokens.json: the named tokens follow the config's <image>/<video>
+            # (llama3-llava-next-8b-hf: <image>=128256, then <pad>=128257, as on the Hub)
+            vocabularies.add_tokens_on_ids(tok, {name: len(tok) + k for k, name in enumerate(missing)})
+        for key, name in names.items():
+            if name not in tok.get_vocab():
+                raise ValueError(f"{config_name}: special_tokens_map.json's {key} {name!r} is not in the vocabulary")
+            if getattr(tok, key) != name:
+                setattr(tok, key, name)
     tok.padding_side = "left"
     tok.image_token = "<image>"
-    if "<video>" in dict(wanted):
+    if "<video>" in wanted:
         tok.video_token = "<video>"
     return tok
+
+
+def _vocabulary(config_name: str) -> tuple[vocabularies.Vocabulary, dict[str, int]]:
+    """The base vocabulary of `config_name` and its added tokens (token -> id in the real checkpoint)."""
+    folder = model_config_dir(config_name)
+    config = _read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    vocab = vocabularies.vocabulary_for(config)
+    if vocab is vocabularies.MISTRAL_SPM or (folder / "added_tokens.json").exists():
+        return vocab, added_tokens(config_name)
+    # no added_tokens.json: the image/video placeholder tokens on the ids the config gives them
+    placeholders = (re.fullmatch(r"(image|video)_token_(?:index|id)", key) for key in config)
+    return vocab, {f"<{m[1]}>": config[m[0]] for m in placeholders if m and isinstance(config[m[0]], int)}
+
+
+def _special_tokens_map(config_name: str) -> dict[str, str]:
+    """bos/eos/pad/unk of the checkpoint's special_tokens_map.json, if it has one."""
+    path = model_config_dir(config_name) / "special_tokens_map.json"
+    if not path.exists():
+        return {}
+    names = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = _read_json(path).get(key)
+        if value is not None:
+            names[key] = value["content"] if isinstance(value, dict) else value
+    return names
+
+
+def remap_token_ids(config: dict[str, Any], config_name: str) -> dict[str, Any]:
+    """`config` with its token ids where build_tokenizer puts the tokens (changes only the Yi stand-in)."""
+    vocab, wanted = _vocabulary(config_name)
+    return vocabularies.remap_token_ids(config, vocab, wanted)
 
 
 def chat_template(config_name: str) -> str:
@@ -171,7 +220,12 @@ def build_random_checkpoint(
     (out / "preprocessor_config.json").write_text(json.dumps(preproc, indent=2) + "\n")
     (out / RANDOM_WEIGHTS_MARKER).write_text("This checkpoint has random weights: its answers are noise.\n")
     if (folder / "generation_config.json").exists():
-        shutil.copy(folder / "generation_config.json", out / "generation_config.json")
+        generation = _read_json(folder / "generation_config.json")
+        if remap_token_ids(generation, spec.config_name) == generation:
+            shutil.copy(folder / "generation_config.json", out / "generation_config.json")
+        else:  # the Yi stand-in's ids
+            text = json.dumps(remap_token_ids(generation, spec.config_name), indent=2) + "\n"
+            (out / "generation_config.json").write_text(text)
     return out
 
 
