@@ -19,7 +19,7 @@ import transformers
 from PIL import Image
 
 from conftest import converted_pipeline
-from llava_ov.families.llava_onevision.export import images_only_processor
+from llava_ov.families.llava_onevision.export import EXPORT
 from llava_ov.families.llava_onevision.runtime import bilinear_resize
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import Message, Pipeline
@@ -50,14 +50,7 @@ def hf_model(checkpoint):
 @pytest.fixture(scope="module")
 def processor(checkpoint):
     """transformers' LlavaOnevisionProcessor (less its torchvision-only video processor) from the checkpoint."""
-    settings, _ = transformers.ProcessorMixin.get_processor_dict(str(checkpoint))
-    return images_only_processor()(
-        image_processor=transformers.LlavaOnevisionImageProcessorPil.from_pretrained(checkpoint),
-        tokenizer=transformers.AutoTokenizer.from_pretrained(checkpoint),
-        chat_template=(checkpoint / "chat_template.jinja").read_text(),
-        num_image_tokens=settings["num_image_tokens"],
-        vision_feature_select_strategy=settings["vision_feature_select_strategy"],
-    )  # fmt: skip
+    return EXPORT.load_processor(str(checkpoint), None)
 
 
 @pytest.fixture(scope="module")

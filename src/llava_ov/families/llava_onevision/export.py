@@ -19,8 +19,18 @@ def images_only_processor() -> type:
     import transformers
 
     class LlavaOnevisionImagesProcessor(transformers.LlavaOnevisionProcessor):
-        def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any):
-            super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs)
+        def __init__(
+            self, image_processor: Any = None, tokenizer: Any = None, num_image_tokens: int | None = None,
+            vision_feature_select_strategy: str | None = None, chat_template: str | None = None,
+            image_token: str = "<image>", video_token: str = "<video>", vision_aspect_ratio: str = "anyres_max_9",
+            **kwargs: Any,
+        ):  # the processor's own settings named here: save_pretrained writes the ones __init__ names
+            super().__init__(
+                image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                num_image_tokens=num_image_tokens, vision_feature_select_strategy=vision_feature_select_strategy,
+                chat_template=chat_template, image_token=image_token, video_token=video_token,
+                vision_aspect_ratio=vision_aspect_ratio, **kwargs,
+            )  # fmt: skip
 
         def to_dict(self) -> dict[str, Any]:
             return {**super().to_dict(), "processor_class": "LlavaOnevisionProcessor"}
