@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llava_ov.families.base import TOWERS_WITHOUT_CLS
+
 
 def vision_module(model: Any, project: bool = True) -> Any:
     """CLIP tower -> hidden state of vision_feature_layer(s) -> (drop CLS) -> projector (unless
@@ -70,11 +72,13 @@ class LlavaExport:
         import transformers
 
         kwargs = {k: v for k, v in preprocessor.items() if k not in ("image_processor_type", "processor_class")}
+        named = preprocessor.get("image_processor_type")  # e.g. SiglipImageProcessor for a SigLIP tower
+        image_class = getattr(transformers, f"{named}Pil", None) if named else None
         return getattr(transformers, self.processor)(
-            image_processor=getattr(transformers, self.image_processor)(**kwargs),
+            image_processor=(image_class or getattr(transformers, self.image_processor))(**kwargs),
             tokenizer=tokenizer,
             chat_template=template,
             patch_size=config.vision_config.patch_size,
             vision_feature_select_strategy=getattr(config, "vision_feature_select_strategy", "default"),
-            num_additional_image_tokens=1,
+            num_additional_image_tokens=int(config.vision_config.model_type not in TOWERS_WITHOUT_CLS),  # the CLS token
         )
