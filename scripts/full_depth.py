@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The 7B path at full depth: build, convert, compress and bench a 32-layer random llava-v1.6-mistral-7b.
+"""A model at full depth: build, convert, compress and bench a random llava-v1.6-mistral-7b (32 layers), or any
+shipped config with --config (e.g. llava-onevision-qwen2-0.5b-ov-hf, 24 layers, --compare transformers).
 
 Builds a random-weight checkpoint with the real llava-v1.6-mistral-7b-hf dimensions and all
 32 decoder layers (fp16 safetensors shards, ~15 GB, streamed shard by shard), then runs each
@@ -57,10 +58,10 @@ def disk_free_gb(path: Path) -> float:
     return round(shutil.disk_usage(path).free / 1e9, 2)
 
 
-def build_checkpoint(out: Path, layers: int) -> None:
+def build_checkpoint(out: Path, layers: int, config: str = CONFIG_NAME) -> None:
     from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
 
-    spec = RandomModelSpec(CONFIG_NAME, scale="real", text_layers=layers, initializer_range=0.02)
+    spec = RandomModelSpec(config, scale="real", text_layers=layers, initializer_range=0.02)
     build_random_checkpoint(spec, out, dtype="float16", streamed=True)
 
 
@@ -161,11 +162,12 @@ def drop_page_cache() -> bool:
 def plan(work: Path, args: argparse.Namespace) -> dict[str, dict]:
     """Step name -> command, output folder and extra options."""
     cli = [sys.executable, "-m", "llava_ov.cli"]
-    ckpt, fp16 = work / "ckpt-32L", work / "export-fp16"
+    ckpt, fp16 = work / f"ckpt-{args.layers}L", work / "export-fp16"
     photo = str(args.image)
     prompt = "Describe this image in detail."
     return {
-        "build": {"cmd": [sys.executable, __file__, "--build-into", str(ckpt), "--layers", str(args.layers)],
+        "build": {"cmd": [sys.executable, __file__, "--build-into", str(ckpt), "--layers", str(args.layers),
+                          "--config", args.config],
                   "out": ckpt},
         "first-run": {"cmd": [*cli, "run", str(ckpt), "--image", photo, "--prompt", prompt, "--max-new-tokens", "16",
                               "-v"],
@@ -180,10 +182,10 @@ def plan(work: Path, args: argparse.Namespace) -> dict[str, dict]:
                                "--vision", "int8_ptq", "--overwrite"], "out": work / "export-vision-ptq"},
         "int4-awq": {"cmd": [*cli, "compress", str(fp16), "-o", str(work / "export-int4-awq"), "--awq",
                              "--calib-samples", str(args.awq_samples), "--overwrite"], "out": work / "export-int4-awq"},
-        "bench-int4": {"cmd": [*cli, "bench", str(work / "export-int4"), "--image", photo, "--compare", "genai",
+        "bench-int4": {"cmd": [*cli, "bench", str(work / "export-int4"), "--image", photo, "--compare", args.compare,
                                "--runs", str(args.bench_runs), "--max-new-tokens", "32",
                                "--json", str(work / "bench-int4.json")], "out": None},
-        "bench-int8": {"cmd": [*cli, "bench", str(work / "export-int8"), "--image", photo, "--compare", "genai",
+        "bench-int8": {"cmd": [*cli, "bench", str(work / "export-int8"), "--image", photo, "--compare", args.compare,
                                "--runs", str(args.bench_runs), "--max-new-tokens", "32",
                                "--json", str(work / "bench-int8.json")], "out": None},
     }  # fmt: skip
@@ -214,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, default=Path("full-depth"))
     parser.add_argument("--steps", default=",".join(STEPS), help="comma list of steps to run (finished ones are kept)")
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--config", default=CONFIG_NAME, help="shipped config folder (llava_ov/model_configs)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the config's own count)")
+    parser.add_argument("--compare", default="genai", help="engines bench compares with (genai, transformers)")
     parser.add_argument("--image", type=Path, default=None, help="photo for first-run and bench (default: astronaut)")
     parser.add_argument("--limit", action="append", default=[], metavar="STEP=GIB",
                         help="run STEP in a memory cgroup of GIB (e.g. first-run=16); with --cold, what it reads is "
@@ -228,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redo", action="store_true", help="run the chosen steps again even if recorded")
     parser.add_argument("--build-into", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.layers is None:
+        from llava_ov.exporting.random_models import model_config_dir
+
+        text = json.loads((model_config_dir(args.config) / "config.json").read_text())["text_config"]
+        args.layers = int(text.get("num_hidden_layers", 32))  # Llama's default when the config leaves it out
     if args.build_into:
-        build_checkpoint(args.build_into, args.layers)
+        build_checkpoint(args.build_into, args.layers, args.config)
         return 0
     if args.image is None:
         import skimage

@@ -207,3 +207,30 @@ def test_video_budget_and_pruning(pipe, photo):
     assert (prompt.video_frames, prompt.video_tokens) == (3, 3 * 196 + 1)
     result = pipe.generate("Describe.", config=GenerationConfig(max_new_tokens=4, num_frames=4, visual_token_pruning=0.5), videos=[frames])
     assert result.video_tokens == 1 + kept_count(4 * 196, 0.5) and result.token_ids
+
+
+# ----------------------------------------------------------------------------- conversion and compression
+
+
+def test_fp16_export_keeps_rotary_frequencies_fp32(checkpoint, tmp_path):
+    from llava_ov.exporting.convert import ConvertOptions, convert
+    from llava_ov.runtime.export import ExportDir
+
+    out = convert(str(checkpoint), tmp_path / "fp16", ConvertOptions(weight_format="fp16", show_progress=False))
+    language = ExportDir.open(out).record().parts["language"]
+    assert (language["precision"], language["rotary_frequencies"]) == ("fp16", "fp32")
+
+
+def test_int4_language_model_and_int8_ptq_vision(pipe, photos, photo, tmp_path, capsys):
+    from llava_ov import cli
+    from llava_ov.runtime.export import ExportDir
+
+    out = tmp_path / "int4-ptq"
+    argv = ["compress", str(pipe.model.dir), "-o", str(out), "--lm", "int4_sym", "--vision", "int8_ptq",
+            "--calib-images", "2", "--calibration", str(Path(photos["coffee"]).parent)]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    parts = ExportDir.open(out).record().parts
+    assert (parts["language"]["precision"], parts["vision"]["precision"]) == ("int4_sym g64 r0.6 + int8", "int8_ptq")
+    compressed = Pipeline(out, cache_dir=None)  # the plugin's default precision
+    result = compressed.generate(ask([photo.resize((640, 420))]), config=GenerationConfig(max_new_tokens=4))
+    assert len(result.token_ids) == 4 and result.image_tokens == pipe.prepare(ask([photo.resize((640, 420))])).image_tokens
