@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-model", help="build a small RANDOM-weight model to try the tools offline")
     p.add_argument("output")
-    p.add_argument("--family", default="llava-next", choices=["llava-next", "llava", "llava-next-video"],
-                   help="llava-next-video: a model that also takes videos (--video, /video)")
+    p.add_argument("--family", default="llava-next", choices=["llava-next", "llava", "llava-next-video", "llava-onevision"],
+                   help="llava-next-video, llava-onevision: models that also take videos (--video, /video)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demo_model)
 

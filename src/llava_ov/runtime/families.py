@@ -76,7 +76,7 @@ class Family(Protocol):
 
 def no_video(architecture: str) -> LlavaOvError:
     """The error a video meets where the model takes none."""
-    return LlavaOvError(f"{architecture} takes no video (LLaVA-NeXT-Video models do); send frames as images")
+    return LlavaOvError(f"{architecture} takes no video (LLaVA-NeXT-Video and LLaVA-OneVision models do); send frames as images")
 
 
 @dataclass(frozen=True)
