@@ -143,3 +143,20 @@ def hf_models(checkpoints):
         model = getattr(transformers, arch).from_pretrained(path, attn_implementation="sdpa").eval()
         out[fam] = (model, transformers.AutoProcessor.from_pretrained(path))
     return out
+
+
+@pytest.fixture(scope="session")
+def matrix_model(model_root):
+    """config folder name -> (tiny random checkpoint, its fp32 export), each built once per session (or cache).
+
+    VipLlava's tower keeps 12 layers: its feature layers reach back to -11."""
+    from llava_ov.exporting.convert import ConvertOptions, convert
+    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
+
+    def get(name: str) -> tuple[Path, Path]:
+        spec = RandomModelSpec(name, vision_layers=12 if name.startswith("vip") else None)
+        checkpoint = _build_once(model_root / f"hf-{name}", lambda p: build_random_checkpoint(spec, p))
+        opts = ConvertOptions(weight_format="fp32", overwrite=True, show_progress=False)
+        return checkpoint, _build_once(model_root / f"ov-{name}", lambda p: convert(str(checkpoint), p, opts))
+
+    return get

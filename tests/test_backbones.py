@@ -19,7 +19,7 @@ import pytest
 import transformers
 from PIL import Image
 
-from conftest import F32, converted_pipeline
+from conftest import F32
 from llava_ov.frontends.server.app import create_app
 from llava_ov.frontends.server.settings import ServerSettings
 from llava_ov.runtime.families import family_for
@@ -56,14 +56,10 @@ class Variant:
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def variant(request, tmp_path_factory) -> Variant:
-    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
-
+def variant(request, matrix_model) -> Variant:
     name = request.param
-    folder = tmp_path_factory.mktemp(name)
-    vision_layers = 12 if name.startswith("vip") else None  # VipLlava's feature layers reach back to -11
-    checkpoint = build_random_checkpoint(RandomModelSpec(name, vision_layers=vision_layers), folder / "hf")
-    pipe = converted_pipeline(checkpoint, folder / "ov")
+    checkpoint, export = matrix_model(name)
+    pipe = Pipeline(export, properties=F32, cache_dir=None)
     config = json.loads((checkpoint / "config.json").read_text())
     model = getattr(transformers, VARIANTS[name][0]).from_pretrained(checkpoint, attn_implementation="sdpa").eval()
     processor = family_for(config).export_hooks().load_processor(str(checkpoint), None)

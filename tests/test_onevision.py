@@ -18,7 +18,7 @@ import torch
 import transformers
 from PIL import Image
 
-from conftest import converted_pipeline
+from conftest import F32
 from llava_ov.families.llava_onevision.export import EXPORT
 from llava_ov.families.llava_onevision.runtime import bilinear_resize
 from llava_ov.runtime.generate import GenerationConfig
@@ -31,15 +31,13 @@ SIZES = [(384, 384), (500, 300), (200, 1000), (3000, 100), (1300, 900), (2000, 1
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
-
-    return build_random_checkpoint(RandomModelSpec(CONFIG_NAME), tmp_path_factory.mktemp("onevision") / "hf")
+def checkpoint(matrix_model) -> Path:
+    return matrix_model(CONFIG_NAME)[0]
 
 
 @pytest.fixture(scope="module")
-def pipe(checkpoint, tmp_path_factory) -> Pipeline:
-    return converted_pipeline(checkpoint, tmp_path_factory.mktemp("onevision") / "ov")
+def pipe(matrix_model) -> Pipeline:
+    return Pipeline(matrix_model(CONFIG_NAME)[1], properties=F32, cache_dir=None)
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,20 @@ import torch
 import transformers
 from PIL import Image
 
-from conftest import converted_pipeline
+from conftest import F32
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import Message, Pipeline
 from reference import hf_generate, hf_inputs
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from llava_ov.exporting.random_models import RandomModelSpec, build_random_checkpoint
-
-    # 12 tower layers: the feature layers reach back to -11
-    return build_random_checkpoint(RandomModelSpec("vip-llava-13b-hf", vision_layers=12), tmp_path_factory.mktemp("vip"))
+def checkpoint(matrix_model) -> Path:
+    return matrix_model("vip-llava-13b-hf")[0]  # 12 tower layers: the feature layers reach back to -11
 
 
 @pytest.fixture(scope="module")
-def pipe(checkpoint, tmp_path_factory) -> Pipeline:
-    return converted_pipeline(checkpoint, tmp_path_factory.mktemp("vip-ov") / "ov")
+def pipe(matrix_model) -> Pipeline:
+    return Pipeline(matrix_model("vip-llava-13b-hf")[1], properties=F32, cache_dir=None)
 
 
 def test_vip_llava_answers_as_transformers(pipe, checkpoint, photos):
