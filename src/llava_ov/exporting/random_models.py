@@ -251,7 +251,9 @@ def weight_shapes(arch: str, config) -> dict[str, tuple[int, ...]]:
 
     with torch.device("meta"):
         model = getattr(transformers, arch)(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    # named_parameters lists a tied weight once (the embedding, not lm_head): a tied model stores it once
+    stored = {*dict(model.named_parameters()), *dict(model.named_buffers())}
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name in stored}
 
 
 def random_tensor(name: str, shape: tuple[int, ...], std: float, rng, dtype: str) -> np.ndarray:
