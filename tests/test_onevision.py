@@ -232,3 +232,29 @@ def test_int4_language_model_and_int8_ptq_vision(pipe, photos, photo, tmp_path, 
     compressed = Pipeline(out, cache_dir=None)  # the plugin's default precision
     result = compressed.generate(ask([photo.resize((640, 420))]), config=GenerationConfig(max_new_tokens=4))
     assert len(result.token_ids) == 4 and result.image_tokens == pipe.prepare(ask([photo.resize((640, 420))])).image_tokens
+
+
+def test_server_takes_a_video_for_onevision(pipe, photo, tmp_path):
+    """The server's video_url part on this family: frames x 196 + 1 tokens, the Python API's answer."""
+    import base64
+
+    import httpx
+
+    from llava_ov.frontends.server.app import create_app
+    from llava_ov.frontends.server.settings import ServerSettings
+    from llava_ov.runtime.settings import LoadSettings
+    from test_server import running, wait_ready
+    from videos import write_video
+
+    clip = write_video(tmp_path / "pan.mp4", 8, size=(160, 120), fps=8,
+                       frame=lambda i, w, h: np.asarray(photo.crop((12 * i, 6 * i, 12 * i + w, 6 * i + h))))  # fmt: skip
+    expected = pipe.generate("What happens?", config=GenerationConfig(max_new_tokens=8, num_frames=4), videos=[clip])
+    url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    content = [{"type": "text", "text": "What happens?"}, {"type": "video_url", "video_url": {"url": url}}]
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "num_frames": 4}
+    settings = ServerSettings(model=str(pipe.model.dir), load=LoadSettings(properties=F32, cache_dir=None))
+    with running(create_app(settings, pipeline_factory=lambda: pipe)) as base:
+        wait_ready(base)
+        answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()
+    assert answer["usage"]["video_tokens"] == 4 * 196 + 1 == expected.video_tokens
+    assert answer["choices"][0]["message"]["content"] == expected.text
