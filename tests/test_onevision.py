@@ -258,3 +258,24 @@ def test_server_takes_a_video_for_onevision(pipe, photo, tmp_path):
         answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()
     assert answer["usage"]["video_tokens"] == 4 * 196 + 1 == expected.video_tokens
     assert answer["choices"][0]["message"]["content"] == expected.text
+
+
+def test_the_checkpoints_video_settings_reach_the_export(checkpoint, tmp_path):
+    """OneVision's Hub repos keep the video processor's settings in video_processor/: the export gets them."""
+    import json
+    import shutil
+
+    from llava_ov.exporting.convert import copy_video_settings
+    from llava_ov.runtime.export import ExportDir
+
+    source = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, source)
+    (source / "video_processor").mkdir()
+    settings = {"image_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": 192, "width": 192},
+                "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3}  # fmt: skip
+    (source / "video_processor" / "preprocessor_config.json").write_text(json.dumps(settings))
+    export = tmp_path / "export"
+    export.mkdir()
+    assert copy_video_settings(str(checkpoint), None, export) is None  # none: the image settings stand in
+    assert copy_video_settings(str(source), None, export) is not None
+    assert ExportDir(export).video_config.base_size == (192, 192)

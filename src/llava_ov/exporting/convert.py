@@ -27,6 +27,7 @@ from typing import Any
 from llava_ov.common import layout
 from llava_ov.errors import DiskFullError, LlavaOvError, ModelNotFoundError
 from llava_ov.runtime.families import FamilyEntry as Family, family_for
+from llava_ov.runtime.export import VIDEO_SETTINGS_FILE
 from llava_ov.exporting.fp16 import compress_keeping_rotary_f32
 from llava_ov.common.layout import looks_like_path
 from llava_ov.common.progress import Phases
@@ -348,6 +349,27 @@ def write_config_files(model, processor, out: Path, family: Family) -> None:
         (out / layout.CHAT_TEMPLATE).write_text(processor.chat_template)
 
 
+# Where checkpoints keep their video processor's settings (OneVision's Hub repos: the subfolder form)
+VIDEO_SETTINGS_SOURCES = (VIDEO_SETTINGS_FILE, "video_processor/preprocessor_config.json")
+
+
+def copy_video_settings(src: str, revision: str | None, out: Path) -> Path | None:
+    """The checkpoint's video-processor settings, copied to the export's VIDEO_SETTINGS_FILE (the runtime's
+    per-frame preprocessing reads them there; without them it uses the image settings, as transformers does)."""
+    from transformers.utils import cached_file
+
+    for name in VIDEO_SETTINGS_SOURCES:
+        try:
+            found = cached_file(src, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+        except Exception:  # noqa: BLE001 - an unreachable or odd hub file: the image settings stand in, as without one
+            found = None
+        if found:
+            settings = json.loads(Path(found).read_text())
+            (out / VIDEO_SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+            return out / VIDEO_SETTINGS_FILE
+    return None
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap back to the OS (glibc keeps ~1.4 GiB of tracing activations otherwise)."""
     gc.collect()
@@ -444,6 +466,7 @@ def _convert_parts(src: str, out: Path, family: Family, opts: ConvertOptions, ph
         write_tokenizers(processor, out)
     with phases.phase("writing config, processor and chat-template files"):
         write_config_files(model, processor, out, family)
+        copy_video_settings(src, opts.revision, out)
     del model
     release_memory()
     info = layout.ExportInfo(
