@@ -371,7 +371,7 @@ def _check_video(path: str, takes_video: bool) -> None:
     from llava_ov.runtime.video import open_video
 
     if not takes_video:
-        raise _gradio().Error("this model takes no video (LLaVA-NeXT-Video models do)", title="No video here")
+        raise _gradio().Error("this model takes no video (LLaVA-NeXT-Video and LLaVA-OneVision models do)", title="No video here")
     try:
         open_video(path).close()
     except LlavaOvError as exc:

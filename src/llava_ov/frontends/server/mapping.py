@@ -92,7 +92,7 @@ async def to_messages(
         raise APIError(400, f"{count} images in one request; the limit is {settings.max_images}", param="messages")
     count = sum(isinstance(p, (VideoPart, VideoFramesPart)) for p in parts)
     if count and not takes_video:
-        raise APIError(400, "this model takes no video (LLaVA-NeXT-Video models do); send frames as images",
+        raise APIError(400, "this model takes no video (LLaVA-NeXT-Video and LLaVA-OneVision models do); send frames as images",
                        param="messages", code="invalid_video")  # fmt: skip
     if count > settings.max_videos:
         raise APIError(400, f"{count} videos in one request; the limit is {settings.max_videos}", param="messages")
