@@ -15,6 +15,11 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's: -2..2, per token already in the answer")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's: -2..2, per occurrence in the answer")
+    p.add_argument("--min-p", type=float, default=0.0, help="sampling keeps tokens >= this share of the likeliest")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
+                   help="add BIAS (-100..100) to a token's logit (repeatable)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json-schema", metavar="FILE", default=None,
@@ -49,6 +54,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     LoadSettings.add_arguments(p)
 
 
+def parse_logit_bias(items: list[str]) -> dict[int, float] | None:
+    """TOKEN_ID=BIAS flags as logit_bias (LlavaOvError for a malformed one)."""
+    from llava_ov.errors import LlavaOvError
+
+    bias = {}
+    for item in items:
+        token, _, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise LlavaOvError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 2=-100), not {item!r}") from None
+    return bias or None
+
+
 def generation_config(args: argparse.Namespace):
     from llava_ov.runtime.constrained import load_schema
     from llava_ov.runtime.generate import GenerationConfig
@@ -57,6 +76,8 @@ def generation_config(args: argparse.Namespace):
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop),
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_p=args.min_p,
+        logit_bias=parse_logit_bias(args.logit_bias),
         json_schema=load_schema(schema) if schema else None,
         max_image_tokens=getattr(args, "max_image_tokens", None),
         visual_token_pruning=getattr(args, "visual_token_pruning", 0.0),

@@ -19,6 +19,7 @@ import numpy as np
 from llava_ov.errors import LlavaOvError
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
 MAX_PRUNING = 0.99  # keep at least 1% of the image tokens
 MAX_FRAMES = 256  # sampled frames per video (144 tokens each on LLaVA-NeXT-Video: far past any context)
 MAX_VIDEO_FPS = 60.0
@@ -30,7 +31,11 @@ class GenerationConfig:
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # transformers': seen tokens (prompt included) divided / multiplied
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from every token the answer already holds
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time the answer already holds the token
+    min_p: float = 0.0  # sampling keeps tokens at least this share of the likeliest one's probability; 0: off
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans, +100 forces)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # not while a JSON schema is set: the JSON's end ends the answer
@@ -48,6 +53,11 @@ class GenerationConfig:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be in [0.01, 100]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (len(self.logit_bias or {}) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
+            (all(-100 <= v <= 100 for v in (self.logit_bias or {}).values()), "logit_bias values must be in [-100, 100]"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"logprobs (top alternatives) must be in [0, {MAX_TOP_LOGPROBS}]"),
             (self.max_image_tokens is None or self.max_image_tokens >= 1, "max_image_tokens must be >= 1"),
@@ -65,22 +75,28 @@ class GenerationConfig:
             check_schema(self.json_schema)
 
 
+    def check_vocabulary(self, size: int) -> None:
+        """logit_bias names tokens of this vocabulary (LlavaOvError naming the first that is not)."""
+        bad = [t for t in (self.logit_bias or {}) if not 0 <= t < size]
+        if bad:
+            raise LlavaOvError(f"logit_bias token {bad[0]} is not in the vocabulary (ids 0..{size - 1})")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
 class Sampler:
-    """Picks the next token from logits: greedy, or temperature/top-k/top-p sampling (seeded)."""
+    """Picks the next token from logits: bias and penalties, then greedy or temperature/top-k/top-p/min-p sampling (seeded)."""
 
     def __init__(self, config: GenerationConfig):
         self.config = config
         self.rng = np.random.default_rng(config.seed)
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
+    def __call__(self, logits: np.ndarray, history: Sequence[int], answer: Sequence[int] = ()) -> int:
+        """The next token; `history`: the tokens the repetition penalty sees, `answer`: those generated so far."""
         cfg = self.config
-        if cfg.repetition_penalty != 1.0 and len(history):
-            logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+        logits = self.adjust(logits, history, answer)
         if cfg.greedy:
             return int(np.argmax(logits))
         scores = logits.astype(np.float64)
@@ -89,7 +105,26 @@ class Sampler:
             scores = (scores - scores.max()) / cfg.temperature
         return self._sample(np.nan_to_num(scores, nan=-np.inf))
 
+    def adjust(self, logits: np.ndarray, history: Sequence[int], answer: Sequence[int]) -> np.ndarray:
+        """logit_bias, then the repetition, presence and frequency penalties (vLLM's order)."""
+        cfg = self.config
+        if cfg.logit_bias:
+            logits = logits.astype(np.float32, copy=True)
+            ids = np.fromiter(cfg.logit_bias, np.int64)
+            logits[ids] += np.fromiter(cfg.logit_bias.values(), np.float32)
+        if cfg.repetition_penalty != 1.0 and len(history):
+            logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+        if (cfg.presence_penalty or cfg.frequency_penalty) and len(answer):
+            logits = apply_openai_penalties(logits, answer, cfg.presence_penalty, cfg.frequency_penalty)
+        return logits
+
     def _sample(self, scores: np.ndarray) -> int:
+        order, probs = self.distribution(scores)
+        return int(order[self.rng.choice(len(order), p=probs)])
+
+    def distribution(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens sampling may pick (likeliest first) and their probabilities, from temperature-scaled
+        scores: top-k, then top-p, then min-p (transformers' order of its warpers)."""
         cfg = self.config
         if cfg.top_k and cfg.top_k < scores.size:
             candidates = np.argpartition(-scores, cfg.top_k - 1)[: cfg.top_k]
@@ -101,7 +136,10 @@ class Sampler:
         if cfg.top_p < 1.0:
             keep = int(np.searchsorted(np.cumsum(probs), cfg.top_p) + 1)  # smallest set with mass >= top_p
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-        return int(order[self.rng.choice(len(order), p=probs)])
+        if cfg.min_p > 0:  # relative to the likeliest token: the same before and after renormalising
+            keep = int(np.count_nonzero(probs >= cfg.min_p * probs[0]))
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return order, probs
 
 
 def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
@@ -111,6 +149,15 @@ def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty
     seen = seen[(seen >= 0) & (seen < out.size)]
     vals = out[seen]
     out[seen] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def apply_openai_penalties(logits: np.ndarray, answer: Sequence[int], presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's rule over the generated tokens: logit -= presence * (count > 0) + frequency * count."""
+    out = logits.astype(np.float32, copy=True)
+    ids, counts = np.unique(np.asarray(answer, dtype=np.int64), return_counts=True)
+    keep = (ids >= 0) & (ids < out.size)
+    out[ids[keep]] -= presence + frequency * counts[keep].astype(np.float32)
     return out
 
 
@@ -245,7 +292,8 @@ class DecodeState:
         self.config = config
         self.eos_ids = eos_ids
         self.limit = min(config.max_new_tokens, max_tokens if max_tokens is not None else config.max_new_tokens)
-        self.seen = list(history)  # only read by the repetition penalty
+        self.seen = list(history)  # read by the repetition penalty
+        self.answer: list[int] = []  # read by the presence and frequency penalties
         self.produced = 0
         self.finished: str | None = None
         self._last = time.perf_counter()
@@ -260,7 +308,7 @@ class DecodeState:
     def next(self, logits: np.ndarray) -> TokenEvent:
         """Sample the next token from `logits`; the event's finish_reason says whether to go on."""
         allowed = logits if self.constraint is None else self.constraint.mask(logits)
-        token = self.sampler(allowed, self.seen)
+        token = self.sampler(allowed, self.seen, self.answer)
         if token in self.eos_ids and (self.constraint is not None or not self.config.ignore_eos):
             return self._final("eos")
         if self.constraint is not None:
@@ -268,6 +316,7 @@ class DecodeState:
         logprob = None if self.config.logprobs is None else token_logprob(logits, token, self.config.logprobs)
         self.produced += 1
         self.seen.append(token)
+        self.answer.append(token)
         text, stopped = self.stops.feed(self.detok.push(token))
         now = time.perf_counter()
         elapsed, self._last = now - self._last, now

@@ -167,6 +167,7 @@ class Pipeline:
         started = time.perf_counter()
         config = config or GenerationConfig()
         config.validate()
+        config.check_vocabulary(int(self.model.text_config["vocab_size"]))
         messages = as_messages(prompt, images, videos)
         cancel = cancel or threading.Event()
         self._cancels.add(cancel)

@@ -38,6 +38,10 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=req.top_k or 0,
         repetition_penalty=req.repetition_penalty or 1.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        min_p=req.min_p or 0.0,
+        logit_bias=logit_bias(req.logit_bias),
         seed=req.seed,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         json_schema=json_schema(req),
@@ -55,6 +59,17 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
     except LlavaOvError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
     return config
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as JSON object keys) with integer ids (400 for a key that is not one)."""
+    if not bias:
+        return None
+    try:
+        return {int(token): float(value) for token, value in bias.items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias",
+                       code="invalid_value") from None  # fmt: skip
 
 
 def json_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:

@@ -104,6 +104,10 @@ class ChatCompletionRequest(_Lenient):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, description="extension: 0 = off")
     repetition_penalty: float | None = Field(default=None, ge=0.01, le=10, description="extension")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    min_p: float | None = Field(default=None, ge=0, le=1, description="extension (vLLM's): 0 = off")
+    logit_bias: dict[str, float] | None = Field(default=None, description="token id -> bias in [-100, 100]")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     n: int | None = Field(default=None, description="only 1 is supported")
