@@ -157,10 +157,11 @@ def api_error(exc: BaseException) -> APIError:
     return APIError(500, "internal server error while generating (see the server log)", code="internal_error")
 
 
-def usage(result: Any) -> dict[str, int]:
+def usage(result: Any) -> dict[str, Any]:
     prompt, completion = result.prompt_tokens, len(result.token_ids)
     return {
         "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},  # reused from the prefix KV cache
         "image_tokens": result.image_tokens, "image_tokens_total": result.image_tokens_total,
         "video_tokens": result.video_tokens, "video_frames": result.video_frames,
     }  # fmt: skip

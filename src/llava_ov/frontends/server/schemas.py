@@ -124,10 +124,15 @@ class ChatCompletionRequest(_Lenient):
     tools: list[dict[str, Any]] | None = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(default=0, description="prompt tokens reused from the prefix KV cache (not prefilled)")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     image_tokens: int = Field(default=0, description="extension: image tokens in the prompt (kept)")
     image_tokens_total: int = Field(default=0, description="extension: before the image-token budget and pruning")
     video_tokens: int = Field(default=0, description="extension: video tokens in the prompt")

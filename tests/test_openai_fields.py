@@ -1,5 +1,6 @@
-"""presence/frequency penalty, min_p and logit_bias: done, not ignored — the rules against their references
-(OpenAI's documented formula, transformers' warpers), through the Pipeline, the CLI and the server (openai client)."""
+"""OpenAI fields done, not ignored: presence/frequency penalty, min_p and logit_bias — the rules against their
+references (OpenAI's documented formula, transformers' warpers), through the Pipeline, the CLI and the server
+(openai client) — and `usage.prompt_tokens_details.cached_tokens`."""
 
 from __future__ import annotations
 
@@ -147,3 +148,21 @@ def test_server_fields_equal_the_pipeline(client, pipe, stream):
 def test_server_refuses_a_bad_logit_bias(client, bias, message):
     with pytest.raises(openai.BadRequestError, match=message):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], logit_bias=bias)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_held(client, pipe, stream):
+    pipe.clear_caches()
+    text = f"A question asked twice, streamed={stream}. " * 12  # several KV blocks of the same prompt
+    kwargs = dict(model="m", messages=[{"role": "user", "content": text}], max_tokens=2)
+    if stream:
+        kwargs.update(stream=True, stream_options={"include_usage": True})
+
+    def usage():
+        if not stream:
+            return client.chat.completions.create(**kwargs).usage
+        return [c for c in client.chat.completions.create(**kwargs) if c.usage is not None][-1].usage
+
+    first, second = usage(), usage()
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert 0 < second.prompt_tokens_details.cached_tokens < second.prompt_tokens == first.prompt_tokens
