@@ -20,11 +20,11 @@ import numpy as np
 
 
 def llguidance_run(export: Path, schema: dict, n_vocab: int, eos: int, tokens: int, rng) -> tuple[float, list[float]]:
-    from llava_ov.runtime.constrained import JsonGrammars
+    from llava_ov.runtime.constrained import Grammars
 
-    grammars = JsonGrammars.from_export(export, n_vocab, [eos])
+    grammars = Grammars.from_export(export, n_vocab, [eos])
     start = time.perf_counter()
-    constraint = grammars.constraint(schema)
+    constraint = grammars.constraint("json_schema", schema)
     compile_s = time.perf_counter() - start
     steps = []
     for _ in range(tokens):

@@ -24,6 +24,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json-schema", metavar="FILE", default=None,
                    help="answer with JSON valid under this JSON Schema (constrained decoding)")  # fmt: skip
+    p.add_argument("--regex", default=None, help="answer with text matching this regular expression (constrained)")
+    p.add_argument("--grammar", metavar="FILE", default=None,
+                   help="answer with text this Lark grammar derives (llguidance's dialect; constrained)")  # fmt: skip
     add_image_token_args(p)
     add_video_args(p)
 
@@ -69,7 +72,7 @@ def parse_logit_bias(items: list[str]) -> dict[int, float] | None:
 
 
 def generation_config(args: argparse.Namespace):
-    from llava_ov.runtime.constrained import load_schema
+    from llava_ov.runtime.constrained import load_grammar, load_schema
     from llava_ov.runtime.generate import GenerationConfig
 
     schema = getattr(args, "json_schema", None)
@@ -79,6 +82,8 @@ def generation_config(args: argparse.Namespace):
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_p=args.min_p,
         logit_bias=parse_logit_bias(args.logit_bias),
         json_schema=load_schema(schema) if schema else None,
+        regex=getattr(args, "regex", None),
+        grammar=load_grammar(args.grammar) if getattr(args, "grammar", None) else None,
         max_image_tokens=getattr(args, "max_image_tokens", None),
         visual_token_pruning=getattr(args, "visual_token_pruning", 0.0),
         num_frames=getattr(args, "num_frames", None), video_fps=getattr(args, "video_fps", None),

@@ -1,10 +1,11 @@
-"""Grammar-constrained decoding: answers that validate against a JSON Schema, via llguidance.
+"""Grammar-constrained decoding via llguidance: answers valid under a JSON Schema, a regular expression or
+a Lark grammar (llguidance's dialect: https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md).
 
-`JsonGrammars` is built once per export from its tokenizer.json (llguidance reads it with
-the Hugging Face tokenizers library, byte-fallback pieces included) and turns a schema into
-a `JsonConstraint`, one per sequence: `mask(logits)` before each sample lets through only
+`Grammars` is built once per export from its tokenizer.json (llguidance reads it with
+the Hugging Face tokenizers library, byte-fallback pieces included) and turns a grammar into
+a `GrammarConstraint`, one per sequence: `mask(logits)` before each sample lets through only
 tokens that keep the text a valid prefix, `accept(token)` advances the grammar, and
-`complete` says when the JSON has ended (nothing but the end can follow).
+`complete` says when the grammar has ended (nothing but the end can follow).
 
 The JSON is compact (no free whitespace between tokens): a weak or random-weight model
 cannot then loop on blanks, and parsers do not care.  Schemas llguidance does not support
@@ -24,13 +25,26 @@ import numpy as np
 from llava_ov.errors import LlavaOvError
 from llava_ov.runtime.export import ExportDir
 
-MAX_SCHEMA_BYTES = 64 * 1024  # a schema larger than this is refused before it is compiled
+MAX_SCHEMA_BYTES = 64 * 1024  # a schema (or regex, or grammar) larger than this is refused before it is compiled
+GRAMMAR_KINDS = ("json_schema", "regex", "grammar")  # GenerationConfig fields; "grammar" is Lark
 JSON_OBJECT: dict[str, Any] = {"type": "object"}  # OpenAI's json_object: any JSON object
 GRAMMAR_OPTIONS = {"whitespace_flexible": False}
 
 
-class InvalidSchemaError(LlavaOvError):
+class InvalidGrammarError(LlavaOvError):
+    """A regular expression or Lark grammar that cannot constrain decoding."""
+
+
+class InvalidSchemaError(InvalidGrammarError):
     """A JSON Schema that cannot constrain decoding (malformed, unsupported or unsatisfiable)."""
+
+
+def check_grammar_text(kind: str, text: Any) -> None:
+    """Cheap checks of a regex or Lark grammar before compiling: non-empty text of bounded size."""
+    if not isinstance(text, str) or not text:
+        raise InvalidGrammarError(f"the {kind} must be a non-empty string")
+    if len(text.encode()) > MAX_SCHEMA_BYTES:
+        raise InvalidGrammarError(f"the {kind} is {len(text.encode()):,} bytes; the limit is {MAX_SCHEMA_BYTES:,}")
 
 
 def check_schema(schema: Any) -> None:
@@ -59,6 +73,16 @@ def load_schema(path: str | Path) -> dict[str, Any]:
     return schema
 
 
+def load_grammar(path: str | Path) -> str:
+    """A Lark grammar file for the command line (a clear error for a missing one)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidGrammarError(f"cannot read the grammar {path}: {exc.strerror or exc}") from None
+    check_grammar_text("grammar", text)
+    return text
+
+
 def parse_answer(text: str, finish_reason: str, tokens: int) -> tuple[Any, str | None]:
     """(parsed JSON, None) for an answer under a schema, or (None, why it is not complete JSON)."""
     if finish_reason == "length":
@@ -70,8 +94,9 @@ def parse_answer(text: str, finish_reason: str, tokens: int) -> tuple[Any, str |
         return None, f"the answer ended by {how} before its JSON did"
 
 
-class JsonGrammars:
-    """Compiles JSON Schemas for one tokenizer vocabulary (thread-safe; one per pipeline)."""
+class Grammars:
+    """Compiles JSON Schemas, regular expressions and Lark grammars for one tokenizer vocabulary
+    (thread-safe; one per pipeline)."""
 
     def __init__(self, tokenizer_json: str, n_vocab: int, eos_ids: Iterable[int]):
         from llguidance import LLTokenizer
@@ -81,28 +106,38 @@ class JsonGrammars:
         self.tokenizer = LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=eos or None)
 
     @classmethod
-    def from_export(cls, export: ExportDir | Path, n_vocab: int, eos_ids: Iterable[int]) -> JsonGrammars:
+    def from_export(cls, export: ExportDir | Path, n_vocab: int, eos_ids: Iterable[int]) -> Grammars:
         export = ExportDir.of(export)
         if export.tokenizer_json_text is None:
             raise LlavaOvError(f"structured output needs the export's tokenizer.json, which {export.path} lacks")
         return cls(export.tokenizer_json_text, n_vocab, eos_ids)
 
-    def constraint(self, schema: dict[str, Any]) -> JsonConstraint:
-        """A fresh grammar state for one sequence (InvalidSchemaError naming the problem)."""
+    def constraint(self, kind: str, value: Any) -> GrammarConstraint:
+        """A fresh grammar state for one sequence; `kind` one of GRAMMAR_KINDS (InvalidGrammarError naming
+        the problem: InvalidSchemaError for a schema)."""
         from llguidance import LLMatcher
 
-        check_schema(schema)
+        error, what = (InvalidSchemaError, "the JSON schema") if kind == "json_schema" else (InvalidGrammarError, f"the {kind}")
+        if kind == "json_schema":
+            check_schema(value)
+        else:
+            check_grammar_text(kind, value)
         try:
-            grammar = LLMatcher.grammar_from_json_schema(schema, defaults=GRAMMAR_OPTIONS)
+            if kind == "json_schema":
+                grammar = LLMatcher.grammar_from_json_schema(value, defaults=GRAMMAR_OPTIONS)
+            elif kind == "regex":
+                grammar = LLMatcher.grammar_from_regex(value)
+            else:
+                grammar = LLMatcher.grammar_from_lark(value)
         except (ValueError, TypeError) as exc:
-            raise InvalidSchemaError(f"the JSON schema cannot be used: {exc}") from None
+            raise error(f"{what} cannot be used: {exc}") from None
         matcher = LLMatcher(self.tokenizer, grammar)
         if matcher.is_error():
-            raise InvalidSchemaError(f"the JSON schema cannot be used: {matcher.get_error()}")
-        return JsonConstraint(matcher, self.n_vocab)
+            raise error(f"{what} cannot be used: {matcher.get_error()}")
+        return GrammarConstraint(matcher, self.n_vocab)
 
 
-class JsonConstraint:
+class GrammarConstraint:
     """One sequence's grammar state: masks logits and follows the sampled tokens."""
 
     def __init__(self, matcher: Any, n_vocab: int):
@@ -134,6 +169,6 @@ class JsonConstraint:
 
     @property
     def complete(self) -> bool:
-        """The JSON has ended: nothing but the end of the answer may follow."""
+        """The grammar has ended: nothing but the end of the answer may follow."""
         return bool(self.matcher.is_stopped())
 

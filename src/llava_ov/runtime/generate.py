@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,6 +40,8 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # not while a JSON schema is set: the JSON's end ends the answer
     json_schema: dict | None = None  # constrain the answer to JSON valid under this schema
+    regex: str | None = None  # or to text matching this regular expression (whole answer)
+    grammar: str | None = None  # or to text this Lark grammar derives (llguidance's dialect)
     logprobs: int | None = None  # report each token's logprob and this many (0-20) top alternatives
     max_image_tokens: int | None = None  # the request's images at the largest resolutions within this many tokens
     visual_token_pruning: float = 0.0  # CDPruner: drop this share (0-0.99) of each image's tokens; 0: off
@@ -69,10 +71,25 @@ class GenerationConfig:
         for ok, message in checks:
             if not ok:
                 raise LlavaOvError(message)
+        if sum(v is not None for v in (self.json_schema, self.regex, self.grammar)) > 1:
+            raise LlavaOvError("json_schema, regex and grammar exclude each other: constrain an answer one way")
         if self.json_schema is not None:
             from llava_ov.runtime.constrained import check_schema
 
             check_schema(self.json_schema)
+        for kind in ("regex", "grammar"):
+            if getattr(self, kind) is not None:
+                from llava_ov.runtime.constrained import check_grammar_text
+
+                check_grammar_text(kind, getattr(self, kind))
+
+    @property
+    def constraint_spec(self) -> tuple[str, Any] | None:
+        """(kind, value) of the grammar the answer is constrained to (constrained.GRAMMAR_KINDS), or None."""
+        for kind in ("json_schema", "regex", "grammar"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        return None
 
 
     def check_vocabulary(self, size: int) -> None:
@@ -260,7 +277,7 @@ class TextStream(Protocol):
 
 
 class Constraint(Protocol):
-    """A grammar over the answer (see `constrained.JsonConstraint`)."""
+    """A grammar over the answer (see `constrained.GrammarConstraint`)."""
 
     complete: bool
     spent_s: float

@@ -24,7 +24,7 @@ import numpy as np
 
 from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.runtime.backends import Backend, backend_for
-from llava_ov.runtime.constrained import JsonConstraint, JsonGrammars
+from llava_ov.runtime.constrained import GrammarConstraint, Grammars
 from llava_ov.runtime.engine.core import Engine
 from llava_ov.runtime.generate import DecodeState, ForcedDecode, GenerationConfig
 from llava_ov.runtime.handle import Failed
@@ -54,7 +54,7 @@ class Pipeline:
         self.prompts = PromptBuilder(self.model, self.backend)
         self.eos_ids = self._eos_ids()
         self._cancels: weakref.WeakSet[threading.Event] = weakref.WeakSet()  # of generations still referenced
-        self._grammars: JsonGrammars | None = None  # built on the first request with a JSON schema
+        self._grammars: Grammars | None = None  # built on the first request with a schema, regex or grammar
         self._grammars_lock = threading.Lock()
 
     @property
@@ -223,13 +223,17 @@ class Pipeline:
         """A token's text as bytes, for logprobs (thread-safe)."""
         return self.model.tokenizer.token_bytes(token_id)
 
-    def json_constraint(self, schema: dict[str, Any]) -> JsonConstraint:
-        """A grammar state for one answer under `schema` (InvalidSchemaError naming what is wrong)."""
+    def constraint(self, config: GenerationConfig) -> GrammarConstraint | None:
+        """A grammar state for one answer under the config's JSON schema, regex or Lark grammar (None when it
+        has none; InvalidGrammarError naming what is wrong)."""
+        spec = config.constraint_spec
+        if spec is None:
+            return None
         with self._grammars_lock:
             if self._grammars is None:
                 vocab = int(self.model.text_config["vocab_size"])
-                self._grammars = JsonGrammars.from_export(self.model.export, vocab, self.eos_ids)
-        return self._grammars.constraint(schema)
+                self._grammars = Grammars.from_export(self.model.export, vocab, self.eos_ids)
+        return self._grammars.constraint(*spec)
 
     def _start(
         self, messages: Sequence[Message], config: GenerationConfig, max_prompt_tokens: int | None = None,
@@ -237,7 +241,7 @@ class Pipeline:
     ) -> tuple[PreparedPrompt, Timings, DecodeState]:
         timings = Timings()
         # before any image is encoded: a bad schema costs nothing
-        constraint = None if config.json_schema is None else self.json_constraint(config.json_schema)
+        constraint = self.constraint(config)
         prompt = self.prepare(messages, config, max_prompt_tokens, cancel.is_set if cancel is not None else None)
         self.prompts.check_context(prompt)
         timings.preprocess_s = sum(im.preprocess_s for im in prompt.images)

@@ -214,8 +214,7 @@ def _results(model, spec, config, fetch, in_flight: int, todo: list[Row]) -> Ite
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     pipe = model if spec is None else _load_with_warnings(spec)
-    if config.json_schema is not None:
-        pipe.json_constraint(config.json_schema)  # an unusable schema stops the job before any row
+    pipe.constraint(config)  # an unusable schema, regex or grammar stops the job before any row
     rows, stop = iter(todo), threading.Event()
     answer = functools.partial(caption_row, pipe, config=config, fetch=fetch, cancel=stop)
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="llava-ov-batch") as pool:

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from llava_ov import __version__
-from llava_ov.runtime.constrained import InvalidSchemaError
+from llava_ov.runtime.constrained import InvalidGrammarError
 from llava_ov.errors import LlavaOvError
 from llava_ov.frontends.server.completions import Completion, EventStream
 from llava_ov.frontends.server.errors import APIError, error_body
@@ -203,8 +203,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         config = generation_config(body, settings)
         if state.worker.depth >= settings.max_queue:  # fail fast, before fetching and decoding images
             raise queue_full()
-        if config.json_schema is not None:  # a schema that cannot be compiled is refused before images are fetched
-            await asyncio.to_thread(_check_schema_compiles, state.worker.pipeline, config.json_schema)
+        if config.constraint_spec is not None:  # a grammar that cannot be compiled is refused before images are fetched
+            await asyncio.to_thread(_check_grammar_compiles, state.worker.pipeline, config)
         takes_video = state.worker.pipeline.model.family.takes_video
         job = Job(await to_messages(body, settings, state.images, state.videos, takes_video), config)
         try:
@@ -238,10 +238,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _check_schema_compiles(pipeline: Any, schema: dict[str, Any]) -> None:
+def _check_grammar_compiles(pipeline: Any, config: Any) -> None:
     try:
-        pipeline.json_constraint(schema)
-    except InvalidSchemaError as exc:
+        pipeline.constraint(config)
+    except InvalidGrammarError as exc:
         raise schema_error(exc) from None
 
 

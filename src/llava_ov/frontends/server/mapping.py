@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from llava_ov.runtime.constrained import JSON_OBJECT, InvalidSchemaError
+from llava_ov.runtime.constrained import JSON_OBJECT, InvalidGrammarError, InvalidSchemaError
 from llava_ov.errors import ContextLengthError, InvalidImageError, LlavaOvError
 from llava_ov.runtime.generate import GenerationConfig, TokenLogprob
 from llava_ov.runtime.pipeline import Message
@@ -45,6 +45,7 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
         seed=req.seed,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         json_schema=json_schema(req),
+        **grammar_fields(req),
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         max_image_tokens=req.max_image_tokens or settings.max_image_tokens,
         visual_token_pruning=settings.visual_token_pruning if req.visual_token_pruning is None
@@ -54,7 +55,7 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
     )
     try:
         config.validate()
-    except InvalidSchemaError as exc:
+    except InvalidGrammarError as exc:
         raise schema_error(exc) from None
     except LlavaOvError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
@@ -72,18 +73,33 @@ def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
                        code="invalid_value") from None  # fmt: skip
 
 
-def json_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
-    """The schema `response_format` asks for (None for text); json_object is any JSON object."""
+def grammar_fields(req: ChatCompletionRequest) -> dict[str, str]:
+    """The regex or Lark grammar a request asks for: response_format's, or vLLM's guided_regex/guided_grammar."""
     fmt = req.response_format
-    if fmt is None or fmt.type == "text":
+    fields = {"regex": req.guided_regex, "grammar": req.guided_grammar}
+    if fmt is not None and fmt.type in ("regex", "grammar"):
+        if fields[fmt.type] is not None:
+            raise APIError(400, f"{fmt.type} given twice (response_format and guided_{fmt.type})", param="response_format")
+        fields[fmt.type] = getattr(fmt, fmt.type)
+    given = {k: v for k, v in fields.items() if v is not None}
+    if given and fmt is not None and fmt.type in ("json_object", "json_schema"):
+        raise APIError(400, f"response_format {fmt.type} and a {next(iter(given))} exclude each other", param="response_format")
+    return given
+
+
+def json_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The schema `response_format` asks for (None for text, regex, grammar); json_object is any JSON object."""
+    fmt = req.response_format
+    if fmt is None or fmt.type in ("text", "regex", "grammar"):
         return None
     if fmt.type == "json_object":
         return dict(JSON_OBJECT)
     return fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else dict(JSON_OBJECT)
 
 
-def schema_error(exc: InvalidSchemaError) -> APIError:
-    return APIError(400, str(exc), param="response_format", code="invalid_json_schema")
+def schema_error(exc: InvalidGrammarError) -> APIError:
+    code = "invalid_json_schema" if isinstance(exc, InvalidSchemaError) else "invalid_grammar"
+    return APIError(400, str(exc), param="response_format", code=code)
 
 
 def logprobs_content(entries: list[TokenLogprob] | None, token_bytes: Callable[[int], bytes]) -> list[dict[str, Any]]:
@@ -150,7 +166,7 @@ def api_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param="messages", code="invalid_image")
     if isinstance(exc, InvalidVideoError):
         return APIError(400, str(exc), param="messages", code="invalid_video")
-    if isinstance(exc, InvalidSchemaError):
+    if isinstance(exc, InvalidGrammarError):
         return schema_error(exc)
     if isinstance(exc, LlavaOvError):
         return APIError(400, str(exc), code="invalid_request")

@@ -92,7 +92,19 @@ class JsonSchemaFormat(_Lenient):
     json_schema: JsonSchemaSpec
 
 
-ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat], Field(discriminator="type")]
+class RegexFormat(_Lenient):
+    type: Literal["regex"]
+    regex: str = Field(min_length=1, description="the whole answer matches this regular expression")
+
+
+class GrammarFormat(_Lenient):
+    type: Literal["grammar"]
+    grammar: str = Field(min_length=1, description="a Lark grammar (llguidance's dialect) the answer follows")
+
+
+ResponseFormat = Annotated[
+    Union[TextFormat, JsonObjectFormat, JsonSchemaFormat, RegexFormat, GrammarFormat], Field(discriminator="type")
+]
 
 
 class ChatCompletionRequest(_Lenient):
@@ -113,7 +125,9 @@ class ChatCompletionRequest(_Lenient):
     n: int | None = Field(default=None, description="only 1 is supported")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = Field(default=None, description="text, json_object or json_schema")
+    response_format: ResponseFormat | None = Field(default=None, description="text, json_object, json_schema, regex or grammar")
+    guided_regex: str | None = Field(default=None, description="vLLM's name: as response_format regex")
+    guided_grammar: str | None = Field(default=None, description="vLLM's name: as response_format grammar (Lark)")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="needs logprobs: true")
     max_image_tokens: int | None = Field(default=None, ge=1, description="extension: image-token budget")
