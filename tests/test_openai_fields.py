@@ -166,3 +166,41 @@ def test_usage_reports_the_prompt_tokens_the_prefix_cache_held(client, pipe, str
     first, second = usage(), usage()
     assert first.prompt_tokens_details.cached_tokens == 0
     assert 0 < second.prompt_tokens_details.cached_tokens < second.prompt_tokens == first.prompt_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_answers_share_one_prefill(client, pipe, stream):
+    """n = 4: four choices, sampled with seed + i (each equal to the pipeline's single answer with that seed),
+    the prompt prefilled once (counted in the engine: the others only recompute their last partial block)."""
+    pipe.clear_caches()
+    text = f"Four answers, streamed={stream}. " * 10
+    singles = [pipe.generate(text, config=GenerationConfig(max_new_tokens=6, temperature=1.0, seed=20 + i))
+               for i in range(4)]  # fmt: skip
+    expected = [r.text for r in singles]
+    pipe.clear_caches()
+    before = pipe.engine.stats()["prefilled_tokens"]
+    kwargs = dict(model="m", messages=[{"role": "user", "content": text}], max_tokens=6, temperature=1.0, seed=20, n=4)
+    if stream:
+        texts = ["", "", "", ""]
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        for chunk in chunks:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+        finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert sorted(finished) == [0, 1, 2, 3]
+        usage = chunks[-1].usage
+    else:
+        response = client.chat.completions.create(**kwargs)
+        texts = [c.message.content for c in sorted(response.choices, key=lambda c: c.index)]
+        usage = response.usage
+    assert texts == expected and len(set(texts)) > 1
+    prompt = usage.prompt_tokens
+    prefilled = pipe.engine.stats()["prefilled_tokens"] - before
+    block = pipe.engine.stats()["block_size"]
+    assert prompt <= prefilled < prompt + 3 * block  # one prefill, three tails of under a block
+    assert usage.completion_tokens == sum(len(r.token_ids) for r in singles)
+
+
+def test_n_out_of_range_is_refused(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], n=17)

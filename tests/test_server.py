@@ -306,7 +306,8 @@ BAD_REQUESTS = {
     "bad part type": {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]},
     "negative max_tokens": {"messages": HELLO, "max_tokens": -1},
     "temperature too high": {"messages": HELLO, "temperature": 5},
-    "n=2": {"messages": HELLO, "n": 2},
+    "n=17": {"messages": HELLO, "n": 17},
+    "n=0": {"messages": HELLO, "n": 0},
     "top_logprobs without logprobs": {"messages": HELLO, "top_logprobs": 2},
     "top_logprobs 21": {"messages": HELLO, "logprobs": True, "top_logprobs": 21},
     "unknown response_format": {"messages": HELLO, "response_format": {"type": "xml"}},
@@ -322,8 +323,8 @@ BAD_REQUESTS = {
 def test_bad_requests_get_400(server, case):
     error = assert_error(post(server, BAD_REQUESTS[case]), 400)
     assert error["type"] == "invalid_request_error"
-    if case == "n=2":
-        assert error["param"] == "n" and "n must be 1" in error["message"]
+    if case.startswith("n="):
+        assert "n" in error["param"]
 
 
 @pytest.mark.parametrize("stream", [False, True])

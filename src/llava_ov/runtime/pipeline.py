@@ -13,6 +13,7 @@ Image features are cached by content either way.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 import weakref
@@ -37,6 +38,14 @@ __all__ = [
     "Pipeline", "Message", "PreparedImage", "PreparedPrompt", "GenerationResult", "StreamChunk", "Timings",
     "as_messages",
 ]  # fmt: skip
+
+
+MAX_ANSWERS = 16  # answers to one prompt (OpenAI's n); each is a sequence of the engine
+
+
+def _nth(config: GenerationConfig, index: int) -> GenerationConfig:
+    """The config of answer `index` of n: its own seed (seed + index) when the request gave one."""
+    return config if config.seed is None else dataclasses.replace(config, seed=config.seed + index)
 
 
 class Pipeline:
@@ -164,6 +173,25 @@ class Pipeline:
         cancels the generation (and a video's decoding while the prompt is prepared).
         `progress(done, total)` is called by the reader as prompt chunks are prefilled. A prompt
         over `max_prompt_tokens` (a caller's own limit) is refused before any image is encoded."""
+        return self.submit_n(prompt, 1, images, config, cancel, progress, max_prompt_tokens, videos=videos)[0]
+
+    def submit_n(
+        self,
+        prompt: str | Sequence[Message],
+        n: int,
+        images: Sequence[Any] = (),
+        config: GenerationConfig | None = None,
+        cancel: threading.Event | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        max_prompt_tokens: int | None = None,
+        *,
+        videos: Sequence[Any] = (),
+    ) -> list[ChunkStream]:
+        """`n` answers to one prompt (OpenAI's `n`): prepared once, prefilled once — the other n-1 start
+        from the first one's KV blocks in the prefix cache. With a seed, answer i samples with seed + i.
+        `cancel` stops them all; each stream is read (or closed) on its own."""
+        if not 1 <= n <= MAX_ANSWERS:
+            raise LlavaOvError(f"n must be in [1, {MAX_ANSWERS}]")
         started = time.perf_counter()
         config = config or GenerationConfig()
         config.validate()
@@ -171,14 +199,26 @@ class Pipeline:
         messages = as_messages(prompt, images, videos)
         cancel = cancel or threading.Event()
         self._cancels.add(cancel)
+        open_streams = [n]
+
+        def on_end() -> None:
+            open_streams[0] -= 1
+            if open_streams[0] == 0:
+                self._cancels.discard(cancel)
+
+        handles: list[Any] = []
         try:
-            prompt_, timings, state = self._start(messages, config, max_prompt_tokens, cancel)
-            handle = self.backend.submit(prompt_, state, cancel)
+            prompt_, timings, first = self._start(messages, config, max_prompt_tokens, cancel)
+            states = [first, *(self._decode_state(prompt_, _nth(config, i)) for i in range(1, n))]
+            for state in states:
+                handles.append(self.backend.submit(prompt_, state, cancel, after=handles[0] if handles else None))
         except BaseException:
+            if handles:  # some were submitted: they stop with the rest
+                cancel.set()
             self._cancels.discard(cancel)
             raise
-        collect = Collector(prompt_, timings, started, constraint=state.constraint)
-        return ChunkStream(handle, collect, progress, on_end=lambda: self._cancels.discard(cancel))
+        return [ChunkStream(h, Collector(prompt_, timings, started, constraint=s.constraint), progress, on_end=on_end)
+                for h, s in zip(handles, states)]  # fmt: skip
 
     def stream(
         self,
@@ -247,12 +287,16 @@ class Pipeline:
         timings.preprocess_s = sum(im.preprocess_s for im in prompt.images)
         timings.vision_s = sum(im.vision_s for im in prompt.images)
         timings.prune_s = sum(im.prune_s for im in prompt.images)
-        state = DecodeState(
+        return prompt, timings, self._decode_state(prompt, config, constraint)
+
+    def _decode_state(self, prompt: PreparedPrompt, config: GenerationConfig, constraint: Any = None) -> DecodeState:
+        """One answer's sampler, detokenizer and stop rules (and grammar state: a new one unless given)."""
+        return DecodeState(
             self.model.tokenizer.stream(), config, self.eos_ids,
             history=prompt.token_ids.tolist() if config.repetition_penalty != 1.0 else (),
-            max_tokens=self.model.max_context - prompt.position_end, constraint=constraint,
+            max_tokens=self.model.max_context - prompt.position_end,
+            constraint=constraint if constraint is not None else self.constraint(config),
         )  # fmt: skip
-        return prompt, timings, state
 
     def generate(self, prompt, images=(), config=None, cancel=None, *, videos=()) -> GenerationResult:
         """Run `stream` to the end and return the collected result (`videos`: files, bytes or frame lists)."""

@@ -82,6 +82,7 @@ class StreamChunk:
     finish_reason: str | None = None
     result: GenerationResult | None = None  # on the last chunk
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of this chunk's tokens, when asked for
+    index: int = 0  # which of `Pipeline.submit_n`'s answers (a choice's index), set by whoever reads several
 
 
 class Collector:

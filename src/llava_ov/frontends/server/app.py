@@ -206,7 +206,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if config.constraint_spec is not None:  # a grammar that cannot be compiled is refused before images are fetched
             await asyncio.to_thread(_check_grammar_compiles, state.worker.pipeline, config)
         takes_video = state.worker.pipeline.model.family.takes_video
-        job = Job(await to_messages(body, settings, state.images, state.videos, takes_video), config)
+        job = Job(await to_messages(body, settings, state.images, state.videos, takes_video), config, n=body.n or 1)
         try:
             state.worker.submit(job)
         except QueueFull:

@@ -106,28 +106,35 @@ class Completion:
         self.watch.stop()
 
     async def collect(self, first: StreamChunk) -> dict[str, Any]:
-        """The whole answer as a `chat.completion` object."""
+        """The whole answer (n choices) as a `chat.completion` object."""
+        results: dict[int, Any] = {}
         try:
             event = first
-            while event.result is None:
+            while True:
+                if event.result is not None:
+                    results[event.index] = event.result
+                if len(results) == self.job.n:
+                    break
                 event = await self.output.next()
                 if not isinstance(event, StreamChunk):
                     raise _terminal_error(event)
         finally:
             self.close()
-        result = event.result
+        ordered = [results[i] for i in range(self.job.n)]
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+            "choices": [{"index": i, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": FINISH_REASONS[result.finish_reason],
-                         "logprobs": self._logprobs(result.logprobs or [])}],
-            "usage": usage(result),
+                         "logprobs": self._logprobs(result.logprobs or [])} for i, result in enumerate(ordered)],
+            "usage": usage(*ordered),
         }  # fmt: skip
 
     async def events(self, first: StreamChunk) -> AsyncIterator[bytes]:
         """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        results: dict[int, Any] = {}
         try:
-            yield self._chunk({"role": "assistant", "content": ""})
+            for index in range(self.job.n):
+                yield self._chunk({"role": "assistant", "content": ""}, index=index)
             event: Any = first
             while True:
                 if not isinstance(event, StreamChunk):
@@ -135,12 +142,14 @@ class Completion:
                         yield _sse(error_body(**_error_kwargs(_terminal_error(event))))
                     break
                 if event.text or (event.logprobs and self.token_bytes):
-                    yield self._chunk({"content": event.text}, logprobs=event.logprobs)
+                    yield self._chunk({"content": event.text}, logprobs=event.logprobs, index=event.index)
                 if event.result is not None:
-                    yield self._chunk({}, FINISH_REASONS[event.result.finish_reason])
-                    if self.include_usage:
-                        yield _sse(self._base(choices=[], usage=usage(event.result)))
-                    break
+                    results[event.index] = event.result
+                    yield self._chunk({}, FINISH_REASONS[event.result.finish_reason], index=event.index)
+                    if len(results) == self.job.n:
+                        if self.include_usage:
+                            yield _sse(self._base(choices=[], usage=usage(*(results[i] for i in range(self.job.n)))))
+                        break
                 event = await self.output.next()
             yield b"data: [DONE]\n\n"
         finally:
@@ -153,8 +162,10 @@ class Completion:
             out["usage"] = None
         return out
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None, logprobs: list | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
+    def _chunk(
+        self, delta: dict[str, Any], finish_reason: str | None = None, logprobs: list | None = None, index: int = 0
+    ) -> bytes:
+        choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
                   "logprobs": self._logprobs(logprobs) if logprobs else None}  # fmt: skip
         return _sse(self._base(choices=[choice]))
 

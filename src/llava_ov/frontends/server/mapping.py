@@ -24,9 +24,6 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled"
 
 def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> GenerationConfig:
     """Sampling settings of a request, within the server's max-tokens cap (400 for what we cannot do)."""
-    if req.n not in (None, 1):
-        message = "n must be 1: this server returns one choice per request"
-        raise APIError(400, message, param="n", code="unsupported_value")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     if req.tools:
@@ -173,8 +170,10 @@ def api_error(exc: BaseException) -> APIError:
     return APIError(500, "internal server error while generating (see the server log)", code="internal_error")
 
 
-def usage(result: Any) -> dict[str, Any]:
-    prompt, completion = result.prompt_tokens, len(result.token_ids)
+def usage(*results: Any) -> dict[str, Any]:
+    """Usage of one prompt's answers: the prompt counted once (the first answer's cache hits), every answer's tokens."""
+    result = results[0]
+    prompt, completion = result.prompt_tokens, sum(len(r.token_ids) for r in results)
     return {
         "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": result.cached_tokens},  # reused from the prefix KV cache

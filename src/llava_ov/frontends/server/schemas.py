@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llava_ov.runtime.pipeline import MAX_ANSWERS
+
 MAX_STOP = 16
 
 
@@ -122,7 +124,7 @@ class ChatCompletionRequest(_Lenient):
     logit_bias: dict[str, float] | None = Field(default=None, description="token id -> bias in [-100, 100]")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    n: int | None = Field(default=None, description="only 1 is supported")
+    n: int | None = Field(default=None, ge=1, le=MAX_ANSWERS, description="answers (choices) to the prompt: one prefill")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(default=None, description="text, json_object, json_schema, regex or grammar")

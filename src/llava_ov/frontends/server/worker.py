@@ -58,7 +58,13 @@ class Job:
     received_at: float = field(default_factory=time.perf_counter)  # when the request arrived
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    stream: Any = None  # the pipeline's ChunkStream once submitted
+    n: int = 1  # answers to the prompt (OpenAI's n): one prefill, n sequences
+    streams: list[Any] = field(default_factory=list)  # the pipeline's ChunkStreams once submitted
+
+    @property
+    def stream(self) -> Any:
+        """The first answer's stream (what admission and queue metrics follow)."""
+        return self.streams[0] if self.streams else None
 
     @property
     def started(self) -> bool:
@@ -134,8 +140,8 @@ class GenerationWorker:
 
     async def _run(self, job: Job) -> None:
         try:
-            job.stream = await self._submit(job)
-            if job.stream is None:
+            job.streams = await self._submit(job)
+            if not job.streams:
                 self._drop(job)
                 return
             await self._relay(job)
@@ -146,19 +152,19 @@ class GenerationWorker:
         finally:
             self._jobs.discard(job)
 
-    async def _submit(self, job: Job) -> Any:
-        """Prepare and submit the job in a worker thread; None if it was cancelled before."""
+    async def _submit(self, job: Job) -> list[Any]:
+        """Prepare and submit the job in a worker thread: its n streams (none if it was cancelled before)."""
         if job.cancel.is_set():
             self._prepared()
-            return None
+            return []
         return await asyncio.to_thread(self._prepare_and_submit, job)
 
-    def _prepare_and_submit(self, job: Job) -> Any:
+    def _prepare_and_submit(self, job: Job) -> list[Any]:
         """(worker thread) The job leaves the preparing count as it enters the backend's queue, not
         when the event loop next resumes its task (it would count twice in `depth` meanwhile)."""
         try:
-            return self.pipeline.submit(job.messages, config=job.config, cancel=job.cancel,
-                                        max_prompt_tokens=self.max_prompt_tokens)  # fmt: skip
+            return self.pipeline.submit_n(job.messages, job.n, config=job.config, cancel=job.cancel,
+                                          max_prompt_tokens=self.max_prompt_tokens)  # fmt: skip
         finally:
             self._prepared()
 
@@ -167,22 +173,36 @@ class GenerationWorker:
             self._preparing -= 1
 
     async def _relay(self, job: Job) -> None:
-        announced = first = False
-        async for chunk in job.stream:
-            if not announced:
-                announced = True
-                if not job.stream.started:  # it ended before the backend ran it: cancelled while it waited
-                    self._drop(job)
-                    return
-                wait_s = job.stream.handle.stats.scheduled_at - job.received_at
-                self.metrics.queue_wait.observe(wait_s)
-                job.emit(Started(wait_s))
-            if not first and chunk.token_ids:
-                first = True
-                self.metrics.ttft.observe(time.perf_counter() - job.received_at)
-            if chunk.result is not None:
-                self.metrics.record_result(chunk.result)
-            job.emit(chunk)
+        """Announce the start (or the drop) on the first answer's first chunk, then relay every answer's
+        chunks as they come, each stamped with its answer's index."""
+        chunks = aiter(job.stream)
+        head = await anext(chunks, None)
+        if head is None or not job.stream.started:  # it ended before the backend ran it: cancelled while it waited
+            self._drop(job)
+            return
+        wait_s = job.stream.handle.stats.scheduled_at - job.received_at
+        self.metrics.queue_wait.observe(wait_s)
+        job.emit(Started(wait_s))
+        first = [False]
+        others = [self._relay_answer(job, i, aiter(stream), first) for i, stream in enumerate(job.streams) if i]
+        await asyncio.gather(self._relay_answer(job, 0, chunks, first, head), *others)
+
+    async def _relay_answer(self, job: Job, index: int, chunks: Any, first: list[bool], head: Any = None) -> None:
+        """One answer's chunks, stamped with its index (`head`: a chunk already read from it)."""
+        if head is not None:
+            head.index = index
+            self._forward(job, head, first)
+        async for chunk in chunks:
+            chunk.index = index
+            self._forward(job, chunk, first)
+
+    def _forward(self, job: Job, chunk: Any, first: list[bool]) -> None:
+        if not first[0] and chunk.token_ids:
+            first[0] = True
+            self.metrics.ttft.observe(time.perf_counter() - job.received_at)
+        if chunk.result is not None:
+            self.metrics.record_result(chunk.result)
+        job.emit(chunk)
 
     def _drop(self, job: Job) -> None:
         self.metrics.dropped.inc()

@@ -31,8 +31,9 @@ class Backend(Protocol):
         """What sets `prompt_limit`, for error messages ("the model's context is", ...)."""
 
     def submit(self, prompt: PreparedPrompt, state: DecodeState | ForcedDecode,
-               cancel: threading.Event | None = None) -> Handle:  # fmt: skip
-        """Queue `prompt`; `state` samples (or forces) its tokens. Never blocks on other sequences."""
+               cancel: threading.Event | None = None, after: Handle | None = None) -> Handle:  # fmt: skip
+        """Queue `prompt`; `state` samples (or forces) its tokens. Never blocks on other sequences.
+        `after`: a handle of the same prompt submitted before, whose prefill this one reuses."""
 
     def occupancy(self) -> tuple[int, int]:
         """(running, waiting): sequences being computed, and those submitted but not started."""

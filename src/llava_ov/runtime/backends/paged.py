@@ -37,9 +37,9 @@ class PagedBackend:
         return self.engine.limit_reason()
 
     def submit(self, prompt: PreparedPrompt, state: DecodeState | ForcedDecode,
-               cancel: threading.Event | None = None) -> Generation:  # fmt: skip
+               cancel: threading.Event | None = None, after: Generation | None = None) -> Generation:  # fmt: skip
         rows, features = prompt.image_rows()
-        return self.engine.submit(prompt.keys, prompt.token_ids, rows, features, state, cancel, prompt.positions)
+        return self.engine.submit(prompt.keys, prompt.token_ids, rows, features, state, cancel, prompt.positions, after)
 
     def occupancy(self) -> tuple[int, int]:
         return self.engine.occupancy()

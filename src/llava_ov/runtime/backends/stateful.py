@@ -54,7 +54,8 @@ class StatefulBackend:
         return "the model's context is"
 
     def submit(self, prompt: PreparedPrompt, state: DecodeState | ForcedDecode,
-               cancel: threading.Event | None = None) -> Handle:  # fmt: skip
+               cancel: threading.Event | None = None, after: Handle | None = None) -> Handle:  # fmt: skip
+        """One sequence at a time: a prompt submitted `after` the same one reuses its KV by prefix anyway."""
         handle = Handle(state, cancel)
         with self._door:
             if self._stopping:

@@ -38,6 +38,8 @@ CONTEXTS_IN_POOL = 16  # the default pool holds at most this many full contexts 
 class Generation(Handle):
     """A client's handle on one sequence of the engine (`for` or `async for` over its events)."""
 
+    sequence: Any = None  # the engine's Sequence (for `Engine.submit(after=...)`)
+
 
 def default_pool_blocks(lm: PagedLanguageModel, kv_cache_gb: float | None, max_context: int) -> int:
     """Blocks within the budget: the given GiB, else min(4 GiB, a quarter of available memory,
@@ -86,6 +88,7 @@ class Engine:
         self._outbox: list[tuple[Generation, Any]] = []  # events sent while the next forward runs
         self.steps = 0
         self.infer_s = 0.0  # time inside OpenVINO (the LM forwards): the rest is Python overhead
+        self.prefilled_tokens = 0  # prompt positions computed (not found in the prefix cache)
 
     # ---------------------------------------------------------------- clients
 
@@ -111,10 +114,13 @@ class Engine:
         state: DecodeState,
         cancel: threading.Event | None = None,
         positions: np.ndarray | None = None,
+        after: Generation | None = None,
     ) -> Generation:
         """Queue one sequence; its tokens are capped by the context and the pool's size.
 
-        `positions`: the prompt's position ids when they are not 0..n-1 (pruned image tokens)."""
+        `positions`: the prompt's position ids when they are not 0..n-1 (pruned image tokens).
+        `after`: a generation of the same prompt submitted before: this one is admitted once that one
+        has prefilled, and starts from its KV blocks in the prefix cache (n answers, one prefill)."""
         prompt = len(keys)
         room = self.token_limit - prompt
         if room < 1:
@@ -122,8 +128,10 @@ class Engine:
         state.limit = min(state.limit, room)
         handle = Generation(state, cancel or threading.Event())
         seq = Sequence(
-            keys, ids, image_rows, features, capacity=prompt + state.limit, payload=handle, positions=positions
+            keys, ids, image_rows, features, capacity=prompt + state.limit, payload=handle, positions=positions,
+            leader=after.sequence if after is not None else None,
         )
+        handle.sequence = seq
         with self._wake:
             if self._stopping:
                 raise LlavaOvError("the engine is shut down")
@@ -148,7 +156,7 @@ class Engine:
             "running": running, "waiting": waiting,
             "blocks_total": self.pool.num_blocks, "blocks_used": self.pool.used, "block_size": self.pool.block_size,
             "blocks_cached_idle": len(self.pool.idle), "prefix_hit_blocks": self.scheduler.cached_blocks,
-            "preemptions": self.scheduler.preemptions, "steps": self.steps,
+            "preemptions": self.scheduler.preemptions, "steps": self.steps, "prefilled_tokens": self.prefilled_tokens,
         }  # fmt: skip
 
     def close(self, timeout: float = 10.0) -> None:
@@ -231,6 +239,7 @@ class Engine:
             return
         self.steps += 1
         self.infer_s += time.perf_counter() - started
+        self.prefilled_tokens += sum(max(0, min(c.start + c.count, c.seq.prompt_len) - c.start) for c in plan)
         sampled = [c for c in plan if c.sample]
         for chunk in plan:
             self.scheduler.advance(chunk)

@@ -46,6 +46,8 @@ class Sequence:
     hashes: list[bytes] = field(default_factory=list)  # content hashes of the published full blocks
     preemptions: int = 0
     admitted: bool = False
+    leader: Sequence | None = None  # same prompt, submitted first: admitted once it has prefilled (n answers)
+    ended: bool = False  # finished or cancelled (a follower stops waiting for it)
 
     def __post_init__(self) -> None:
         prompt = len(self.keys)
@@ -56,6 +58,11 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.image_rows)
+
+    @property
+    def ready(self) -> bool:
+        """Admissible: no leader, or the leader's prompt is in its published KV blocks (or it ended)."""
+        return self.leader is None or self.leader.ended or self.leader.computed >= self.leader.prompt_len
 
     @property
     def remaining(self) -> int:
@@ -118,6 +125,7 @@ class Scheduler:
 
     def remove(self, seq: Sequence) -> None:
         """Forget `seq` (finished or cancelled) and release its blocks."""
+        seq.ended = True
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -146,7 +154,7 @@ class Scheduler:
                 continue
             plan.append(Chunk(seq, seq.computed, count))
             budget -= count
-        while budget and self.waiting and len(self.running) < self.max_running:
+        while budget and self.waiting and len(self.running) < self.max_running and self.waiting[0].ready:
             chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
                 break
