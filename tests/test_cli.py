@@ -200,3 +200,27 @@ def test_run_refuses_a_pruning_ratio_out_of_range_before_loading(tmp_path):
     proc = cli("run", tmp_path / "missing", "--prompt", "x", "--visual-token-pruning", "1.5")
     assert proc.returncode != 0 and "visual_token_pruning must be in [0, 0.99]" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_models_lists_and_removes_cached_exports(exports, tmp_path, monkeypatch, capsys):
+    """`llava-ov models` lists the cache (size, family, format, source) and `models rm NAME` removes one."""
+    import shutil
+
+    from llava_ov.cli import main
+
+    monkeypatch.setenv("LLAVA_OV_HOME", str(tmp_path))
+    cache = tmp_path / "models"
+    shutil.copytree(exports["llava"], cache / "tiny-llava-fp32")
+    (cache / "half-done-int4").mkdir()  # an interrupted conversion: no language model
+    assert main(["models", "--json"]) == 0
+    listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)["models"]}
+    assert set(listed) == {"tiny-llava-fp32", "half-done-int4"}
+    tiny = listed["tiny-llava-fp32"]
+    assert tiny["family"] == "llava" and tiny["weight_format"] == "fp32" and tiny["complete"] and tiny["size_bytes"] > 1e6
+    assert not listed["half-done-int4"]["complete"]
+    assert main(["models"]) == 0
+    assert "incomplete" in capsys.readouterr().out
+    assert main(["models", "rm", "no-such-model"]) == 2
+    assert "no cached model named 'no-such-model'" in capsys.readouterr().err
+    assert main(["models", "rm", "tiny-llava-fp32"]) == 0
+    assert not (cache / "tiny-llava-fp32").exists() and (cache / "half-done-int4").exists()

@@ -96,6 +96,29 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models cache (hub ids and checkpoints converted on first use), or remove one."""
+    from llava_ov.exporting.hub import cached_models, models_cache_dir, remove_cached
+
+    if args.action == "rm":
+        if not args.name:
+            raise LlavaOvError("models rm takes the NAME of a cached model (see `llava-ov models`)")
+        removed = remove_cached(args.name)
+        print(f"removed {removed.name} ({removed.size_bytes / 1e9:.2f} GB)")
+        return 0
+    models = cached_models()
+    if args.json:
+        rows = [{**vars(m), "path": str(m.path)} for m in models]
+        print(json.dumps({"cache": str(models_cache_dir()), "models": rows}, indent=2))
+        return 0
+    print(f"{models_cache_dir()}: {len(models)} model(s)")
+    for m in models:
+        state = "" if m.complete else "  (incomplete: an interrupted conversion; `models rm` it)"
+        print(f"{m.name}  {m.size_bytes / 1e9:.2f} GB  {m.family or '?'} {m.weight_format}  from {m.source or '?'}  "
+              f"{m.created[:10]}{state}")  # fmt: skip
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from llava_ov.runtime.pipeline import Pipeline
 
@@ -146,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llava-next-video, llava-onevision: models that also take videos (--video, /video)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demo_model)
+
+    p = sub.add_parser("models", help="list the models converted into the cache (hub ids), or remove one")
+    p.add_argument("action", nargs="?", choices=["list", "rm"], default="list")
+    p.add_argument("name", nargs="?", help="with rm: the cached model's name, as `llava-ov models` lists it")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("info", help="show what an export holds and how it runs")
     p.add_argument("model", help="export directory")

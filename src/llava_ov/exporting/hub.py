@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from llava_ov.common.layout import LANGUAGE_MODEL, looks_like_path
@@ -47,3 +49,44 @@ def resolve_model(model: str, weight_format: str = "int4") -> Path:
         ) from None
     print(f"{model} is not converted yet; converting to {target} (once) ...", flush=True)
     return convert(model, target, ConvertOptions(weight_format=weight_format, overwrite=True))
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One export in the models cache."""
+
+    name: str  # its folder name (what `llava-ov models rm` takes)
+    path: Path
+    size_bytes: int
+    source: str  # the hub id or checkpoint it was made from ("" when export_info.json is missing)
+    family: str
+    weight_format: str
+    created: str
+    complete: bool  # holds a language model (an interrupted conversion leaves none)
+
+
+def cached_models(root: Path | None = None) -> list[CachedModel]:
+    """Every export in the models cache, by name (no model is loaded)."""
+    from llava_ov.runtime.export import ExportDir
+
+    root = root or models_cache_dir()
+    found = []
+    for path in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+        info = ExportDir(path).info or {}
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        found.append(CachedModel(
+            path.name, path, size, str(info.get("source", "")), str(info.get("family", "")),
+            str((info.get("compression") or {}).get("weight_format", "")), str(info.get("created", "")),
+            (path / LANGUAGE_MODEL).exists(),
+        ))  # fmt: skip
+    return found
+
+
+def remove_cached(name: str, root: Path | None = None) -> CachedModel:
+    """Delete one export of the models cache by its name (ModelNotFoundError naming the cached ones)."""
+    models = {m.name: m for m in cached_models(root)}
+    if name not in models:
+        known = ", ".join(models) or "none"
+        raise ModelNotFoundError(f"no cached model named {name!r}; cached: {known} (see `llava-ov models`)")
+    shutil.rmtree(models[name].path)
+    return models[name]
