@@ -96,6 +96,14 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Fetch a model into the cache: a hub export as it is (no torch), else converted (needs the convert extra)."""
+    from llava_ov.exporting.hub import resolve_model
+
+    print(resolve_model(args.model, weight_format=args.weight_format))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List the models cache (hub ids and checkpoints converted on first use), or remove one."""
     from llava_ov.exporting.hub import cached_models, models_cache_dir, remove_cached
@@ -170,7 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_demo_model)
 
-    p = sub.add_parser("models", help="list the models converted into the cache (hub ids), or remove one")
+    p = sub.add_parser("pull", help="fetch a hub model into the cache: its OpenVINO export, else a conversion")
+    p.add_argument("model", help="hub id (e.g. llava-hf/llava-v1.6-mistral-7b-hf) or checkpoint directory")
+    p.add_argument("--weight-format", default="int4", choices=["fp16", "int8", "int4"],
+                   help="when the repository holds a checkpoint: the converted export's weights")  # fmt: skip
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("models", help="list the models pulled or converted into the cache, or remove one")
     p.add_argument("action", nargs="?", choices=["list", "rm"], default="list")
     p.add_argument("name", nargs="?", help="with rm: the cached model's name, as `llava-ov models` lists it")
     p.add_argument("--json", action="store_true", help="list as JSON")
