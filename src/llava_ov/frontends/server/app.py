@@ -31,7 +31,7 @@ from llava_ov.frontends.server.guards import APIKeyGuard, BodyLimit
 from llava_ov.frontends.server.images import ImageLoader, ImagePolicy
 from llava_ov.frontends.server.videos import VideoLoader, VideoPolicy
 from llava_ov.frontends.server.jsonparse import OFFLOAD_BYTES, TooManyValues, exit_with_parent, parse_limited
-from llava_ov.frontends.server.mapping import generation_config, schema_error, to_messages
+from llava_ov.frontends.server.mapping import generation_config, offered_tools, schema_error, to_messages
 from llava_ov.frontends.server.metrics import MetricsMiddleware, ServerMetrics
 from llava_ov.frontends.server.schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
 from llava_ov.frontends.server.settings import ServerSettings
@@ -203,10 +203,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         config = generation_config(body, settings)
         if state.worker.depth >= settings.max_queue:  # fail fast, before fetching and decoding images
             raise queue_full()
+        calls_tools = bool(offered_tools(body)[0])
         if config.constraint_spec is not None:  # a grammar that cannot be compiled is refused before images are fetched
-            await asyncio.to_thread(_check_grammar_compiles, state.worker.pipeline, config)
+            param = "tools" if calls_tools else "response_format"
+            await asyncio.to_thread(_check_grammar_compiles, state.worker.pipeline, config, param)
         takes_video = state.worker.pipeline.model.family.takes_video
-        job = Job(await to_messages(body, settings, state.images, state.videos, takes_video), config, n=body.n or 1)
+        messages = await to_messages(body, settings, state.images, state.videos, takes_video)
+        job = Job(messages, config, n=body.n or 1, calls_tools=calls_tools)
         try:
             state.worker.submit(job)
         except QueueFull:
@@ -238,11 +241,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _check_grammar_compiles(pipeline: Any, config: Any) -> None:
+def _check_grammar_compiles(pipeline: Any, config: Any, param: str) -> None:
     try:
         pipeline.constraint(config)
     except InvalidGrammarError as exc:
-        raise schema_error(exc) from None
+        raise schema_error(exc, param) from None
 
 
 def queue_full() -> APIError:

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from llava_ov.runtime.pipeline import StreamChunk
 from llava_ov.frontends.server.errors import APIError, error_body
-from llava_ov.frontends.server.mapping import FINISH_REASONS, api_error, logprobs_content, usage
+from llava_ov.frontends.server.mapping import FINISH_REASONS, api_error, logprobs_content, tool_calls_out, usage
 from llava_ov.frontends.server.worker import Dropped, Failed, Job, Started
 
 
@@ -123,15 +123,15 @@ class Completion:
         ordered = [results[i] for i in range(self.job.n)]
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": FINISH_REASONS[result.finish_reason],
-                         "logprobs": self._logprobs(result.logprobs or [])} for i, result in enumerate(ordered)],
+            "choices": [{"index": i, **self._message(result), "logprobs": self._logprobs(result.logprobs or [])}
+                        for i, result in enumerate(ordered)],
             "usage": usage(*ordered),
         }  # fmt: skip
 
     async def events(self, first: StreamChunk) -> AsyncIterator[bytes]:
         """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`."""
         results: dict[int, Any] = {}
+        held: dict[int, str | None] = {}  # per answer with tools: text held until it shows a call or text
         try:
             for index in range(self.job.n):
                 yield self._chunk({"role": "assistant", "content": ""}, index=index)
@@ -141,11 +141,24 @@ class Completion:
                     if not isinstance(event, ClientGone):
                         yield _sse(error_body(**_error_kwargs(_terminal_error(event))))
                     break
+                if self.job.calls_tools and held.get(event.index, "") is not None:
+                    held[event.index] = held.get(event.index, "") + event.text  # a call, or text: known by its start
+                    if held[event.index] and not held[event.index].startswith("<"):
+                        event.text, held[event.index] = held[event.index], None  # text: stream it from here on
+                    elif event.result is None:
+                        event = await self.output.next()
+                        continue
                 if event.text or (event.logprobs and self.token_bytes):
-                    yield self._chunk({"content": event.text}, logprobs=event.logprobs, index=event.index)
+                    if not (self.job.calls_tools and held.get(event.index) is not None):
+                        yield self._chunk({"content": event.text}, logprobs=event.logprobs, index=event.index)
                 if event.result is not None:
                     results[event.index] = event.result
-                    yield self._chunk({}, FINISH_REASONS[event.result.finish_reason], index=event.index)
+                    calls = tool_calls_out(event.result.text) if self.job.calls_tools else None
+                    if calls:
+                        deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                        yield self._chunk({"tool_calls": deltas}, index=event.index)
+                    reason = "tool_calls" if calls else FINISH_REASONS[event.result.finish_reason]
+                    yield self._chunk({}, reason, index=event.index)
                     if len(results) == self.job.n:
                         if self.include_usage:
                             yield _sse(self._base(choices=[], usage=usage(*(results[i] for i in range(self.job.n)))))
@@ -154,6 +167,13 @@ class Completion:
             yield b"data: [DONE]\n\n"
         finally:
             self.close()
+
+    def _message(self, result: Any) -> dict[str, Any]:
+        """A finished answer's message and finish reason: its tool calls when it made some."""
+        calls = tool_calls_out(result.text) if self.job.calls_tools else None
+        if calls:
+            return {"message": {"role": "assistant", "content": None, "tool_calls": calls}, "finish_reason": "tool_calls"}
+        return {"message": {"role": "assistant", "content": result.text}, "finish_reason": FINISH_REASONS[result.finish_reason]}
 
     def _base(self, **fields: Any) -> dict[str, Any]:
         out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -11,12 +12,15 @@ from llava_ov.runtime.generate import GenerationConfig, TokenLogprob
 from llava_ov.runtime.pipeline import Message
 from llava_ov.frontends.server.errors import APIError
 from llava_ov.frontends.server.images import ImageLoader
-from llava_ov.frontends.server.schemas import ChatCompletionRequest, ChatMessage, ImagePart, VideoFramesPart, VideoPart
+from llava_ov.frontends.server.schemas import (
+    ChatCompletionRequest, ChatMessage, ImagePart, NamedToolChoice, TextPart, VideoFramesPart, VideoPart,
+)  # fmt: skip
+from llava_ov.runtime.tools import Tool, check_tools, parse_tool_calls, render_call, render_result, tool_grammar, tools_preamble
 from llava_ov.frontends.server.settings import ServerSettings
 from llava_ov.frontends.server.videos import VideoLoader
 from llava_ov.runtime.video import InvalidVideoError
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "user"}
 # runtime finish reason -> OpenAI's; "cancelled" only reaches a client when the request timeout cut the answer,
 # which, like max_tokens, is a length limit
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "length"}
@@ -26,8 +30,6 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
     """Sampling settings of a request, within the server's max-tokens cap (400 for what we cannot do)."""
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
-    if req.tools:
-        raise APIError(400, "tools (function calling) are not supported", param="tools", code="unsupported_value")
     wanted = req.max_completion_tokens or req.max_tokens or settings.max_tokens
     config = GenerationConfig(
         max_new_tokens=min(wanted, settings.max_tokens),  # a larger request is capped, not refused (like context)
@@ -43,6 +45,7 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         json_schema=json_schema(req),
         **grammar_fields(req),
+        **tool_fields(req),
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         max_image_tokens=req.max_image_tokens or settings.max_image_tokens,
         visual_token_pruning=settings.visual_token_pruning if req.visual_token_pruning is None
@@ -70,6 +73,38 @@ def logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
                        code="invalid_value") from None  # fmt: skip
 
 
+def offered_tools(req: ChatCompletionRequest) -> tuple[list[Tool], bool]:
+    """The tools the answer may call (none with tool_choice "none", only the named one for a named choice)
+    and whether it must call: the request's tool mode (400 for a bad tool or a choice naming none of them)."""
+    if not req.tools or req.tool_choice == "none":
+        return [], False
+    tools = [Tool(t.function.name, t.function.description or "", t.function.parameters) for t in req.tools]
+    try:
+        check_tools(tools)
+    except InvalidSchemaError as exc:
+        raise APIError(400, f"a tool's parameters cannot be used: {exc}", param="tools", code="invalid_json_schema") from None
+    except LlavaOvError as exc:
+        raise APIError(400, str(exc), param="tools", code="invalid_value") from None
+    choice = req.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        named = [t for t in tools if t.name == choice.function.name]
+        if not named:
+            raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice")
+        return named, True
+    return tools, choice == "required"
+
+
+def tool_fields(req: ChatCompletionRequest) -> dict[str, str]:
+    """The grammar of an answer that may (auto) or must (required, named) call the offered tools."""
+    tools, required = offered_tools(req)
+    if not tools:
+        return {}
+    fmt = req.response_format
+    if (fmt is not None and fmt.type != "text") or req.guided_regex or req.guided_grammar:
+        raise APIError(400, "tools and a constrained response_format exclude each other", param="response_format")
+    return {"grammar": tool_grammar(tools, required, parallel=req.parallel_tool_calls is not False)}
+
+
 def grammar_fields(req: ChatCompletionRequest) -> dict[str, str]:
     """The regex or Lark grammar a request asks for: response_format's, or vLLM's guided_regex/guided_grammar."""
     fmt = req.response_format
@@ -94,9 +129,9 @@ def json_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
     return fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else dict(JSON_OBJECT)
 
 
-def schema_error(exc: InvalidGrammarError) -> APIError:
+def schema_error(exc: InvalidGrammarError, param: str = "response_format") -> APIError:
     code = "invalid_json_schema" if isinstance(exc, InvalidSchemaError) else "invalid_grammar"
-    return APIError(400, str(exc), param="response_format", code=code)
+    return APIError(400, str(exc), param=param, code=code)
 
 
 def logprobs_content(entries: list[TokenLogprob] | None, token_bytes: Callable[[int], bytes]) -> list[dict[str, Any]]:
@@ -124,10 +159,20 @@ async def to_messages(
                        param="messages", code="invalid_video")  # fmt: skip
     if count > settings.max_videos:
         raise APIError(400, f"{count} videos in one request; the limit is {settings.max_videos}", param="messages")
-    return [await _to_message(i, m, images, videos) for i, m in enumerate(req.messages)]
+    messages = [await _to_message(i, m, images, videos) for i, m in enumerate(req.messages)]
+    tools, _ = offered_tools(req)
+    first_user = next((m for m in messages if m.role == "user"), None)
+    if tools and first_user is not None:  # the templates have no tool support: the user is told (tools.py)
+        first_user.text = tools_preamble(tools) + first_user.text
+    return messages
 
 
 async def _to_message(index: int, msg: ChatMessage, images: ImageLoader, videos: VideoLoader) -> Message:
+    if msg.role == "tool":
+        return Message("user", render_result(_text_of(msg)))
+    if msg.tool_calls:
+        calls = "".join(render_call(c.function.name, _arguments(c, index)) for c in msg.tool_calls)
+        return Message("assistant", _text_of(msg) + calls)
     if msg.content is None or isinstance(msg.content, str):
         return Message(ROLES[msg.role], msg.content or "")
     message = Message(ROLES[msg.role])
@@ -151,6 +196,32 @@ async def _to_message(index: int, msg: ChatMessage, images: ImageLoader, videos:
             raise APIError(400, str(exc), param=param, code="invalid_video") from None
     message.text = "\n".join(texts)
     return message
+
+
+def _text_of(msg: ChatMessage) -> str:
+    if isinstance(msg.content, list):
+        return "\n".join(p.text for p in msg.content if isinstance(p, TextPart))
+    return msg.content or ""
+
+
+def _arguments(call: Any, index: int) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise APIError(400, "a tool call's arguments must be a JSON object (as a string)",
+                       param=f"messages[{index}].tool_calls", code="invalid_value")  # fmt: skip
+    return arguments
+
+
+def tool_calls_out(text: str) -> list[dict[str, Any]] | None:
+    """An answer's calls in OpenAI's form (None when it is text)."""
+    calls = parse_tool_calls(text)
+    if calls is None:
+        return None
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+            for c in calls]  # fmt: skip
 
 
 def api_error(exc: BaseException) -> APIError:

@@ -1,8 +1,8 @@
 """Pydantic models of the OpenAI chat-completions API subset this server speaks.
 
 Requests accept (and ignore) OpenAI fields that do not change a greedy or
-sampled answer here (e.g. `user`, `metadata`); fields the server cannot honour
-with a different value (`n`, `tools`) are checked in `mapping`.
+sampled answer here (e.g. `user`, `metadata`); values the server cannot honour
+are checked in `mapping`.
 """
 
 from __future__ import annotations
@@ -61,10 +61,46 @@ class VideoFramesPart(_Lenient):
 ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart, VideoFramesPart], Field(discriminator="type")]
 
 
+class CalledFunction(_Lenient):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string")
+
+
+class ToolCallIn(_Lenient):
+    """An assistant's earlier tool call, sent back in the conversation."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, description="an assistant's calls")
+    tool_call_id: str | None = Field(default=None, description="a tool message: the call it answers")
+
+
+class ToolFunction(_Lenient):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Lenient):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class FunctionName(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: FunctionName
 
 
 MAX_MESSAGES = 1024  # a conversation longer than this cannot fit any LLaVA context anyway
@@ -136,8 +172,9 @@ class ChatCompletionRequest(_Lenient):
     visual_token_pruning: float | None = Field(default=None, ge=0, le=0.99, description="extension: CDPruner ratio")
     num_frames: int | None = Field(default=None, ge=1, le=256, description="extension: frames sampled from each video")
     video_fps: float | None = Field(default=None, gt=0, le=60, description="extension: or frames per second of video")
-    # accepted for compatibility, must keep their neutral values (checked in mapping)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDef] | None = Field(default=None, max_length=128, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -155,9 +192,16 @@ class Usage(BaseModel):
     video_frames: int = Field(default=0, description="extension: frames sampled from the prompt's videos")
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -178,7 +222,7 @@ class Logprobs(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: Logprobs | None = None
 
 
@@ -199,7 +243,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: Logprobs | None = None
 
 

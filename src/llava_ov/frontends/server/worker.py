@@ -59,6 +59,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     n: int = 1  # answers to the prompt (OpenAI's n): one prefill, n sequences
+    calls_tools: bool = False  # the answer may be tool calls (tools offered, tool_choice not "none")
     streams: list[Any] = field(default_factory=list)  # the pipeline's ChunkStreams once submitted
 
     @property
