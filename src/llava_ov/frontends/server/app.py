@@ -33,12 +33,14 @@ from llava_ov.frontends.server.videos import VideoLoader, VideoPolicy
 from llava_ov.frontends.server.jsonparse import OFFLOAD_BYTES, TooManyValues, exit_with_parent, parse_limited
 from llava_ov.frontends.server.mapping import generation_config, offered_tools, schema_error, to_messages
 from llava_ov.frontends.server.metrics import MetricsMiddleware, ServerMetrics
+from llava_ov.frontends.server import responses
+from llava_ov.frontends.server.responses import ResponseBuilder, ResponsesRequest, to_chat
 from llava_ov.frontends.server.schemas import ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList
 from llava_ov.frontends.server.settings import ServerSettings
 from llava_ov.frontends.server.worker import GenerationWorker, Job, QueueFull
 
 log = logging.getLogger("llava_ov.frontends.server")
-PATHS = {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
+PATHS = {"/v1/chat/completions", "/v1/responses", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs"}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503)}
 
 
@@ -196,9 +198,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
              "description": "one Server-Sent Event: a chat.completion.chunk as JSON, the last one [DONE]"}  # fmt: skip
     stream_doc = {"text/event-stream": {"schema": event}}
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": stream_doc}, **ERRORS})
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        """Answer a conversation (text and images); `stream: true` sends Server-Sent Events."""
+    async def start(body: ChatCompletionRequest, request: Request, include_usage: bool) -> tuple[Completion, Any]:
+        """Check, queue and start one request; its completion and first chunk (or the HTTP error)."""
         state.require_ready()
         config = generation_config(body, settings)
         if state.worker.depth >= settings.max_queue:  # fail fast, before fetching and decoding images
@@ -214,15 +215,29 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             state.worker.submit(job)
         except QueueFull:
             raise queue_full() from None
-        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
         completion = Completion(
             job, request.receive, settings.request_timeout_s, settings.served_name, include_usage,
             token_bytes=state.worker.pipeline.token_bytes,
         )  # fmt: skip
-        first = await completion.first()
+        return completion, await completion.first()
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": stream_doc}, **ERRORS})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        """Answer a conversation (text and images); `stream: true` sends Server-Sent Events."""
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        completion, first = await start(body, request, include_usage)
         if body.stream:
             return EventStream(completion.events(first))
         return await completion.collect(first)
+
+    @app.post("/v1/responses", responses={200: {"content": stream_doc}, **ERRORS})
+    async def create_response(body: ResponsesRequest, request: Request) -> Any:
+        """OpenAI's Responses API, stateless: the whole conversation in `input`; `stream: true` sends its events."""
+        builder = ResponseBuilder(body, settings.served_name)
+        completion, first = await start(to_chat(body), request, False)
+        if body.stream:
+            return EventStream(responses.events(completion, first, builder))
+        return await responses.collect(completion, first, builder)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> dict[str, Any]:
