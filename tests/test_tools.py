@@ -74,7 +74,7 @@ def assert_valid(calls) -> None:
 def test_required_calls_validate(client, stream, sampling):
     calls, text, finish = calls_of(client, stream, tool_choice="required", **sampling)
     assert_valid(calls)
-    assert finish == "tool_calls" and not text
+    assert finish in ("tool_calls", "length") and not text  # length: more calls followed until max_tokens
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
@@ -128,3 +128,18 @@ def test_bad_tool_requests_are_refused(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(**request)
     assert caught.value.body["param"] == param
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_call_cut_by_max_tokens_is_length_with_its_text(client, stream):
+    request = dict(model="m", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=5)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **request))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+        assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+    else:
+        choice = client.chat.completions.create(**request).choices[0]
+        text, finish = choice.message.content, choice.finish_reason
+        assert choice.message.tool_calls is None
+    assert finish == "length" and text.startswith(CALL_OPEN[:5])

@@ -110,11 +110,11 @@ def render_result(content: str) -> str:
 
 
 def parse_tool_calls(text: str) -> list[ToolCall] | None:
-    """The calls of an answer (None when it is text). The grammar made each call's JSON valid."""
+    """The calls of a finished answer (None when it is text). The grammar made each call's JSON valid."""
     if not text.startswith(CALL_OPEN):
         return None
     calls = []
     for body in CALLS.findall(text):
         call = json.loads(body)
         calls.append(ToolCall(call["name"], call["arguments"]))
-    return calls
+    return calls or None

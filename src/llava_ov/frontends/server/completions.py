@@ -21,7 +21,9 @@ from starlette.responses import Response
 
 from llava_ov.runtime.pipeline import StreamChunk
 from llava_ov.frontends.server.errors import APIError, error_body
-from llava_ov.frontends.server.mapping import FINISH_REASONS, api_error, logprobs_content, tool_calls_out, usage
+from llava_ov.frontends.server.mapping import (
+    FINISH_REASONS, api_error, logprobs_content, tool_calls_out, tool_finish_reason, usage,
+)  # fmt: skip
 from llava_ov.frontends.server.worker import Dropped, Failed, Job, Started
 
 
@@ -153,11 +155,13 @@ class Completion:
                         yield self._chunk({"content": event.text}, logprobs=event.logprobs, index=event.index)
                 if event.result is not None:
                     results[event.index] = event.result
-                    calls = tool_calls_out(event.result.text) if self.job.calls_tools else None
+                    calls = tool_calls_out(event.result) if self.job.calls_tools else None
                     if calls:
                         deltas = [{"index": k, **call} for k, call in enumerate(calls)]
                         yield self._chunk({"tool_calls": deltas}, index=event.index)
-                    reason = "tool_calls" if calls else FINISH_REASONS[event.result.finish_reason]
+                    elif held.get(event.index):  # held as a call but cut by max_tokens: the text it has
+                        yield self._chunk({"content": held[event.index]}, index=event.index)
+                    reason = tool_finish_reason(event.result) if calls else FINISH_REASONS[event.result.finish_reason]
                     yield self._chunk({}, reason, index=event.index)
                     if len(results) == self.job.n:
                         if self.include_usage:
@@ -170,9 +174,9 @@ class Completion:
 
     def _message(self, result: Any) -> dict[str, Any]:
         """A finished answer's message and finish reason: its tool calls when it made some."""
-        calls = tool_calls_out(result.text) if self.job.calls_tools else None
+        calls = tool_calls_out(result) if self.job.calls_tools else None
         if calls:
-            return {"message": {"role": "assistant", "content": None, "tool_calls": calls}, "finish_reason": "tool_calls"}
+            return {"message": {"role": "assistant", "content": None, "tool_calls": calls}, "finish_reason": tool_finish_reason(result)}
         return {"message": {"role": "assistant", "content": result.text}, "finish_reason": FINISH_REASONS[result.finish_reason]}
 
     def _base(self, **fields: Any) -> dict[str, Any]:

@@ -215,13 +215,19 @@ def _arguments(call: Any, index: int) -> dict[str, Any]:
     return arguments
 
 
-def tool_calls_out(text: str) -> list[dict[str, Any]] | None:
-    """An answer's calls in OpenAI's form (None when it is text)."""
-    calls = parse_tool_calls(text)
+def tool_calls_out(result: Any) -> list[dict[str, Any]] | None:
+    """A finished answer's complete calls in OpenAI's form (None when it is text, or was cut by `max_tokens`
+    before its first call ended: then it is the text so far, finish_reason "length")."""
+    calls = parse_tool_calls(result.text)
     if calls is None:
         return None
     return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
             for c in calls]  # fmt: skip
+
+
+def tool_finish_reason(result: Any) -> str:
+    """finish_reason of an answer that made calls: "tool_calls", or "length" when max_tokens cut what followed."""
+    return "tool_calls" if result.finish_reason in ("eos", "stop") else FINISH_REASONS[result.finish_reason]
 
 
 def api_error(exc: BaseException) -> APIError:

@@ -152,7 +152,7 @@ class ResponseBuilder:
         return out
 
     def output(self, result: Any, calls_tools: bool) -> list[dict[str, Any]]:
-        calls = tool_calls_out(result.text) if calls_tools else None
+        calls = tool_calls_out(result) if calls_tools else None
         if calls:
             return [self.call_item(call) for call in calls]
         return [self.message_item(result.text, "completed")]
@@ -218,6 +218,8 @@ async def events(completion: Completion, first: StreamChunk, builder: ResponseBu
                 yield builder.event("response.output_text.delta", item_id=builder.message_id, output_index=0,
                                     content_index=0, delta=piece)  # fmt: skip
             if event.result is not None:
+                if held:  # held as a call but cut by max_output_tokens: the answer is its text
+                    text = held
                 async for done in _finish(builder, event.result, completion.job.calls_tools, opened, text):
                     yield done
                 break
