@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Literal
 
 import jsonschema
 import openai
@@ -143,3 +144,28 @@ def test_a_call_cut_by_max_tokens_is_length_with_its_text(client, stream):
         text, finish = choice.message.content, choice.finish_reason
         assert choice.message.tool_calls is None
     assert finish == "length" and text.startswith(CALL_OPEN[:5])
+
+
+def test_an_agent_frameworks_tool_loop(exports):
+    """The OpenAI Agents SDK's loop against this server: the model calls a Python function (arguments validated
+    by the SDK against the function's signature), the SDK runs it, and its result ends the run."""
+    agents = pytest.importorskip("agents")  # the dev extra installs it; a bare install may not
+    seen = []
+
+    @agents.function_tool
+    def set_mood(mood: Literal["calm", "busy", "sleepy"]) -> str:
+        """Sets the mood of the house."""
+        seen.append(mood)
+        return f"mood set to {mood}"
+
+    settings = ServerSettings(model=str(exports["llava"]), load=LoadSettings(properties=F32, cache_dir=None))
+    with running(create_app(settings)) as base:
+        wait_ready(base)
+        agents.set_tracing_disabled(True)
+        model = agents.OpenAIChatCompletionsModel(model="m", openai_client=openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x"))
+        agent = agents.Agent(name="house", instructions="Set the mood.", tools=[set_mood], model=model,
+                             model_settings=agents.ModelSettings(tool_choice="required", max_tokens=60),
+                             tool_use_behavior="stop_on_first_tool")  # fmt: skip
+        result = agents.Runner.run_sync(agent, "Make the house calm.")
+    assert len(seen) >= 1 and seen[0] in ("calm", "busy", "sleepy")
+    assert result.final_output == f"mood set to {seen[0]}"
