@@ -204,3 +204,20 @@ def test_n_answers_share_one_prefill(client, pipe, stream):
 def test_n_out_of_range_is_refused(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], n=17)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}),
+    ("functions", [{"name": "f"}]), ("function_call", "auto"),
+])  # fmt: skip
+def test_fields_that_cannot_be_honoured_are_a_400_naming_them(client, field, value):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], extra_body={field: value})
+    assert caught.value.body["param"] == field
+
+
+def test_neutral_values_are_accepted(client):
+    answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                            modalities=["text"], user="u", metadata={"k": "v"}, store=False)  # fmt: skip
+    assert answer.choices[0].message.content is not None

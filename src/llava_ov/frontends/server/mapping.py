@@ -26,8 +26,25 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "length"}
 
 
+UNSUPPORTED = {  # field -> why (a 400 names it)
+    "audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported", "functions": "use tools (functions is deprecated)",
+    "function_call": "use tool_choice (function_call is deprecated)",
+}
+
+
+def refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """400 naming the first field set to something this server cannot do (modalities other than text, audio, ...)."""
+    for field, why in UNSUPPORTED.items():
+        if getattr(req, field) is not None:
+            raise APIError(400, f"{field}: {why}", param=field, code="unsupported_value")
+    if req.modalities is not None and set(req.modalities) - {"text"}:
+        raise APIError(400, "modalities: only text output is supported", param="modalities", code="unsupported_value")
+
+
 def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> GenerationConfig:
     """Sampling settings of a request, within the server's max-tokens cap (400 for what we cannot do)."""
+    refuse_unsupported(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     wanted = req.max_completion_tokens or req.max_tokens or settings.max_tokens

@@ -175,6 +175,13 @@ class ChatCompletionRequest(_Lenient):
     tools: list[ToolDef] | None = Field(default=None, max_length=128, description="functions the model may call")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # OpenAI fields that would change the answer and that this server cannot honour: 400 naming the field
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    functions: Any = Field(default=None, description="deprecated by OpenAI: use tools")
+    function_call: Any = Field(default=None, description="deprecated by OpenAI: use tool_choice")
 
 
 class PromptTokensDetails(BaseModel):
