@@ -98,14 +98,14 @@ class Proxy:
     def results(self) -> list:
         return [s.result for s in self.streams if s.result is not None]
 
-    def submit(self, messages, config=None, cancel=None, progress=None, max_prompt_tokens=None):
+    def submit_n(self, messages, n=1, config=None, cancel=None, progress=None, max_prompt_tokens=None):
         self.started.set()
         if self.delay:  # long answers that only a cancel can stop early
             config = dataclasses.replace(config, ignore_eos=True)
-        stream = self.pipe.submit(messages, config=config, cancel=cancel, progress=progress,
-                                  max_prompt_tokens=max_prompt_tokens)  # fmt: skip
-        self.streams.append(stream)
-        return stream
+        streams = self.pipe.submit_n(messages, n, config=config, cancel=cancel, progress=progress,
+                                     max_prompt_tokens=max_prompt_tokens)  # fmt: skip
+        self.streams.extend(streams)
+        return streams
 
 
 @pytest.fixture(scope="module")
@@ -909,9 +909,9 @@ def test_a_submitted_job_counts_once_in_the_queue_depth():
         def occupancy(self):
             return 1, len(self.waiting)
 
-        def submit(self, messages, **kwargs):
+        def submit_n(self, messages, n=1, **kwargs):
             self.waiting.append(messages)
-            return object()
+            return [object()]
 
     async def scenario() -> tuple[int, int]:
         worker = GenerationWorker(max_queue=1, metrics=ServerMetrics())
