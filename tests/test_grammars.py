@@ -10,13 +10,10 @@ import openai
 import pytest
 
 from conftest import F32
-from llava_ov.frontends.server.app import create_app
-from llava_ov.frontends.server.settings import ServerSettings
 from llava_ov.runtime.constrained import InvalidGrammarError
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import Message, Pipeline
-from llava_ov.runtime.settings import LoadSettings
-from test_server import running, wait_ready
+from test_server import openai_client
 
 DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-[0-9]{2}"
 LARK = """start: "It shows " count " " thing "."
@@ -91,10 +88,8 @@ def test_batch_rows_follow_the_regex(exports, photos, tmp_path):
 
 @pytest.fixture(scope="module")
 def client(exports):
-    settings = ServerSettings(model=str(exports["llava"]), load=LoadSettings(properties=F32, cache_dir=None))
-    with running(create_app(settings)) as base:
-        wait_ready(base)
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+    with openai_client(exports["llava"]) as client:
+        yield client
 
 
 def ask(client, stream: bool, **kwargs) -> str:

@@ -14,12 +14,9 @@ import transformers
 
 from conftest import F32
 from llava_ov.errors import LlavaOvError
-from llava_ov.frontends.server.app import create_app
-from llava_ov.frontends.server.settings import ServerSettings
 from llava_ov.runtime.generate import GenerationConfig, Sampler, apply_openai_penalties
 from llava_ov.runtime.pipeline import Pipeline
-from llava_ov.runtime.settings import LoadSettings
-from test_server import running, wait_ready
+from test_server import openai_client
 
 PROMPT = "Tell me a story."
 
@@ -122,10 +119,8 @@ def test_cli_flags(exports, pipe, capsys):
 
 @pytest.fixture(scope="module")
 def client(exports, pipe):
-    settings = ServerSettings(model=str(exports["llava"]), load=LoadSettings(properties=F32, cache_dir=None))
-    with running(create_app(settings, pipeline_factory=lambda: pipe)) as base:
-        wait_ready(base)
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+    with openai_client(exports["llava"], pipe) as client:
+        yield client
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -11,12 +11,9 @@ import openai
 import pytest
 
 from conftest import F32
-from llava_ov.frontends.server.app import create_app
-from llava_ov.frontends.server.settings import ServerSettings
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import Message, Pipeline
-from llava_ov.runtime.settings import LoadSettings
-from test_server import running, wait_ready
+from test_server import openai_client
 from test_tools import SCHEMAS, TOOLS
 
 FLAT_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]  # the Responses API's flat tool form
@@ -29,10 +26,8 @@ def pipe(exports) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def client(exports, pipe):
-    settings = ServerSettings(model=str(exports["llava-next"]), load=LoadSettings(properties=F32, cache_dir=None))
-    with running(create_app(settings, pipeline_factory=lambda: pipe)) as base:
-        wait_ready(base)
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    with openai_client(exports["llava-next"], pipe) as client:
+        yield client
 
 
 def image_url(path) -> str:

@@ -70,6 +70,15 @@ def running(app):
         thread.join(10)
 
 
+@contextmanager
+def openai_client(export: Path, pipe: Pipeline | None = None):
+    """The official openai client on a server of `export` (f32 pins; `pipe`: serve that loaded pipeline)."""
+    settings = ServerSettings(model=str(export), load=LoadSettings(properties=F32, cache_dir=None))
+    with running(create_app(settings, pipeline_factory=(lambda: pipe) if pipe is not None else None)) as base:
+        wait_ready(base)
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 def wait_ready(base: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while HTTP.get(f"{base}/health").status_code != 200:

@@ -19,7 +19,7 @@ from llava_ov.frontends.server.schemas import ChatCompletionRequest
 from llava_ov.frontends.server.settings import ServerSettings
 from llava_ov.runtime.settings import LoadSettings
 from llava_ov.runtime.tools import CALL_OPEN, RESULT_OPEN
-from test_server import running, wait_ready
+from test_server import openai_client, running, wait_ready
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -37,10 +37,8 @@ SAMPLED = dict(temperature=1.0, seed=4)
 
 @pytest.fixture(scope="module", params=["llava", "llava-next"])
 def client(request, exports):
-    settings = ServerSettings(model=str(exports[request.param]), load=LoadSettings(properties=F32, cache_dir=None))
-    with running(create_app(settings)) as base:
-        wait_ready(base)
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    with openai_client(exports[request.param]) as client:
+        yield client
 
 
 def calls_of(client, stream: bool, **kwargs) -> tuple[list[tuple[str, dict]], str | None, str | None]:
