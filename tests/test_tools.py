@@ -167,3 +167,71 @@ def test_an_agent_frameworks_tool_loop(exports):
         result = agents.Runner.run_sync(agent, "Make the house calm.")
     assert len(seen) >= 1 and seen[0] in ("calm", "busy", "sleepy")
     assert result.final_output == f"mood set to {seen[0]}"
+
+
+# A tool-aware template (Qwen2.5's layout, trimmed): it renders the function list, calls and results itself.
+TOOL_TEMPLATE = """{%- if tools %}<|im_start|>system
+You may call functions:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content[0].text }}
+</tool_response><|im_end|>
+{% elif message.tool_calls %}<|im_start|>assistant
+{%- for call in message.tool_calls %}
+<tool_call>{{ {"name": call.function.name, "arguments": call.function.arguments} | tojson }}</tool_call>
+{%- endfor %}<|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{% for c in message.content %}{% if c.type == "image" %}<image>{% elif c.type == "text" %}{{ c.text }}{% endif %}{% endfor %}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}  # fmt: skip
+CONVERSATION = [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tool_template_export(exports, tmp_path_factory):
+    """The tiny LLaVA export with a chat template that renders tools."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tools") / "export"
+    shutil.copytree(exports["llava"], folder)
+    (folder / "chat_template.jinja").write_text(TOOL_TEMPLATE)
+    return folder
+
+
+def test_a_tool_aware_template_renders_tools_calls_and_results_as_transformers(tool_template_export, checkpoints):
+    from transformers import AutoTokenizer
+
+    from llava_ov.runtime.pipeline import Pipeline
+
+    request = ChatCompletionRequest.model_validate({"messages": CONVERSATION, "tools": TOOLS})
+    messages = asyncio.run(to_messages(request, ServerSettings(model="unused"), None, None, native_tools=True))
+    assert [m.role for m in messages] == ["user", "assistant", "tool"] and "You can call" not in messages[0].text
+    pipe = Pipeline(tool_template_export, properties=F32, cache_dir=None)
+    assert pipe.template_renders_tools
+    ours = pipe.render(messages, TOOLS)
+    reference = AutoTokenizer.from_pretrained(checkpoints["llava"]).apply_chat_template(
+        [m.for_template() for m in messages], tools=TOOLS, chat_template=TOOL_TEMPLATE, tokenize=False,
+        add_generation_prompt=True,
+    )  # fmt: skip
+    assert ours == reference and "<tools>" in ours and '<tool_call>{"name": "get_weather"' in ours
+
+
+def test_the_server_lets_a_tool_aware_template_render_the_tools(tool_template_export):
+    with openai_client(tool_template_export) as client:
+        answer = client.chat.completions.create(model="m", messages=CONVERSATION, tools=TOOLS, tool_choice="required",
+                                                max_tokens=120)  # fmt: skip
+    calls = [(c.function.name, json.loads(c.function.arguments)) for c in answer.choices[0].message.tool_calls]
+    assert_valid(calls)

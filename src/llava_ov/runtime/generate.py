@@ -42,6 +42,7 @@ class GenerationConfig:
     json_schema: dict | None = None  # constrain the answer to JSON valid under this schema
     regex: str | None = None  # or to text matching this regular expression (whole answer)
     grammar: str | None = None  # or to text this Lark grammar derives (llguidance's dialect)
+    tools: list[dict] | None = None  # function definitions for templates that render them (OpenAI's form)
     logprobs: int | None = None  # report each token's logprob and this many (0-20) top alternatives
     max_image_tokens: int | None = None  # the request's images at the largest resolutions within this many tokens
     visual_token_pruning: float = 0.0  # CDPruner: drop this share (0-0.99) of each image's tokens; 0: off

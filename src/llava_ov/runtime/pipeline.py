@@ -91,8 +91,13 @@ class Pipeline:
         """Preprocess + encode + pack one image at the model's own resolution, cached by pixel content."""
         return self.prompts.prepare_image(source)
 
-    def render(self, messages: Sequence[Message]) -> str:
-        return self.prompts.render(messages)
+    def render(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None) -> str:
+        return self.prompts.render(messages, tools)
+
+    @property
+    def template_renders_tools(self) -> bool:
+        """The chat template renders function definitions, calls and results itself."""
+        return self.prompts.template.supports_tools
 
     def prepare(
         self, messages: Sequence[Message], config: GenerationConfig | None = None, max_tokens: int | None = None,

@@ -55,12 +55,19 @@ class Message:
     text: str = ""
     images: list[Any] = field(default_factory=list)  # paths, bytes, PIL images or arrays
     videos: list[Any] = field(default_factory=list)  # video files, their bytes, or lists of frames
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls: [{"name": ..., "arguments": {...}}]
+    tool_call_id: str | None = None  # role "tool": the call this result answers
 
     def for_template(self) -> dict[str, Any]:
         content: list[dict[str, Any]] = [{"type": "text", "text": self.text}]
         content += [{"type": "image"} for _ in self.images]
         content += [{"type": "video"} for _ in self.videos]
-        return {"role": self.role, "content": content}
+        message: dict[str, Any] = {"role": self.role, "content": content}
+        if self.tool_calls:  # as transformers' chat templates take them
+            message["tool_calls"] = [{"type": "function", "function": call} for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 @dataclass
@@ -359,8 +366,9 @@ class PromptBuilder:
 
     # ---------------------------------------------------------------- prompts
 
-    def render(self, messages: Sequence[Message]) -> str:
-        return self.template.render([m.for_template() for m in messages], add_generation_prompt=True)
+    def render(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text; `tools` (OpenAI function definitions) reach templates that render them."""
+        return self.template.render([m.for_template() for m in messages], add_generation_prompt=True, tools=tools)
 
     def prepare(
         self, messages: Sequence[Message], config: GenerationConfig | None = None, max_tokens: int | None = None,
@@ -438,7 +446,7 @@ class PromptBuilder:
         videos = [v for m in messages for v in m.videos]
         if videos and not family.takes_video:
             raise no_video(family.architecture)
-        text = self.render(messages)
+        text = self.render(messages, config.tools)
         self._check_text_size(text)
         ids = self.model.tokenizer.encode(text)
         images = [img for m in messages for img in m.images]

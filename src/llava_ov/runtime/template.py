@@ -8,6 +8,7 @@ so a rendered prompt is byte-identical to the reference.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class ChatTemplate:
         except jinja2.TemplateError as exc:
             raise LlavaOvError(f"the chat template does not parse: {exc}") from None
         self.tokens = tokens or {}
+        self.supports_tools = bool(re.search(r"\btools\b", source))  # renders function definitions itself
 
     @classmethod
     def from_export(cls, export: ExportDir | Path) -> ChatTemplate:
@@ -67,9 +69,12 @@ class ChatTemplate:
         export = ExportDir.of(export)
         return cls(export.chat_template, export.special_tokens)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None
+    ) -> str:
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
+            extra = {"tools": tools} if tools else {}
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens, **extra)
         except jinja2.TemplateError as exc:
             raise LlavaOvError(f"chat template rejected the conversation: {exc}") from None
 

@@ -201,7 +201,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def start(body: ChatCompletionRequest, request: Request, include_usage: bool) -> tuple[Completion, Any]:
         """Check, queue and start one request; its completion and first chunk (or the HTTP error)."""
         state.require_ready()
-        config = generation_config(body, settings)
+        native_tools = state.worker.pipeline.template_renders_tools
+        config = generation_config(body, settings, native_tools)
         if state.worker.depth >= settings.max_queue:  # fail fast, before fetching and decoding images
             raise queue_full()
         calls_tools = bool(offered_tools(body)[0])
@@ -209,7 +210,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             param = "tools" if calls_tools else "response_format"
             await asyncio.to_thread(_check_grammar_compiles, state.worker.pipeline, config, param)
         takes_video = state.worker.pipeline.model.family.takes_video
-        messages = await to_messages(body, settings, state.images, state.videos, takes_video)
+        messages = await to_messages(body, settings, state.images, state.videos, takes_video, native_tools)
         job = Job(messages, config, n=body.n or 1, calls_tools=calls_tools)
         try:
             state.worker.submit(job)

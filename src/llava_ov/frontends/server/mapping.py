@@ -42,8 +42,9 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
         raise APIError(400, "modalities: only text output is supported", param="modalities", code="unsupported_value")
 
 
-def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> GenerationConfig:
-    """Sampling settings of a request, within the server's max-tokens cap (400 for what we cannot do)."""
+def generation_config(req: ChatCompletionRequest, settings: ServerSettings, native_tools: bool = False) -> GenerationConfig:
+    """Sampling settings of a request, within the server's max-tokens cap (400 for what we cannot do).
+    `native_tools`: the chat template renders tools, so the config carries their definitions."""
     refuse_unsupported(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
@@ -62,7 +63,7 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings) -> G
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         json_schema=json_schema(req),
         **grammar_fields(req),
-        **tool_fields(req),
+        **tool_fields(req, native_tools),
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         max_image_tokens=req.max_image_tokens or settings.max_image_tokens,
         visual_token_pruning=settings.visual_token_pruning if req.visual_token_pruning is None
@@ -111,15 +112,21 @@ def offered_tools(req: ChatCompletionRequest) -> tuple[list[Tool], bool]:
     return tools, choice == "required"
 
 
-def tool_fields(req: ChatCompletionRequest) -> dict[str, str]:
-    """The grammar of an answer that may (auto) or must (required, named) call the offered tools."""
+def tool_fields(req: ChatCompletionRequest, native: bool = False) -> dict[str, Any]:
+    """The grammar of an answer that may (auto) or must (required, named) call the offered tools (and,
+    for a template that renders tools, their definitions)."""
     tools, required = offered_tools(req)
     if not tools:
         return {}
     fmt = req.response_format
     if (fmt is not None and fmt.type != "text") or req.guided_regex or req.guided_grammar:
         raise APIError(400, "tools and a constrained response_format exclude each other", param="response_format")
-    return {"grammar": tool_grammar(tools, required, parallel=req.parallel_tool_calls is not False)}
+    fields: dict[str, Any] = {"grammar": tool_grammar(tools, required, parallel=req.parallel_tool_calls is not False)}
+    if native:
+        fields["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                              "parameters": t.parameters or {"type": "object"}}}
+                           for t in tools]  # fmt: skip
+    return fields
 
 
 def grammar_fields(req: ChatCompletionRequest) -> dict[str, str]:
@@ -163,9 +170,11 @@ def logprobs_content(entries: list[TokenLogprob] | None, token_bytes: Callable[[
 
 async def to_messages(
     req: ChatCompletionRequest, settings: ServerSettings, images: ImageLoader, videos: VideoLoader,
-    takes_video: bool = True,
+    takes_video: bool = True, native_tools: bool = False,
 ) -> list[Message]:  # fmt: skip
-    """The conversation as runtime messages, every image and video fetched and checked (400 on a bad one)."""
+    """The conversation as runtime messages, every image and video fetched and checked (400 on a bad one).
+    Tool calls and results are the template's to render when it renders tools (`native_tools`), else
+    written in tools.py's generic form."""
     parts = [p for m in req.messages if isinstance(m.content, list) for p in m.content]
     count = sum(isinstance(p, ImagePart) for p in parts)
     if count > settings.max_images:
@@ -176,20 +185,24 @@ async def to_messages(
                        param="messages", code="invalid_video")  # fmt: skip
     if count > settings.max_videos:
         raise APIError(400, f"{count} videos in one request; the limit is {settings.max_videos}", param="messages")
-    messages = [await _to_message(i, m, images, videos) for i, m in enumerate(req.messages)]
+    messages = [await _to_message(i, m, images, videos, native_tools) for i, m in enumerate(req.messages)]
     tools, _ = offered_tools(req)
     first_user = next((m for m in messages if m.role == "user"), None)
-    if tools and first_user is not None:  # the templates have no tool support: the user is told (tools.py)
+    if tools and first_user is not None and not native_tools:  # a template without tools: the user is told
         first_user.text = tools_preamble(tools) + first_user.text
     return messages
 
 
-async def _to_message(index: int, msg: ChatMessage, images: ImageLoader, videos: VideoLoader) -> Message:
+async def _to_message(index: int, msg: ChatMessage, images: ImageLoader, videos: VideoLoader, native_tools: bool = False) -> Message:
     if msg.role == "tool":
+        if native_tools:
+            return Message("tool", _text_of(msg), tool_call_id=msg.tool_call_id)
         return Message("user", render_result(_text_of(msg)))
     if msg.tool_calls:
-        calls = "".join(render_call(c.function.name, _arguments(c, index)) for c in msg.tool_calls)
-        return Message("assistant", _text_of(msg) + calls)
+        calls = [(c.function.name, _arguments(c, index)) for c in msg.tool_calls]
+        if native_tools:
+            return Message("assistant", _text_of(msg), tool_calls=[{"name": n, "arguments": a} for n, a in calls])
+        return Message("assistant", _text_of(msg) + "".join(render_call(n, a) for n, a in calls))
     if msg.content is None or isinstance(msg.content, str):
         return Message(ROLES[msg.role], msg.content or "")
     message = Message(ROLES[msg.role])
