@@ -26,6 +26,7 @@ from llava_ov.errors import LlavaOvError
 from llava_ov.runtime.export import ExportDir
 
 MAX_SCHEMA_BYTES = 64 * 1024  # a schema (or regex, or grammar) larger than this is refused before it is compiled
+MAX_SCHEMA_DEPTH = 64  # nesting of a schema (json.dumps and the compiler recurse)
 GRAMMAR_KINDS = ("json_schema", "regex", "grammar")  # GenerationConfig fields; "grammar" is Lark
 JSON_OBJECT: dict[str, Any] = {"type": "object"}  # OpenAI's json_object: any JSON object
 GRAMMAR_OPTIONS = {"whitespace_flexible": False}
@@ -48,15 +49,28 @@ def check_grammar_text(kind: str, text: Any) -> None:
 
 
 def check_schema(schema: Any) -> None:
-    """Cheap checks before compiling: a JSON object of bounded size."""
+    """Cheap checks before compiling: a JSON object of bounded depth and size."""
     if not isinstance(schema, dict):
         raise InvalidSchemaError("the JSON schema must be a JSON object, e.g. {\"type\": \"object\"}")
+    if nesting(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+        raise InvalidSchemaError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     try:
         size = len(json.dumps(schema, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise InvalidSchemaError(f"the JSON schema is not plain JSON ({exc})") from None
     if size > MAX_SCHEMA_BYTES:
         raise InvalidSchemaError(f"the JSON schema is {size:,} bytes; the limit is {MAX_SCHEMA_BYTES:,}")
+
+
+def nesting(value: Any, stop: int) -> int:
+    """How deep `value` nests lists and dicts, counted without recursion (stops past `stop`)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= stop:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def load_schema(path: str | Path) -> dict[str, Any]:
@@ -69,6 +83,8 @@ def load_schema(path: str | Path) -> dict[str, Any]:
         schema = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidSchemaError(f"{path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidSchemaError(f"{path} nests deeper than {MAX_SCHEMA_DEPTH} levels") from None
     check_schema(schema)
     return schema
 

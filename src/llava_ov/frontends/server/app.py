@@ -30,7 +30,7 @@ from llava_ov.frontends.server.errors import APIError, error_body
 from llava_ov.frontends.server.guards import APIKeyGuard, BodyLimit
 from llava_ov.frontends.server.images import ImageLoader, ImagePolicy
 from llava_ov.frontends.server.videos import VideoLoader, VideoPolicy
-from llava_ov.frontends.server.jsonparse import OFFLOAD_BYTES, TooManyValues, exit_with_parent, parse_limited
+from llava_ov.frontends.server.jsonparse import OFFLOAD_BYTES, TooDeep, TooManyValues, exit_with_parent, parse_limited
 from llava_ov.frontends.server.mapping import generation_config, offered_tools, schema_error, to_messages
 from llava_ov.frontends.server.metrics import MetricsMiddleware, ServerMetrics
 from llava_ov.frontends.server import responses
@@ -84,7 +84,7 @@ class JSONOffLoopRoute(APIRoute):
             if body:
                 try:
                     request._json = await request.app.state.server.parser.parse(body)
-                except TooManyValues as e:
+                except (TooManyValues, TooDeep) as e:
                     raise APIError(400, str(e), param="messages", code="request_too_complex") from None
                 except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
                     pos, why = (e.pos, e.msg) if isinstance(e, json.JSONDecodeError) else (0, "not UTF-8 text")

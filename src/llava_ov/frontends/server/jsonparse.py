@@ -18,6 +18,7 @@ from typing import Any
 
 OFFLOAD_BYTES = 1 << 20  # smaller bodies parse in well under a millisecond: inline
 MAX_JSON_VALUES = 100_000  # objects, arrays and scalars together; 1,024 messages need ~10,000
+MAX_JSON_DEPTH = 100  # nesting; a request is ~6 deep, a JSON schema inside it rarely 30
 
 
 class TooManyValues(ValueError):
@@ -43,17 +44,35 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def parse_limited(body: bytes, max_values: int = MAX_JSON_VALUES) -> Any:
-    """json.loads, then TooManyValues when the result holds more than `max_values` values."""
-    value = json.loads(body)
-    count, stack = 0, [value]
+class TooDeep(ValueError):
+    """The body nests JSON values deeper than a request may."""
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"the request body nests JSON deeper than {self.limit} levels"
+
+
+def parse_limited(body: bytes, max_values: int = MAX_JSON_VALUES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads, then TooManyValues / TooDeep when the result holds more than `max_values` values or
+    nests deeper than `max_depth` (json.loads itself gives up past the interpreter's recursion limit:
+    that is TooDeep too, found in bounded time and memory)."""
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise TooDeep(max_depth) from None
+    count, stack = 0, [(value, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         count += 1
         if count > max_values:
             raise TooManyValues(count, max_values)
+        if depth > max_depth:
+            raise TooDeep(max_depth)
         if isinstance(item, dict):
-            stack.extend(item.values())
+            stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend((v, depth + 1) for v in item)
     return value
