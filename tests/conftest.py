@@ -19,6 +19,15 @@ from pathlib import Path
 import pytest
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+
+
+def pytest_configure(config) -> None:
+    """Tests write only under temporary folders: the models and compiled-model caches that commands use by
+    default (`$LLAVA_OV_HOME`) go to one for the session, not the user's home (unless the caller set it)."""
+    import tempfile
+
+    if not os.environ.get("LLAVA_OV_HOME"):
+        os.environ["LLAVA_OV_HOME"] = tempfile.mkdtemp(prefix="llava-ov-test-home-")
 FAMILIES = {"llava-next": "llava-v1.6-mistral-7b-hf", "llava": "llava-1.5-7b-hf"}
 VIDEO_CONFIG = "LLaVA-NeXT-Video-7B-hf"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")

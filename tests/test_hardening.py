@@ -70,3 +70,18 @@ def test_the_cli_refuses_a_deeply_nested_schema_file(exports, tmp_path, capsys):
         assert main(["run", str(exports["llava"]), "--prompt", "hi", "--json-schema", str(path), "--f32"]) == 2
         err = capsys.readouterr().err
         assert f"deeper than {MAX_SCHEMA_DEPTH} levels" in err and "Traceback" not in err
+
+
+def test_an_uncached_hub_id_offline_says_what_to_do(tmp_path):
+    """With HF_HUB_OFFLINE=1, a hub id that is not cached is one line saying so and what to do (not
+    huggingface_hub's "make sure your Internet connection is on")."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "LLAVA_OV_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "llava_ov.cli", "run", "someone/not-cached-model", "--prompt", "hi"],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "not in the local Hugging Face cache" in proc.stderr and "unset HF_HUB_OFFLINE" in proc.stderr
+    assert "Internet connection" not in proc.stderr

@@ -98,10 +98,15 @@ def read_source_config(src: str, revision: str | None = None) -> tuple[dict, str
         raise ModelNotFoundError(f"no such directory: {src}")
     _check_hub_reachable(src)
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
 
         cfg_path = hf_hub_download(src, "config.json", revision=revision)
     except Exception as exc:  # network, auth, missing repo: all one message for the user
+        if constants.HF_HUB_OFFLINE:
+            raise ModelNotFoundError(
+                f"{src!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it: "
+                "unset HF_HUB_OFFLINE (or run once online), or give a local checkpoint or export directory"
+            ) from None
         raise ModelNotFoundError(
             f"{src!r} is not a local directory and could not be fetched from the Hugging Face Hub "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"

@@ -31,6 +31,9 @@ F32_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"
 
 
 def default_cache_dir() -> Path:
+    """The user's compiled-model cache: `$LLAVA_OV_HOME/compiled`, else `$XDG_CACHE_HOME/llava-ov/compiled`."""
+    if os.environ.get("LLAVA_OV_HOME"):
+        return Path(os.environ["LLAVA_OV_HOME"]) / "compiled"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "llava-ov" / "compiled"
 
@@ -201,7 +204,7 @@ class ExportedModel:
             precision = self.export.stored_precision("vision", "the export")
             if mode == "float" and precision == "int8_ptq":
                 raise ModelNotFoundError(f"{self.dir} has only the INT8-PTQ vision encoder (no {layout.VISION_FLOAT_MODEL})")
-            return layout.VISION_MODEL, f"{precision}'s only vision encoder"
+            return layout.VISION_MODEL, f"the export's only vision encoder ({precision})"
         if mode != "auto":
             chosen = layout.VISION_MODEL if mode == "int8" else float_file
             return chosen, f"chosen with vision_encoder={mode}"
@@ -269,7 +272,8 @@ class ExportedModel:
             return False, "same as prefill: no int8 matrix units (AMX/VNNI) for dynamically quantized decode"
         weights = self._language_weights()
         if not weights.startswith("int4"):  # INT8 decoded only ~1.08x faster at f32, fp16 slower (docs/speed.md)
-            return False, f"same as prefill: the language model's weights are {weights} (f32 decode pays for INT4)"
+            return False, (f"same as prefill: the language model's weights are {weights}; a separate f32 decode "
+                           "compilation is only faster for INT4 weights")
         weights_file = self.part_path("language").with_suffix(".bin")
         size = weights_file.stat().st_size if weights_file.exists() else 0
         need, room = 3 * size + AUTO_DECODE_HEADROOM, hardware.available_memory()
