@@ -26,7 +26,7 @@ DEFAULT_TOKENS = 60  # the page's default "max new tokens"
 STEP_S = 0.02  # extra time per token: the tiny model decodes ~500 tokens/s, a 7B on a CPU ~10-30
 LONG = 4000  # an answer only Stop can end in time
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (CI installs chromium)")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: apt-get install chromium (README)")
 
 
 def free_port() -> int:
