@@ -21,6 +21,29 @@ def cli(*args, env=None, stdin=None, timeout=300):
                           input=stdin, env=full_env, timeout=timeout)  # fmt: skip
 
 
+def cli_on_terminal(*args, timeout=300) -> str:
+    """What the CLI writes to stderr when stderr is a terminal (a pseudo-terminal here)."""
+    import pty
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llava_ov.cli", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=follower, env=env)  # fmt: skip
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        out += data
+    proc.wait(timeout)
+    os.close(leader)
+    return out.decode(errors="replace")
+
+
 def assert_clean_error(proc, pattern):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -103,8 +126,10 @@ def test_engine_options_and_progress(exports, photos):
     stateful = cli(*common, "--json", "--kv-cache", "stateful")
     assert paged.returncode == 0 and stateful.returncode == 0, paged.stderr + stateful.stderr
     assert json.loads(paged.stdout)["token_ids"] == json.loads(stateful.stdout)["token_ids"]
-    verbose = cli(*common, "-v", "--max-step-tokens", "64")
-    assert verbose.returncode == 0 and "[prefill 64/" in verbose.stderr, verbose.stderr
+    verbose = cli(*common, "-v", "--max-step-tokens", "64")  # stderr a pipe: the summary, no redrawn progress line
+    assert verbose.returncode == 0 and "prompt tokens" in verbose.stderr, verbose.stderr
+    assert "\r" not in verbose.stderr and "\x1b" not in verbose.stderr
+    assert "[prefill 64/" in cli_on_terminal(*common, "-v", "--max-step-tokens", "64")  # a terminal: the progress
     assert_clean_error(cli(*common, "--kv-cache-gb", "0"), "--kv-cache-gb must be > 0")
     assert_clean_error(cli(*common, "--max-step-tokens", "0"), "--max-step-tokens must be >= 1")
 

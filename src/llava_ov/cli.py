@@ -59,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         shown = True
         print(f"\r[prefill {done:,}/{total:,} tokens]", end="", file=sys.stderr, flush=True)
 
-    for chunk in pipe.stream(args.prompt, images, config, progress=progress if args.verbose else None, videos=videos):
+    live = args.verbose and sys.stderr.isatty()  # a redrawn progress line only on a terminal, not in a file or pipe
+    for chunk in pipe.stream(args.prompt, images, config, progress=progress if live else None, videos=videos):
         if shown:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
             shown = False
