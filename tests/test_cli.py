@@ -249,3 +249,15 @@ def test_models_lists_and_removes_cached_exports(exports, tmp_path, monkeypatch,
     assert "no cached model named 'no-such-model'" in capsys.readouterr().err
     assert main(["models", "rm", "tiny-llava-fp32"]) == 0
     assert not (cache / "tiny-llava-fp32").exists() and (cache / "half-done-int4").exists()
+
+
+def test_one_name_everywhere_for_a_demo_model(tmp_path):
+    """The page, info and the server name a model the same way, from its export: a demo model is its folder,
+    and its recorded source is what it is, not the temporary folder it was built in."""
+    from llava_ov.frontends.ui import describe_pipeline
+
+    proc = cli("demo-model", tmp_path / "my-demo", "--family", "llava")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(cli("info", tmp_path / "my-demo").stdout)
+    assert info["name"] == "my-demo" and "demo-model" in info["export"]["source"]
+    assert "/tmp" not in info["export"]["source"] and "`my-demo`" in describe_pipeline(info)

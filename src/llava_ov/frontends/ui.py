@@ -294,9 +294,7 @@ def format_stats(result: GenerationResult) -> str:
 
 def describe_pipeline(info: dict[str, Any]) -> str:
     """'model · device · precision' from `Pipeline.info()`."""
-    export = info.get("export", {})
-    source = str(export.get("source") or info.get("model_dir", "?"))
-    name = Path(source).name if Path(source).is_absolute() else source
+    name = str(info.get("name") or Path(str(info.get("model_dir", "?"))).name)
     weights = info.get("weights", {})
     weights = f"language {weights.get('language', '?')}, vision {weights.get('vision', '?')}"
     language = info.get("runtime", {}).get("language", {})

@@ -182,6 +182,14 @@ class ExportDir:
             return {}
         return data if isinstance(data, dict) else {}
 
+    @property
+    def name(self) -> str:
+        """The model's name wherever it is shown: the hub id it was made from, else the export folder's name."""
+        source = str(self.info.get("source") or "")
+        if source and not layout.looks_like_path(source) and source.count("/") == 1:
+            return source
+        return self.path.resolve().name
+
     def record(self) -> layout.ExportInfo | None:
         """export_info.json as the typed record the writers use (None when there is none)."""
         info = self.info

@@ -323,6 +323,7 @@ class Pipeline:
 
     def info(self) -> dict[str, Any]:
         return {
+            "name": self.model.export.name,  # the hub id it came from, else the folder's name
             "model_dir": str(self.model.dir),
             "family": self.model.family.model_type,
             "model": self.model.export.describe(),  # architecture, vision tower, language model, what it takes

@@ -152,7 +152,15 @@ class ServerState:
         if not self._closing.is_set():
             self.worker.start(pipeline)
             self.status = "ok"
-            log.info("model ready: %s", self.settings.served_name)
+            log.info("model ready: %s", self.served_name)
+
+    @property
+    def served_name(self) -> str:
+        """The model id clients see: --model-id, else the loaded export's name (its hub id, else its folder)."""
+        pipeline = self.worker.pipeline
+        if self.settings.model_id or pipeline is None:
+            return self.settings.served_name
+        return pipeline.model.export.name
 
     def require_ready(self) -> None:
         if self.status == "loading":
@@ -217,7 +225,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         except QueueFull:
             raise queue_full() from None
         completion = Completion(
-            job, request.receive, settings.request_timeout_s, settings.served_name, include_usage,
+            job, request.receive, settings.request_timeout_s, state.served_name, include_usage,
             token_bytes=state.worker.pipeline.token_bytes,
         )  # fmt: skip
         return completion, await completion.first()
@@ -234,7 +242,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/responses", responses={200: {"content": stream_doc}, **ERRORS})
     async def create_response(body: ResponsesRequest, request: Request) -> Any:
         """OpenAI's Responses API, stateless: the whole conversation in `input`; `stream: true` sends its events."""
-        builder = ResponseBuilder(body, settings.served_name)
+        builder = ResponseBuilder(body, state.served_name)
         completion, first = await start(to_chat(body), request, False)
         if body.stream:
             return EventStream(responses.events(completion, first, builder))
@@ -243,7 +251,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models() -> dict[str, Any]:
         """The one model this server serves."""
-        card = {"id": settings.served_name, "object": "model", "created": state.created, "owned_by": "llava-ov"}
+        card = {"id": state.served_name, "object": "model", "created": state.created, "owned_by": "llava-ov"}
         return {"object": "list", "data": [card]}
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
