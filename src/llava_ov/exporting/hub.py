@@ -15,6 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llava_ov.common.layout import LANGUAGE_MODEL, looks_like_path
 from llava_ov.errors import LlavaOvError, ModelNotFoundError
@@ -31,31 +32,32 @@ EXPORT_PATTERNS = ["openvino_*.xml", "openvino_*.bin", "*.json", "*.jinja"]
 PULL_CHUNK_BYTES = 1 << 20  # written as they arrive: a killed pull keeps all but the last MiB
 
 
-def hub_holds_export(repo_id: str, revision: str | None = None) -> bool:
-    """Whether a hub repository already holds an OpenVINO export (its language model IR), by its file list."""
+def hub_export_info(repo_id: str, revision: str | None = None) -> Any | None:
+    """A hub repository's file list (with sizes) when it holds an OpenVINO export (its language model IR),
+    else None (also offline, missing or gated: the conversion path then says why in its own words)."""
     from huggingface_hub import HfApi
 
     try:
-        files = {s.rfilename for s in HfApi().model_info(repo_id, revision=revision).siblings or []}
-    except Exception:  # noqa: BLE001 - offline, missing, gated: the conversion path says why in its own words
-        return False
-    return LANGUAGE_MODEL in files
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    except Exception:  # noqa: BLE001
+        return None
+    return info if any(s.rfilename == LANGUAGE_MODEL for s in info.siblings or []) else None
 
 
-def pull_export(repo_id: str, target: Path, revision: str | None = None) -> Path:
-    """Download a hub repository's OpenVINO export (its files only: EXPORT_PATTERNS) into `target`, checked.
+def pull_export(repo_id: str, target: Path, info: Any) -> Path:
+    """Download a hub repository's OpenVINO export (its files only: EXPORT_PATTERNS; `info` from
+    `hub_export_info`) into `target`, checked.
 
     Files land in `<target>.partial` as `<name>.part` first: a pull that was killed or lost its connection
     resumes each file from the bytes it has (HTTP Range) when run again. huggingface_hub finds the files
     and their URLs (HF_ENDPOINT, tokens, revisions); the byte loop is ours because huggingface_hub 1.x
     downloads each file to a fresh temporary name per process and so restarts it."""
-    from huggingface_hub import HfApi, hf_hub_url
+    from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import tqdm
 
     from llava_ov.runtime.export import ExportDir
 
     try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
         files = [(s.rfilename, s.size) for s in info.siblings or [] if _export_file(s.rfilename)]
         partial = target.with_name(target.name + ".partial")
         print(f"{repo_id} holds an OpenVINO export; pulling it to {target} (no conversion) ...", flush=True)
@@ -128,8 +130,9 @@ def resolve_model(model: str, weight_format: str = "int4") -> Path:
     target = models_cache_dir() / cache_name(str(path.resolve()) if is_checkpoint else model, weight_format)
     if (target / LANGUAGE_MODEL).exists():
         return target
-    if not is_checkpoint and hub_holds_export(model):
-        return pull_export(model, pulled)
+    export_info = None if is_checkpoint else hub_export_info(model)
+    if export_info is not None:
+        return pull_export(model, pulled, export_info)
     try:
         import torch  # noqa: F401 - conversion needs both: fail here with the extra to install, not mid-way
         import transformers  # noqa: F401

@@ -275,7 +275,8 @@ class PromptBuilder:
         else:
             wanted = config.num_frames or family.default_frames
         wanted = max(1, min(wanted, info.frames))
-        return [FrameCount(n, len(family.video_tiles(n))) for n in range(wanted, 0, -1)]
+        separators = len(family.video_tiles(0))  # tokens a video has beside its frames' (OneVision's newline)
+        return [FrameCount(n, n * family.tokens_per_frame + separators) for n in range(wanted, 0, -1)]
 
     def _video_job(self, video: Video, load_s: float, options: list[FrameCount], chosen: FrameCount, text: str) -> _ImageJob:
         """A video's cache lookup: its content digest and sampling (frames are decoded only for an encode)."""

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from llava_ov.runtime.pipeline import StreamChunk
 from llava_ov.frontends.server.errors import APIError, error_body
 from llava_ov.frontends.server.mapping import (
-    FINISH_REASONS, api_error, logprobs_content, tool_calls_out, tool_finish_reason, usage,
+    FINISH_REASONS, CallGate, api_error, logprobs_content, tool_calls_out, tool_finish_reason, usage,
 )  # fmt: skip
 from llava_ov.frontends.server.worker import Dropped, Failed, Job, Started
 
@@ -133,7 +133,7 @@ class Completion:
     async def events(self, first: StreamChunk) -> AsyncIterator[bytes]:
         """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`."""
         results: dict[int, Any] = {}
-        held: dict[int, str | None] = {}  # per answer with tools: text held until it shows a call or text
+        gates = [CallGate(self.job.calls_tools) for _ in range(self.job.n)]
         try:
             for index in range(self.job.n):
                 yield self._chunk({"role": "assistant", "content": ""}, index=index)
@@ -143,24 +143,18 @@ class Completion:
                     if not isinstance(event, ClientGone):
                         yield _sse(error_body(**_error_kwargs(_terminal_error(event))))
                     break
-                if self.job.calls_tools and held.get(event.index, "") is not None:
-                    held[event.index] = held.get(event.index, "") + event.text  # a call, or text: known by its start
-                    if held[event.index] and not held[event.index].startswith("<"):
-                        event.text, held[event.index] = held[event.index], None  # text: stream it from here on
-                    elif event.result is None:
-                        event = await self.output.next()
-                        continue
-                if event.text or (event.logprobs and self.token_bytes):
-                    if not (self.job.calls_tools and held.get(event.index) is not None):
-                        yield self._chunk({"content": event.text}, logprobs=event.logprobs, index=event.index)
+                gate = gates[event.index]
+                text = gate.feed(event.text)
+                if not gate.holding and (text or (event.logprobs and self.token_bytes)):
+                    yield self._chunk({"content": text}, logprobs=event.logprobs, index=event.index)
                 if event.result is not None:
                     results[event.index] = event.result
                     calls = tool_calls_out(event.result) if self.job.calls_tools else None
                     if calls:
                         deltas = [{"index": k, **call} for k, call in enumerate(calls)]
                         yield self._chunk({"tool_calls": deltas}, index=event.index)
-                    elif held.get(event.index):  # held as a call but cut by max_tokens: the text it has
-                        yield self._chunk({"content": held[event.index]}, index=event.index)
+                    elif gate.held:  # held as a call but cut by max_tokens: the text it has
+                        yield self._chunk({"content": gate.held}, index=event.index)
                     reason = tool_finish_reason(event.result) if calls else FINISH_REASONS[event.result.finish_reason]
                     yield self._chunk({}, reason, index=event.index)
                     if len(results) == self.job.n:

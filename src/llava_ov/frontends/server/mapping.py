@@ -255,6 +255,28 @@ def tool_calls_out(result: Any) -> list[dict[str, Any]] | None:
             for c in calls]  # fmt: skip
 
 
+class CallGate:
+    """Streaming with tools offered: an answer's text is held until its start shows a call (`<`: the grammar
+    lets text begin with anything else) or text, which then streams as usual. Without tools it passes all."""
+
+    def __init__(self, active: bool):
+        self.held: str | None = "" if active else None  # None: streaming text
+
+    @property
+    def holding(self) -> bool:
+        return self.held is not None
+
+    def feed(self, text: str) -> str:
+        """What of the answer can be sent now ("" while it may still be a call)."""
+        if self.held is None:
+            return text
+        self.held += text
+        if self.held and not self.held.startswith("<"):
+            text, self.held = self.held, None
+            return text
+        return ""
+
+
 def tool_finish_reason(result: Any) -> str:
     """finish_reason of an answer that made calls: "tool_calls", or "length" when max_tokens cut what followed."""
     return "tool_calls" if result.finish_reason in ("eos", "stop") else FINISH_REASONS[result.finish_reason]

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError
 
 from llava_ov.frontends.server.completions import ClientGone, Completion, _error_kwargs, _terminal_error
 from llava_ov.frontends.server.errors import APIError, error_body
-from llava_ov.frontends.server.mapping import tool_calls_out, usage
+from llava_ov.frontends.server.mapping import CallGate, tool_calls_out, usage
 from llava_ov.frontends.server.schemas import ChatCompletionRequest, _Lenient
 from llava_ov.runtime.pipeline import StreamChunk
 
@@ -191,7 +191,7 @@ async def collect(completion: Completion, first: StreamChunk, builder: ResponseB
 
 async def events(completion: Completion, first: StreamChunk, builder: ResponseBuilder) -> AsyncIterator[bytes]:
     """Responses streaming events: created, the message's text deltas (or the function calls), completed."""
-    held: str | None = ""  # text held until it shows a call (starts with "<") or text (tools offered)
+    gate = CallGate(completion.job.calls_tools)
     text = ""
     opened = False
     try:
@@ -204,10 +204,7 @@ async def events(completion: Completion, first: StreamChunk, builder: ResponseBu
                     err = _terminal_error(event)
                     yield builder.event("error", **error_body(**_error_kwargs(err))["error"])
                 break
-            piece = event.text
-            if completion.job.calls_tools and held is not None:
-                held += piece
-                piece, held = (held, None) if held and not held.startswith("<") else ("", held)
+            piece = gate.feed(event.text)
             if piece:
                 if not opened:
                     opened = True
@@ -218,8 +215,8 @@ async def events(completion: Completion, first: StreamChunk, builder: ResponseBu
                 yield builder.event("response.output_text.delta", item_id=builder.message_id, output_index=0,
                                     content_index=0, delta=piece)  # fmt: skip
             if event.result is not None:
-                if held:  # held as a call but cut by max_output_tokens: the answer is its text
-                    text = held
+                if gate.held:  # held as a call but cut by max_output_tokens: the answer is its text
+                    text = gate.held
                 async for done in _finish(builder, event.result, completion.job.calls_tools, opened, text):
                     yield done
                 break
