@@ -85,3 +85,87 @@ def test_an_uncached_hub_id_offline_says_what_to_do(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "not in the local Hugging Face cache" in proc.stderr and "unset HF_HUB_OFFLINE" in proc.stderr
     assert "Internet connection" not in proc.stderr
+
+
+# ---------------------------------------------------------------- many large images (class 3)
+
+
+def one_bit_png(side: int) -> bytes:
+    """A side x side one-bit PNG: a few KB that decode to side² RGB pixels (3 bytes each)."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("1", (side, side)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def image_request(data: bytes, count: int) -> dict:
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    parts = [{"type": "image_url", "image_url": {"url": url}} for _ in range(count)]
+    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe."}]}], "max_tokens": 4}
+
+
+def test_a_request_declaring_too_many_pixels_in_all_is_a_400_before_any_decoding(server, monkeypatch):
+    """Eight 6000 x 6000 images pass the per-image limit (40 Mpx) one by one; together they declare 288 Mpx
+    (~860 MB as RGB): refused from their headers."""
+    decoded = count_decodes(monkeypatch)
+    error = assert_error(HTTP.post(f"{server}/v1/chat/completions", json=image_request(one_bit_png(6000), 8)), 400,
+                         "invalid_image")  # fmt: skip
+    assert "pixels" in error["message"] and "100,000,000" in error["message"] and not decoded
+    assert_healthy(server)
+
+
+def count_decodes(monkeypatch) -> list:
+    """Every image the prompt builder decodes from now on is appended to the returned list."""
+    import llava_ov.runtime.prompts as prompts
+
+    decoded, load = [], prompts.load_image
+    monkeypatch.setattr(prompts, "load_image", lambda src, **kw: decoded.append(src) or load(src, **kw))
+    return decoded
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next"])
+def test_a_prompt_too_long_for_its_images_is_refused_before_any_image_is_decoded(exports, family, monkeypatch):
+    """The images' token counts come from their headers: a prompt over the caller's limit or the context is
+    refused before the first image is decoded (the refusal used to come after decoding all of them)."""
+    from llava_ov.errors import ContextLengthError
+    from llava_ov.runtime.generate import GenerationConfig
+    from llava_ov.runtime.pipeline import Pipeline
+    from llava_ov.runtime.prompts import Message
+
+    pipe = Pipeline(exports[family], properties=F32, cache_dir=None)
+    big = one_bit_png(2000)
+    per_image = pipe.prompts.count_tokens([Message("user", "x", images=[big])]) - 1
+    decoded = count_decodes(monkeypatch)
+    messages = [Message("user", "Describe.", images=[big] * 3)]
+    with pytest.raises(ContextLengthError, match="prompts of at most"):
+        pipe.prepare(messages, GenerationConfig(), max_tokens=per_image * 2)
+    with pytest.raises(ContextLengthError):
+        pipe.prepare([Message("user", "Describe.", images=[big] * 40)], GenerationConfig())  # over the context
+    assert not decoded
+    decoded.clear()
+    assert len(pipe.prepare([Message("user", "Describe.", images=[big])], GenerationConfig()).token_ids) > per_image
+    assert len(decoded) == 1  # a prompt that fits decodes its image
+
+
+@pytest.mark.parametrize("fmt, orientation", [("JPEG", 6), ("JPEG", 1), ("PNG", 8), ("WEBP", 5), ("TIFF", 7)])
+def test_declared_sizes_are_the_upright_decoded_sizes(fmt, orientation):
+    """A rotated photo's token count, computed from its header, uses the size it will have once upright."""
+    import io
+
+    from PIL import Image
+
+    from llava_ov.runtime.image import EXIF_ORIENTATION, declared_size, load_image
+
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    out = io.BytesIO()
+    tags = {"tiffinfo": {EXIF_ORIENTATION: orientation}} if fmt == "TIFF" else {"exif": exif.tobytes()}
+    Image.new("RGB", (300, 120), (10, 20, 30)).save(out, format=fmt, **tags)
+    decoded = load_image(out.getvalue())
+    assert declared_size(out.getvalue()) == (decoded.height, decoded.width)
+    assert (decoded.height, decoded.width) == ((300, 120) if orientation >= 5 else (120, 300))

@@ -91,13 +91,13 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def check_encoded(source: str | Path | bytes, *, max_bytes: int, max_pixels: int) -> bytes:
-    """An image's encoded bytes once its size, format and declared dimensions pass, without decoding
-    any pixel: what a server keeps while a request waits (decoded images are ~100x larger)."""
+def check_encoded(source: str | Path | bytes, *, max_bytes: int, max_pixels: int) -> tuple[bytes, int]:
+    """(an image's encoded bytes, its declared pixels) once its size, format and declared dimensions pass,
+    without decoding any pixel: what a server keeps while a request waits (decoded images are ~100x larger)."""
     data = _read_source(source, max_bytes) if isinstance(source, (str, Path)) else bytes(source)
     _check_bytes(len(data), max_bytes)
-    _open_checked(data, max_pixels)
-    return data
+    img = _open_checked(data, max_pixels)
+    return data, img.width * img.height
 
 
 def _load_pixels(img: Image.Image) -> Image.Image:
@@ -189,6 +189,39 @@ def load_image(source: ImageSource, *, max_bytes: int = 50_000_000, max_pixels: 
         return to_rgb(_exif_upright(img))
     except Exception as e:  # e.g. a mode PIL cannot convert to RGB
         raise InvalidImageError(f"cannot convert image (mode {img.mode}) to RGB: {_one_line(e)}") from None
+
+
+def declared_size(source: ImageSource, *, max_bytes: int = 50_000_000, max_pixels: int = 100_000_000) -> tuple[int, int]:
+    """(height, width) an image will have once decoded and upright, from its header alone: what a prompt's
+    token count and refusals need before any image is decoded (InvalidImageError as `load_image`).
+
+    The orientation is the EXIF/XMP one its header carries; a PNG whose eXIf chunk follows the pixel data
+    is counted as stored (its orientation is known only once decoded)."""
+    if isinstance(source, np.ndarray):
+        height, width = source.shape[:2]
+        return int(height), int(width)
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        data = _read_source(source, max_bytes) if isinstance(source, (str, Path)) else bytes(source)
+        _check_bytes(len(data), max_bytes)
+        img = _open_checked(data, max_pixels)
+    width, height = img.size
+    return (width, height) if _header_orientation(img) in _TRANSPOSING else (height, width)
+
+
+_TRANSPOSING = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+
+
+def _header_orientation(img: Image.Image) -> int:
+    """The EXIF orientation still to apply, as known without decoding (Pillow reads a PNG's late eXIf chunk by
+    decoding; it reports a TIFF's size upright already)."""
+    if img.format == "TIFF" or (img.format == "PNG" and "exif" not in img.info):
+        return 1
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # a malformed EXIF block: decoding reports the image's problems
+        return 1
 
 
 # ----------------------------------------------------------------------------- geometry

@@ -28,7 +28,7 @@ from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.runtime.budget import Resolution, fit_budget
 from llava_ov.runtime.feature_cache import FeatureCache
 from llava_ov.runtime.generate import GenerationConfig
-from llava_ov.runtime.image import load_image
+from llava_ov.runtime.image import declared_size, load_image
 from llava_ov.runtime.model import ExportedModel
 from llava_ov.runtime.pruning import kept_count, select_tokens
 from llava_ov.runtime.template import ChatTemplate
@@ -396,18 +396,8 @@ class PromptBuilder:
         self, messages: Sequence[Message], config: GenerationConfig, max_tokens: int | None, cancel: Cancel
     ) -> PreparedPrompt:
         ratio = config.visual_token_pruning
-        ids, jobs = self._tokenize(messages, config, max_tokens)
+        ids, jobs = self._tokenize(messages, config, max_tokens, check=True)
         try:
-            image_tokens = sum(self._image_tokens(j, ratio) for j in jobs)
-            total = len(ids) - len(jobs) + image_tokens
-            if max_tokens is not None and total > max_tokens:
-                raise ContextLengthError(
-                    f"the prompt is {total} tokens ({image_tokens} of them for images and videos); prompts of at "
-                    f"most {max_tokens} are taken here (fewer or smaller images, fewer frames, or max_image_tokens)"
-                )
-            self._check_length(total, image_tokens)  # before any vision encoding
-            if ratio:  # pruned tokens keep their positions: the prompt spans as many as it would unpruned
-                self._check_positions(len(ids) - len(jobs) + sum(len(j.tiles) for j in jobs))
             images = [self._features_of(j, cancel) for j in jobs]
         finally:
             self._close(jobs)
@@ -438,7 +428,7 @@ class PromptBuilder:
         )  # fmt: skip
 
     def _tokenize(
-        self, messages: Sequence[Message], config: GenerationConfig, max_tokens: int | None = None
+        self, messages: Sequence[Message], config: GenerationConfig, max_tokens: int | None = None, check: bool = False
     ) -> tuple[np.ndarray, list[_ImageJob]]:
         """(ids, planned images and videos in prompt order): everything but decoding frames and vision encoding.
 
@@ -457,7 +447,7 @@ class PromptBuilder:
             raise LlavaOvError("visual-token pruning needs the paged KV cache (load with kv_cache='paged')")
         jobs = self._plan(
             images, [m.text for m in messages for _ in m.images], videos, [m.text for m in messages for _ in m.videos],
-            config, len(ids) - len(image_at) - len(video_at), max_tokens,
+            config, len(ids) - len(image_at) - len(video_at), max_tokens, check,
         )  # fmt: skip
         for job, position in zip(jobs, [*image_at, *video_at]):
             job.position = int(position)
@@ -473,16 +463,20 @@ class PromptBuilder:
 
     def _plan(
         self, images: Sequence[Any], image_texts: Sequence[str], videos: Sequence[Any], video_texts: Sequence[str],
-        config: GenerationConfig, text_tokens: int, max_tokens: int | None = None,
+        config: GenerationConfig, text_tokens: int, max_tokens: int | None = None, check: bool = False,
     ) -> list[_ImageJob]:  # fmt: skip
-        """Load the images and open the videos, choose every one's resolution / frame count within the
-        budget, and look their features up; images first, then videos."""
-        loaded = self._load_images(images)
+        """Choose every image's resolution and video's frame count within the budget from their declared sizes,
+        refuse (`check`) a prompt that cannot fit before any image is decoded, then decode the images and look
+        their features up; images first, then videos."""
+        sizes = [declared_size(src) for src in images]  # headers only
         opened = self._open_videos(videos)
         try:
-            image_options = [self.model.family.resolutions((img.height, img.width), len(loaded)) for img, _ in loaded]
             video_options = [self._frame_options(video, config) for video, _ in opened]
-            chosen = self._fit(image_options, video_options, config, text_tokens, max_tokens)
+            image_options, chosen = self._choose(sizes, video_options, config, text_tokens, max_tokens, check)
+            loaded = self._load_images(images)
+            upright = [(img.height, img.width) for img, _ in loaded]
+            if upright != sizes:  # an orientation only decoding revealed (a PNG's late eXIf chunk)
+                image_options, chosen = self._choose(upright, video_options, config, text_tokens, max_tokens, check)
             jobs = [self._image_job(img, s, o, c, t)
                     for (img, s), o, c, t in zip(loaded, image_options, chosen, image_texts)]  # fmt: skip
             chosen = chosen[len(loaded):]
@@ -492,6 +486,34 @@ class PromptBuilder:
             for video, _ in opened:
                 video.close()
             raise
+
+    def _choose(
+        self, sizes: list[tuple[int, int]], video_options: list[list[FrameCount]], config: GenerationConfig,
+        text_tokens: int, max_tokens: int | None, check: bool,
+    ) -> tuple[list[list[Resolution]], list[Resolution | FrameCount]]:  # fmt: skip
+        """(each image's resolutions, the chosen resolution or frame count of each image and video), the
+        prompt's length checked (`check`) from the sizes alone."""
+        family = self.model.family
+        image_options = [family.resolutions(size, len(sizes)) for size in sizes]
+        chosen = self._fit(image_options, video_options, config, text_tokens, max_tokens)
+        if check:
+            tiles = [family.packed_tiles(size, res) for size, res in zip(sizes, chosen)]
+            tiles += [family.video_tiles(c.frames) for c in chosen[len(sizes):]]
+            self._check_planned(text_tokens, tiles, config.visual_token_pruning, max_tokens)
+        return image_options, chosen
+
+    def _check_planned(self, text_tokens: int, tiles: list[np.ndarray], ratio: float, max_tokens: int | None) -> None:
+        """Refuse a prompt over the caller's `max_tokens`, the context or the KV pool, before any vision work."""
+        image_tokens = sum(self._visual_tokens(t, ratio) for t in tiles)
+        total = text_tokens + image_tokens
+        if max_tokens is not None and total > max_tokens:
+            raise ContextLengthError(
+                f"the prompt is {total} tokens ({image_tokens} of them for images and videos); prompts of at "
+                f"most {max_tokens} are taken here (fewer or smaller images, fewer frames, or max_image_tokens)"
+            )
+        self._check_length(total, image_tokens)
+        if ratio:  # pruned tokens keep their positions: the prompt spans as many as it would unpruned
+            self._check_positions(text_tokens + sum(len(t) for t in tiles))
 
     def _fit(
         self, image_options: list[list[Resolution]], video_options: list[list[FrameCount]], config: GenerationConfig,
@@ -512,12 +534,13 @@ class PromptBuilder:
             return [opts[0] for opts in options]  # not even one frame each fits: the length check says so
         return fit_budget([*fixed, *video_options], room)
 
-    def _image_tokens(self, job: _ImageJob, ratio: float) -> int:
-        """Tokens an image will take, from its sizes alone (after the budget and pruning)."""
+    @staticmethod
+    def _visual_tokens(tiles: np.ndarray, ratio: float) -> int:
+        """Tokens an image or video will take, from its packed tiles (after the budget and pruning)."""
         if not ratio:
-            return len(job.tiles)
-        newlines = int((job.tiles < 0).sum())
-        return newlines + kept_count(len(job.tiles) - newlines, ratio)
+            return len(tiles)
+        newlines = int((tiles < 0).sum())
+        return newlines + kept_count(len(tiles) - newlines, ratio)
 
     def count_tokens(self, messages: Sequence[Message], config: GenerationConfig | None = None) -> int:
         """Prompt tokens of `messages`, image and video tokens included, from sizes alone (nothing is encoded)."""
@@ -525,7 +548,7 @@ class PromptBuilder:
         with self._image_room(messages):
             ids, jobs = self._tokenize(messages, config)
             self._close(jobs)
-        return len(ids) - len(jobs) + sum(self._image_tokens(j, config.visual_token_pruning) for j in jobs)
+        return len(ids) - len(jobs) + sum(self._visual_tokens(j.tiles, config.visual_token_pruning) for j in jobs)
 
     # ---------------------------------------------------------------- context checks
 

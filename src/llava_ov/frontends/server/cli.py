@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
     p.add_argument("--max-image-mb", type=float, default=20, help="largest image (encoded)")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image (decoded pixels)")
+    p.add_argument("--max-request-pixels", type=int, default=100_000_000,
+                   help="all images of a request together (declared pixels, checked before any is decoded)")
     p.add_argument("--max-images", type=int, default=8, help="images per request")
     p.add_argument("--max-videos", type=int, default=2, help="videos per request (LLaVA-NeXT-Video models)")
     p.add_argument("--max-video-mb", type=float, default=64, help="largest video (encoded)")
@@ -77,6 +79,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         api_key=args.api_key or os.environ.get("LLAVA_OV_API_KEY") or None,
         max_queue=args.max_queue, max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * MiB),
         max_image_bytes=int(args.max_image_mb * MiB), max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
         max_images=args.max_images, request_timeout_s=args.request_timeout, fetch_timeout_s=args.fetch_timeout,
         allow_local_files=args.allow_local_files, allow_private_urls=args.allow_private_urls,
         max_connections=args.max_connections, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
@@ -99,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LlavaOvError(f"the server needs the serve extra: {hint}") from None
     settings = settings_from_args(args)
     for name, value in (("--max-queue", settings.max_queue), ("--max-tokens", settings.max_tokens),
+                        ("--max-request-pixels", settings.max_request_pixels),
                         ("--max-connections", settings.max_connections), ("--max-header-kb", settings.max_header_bytes),
                         ("--header-timeout", settings.header_timeout_s), ("--keep-alive", settings.keep_alive_s),
                         ("--body-timeout", settings.body_timeout_s)):  # fmt: skip

@@ -69,7 +69,13 @@ class ImageLoader(UrlLoader):
         super().__init__(policy, fetcher, concurrency, downloads)
 
     async def load(self, url: str) -> Any:
-        """InvalidImageError with a client-safe message for anything refused or undecodable."""
+        """The image's checked encoded bytes; InvalidImageError with a client-safe message for anything refused
+        or undecodable."""
+        data, _ = await self.load_counted(url)
+        return data
+
+    async def load_counted(self, url: str) -> tuple[bytes, int]:
+        """(checked encoded bytes, the pixels its header declares): nothing is decoded."""
         from starlette.concurrency import run_in_threadpool
 
         source = await self._source(url)

@@ -185,7 +185,8 @@ async def to_messages(
                        param="messages", code="invalid_video")  # fmt: skip
     if count > settings.max_videos:
         raise APIError(400, f"{count} videos in one request; the limit is {settings.max_videos}", param="messages")
-    messages = [await _to_message(i, m, images, videos, native_tools) for i, m in enumerate(req.messages)]
+    tally = PixelTally(settings.max_request_pixels)
+    messages = [await _to_message(i, m, images, videos, tally, native_tools) for i, m in enumerate(req.messages)]
     tools, _ = offered_tools(req)
     first_user = next((m for m in messages if m.role == "user"), None)
     if tools and first_user is not None and not native_tools:  # a template without tools: the user is told
@@ -193,7 +194,24 @@ async def to_messages(
     return messages
 
 
-async def _to_message(index: int, msg: ChatMessage, images: ImageLoader, videos: VideoLoader, native_tools: bool = False) -> Message:
+class PixelTally:
+    """The declared pixels of a request's images so far, refused past `limit` before any image is decoded."""
+
+    def __init__(self, limit: int):
+        self.limit, self.total = limit, 0
+
+    def add(self, pixels: int) -> None:
+        self.total += pixels
+        if self.total > self.limit:
+            raise InvalidImageError(
+                f"the request's images declare {self.total:,} pixels or more; all images of a request may "
+                f"declare at most {self.limit:,} (fewer or smaller images)"
+            )
+
+
+async def _to_message(
+    index: int, msg: ChatMessage, images: ImageLoader, videos: VideoLoader, tally: PixelTally, native_tools: bool = False
+) -> Message:
     if msg.role == "tool":
         if native_tools:
             return Message("tool", _text_of(msg), tool_call_id=msg.tool_call_id)
@@ -211,7 +229,9 @@ async def _to_message(index: int, msg: ChatMessage, images: ImageLoader, videos:
         param = f"messages[{index}].content[{j}].{part.type}"
         try:
             if isinstance(part, ImagePart):
-                message.images.append(await images.load(part.image_url.url))
+                data, pixels = await images.load_counted(part.image_url.url)
+                tally.add(pixels)
+                message.images.append(data)
             elif isinstance(part, VideoPart):
                 message.videos.append(await videos.load(part.video_url.url))
             elif isinstance(part, VideoFramesPart) and isinstance(part.video, str):

@@ -27,6 +27,7 @@ class ServerSettings:
     max_body_bytes: int = 32 * MiB
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = 40_000_000
+    max_request_pixels: int = 100_000_000  # all images of a request, declared (decoded RGB: 3 bytes each)
     max_images: int = 8  # per request
     max_videos: int = 2  # per request
     max_video_bytes: int = 64 * MiB
