@@ -19,8 +19,15 @@ chunk; a prober hits /health every 0.2 s throughout and reports its slowest answ
 --hostile N adds N attackers for the whole run, each cycling through HOSTILE: headers
 trickled a byte at a time, a 128 KiB header, a body that stops half way, an image whose
 header declares 13000x13000 pixels, a one-bit 6000x6000 PNG (48 KB that decode to 108 MB:
-accepted and answered), a 28 MB body of 800,000 messages, and a lone surrogate; the
-report counts what each got back.
+accepted and answered), a 28 MB body of 800,000 messages, a lone surrogate, a body nested
+100,000 levels deep, a response_format schema nested 100,000 levels deep (and one 80 deep:
+valid JSON, too deep a schema), eight one-bit 6000x6000 PNGs in one request (288 Mpx
+declared) and sixteen; the report counts what each got back and its slowest answer.
+
+--idle N keeps N connections open for the whole run that send part of a request head and
+then nothing, reopening each one the server closes (at its header deadline, or to make room
+for a new client); the report says how many it opened and the server's RSS with them open.
+The server's RSS is sampled with every /health probe (peak in the report).
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-HOSTILE = ("slow-headers", "huge-header", "slow-body", "declared-bomb", "heavy-image", "big-json", "surrogate")
+HOSTILE = ("slow-headers", "huge-header", "slow-body", "declared-bomb", "heavy-image", "big-json", "surrogate",
+           "deep-json", "deep-schema", "deep-schema-80", "many-images", "too-many-images")
 
 
 @dataclass
@@ -110,14 +118,16 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcom
         return Outcome(type(exc).__name__, time.perf_counter() - start)
 
 
-async def drive(base: str, clients: int, requests: int, bodies, api_key: str | None, hostile: int = 0):
-    """Run `requests` requests (body i from `bodies(i)`) over `clients` connections, probing /health
-    (and with `hostile` attackers alongside).
+async def drive(base: str, clients: int, requests: int, bodies, api_key: str | None, hostile: int = 0,
+                idle: int = 0, pid: int | None = None, kinds: tuple[str, ...] = HOSTILE) -> dict[str, Any]:  # fmt: skip
+    """Run `requests` requests (body i from `bodies(i)`) over `clients` connections, probing /health and the
+    server's RSS (and with `hostile` attackers and `idle` idle connections alongside).
 
-    Returns (outcomes, wall seconds, health probe latencies, failed probes, hostile outcomes)."""
+    Returns outcomes, wall seconds, health probe latencies, failed probes, RSS samples, hostile and idle reports."""
     todo = iter(range(requests))
     outcomes: list[Outcome] = []
     probes: list[float] = []
+    rss: list[float] = []
     failed_probes = 0
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients)
@@ -138,18 +148,66 @@ async def drive(base: str, clients: int, requests: int, bodies, api_key: str | N
                     ok = False
                 probes.append(time.perf_counter() - start)
                 failed_probes += not ok
+                if pid is not None:
+                    rss.append(server_rss_mb(pid))
                 await asyncio.sleep(0.2)
 
     async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
+        flood = asyncio.create_task(idle_flood(base, idle, done, pid)) if idle else None
+        if flood is not None:
+            await asyncio.sleep(min(10.0, idle / 200))  # the idle connections are open before the load starts
         start = time.perf_counter()
         watch = asyncio.create_task(prober())
-        attack = asyncio.create_task(attackers(base, hostile, done)) if hostile else None
+        attack = asyncio.create_task(attackers(base, hostile, done, kinds)) if hostile else None
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         wall = time.perf_counter() - start
         done.set()
         await watch
-        attacked = await attack if attack is not None else {}
-        return outcomes, wall, probes, failed_probes, attacked
+        return {"outcomes": outcomes, "wall": wall, "probes": probes, "failed_probes": failed_probes, "rss": rss,
+                "hostile": await attack if attack is not None else {},
+                "idle": await flood if flood is not None else {}}  # fmt: skip
+
+
+async def idle_flood(base: str, count: int, done: asyncio.Event, pid: int | None) -> dict[str, Any]:
+    """`count` connections that each send part of a request head and then nothing, reopened whenever the server
+    closes one, until `done`: (connections opened, refused, RSS once all were first open)."""
+    url = urlsplit(base)
+    opened, refused = 0, 0
+    first_open = asyncio.Event()
+    ready = 0
+
+    async def hold() -> None:
+        nonlocal opened, refused, ready
+        first = True
+        while not done.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(url.hostname, url.port)
+            except OSError:
+                refused += 1
+                await asyncio.sleep(0.5)
+                continue
+            opened += 1
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            if first:
+                first, ready = False, ready + 1
+                if ready == count:
+                    first_open.set()
+            waits = [asyncio.create_task(reader.read(100)), asyncio.create_task(done.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
+            writer.close()
+
+    tasks = [asyncio.create_task(hold()) for _ in range(count)]
+    try:
+        await asyncio.wait_for(first_open.wait(), 60)
+        await asyncio.sleep(1.0)
+    except asyncio.TimeoutError:
+        pass
+    rss_open = server_rss_mb(pid) if pid is not None else None
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {"connections": count, "opened": opened, "refused": refused,
+            "rss_mb_all_open": rss_open and round(rss_open, 1)}  # fmt: skip
 
 
 def _png_data_url(size: tuple[int, int]) -> str:
@@ -166,15 +224,27 @@ def _png_data_url(size: tuple[int, int]) -> str:
 def hostile_payloads() -> dict[str, bytes]:
     """The request bodies of the hostile kinds that send whole requests."""
 
-    def image_body(url: str) -> bytes:
-        content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]
+    def image_body(url: str, count: int = 1) -> bytes:
+        images = [{"type": "image_url", "image_url": {"url": url}}] * count
+        content = [{"type": "text", "text": "What is this?"}, *images]
         return json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 4}).encode()
 
+    def schema_body(depth: int) -> bytes:
+        schema = '{"type": "array", "items": ' * depth + '{"type": "string"}' + "}" * depth
+        return (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "response_format": '
+                b'{"type": "json_schema", "json_schema": {"name": "deep", "schema": %s}}}' % schema.encode())
+
+    heavy = _png_data_url((6000, 6000))
     return {
         "declared-bomb": image_body(_png_data_url((13000, 13000))),
-        "heavy-image": image_body(_png_data_url((6000, 6000))),
+        "heavy-image": image_body(heavy),
         "big-json": json.dumps({"messages": [{"role": "user", "content": "hi"}] * 800_000}).encode(),
         "surrogate": b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}',
+        "deep-json": b'{"messages": [{"role": "user", "content": "hi"}], "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "deep-schema": schema_body(100_000),
+        "deep-schema-80": schema_body(80),
+        "many-images": image_body(heavy, 8),
+        "too-many-images": image_body(heavy, 16),
     }
 
 
@@ -221,16 +291,16 @@ async def hostile_once(kind: str, base: str, payloads: dict[str, bytes], client:
         return type(exc).__name__, time.perf_counter() - start
 
 
-async def attackers(base: str, count: int, done: asyncio.Event) -> dict[str, dict[str, Any]]:
-    """`count` attackers cycling through HOSTILE until `done`; per kind, the statuses and slowest answer."""
+async def attackers(base: str, count: int, done: asyncio.Event, kinds: tuple[str, ...] = HOSTILE) -> dict[str, dict[str, Any]]:
+    """`count` attackers cycling through `kinds` until `done`; per kind, the statuses and slowest answer."""
     payloads = await asyncio.to_thread(hostile_payloads)
-    seen: dict[str, Counter] = {k: Counter() for k in HOSTILE}
-    slowest: dict[str, float] = dict.fromkeys(HOSTILE, 0.0)
+    seen: dict[str, Counter] = {k: Counter() for k in kinds}
+    slowest: dict[str, float] = dict.fromkeys(kinds, 0.0)
 
     async def attacker(offset: int, client: httpx.AsyncClient) -> None:
         i = offset
         while True:  # at least one attempt each, then until the load is done
-            kind = HOSTILE[i % len(HOSTILE)]
+            kind = kinds[i % len(kinds)]
             status, seconds = await hostile_once(kind, base, payloads, client)
             seen[kind][status] += 1
             slowest[kind] = max(slowest[kind], seconds)
@@ -240,7 +310,7 @@ async def attackers(base: str, count: int, done: asyncio.Event) -> dict[str, dic
 
     async with httpx.AsyncClient(timeout=300) as client:
         await asyncio.gather(*(attacker(i, client) for i in range(count)))
-    return {k: {"statuses": dict(seen[k]), "slowest_s": round(slowest[k], 2)} for k in HOSTILE if seen[k]}
+    return {k: {"statuses": dict(seen[k]), "slowest_s": round(slowest[k], 2)} for k in kinds if seen[k]}
 
 
 def server_rss_mb(pid: int | None) -> float | None:
@@ -265,7 +335,7 @@ def listening_pid(base: str) -> int | None:
 def run(
     base: str, clients: int = 32, requests: int = 200, max_tokens: int = 16, prompt: str = "Describe the picture.",
     image: str | list[str] | None = None, stream: bool = False, api_key: str | None = None, pid: int | None = None,
-    mix: bool = False, hostile: int = 0,
+    mix: bool = False, hostile: int = 0, idle: int = 0, kinds: tuple[str, ...] = HOSTILE,
 ) -> dict:  # fmt: skip
     """One load test against a running server; returns the report dict."""
     pid = pid or (listening_pid(base) if urlsplit(base).hostname in ("127.0.0.1", "localhost") else None)
@@ -279,9 +349,8 @@ def run(
     else:
         body = request_body(prompt, images[0] if images else None, max_tokens, stream)
         bodies = lambda i: dict(body)  # noqa: E731
-    outcomes, wall, probes, failed_probes, attacked = asyncio.run(
-        drive(base, clients, requests, bodies, api_key, hostile)
-    )
+    got = asyncio.run(drive(base, clients, requests, bodies, api_key, hostile, idle, pid, kinds))
+    outcomes, wall, probes, failed_probes = got["outcomes"], got["wall"], got["probes"], got["failed_probes"]
     time.sleep(2)  # let the server release what the last requests held
     ok = [o for o in outcomes if o.status == 200]
     latencies = [o.latency_s for o in ok]
@@ -292,13 +361,16 @@ def run(
         "throughput_rps": round(len(ok) / wall, 2), "tokens_per_s": round(sum(o.tokens for o in ok) / wall, 1),
         "latency_s": {f"p{q}": round(percentile(latencies, q), 3) for q in (50, 90, 99)},
         "rss_mb_before": rss_before and round(rss_before, 1), "rss_mb_after": pid and round(server_rss_mb(pid), 1),
+        "rss_mb_peak": round(max(got["rss"]), 1) if got["rss"] else None,
         "health": {"probes": len(probes), "failed": failed_probes, "max_s": round(max(probes, default=0.0), 3),
                    "p50_s": round(percentile(probes, 50), 4)},
     }  # fmt: skip
     if ttfts:
         report["ttft_s"] = {f"p{q}": round(percentile(ttfts, q), 3) for q in (50, 90, 99)}
-    if attacked:
-        report["hostile"] = attacked
+    if got["hostile"]:
+        report["hostile"] = got["hostile"]
+    if got["idle"]:
+        report["idle"] = got["idle"]
     return report
 
 
@@ -330,6 +402,14 @@ def markdown_row(report: dict, label: str) -> str:
             f"{report['statuses']} | {report['rss_mb_before']} → {report['rss_mb_after']} |")  # fmt: skip
 
 
+def hostile_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = set(kinds) - set(HOSTILE)
+    if unknown or not kinds:
+        raise SystemExit(f"unknown hostile kinds {sorted(unknown)}; choose from {', '.join(HOSTILE)}")
+    return kinds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = p.add_mutually_exclusive_group(required=True)
@@ -346,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mix", action="store_true", help="text/image, JSON/stream and disconnecting clients (needs --image)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the whole test (RSS after each: flat?)")
     p.add_argument("--hostile", type=int, default=0, help="attackers alongside the load (slow clients, bombs)")
+    p.add_argument("--hostile-kinds", default=",".join(HOSTILE), help="which attacks, comma-separated (default: all)")
+    p.add_argument("--idle", type=int, default=0, help="idle connections (part of a head, then nothing) held open")
     p.add_argument("--api-key", default=os.environ.get("LLAVA_OV_API_KEY"))
     p.add_argument("--pid", type=int, default=None, help="server process for RSS (default: found from the port)")
     p.add_argument("--label", default="", help="first column of the markdown row")
@@ -356,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             reports.append(run(base, args.clients, args.requests, args.max_tokens, args.prompt, args.image,
                                args.stream, args.api_key, args.pid or (proc.pid if proc else None), args.mix,
-                               args.hostile))  # fmt: skip
+                               args.hostile, args.idle, hostile_kinds(args.hostile_kinds)))  # fmt: skip
     finally:
         if proc is not None:
             proc.terminate()

@@ -169,3 +169,107 @@ def test_declared_sizes_are_the_upright_decoded_sizes(fmt, orientation):
     decoded = load_image(out.getvalue())
     assert declared_size(out.getvalue()) == (decoded.height, decoded.width)
     assert (decoded.height, decoded.width) == ((300, 120) if orientation >= 5 else (120, 300))
+
+
+# ---------------------------------------------------------------- idle connections (class 2)
+
+
+def open_idle(port: int, count: int, partial: bool = True) -> list:
+    """`count` connections that send part of a request head (or nothing) and then wait."""
+    import socket
+
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if partial:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        socks.append(sock)
+    return socks
+
+
+def closed_by_server(sock) -> bool:
+    import socket
+
+    sock.settimeout(0.05)
+    try:
+        return sock.recv(100) == b""
+    except (socket.timeout, BlockingIOError):
+        return False
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def reference_pipe(exports):
+    from llava_ov.runtime.pipeline import Pipeline
+
+    return Pipeline(exports["llava-next"], properties=F32, cache_dir=None)
+
+
+def test_idle_connections_past_the_bound_make_room_for_new_clients(exports, reference_pipe):
+    """Past --max-connections open sockets, a new client closes the connection idle longest (before: every new
+    client, /health included, was a 503 until the header deadline); requests in progress are never closed."""
+    settings = ServerSettings(model=str(exports["llava-next"]), max_connections=40, header_timeout_s=60)
+    with running(create_app(settings, lambda: reference_pipe)) as base:
+        wait_ready(base)
+        port = int(base.rsplit(":", 1)[1])
+        idle = open_idle(port, 100)
+        for _ in range(3):
+            started = time.perf_counter()
+            assert HTTP.get(f"{base}/health").status_code == 200 and time.perf_counter() - started < 1
+        assert_healthy(base)
+        time.sleep(0.2)
+        closed = [closed_by_server(s) for s in idle]
+        assert all(closed[:60]) and sum(closed) < 100  # the oldest first; some of the newest stay open
+        for sock in idle:
+            sock.close()
+
+
+def test_requests_in_progress_are_bounded_apart_from_sockets(exports, reference_pipe):
+    """--max-requests bounds requests whose head has arrived (here bodies still being read): one more is a 503
+    server_busy with Retry-After, /health still answers, and the slots come back when they end."""
+    import socket
+
+    settings = ServerSettings(model=str(exports["llava-next"]), max_requests=3, body_timeout_s=60)
+    with running(create_app(settings, lambda: reference_pipe)) as base:
+        wait_ready(base)
+        port = int(base.rsplit(":", 1)[1])
+        slow = []
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"messages\": [")  # fmt: skip
+            slow.append(sock)
+        time.sleep(0.3)
+        response = HTTP.post(f"{base}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+        assert_error(response, 503, "server_busy")
+        assert response.headers["retry-after"] == "1"
+        assert HTTP.get(f"{base}/health").status_code == 200
+        for sock in slow:
+            sock.close()
+        time.sleep(0.3)
+        assert_healthy(base)
+
+
+def test_the_connection_book_closes_the_longest_idle_first():
+    from llava_ov.frontends.server.http import ConnectionBook
+
+    class Conn:
+        closed = False
+
+        def close_idle(self):
+            self.closed = True
+
+    book = ConnectionBook(limit=3)
+    a, b, c, d, e = (Conn() for _ in range(5))
+    for conn in (a, b, c):
+        assert book.opened(conn)
+    book.busy(a)  # a request in progress is never closed for room
+    book.busy(b)
+    book.idle_again(b)  # b answered: now the most recently idle
+    assert book.opened(d) and c.closed and not a.closed and not b.closed
+    assert book.opened(e) and b.closed
+    book.busy(d)
+    book.busy(e)
+    assert not book.opened(Conn())  # everyone is busy: the new one is refused
+    assert book.closed_for_room == 2 and len(book.open) == 3

@@ -769,7 +769,9 @@ def test_load_test_hostile_mix_is_refused_and_nothing_else_is_lost(exports, refe
     assert report["statuses"] == {200: 6, "disconnected": 2}
     got = {kind: set(v["statuses"]) for kind, v in report["hostile"].items()}
     assert got == {"slow-headers": {"closed"}, "huge-header": {"431"}, "slow-body": {"408"},
-                   "declared-bomb": {"400"}, "heavy-image": {"200"}, "big-json": {"400"}, "surrogate": {"400"}}, got
+                   "declared-bomb": {"400"}, "heavy-image": {"200"}, "big-json": {"400"}, "surrogate": {"400"},
+                   "deep-json": {"400"}, "deep-schema": {"400"}, "deep-schema-80": {"400"}, "many-images": {"400"},
+                   "too-many-images": {"400"}}, got
     assert report["health"]["failed"] == 0
 
 

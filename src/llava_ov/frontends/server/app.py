@@ -27,7 +27,7 @@ from llava_ov.runtime.constrained import InvalidGrammarError
 from llava_ov.errors import LlavaOvError
 from llava_ov.frontends.server.completions import Completion, EventStream
 from llava_ov.frontends.server.errors import APIError, error_body
-from llava_ov.frontends.server.guards import APIKeyGuard, BodyLimit
+from llava_ov.frontends.server.guards import APIKeyGuard, BodyLimit, RequestLimit
 from llava_ov.frontends.server.images import ImageLoader, ImagePolicy
 from llava_ov.frontends.server.videos import VideoLoader, VideoPolicy
 from llava_ov.frontends.server.jsonparse import OFFLOAD_BYTES, TooDeep, TooManyValues, exit_with_parent, parse_limited
@@ -195,6 +195,7 @@ def create_app(
     _add_routes(app, state)
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(RequestLimit, max_requests=settings.max_requests)  # before a body is read
     app.add_middleware(APIKeyGuard, api_key=settings.api_key)  # before the body is read
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, paths=lambda: PATHS)
     return app

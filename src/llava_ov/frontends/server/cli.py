@@ -40,7 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-local-files", action="store_true", help="accept file:// URLs and server paths as images")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let image URLs reach loopback, private and link-local addresses")  # fmt: skip
-    p.add_argument("--max-connections", type=int, default=200, help="connections at once; more get 503")
+    p.add_argument("--max-connections", type=int, default=4096,
+                   help="open sockets; past it the connection idle longest is closed to make room")
+    p.add_argument("--max-requests", type=int, default=64,
+                   help="requests in progress (bodies being read, queued, generating); more get 503 (/health never)")
     p.add_argument("--header-timeout", type=float, default=10, help="seconds for a request's headers to arrive")
     p.add_argument("--body-timeout", type=float, default=30, help="seconds for its body to arrive after them (408)")
     p.add_argument("--max-header-kb", type=float, default=64, help="largest request line + headers")
@@ -82,13 +85,29 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_request_pixels=args.max_request_pixels,
         max_images=args.max_images, request_timeout_s=args.request_timeout, fetch_timeout_s=args.fetch_timeout,
         allow_local_files=args.allow_local_files, allow_private_urls=args.allow_private_urls,
-        max_connections=args.max_connections, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections, max_requests=args.max_requests,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
         max_header_bytes=int(args.max_header_kb * 1024), keep_alive_s=args.keep_alive,
         max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
         max_prompt_tokens=args.max_prompt_tokens, max_videos=args.max_videos,
         max_video_bytes=int(args.max_video_mb * MiB), max_video_seconds=args.max_video_seconds,
         max_video_frames=args.max_video_frames, num_frames=args.num_frames,
     )  # fmt: skip
+
+
+def fit_connections_to_file_limit(settings: ServerSettings) -> ServerSettings:
+    """`settings` with --max-connections lowered to what the process may open (said in the log)."""
+    from dataclasses import replace
+
+    from llava_ov.frontends.server.http import sockets_allowed
+
+    allowed = sockets_allowed(settings.max_connections)
+    if allowed < settings.max_connections:
+        logging.getLogger("llava_ov.frontends.server").warning(
+            "--max-connections %d is over what the open-file limit allows; using %d (raise it with ulimit -n)",
+            settings.max_connections, allowed)  # fmt: skip
+        return replace(settings, max_connections=allowed)
+    return settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -103,12 +122,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     for name, value in (("--max-queue", settings.max_queue), ("--max-tokens", settings.max_tokens),
                         ("--max-request-pixels", settings.max_request_pixels),
-                        ("--max-connections", settings.max_connections), ("--max-header-kb", settings.max_header_bytes),
+                        ("--max-connections", settings.max_connections),
+                        ("--max-requests", settings.max_requests), ("--max-header-kb", settings.max_header_bytes),
                         ("--header-timeout", settings.header_timeout_s), ("--keep-alive", settings.keep_alive_s),
                         ("--body-timeout", settings.body_timeout_s)):  # fmt: skip
         if value <= 0:
             raise LlavaOvError(f"{name} must be > 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = fit_connections_to_file_limit(settings)
     failed = []
 
     def stop_on_failure() -> None:  # a server without its model is of no use: exit so a supervisor notices

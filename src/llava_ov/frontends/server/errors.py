@@ -41,9 +41,11 @@ def error_bytes(status: int, message: str, **kw: Any) -> bytes:
     return json.dumps(error_body(status, message, **kw)).encode()
 
 
-async def send_error(send: Any, status: int, message: str, **kw: Any) -> None:
+async def send_error(send: Any, status: int, message: str, retry_after_s: int | None = None, **kw: Any) -> None:
     """Send a complete JSON error response on a raw ASGI `send` (for middleware)."""
     body = error_bytes(status, message, **kw)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after_s is not None:
+        headers.append((b"retry-after", str(retry_after_s).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,4 +1,5 @@
-"""ASGI middleware that guards requests before any body is parsed: API key, then body size and time.
+"""ASGI middleware that guards requests before any body is parsed: API key, requests in progress, then body
+size and time.
 
 The key is compared in constant time (`hmac.compare_digest`).  The body limit
 checks Content-Length first, then counts the bytes actually received (chunked
@@ -42,6 +43,28 @@ class APIKeyGuard:
                 message = f"{problem} (send Authorization: Bearer KEY)"
                 return await send_error(send, 401, message, code="invalid_api_key")
         await self.app(scope, receive, send)
+
+
+class RequestLimit:
+    """Answers 503 (`Retry-After: 1`) beyond `max_requests` requests in progress (head arrived, response not
+    finished: bodies being read, requests waiting for or in the engine, streams). Open sockets are bounded
+    apart (`http.ConnectionBook`); `exempt` paths (the health probe) are cheap and always answered."""
+
+    def __init__(self, app: Any, max_requests: int, exempt: tuple[str, ...] = ("/health",)):
+        self.app, self.max_requests, self.exempt = app, max_requests, exempt
+        self.active = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt:
+            return await self.app(scope, receive, send)
+        if self.active >= self.max_requests:
+            message = f"the server has {self.max_requests} requests in progress, its limit; retry shortly"
+            return await send_error(send, 503, message, retry_after_s=1, code="server_busy")
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 class BodyLimit:
