@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -119,11 +120,11 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcom
 
 
 async def drive(base: str, clients: int, requests: int, bodies, api_key: str | None, hostile: int = 0,
-                idle: int = 0, pid: int | None = None, kinds: tuple[str, ...] = HOSTILE) -> dict[str, Any]:  # fmt: skip
+                pid: int | None = None, kinds: tuple[str, ...] = HOSTILE) -> dict[str, Any]:  # fmt: skip
     """Run `requests` requests (body i from `bodies(i)`) over `clients` connections, probing /health and the
-    server's RSS (and with `hostile` attackers and `idle` idle connections alongside).
+    server's RSS (and with `hostile` attackers alongside).
 
-    Returns outcomes, wall seconds, health probe latencies, failed probes, RSS samples, hostile and idle reports."""
+    Returns outcomes, wall seconds, health probe latencies, failed probes, RSS samples and the hostile report."""
     todo = iter(range(requests))
     outcomes: list[Outcome] = []
     probes: list[float] = []
@@ -153,9 +154,6 @@ async def drive(base: str, clients: int, requests: int, bodies, api_key: str | N
                 await asyncio.sleep(0.2)
 
     async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
-        flood = asyncio.create_task(idle_flood(base, idle, done, pid)) if idle else None
-        if flood is not None:
-            await asyncio.sleep(min(10.0, idle / 200))  # the idle connections are open before the load starts
         start = time.perf_counter()
         watch = asyncio.create_task(prober())
         attack = asyncio.create_task(attackers(base, hostile, done, kinds)) if hostile else None
@@ -164,22 +162,23 @@ async def drive(base: str, clients: int, requests: int, bodies, api_key: str | N
         done.set()
         await watch
         return {"outcomes": outcomes, "wall": wall, "probes": probes, "failed_probes": failed_probes, "rss": rss,
-                "hostile": await attack if attack is not None else {},
-                "idle": await flood if flood is not None else {}}  # fmt: skip
+                "hostile": await attack if attack is not None else {}}  # fmt: skip
 
 
-async def idle_flood(base: str, count: int, done: asyncio.Event, pid: int | None) -> dict[str, Any]:
-    """`count` connections that each send part of a request head and then nothing, reopened whenever the server
-    closes one, until `done`: (connections opened, refused, RSS once all were first open)."""
-    url = urlsplit(base)
-    opened, refused = 0, 0
-    first_open = asyncio.Event()
-    ready = 0
+def idle_flood(base: str, count: int, stop: Any, ready: Any, report: Any) -> None:
+    """In a process of its own (so its reconnections never delay the prober's event loop): `count`
+    connections that each send part of a request head and then nothing, reopened whenever the server closes
+    one, until `stop` is set; `ready` is set once all are open; puts (opened, refused) on `report`."""
+    asyncio.run(_flood(urlsplit(base), count, stop, ready, report))
+
+
+async def _flood(url: Any, count: int, stop: Any, ready: Any, report: Any) -> None:
+    opened, refused, first_open = 0, 0, 0
 
     async def hold() -> None:
-        nonlocal opened, refused, ready
+        nonlocal opened, refused, first_open
         first = True
-        while not done.is_set():
+        while not stop.is_set():
             try:
                 reader, writer = await asyncio.open_connection(url.hostname, url.port)
             except OSError:
@@ -189,25 +188,47 @@ async def idle_flood(base: str, count: int, done: asyncio.Event, pid: int | None
             opened += 1
             writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
             if first:
-                first, ready = False, ready + 1
-                if ready == count:
-                    first_open.set()
-            waits = [asyncio.create_task(reader.read(100)), asyncio.create_task(done.wait())]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for wait in waits:
-                wait.cancel()
+                first, first_open = False, first_open + 1
+                if first_open == count:
+                    ready.set()
+            while not stop.is_set():  # until the server closes it
+                try:
+                    if await asyncio.wait_for(reader.read(100), 0.5) == b"":
+                        break
+                except asyncio.TimeoutError:
+                    continue
+                except OSError:
+                    break
             writer.close()
 
-    tasks = [asyncio.create_task(hold()) for _ in range(count)]
-    try:
-        await asyncio.wait_for(first_open.wait(), 60)
-        await asyncio.sleep(1.0)
-    except asyncio.TimeoutError:
-        pass
-    rss_open = server_rss_mb(pid) if pid is not None else None
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return {"connections": count, "opened": opened, "refused": refused,
-            "rss_mb_all_open": rss_open and round(rss_open, 1)}  # fmt: skip
+    await asyncio.gather(*(hold() for _ in range(count)), return_exceptions=True)
+    report.put((opened, refused))
+
+
+class IdleFlood:
+    """`idle_flood` in a spawned process, for the length of a `with` block: the report of what it did."""
+
+    def __init__(self, base: str, count: int, pid: int | None):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.stop, self.ready, self.queue = context.Event(), context.Event(), context.Queue()
+        self.process = context.Process(target=idle_flood, args=(base, count, self.stop, self.ready, self.queue))
+        self.count, self.pid, self.report = count, pid, {}
+
+    def __enter__(self) -> "IdleFlood":
+        self.process.start()
+        all_open = self.ready.wait(120)
+        time.sleep(1.0)  # the server has taken them all in
+        rss = server_rss_mb(self.pid) if self.pid is not None else None
+        self.report = {"connections": self.count, "all_open": all_open, "rss_mb_all_open": rss and round(rss, 1)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        opened, refused = self.queue.get(timeout=60)
+        self.process.join(30)
+        self.report.update(opened=opened, refused=refused)
 
 
 def _png_data_url(size: tuple[int, int]) -> str:
@@ -349,7 +370,9 @@ def run(
     else:
         body = request_body(prompt, images[0] if images else None, max_tokens, stream)
         bodies = lambda i: dict(body)  # noqa: E731
-    got = asyncio.run(drive(base, clients, requests, bodies, api_key, hostile, idle, pid, kinds))
+    flood = IdleFlood(base, idle, pid) if idle else contextlib.nullcontext()
+    with flood:
+        got = asyncio.run(drive(base, clients, requests, bodies, api_key, hostile, pid, kinds))
     outcomes, wall, probes, failed_probes = got["outcomes"], got["wall"], got["probes"], got["failed_probes"]
     time.sleep(2)  # let the server release what the last requests held
     ok = [o for o in outcomes if o.status == 200]
@@ -369,8 +392,8 @@ def run(
         report["ttft_s"] = {f"p{q}": round(percentile(ttfts, q), 3) for q in (50, 90, 99)}
     if got["hostile"]:
         report["hostile"] = got["hostile"]
-    if got["idle"]:
-        report["idle"] = got["idle"]
+    if idle:
+        report["idle"] = flood.report
     return report
 
 

@@ -273,3 +273,21 @@ def test_the_connection_book_closes_the_longest_idle_first():
     book.busy(e)
     assert not book.opened(Conn())  # everyone is busy: the new one is refused
     assert book.closed_for_room == 2 and len(book.open) == 3
+
+
+def test_the_socket_bound_fits_the_open_file_limit(monkeypatch):
+    """The soft open-file limit is raised toward the hard one; what still does not fit lowers the bound."""
+    import resource
+
+    from llava_ov.frontends.server.http import FILES_IN_RESERVE, sockets_allowed
+
+    limits = {"soft": 1024, "hard": 4096}
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (limits["soft"], limits["hard"]))
+
+    def setrlimit(_, pair):
+        assert pair[1] == limits["hard"] and pair[0] <= limits["hard"]
+        limits["soft"] = pair[0]
+
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    assert sockets_allowed(2000) == 2000 and limits["soft"] == 2000 + FILES_IN_RESERVE
+    assert sockets_allowed(10_000) == 4096 - FILES_IN_RESERVE and limits["soft"] == 4096

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-local-files", action="store_true", help="accept file:// URLs and server paths as images")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let image URLs reach loopback, private and link-local addresses")  # fmt: skip
-    p.add_argument("--max-connections", type=int, default=4096,
+    p.add_argument("--max-connections", type=int, default=10_000,
                    help="open sockets; past it the connection idle longest is closed to make room")
     p.add_argument("--max-requests", type=int, default=64,
                    help="requests in progress (bodies being read, queued, generating); more get 503 (/health never)")

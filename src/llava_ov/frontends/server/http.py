@@ -73,7 +73,7 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout_s = 10.0  # all three set per server by `uvicorn_config` (a subclass per app)
     max_header_bytes = 64 * 1024
-    book = ConnectionBook(4096)
+    book = ConnectionBook(10_000)
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
