@@ -12,14 +12,16 @@ offline) or an existing cluster (`address=`).  See docs/batch.md.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llava_ov.frontends.batch.local import BatchSummary, FetchOptions, PipelineSpec, caption_row, cpu_count
+from llava_ov.frontends.batch.local import BatchSummary, FetchOptions, PipelineSpec, caption_row, cpu_count, error_record
 from llava_ov.frontends.batch.files import DEFAULT_PROMPT, Row, arrow_records, arrow_schema, read_rows
 from llava_ov.errors import LlavaOvError
 
@@ -30,21 +32,61 @@ log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024 * 1024  # rows are small; the default (30% of RAM) is far too much here
 CORRUPT_SUFFIX = ".corrupt"
 SHARD_PREFIX = "captions-"  # the shards this module writes; no other file in the folder is ever renamed
+ATTEMPTS = ".attempts"  # in the output folder while a run goes: a marker per row being answered
+WORKER_DIED = ("the worker answering this row died (its process crashed, e.g. out of memory or in the plugin); "
+               "the row is not tried again in this run")  # fmt: skip
 
 
 class Captioner:
     """A Ray Data actor: loads the Pipeline once, then answers batches of rows (pyarrow in and out)."""
 
-    def __init__(self, spec: PipelineSpec, config, fetch: FetchOptions):
-        self.pipe = spec.load()
+    def __init__(self, spec: PipelineSpec, config, fetch: FetchOptions, attempts: str):
+        self.attempts = Attempts(Path(attempts))
+        self.pipe = self.attempts.load(spec)
         self.config, self.fetch = config, fetch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
         rows = [Row(**r) for r in batch.to_pylist()]
-        records = [caption_row(self.pipe, row, self.config, self.fetch) for row in rows]
+        records = [self.attempts.answer(row, self._caption) for row in rows]
         return pa.Table.from_pylist(arrow_records(records), schema=arrow_schema())
+
+    def _caption(self, row: Row) -> dict[str, Any]:
+        return caption_row(self.pipe, row, self.config, self.fetch)
+
+
+class Attempts:
+    """What killed a worker. Ray restarts a dead actor (and runs its batch again) without end; Ray's own knob
+    for that, `max_restarts`, has no place in its API after the `ray_remote_args` deprecation. So a marker
+    file stands for each model load and each row while it runs: a restarted actor that finds its own load's
+    marker refuses to load again (the run ends with that error), and a row found marked becomes an error record
+    instead of crashing worker after worker."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def load(self, spec: PipelineSpec) -> Any:
+        """`spec.load()`, unless this actor's process already died doing it (LlavaOvError)."""
+        import ray
+
+        marker = self.folder / f"load-{ray.get_runtime_context().get_actor_id()}"
+        if marker.exists():
+            raise LlavaOvError("the worker's process died while it loaded the model (a crash in the plugin, or "
+                               "out of memory); it is not loaded again")  # fmt: skip
+        marker.touch()
+        pipe = spec.load()
+        marker.unlink(missing_ok=True)
+        return pipe
+
+    def answer(self, row: Row, caption: Any) -> dict[str, Any]:
+        marker = self.folder / hashlib.sha256(row.id.encode()).hexdigest()[:32]
+        if marker.exists():
+            return error_record(row, WORKER_DIED, 0.0)
+        marker.touch()
+        record = caption(row)
+        marker.unlink(missing_ok=True)
+        return record
 
 
 def existing_results(out: Path) -> dict[str, str | None]:
@@ -146,15 +188,18 @@ def _run_on_ray(spec, todo: list[Row], out: Path, config, fetch, workers, thread
     import ray
 
     own = start_ray(address)
+    attempts = out / ATTEMPTS
+    shutil.rmtree(attempts, ignore_errors=True)  # rows in flight when an earlier run stopped did not crash anything
+    attempts.mkdir()
     try:
+        # a worker that dies while it loads the model (e.g. the plugin crashing as it compiles) ends the run
+        ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = 0
         items: list[dict[str, Any]] = [asdict(row) for row in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size)))
         ds = ds.map_batches(
-            Captioner, fn_constructor_kwargs={"spec": spec, "config": config, "fetch": fetch},
+            Captioner, fn_constructor_kwargs={"spec": spec, "config": config, "fetch": fetch, "attempts": str(attempts)},
             batch_size=batch_size, batch_format="pyarrow", num_cpus=threads,
             compute=ray.data.ActorPoolStrategy(size=workers),  # the `concurrency=N` of older Ray releases
-            # a worker that crashes (e.g. the plugin dying while it compiles) is reported, not restarted forever
-            max_restarts=0, max_task_retries=0,
         )  # fmt: skip
         ds.write_parquet(str(out), filename_provider=_shard_names(),
                          ray_remote_args={"num_cpus": 0})  # writing is light; actors hold the CPUs
@@ -165,6 +210,7 @@ def _run_on_ray(spec, todo: list[Row], out: Path, config, fetch, workers, thread
         raise LlavaOvError(f"a Ray worker failed: {_ray_reason(exc)}; the rows already written are kept "
                            "(run again to resume)") from None
     finally:
+        shutil.rmtree(attempts, ignore_errors=True)
         if own:
             ray.shutdown()
 
