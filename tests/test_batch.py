@@ -473,3 +473,28 @@ def test_unusable_schema_stops_the_batch_before_any_row(pipe, photos, tmp_path):
     with pytest.raises(LlavaOvError, match="Unknown format"):
         run_batch(pipe, table, tmp_path / "out.jsonl", config=config, progress=False)
     assert not (tmp_path / "out.jsonl").exists() or read_output(tmp_path / "out.jsonl") == []
+
+
+def test_load_warnings_and_logs_print_above_the_progress_bar(model, folder, tmp_path, capsys, monkeypatch):
+    """The model's warnings (random weights here) and log records print on lines of their own, not inside the
+    progress bar's line (they used to land after its `0%|...|` text)."""
+    import logging
+
+    from llava_ov.cli import main
+    from llava_ov.frontends.batch import local
+
+    load = local._load_with_warnings
+
+    def load_and_log(spec):
+        pipe = load(spec)
+        logging.getLogger("llava_ov.test").warning("a log record during the job")
+        return pipe
+
+    monkeypatch.setattr(local, "_load_with_warnings", load_and_log)
+    main(["batch", str(model), str(folder), "-o", str(tmp_path / "out.jsonl"), "--max-new-tokens", "2", "--f32"])
+    err = capsys.readouterr().err
+    assert "batch:" in err and "%|" in err  # the bar was drawn
+    for text in ("warning: This checkpoint has random weights", "a log record during the job"):
+        line = next(line for line in err.split("\n") if text in line)
+        assert text in line.split("\r")[-1].strip()[: len(text) + 12], repr(line)  # starts its own line
+        assert "%|" not in line.split("\r")[-1], repr(line)

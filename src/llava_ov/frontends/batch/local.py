@@ -14,6 +14,7 @@ Ray Data.  See docs/batch.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -230,9 +231,11 @@ def _results(model, spec, config, fetch, in_flight: int, todo: list[Row]) -> Ite
 
 
 def _load_with_warnings(spec: PipelineSpec):
+    from tqdm import tqdm
+
     pipe = spec.load()
     for warning in pipe.warnings():
-        print(f"warning: {warning}", file=sys.stderr)
+        tqdm.write(f"warning: {warning}", file=sys.stderr)  # above the progress bar, not inside it
     return pipe
 
 
@@ -246,12 +249,13 @@ def _run(rows: list[Row], sink, results: Callable[[list[Row]], Iterator[dict]], 
     bar = _progress_bar(len(todo), progress and bool(todo))
     finished = False
     try:
-        for record in results(todo) if todo else ():
-            sink.write(record)
-            summary.failed += record["error"] is not None
-            summary.succeeded += record["error"] is None
-            bar.update(1)
-            bar.set_postfix(failed=summary.failed, refresh=False)
+        with _logs_above(bar):
+            for record in results(todo) if todo else ():
+                sink.write(record)
+                summary.failed += record["error"] is not None
+                summary.succeeded += record["error"] is None
+                bar.update(1)
+                bar.set_postfix(failed=summary.failed, refresh=False)
         finished = True
     except KeyboardInterrupt:
         summary.interrupted = True
@@ -260,6 +264,15 @@ def _run(rows: list[Row], sink, results: Callable[[list[Row]], Iterator[dict]], 
         sink.close([row.id for row in rows] if finished else None)
         summary.elapsed_s = time.perf_counter() - started
     return summary
+
+
+def _logs_above(bar) -> Any:
+    """While the bar shows, log records print above it (not into its line)."""
+    if bar.disable:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def _progress_bar(total: int, enabled: bool):
