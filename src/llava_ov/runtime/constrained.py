@@ -183,6 +183,13 @@ class GrammarConstraint:
         if not ok:
             raise LlavaOvError(f"token {token} broke the grammar: {self.matcher.get_error()}")
 
+    def forced_tokens(self) -> list[int]:
+        """The tokens the grammar forces next, whatever the model would say (empty when it allows a choice)."""
+        start = time.perf_counter()
+        forced = self.matcher.compute_ff_tokens()
+        self.spent_s += time.perf_counter() - start
+        return [int(t) for t in forced]
+
     @property
     def complete(self) -> bool:
         """The grammar has ended: nothing but the end of the answer may follow."""

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from llava_ov.errors import LlavaOvError
+from llava_ov.runtime.speculative import MAX_PROPOSED, PromptLookup, SpeculationStats
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 MAX_LOGIT_BIAS = 300  # OpenAI's bound on logit_bias entries
@@ -44,6 +45,8 @@ class GenerationConfig:
     grammar: str | None = None  # or to text this Lark grammar derives (llguidance's dialect)
     tools: list[dict] | None = None  # function definitions for templates that render them (OpenAI's form)
     logprobs: int | None = None  # report each token's logprob and this many (0-20) top alternatives
+    prompt_lookup: int = 0  # propose up to this many tokens per step from earlier text (speculative.py); 0: off
+    jump_forward: bool = True  # propose the tokens a grammar forces instead of sampling them one forward each
     max_image_tokens: int | None = None  # the request's images at the largest resolutions within this many tokens
     visual_token_pruning: float = 0.0  # CDPruner: drop this share (0-0.99) of each image's tokens; 0: off
     num_frames: int | None = None  # frames sampled uniformly from each video (None: the model's own count)
@@ -63,6 +66,7 @@ class GenerationConfig:
             (all(-100 <= v <= 100 for v in (self.logit_bias or {}).values()), "logit_bias values must be in [-100, 100]"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"logprobs (top alternatives) must be in [0, {MAX_TOP_LOGPROBS}]"),
+            (0 <= self.prompt_lookup <= MAX_PROPOSED, f"prompt_lookup must be in [0, {MAX_PROPOSED}]"),
             (self.max_image_tokens is None or self.max_image_tokens >= 1, "max_image_tokens must be >= 1"),
             (0 <= self.visual_token_pruning <= MAX_PRUNING, f"visual_token_pruning must be in [0, {MAX_PRUNING}]"),
             (self.num_frames is None or 1 <= self.num_frames <= MAX_FRAMES, f"num_frames must be in [1, {MAX_FRAMES}]"),
@@ -285,6 +289,7 @@ class Constraint(Protocol):
 
     def mask(self, logits: np.ndarray) -> np.ndarray: ...
     def accept(self, token: int) -> None: ...
+    def forced_tokens(self) -> list[int]: ...
 
 
 class DecodeState:
@@ -315,6 +320,26 @@ class DecodeState:
         self.produced = 0
         self.finished: str | None = None
         self._last = time.perf_counter()
+        self.lookup = PromptLookup(config.prompt_lookup) if config.prompt_lookup else None
+        self.speculation = SpeculationStats()
+
+    def proposals(self, context: np.ndarray, room: int) -> list[int]:
+        """Tokens for the engine to verify after the last one, at most `room` (speculative.py): the grammar's
+        forced tokens (jump-forward), else prompt lookup's from `context` (the keys known so far)."""
+        room = min(room, MAX_PROPOSED, self.limit - self.produced - 1)
+        if room <= 0 or self.finished:
+            return []
+        if self.constraint is not None and self.config.jump_forward:
+            forced = self.constraint.forced_tokens()
+            if forced:
+                return forced[:room]
+        return self.lookup.propose(context, room) if self.lookup is not None else []
+
+    def verified(self, proposed: int, accepted: int) -> None:
+        """How many of the last step's proposals were kept."""
+        self.speculation.add(proposed, accepted)
+        if self.lookup is not None:
+            self.lookup.verified(proposed, accepted)
 
     def _final(self, reason: str) -> TokenEvent:
         self.finished = reason
@@ -366,6 +391,12 @@ class ForcedDecode:
             self.finished = "length"
             return TokenEvent(None, "", "length")
         return TokenEvent(self.tokens[len(self.rows) - 1], "")
+
+    def proposals(self, context: np.ndarray, room: int) -> list[int]:
+        return []  # scoring keeps every step's logits: one token per forward
+
+    def verified(self, proposed: int, accepted: int) -> None:
+        pass
 
     def cancel(self) -> TokenEvent:
         self.finished = "cancelled"

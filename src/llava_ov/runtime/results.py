@@ -60,6 +60,8 @@ class GenerationResult:
     image_tokens_total: int = 0  # image tokens at the model's own resolution (image_tokens: those kept)
     video_tokens: int = 0  # the prompt's video tokens (not counted in image_tokens)
     video_frames: int = 0  # frames sampled from the prompt's videos
+    proposed_tokens: int = 0  # tokens proposed for verification (jump-forward, prompt lookup)
+    accepted_tokens: int = 0  # of them, kept: each one a forward saved
 
     def image_token_note(self) -> str:
         """'2928 image' or, when a budget or pruning removed some, '732 of 2928 image tokens kept'."""
@@ -189,4 +191,7 @@ class ChunkStream:
         chunk = self.collect.chunk(item)
         if chunk.result is not None:
             self.result = chunk.result
+            speculation = getattr(self.handle.state, "speculation", None)  # counted before the last event was sent
+            if speculation is not None:
+                self.result.proposed_tokens, self.result.accepted_tokens = speculation.proposed, speculation.accepted
         return chunk

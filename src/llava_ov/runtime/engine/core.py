@@ -7,6 +7,12 @@ scheduler for the next forward (decode tokens of running sequences plus prefill 
 run it (token ids and image features go in; the LM embeds the ids), sample every sequence that reached its last position, and publish the KV
 blocks that became full to the prefix cache. It is the only place in the project that owns
 concurrency: front ends submit and read.
+
+A decoding sequence may carry proposed tokens (grammar jump-forward, prompt lookup:
+runtime/speculative.py): the forward computes them beside its last token, every one of those
+positions returns logits, and the sequence keeps the proposals while its sampler picks them. The
+first one it does not pick is replaced by the sampled token; the KV of the rest is dropped (the
+verified positions alone are cached and published, blocks held only for them are given back).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from llava_ov.runtime.engine.kvcache import BlockPool
 from llava_ov.runtime.engine.paged import ForwardBatch, PagedLanguageModel
 from llava_ov.runtime.engine.scheduler import Chunk, Scheduler, Sequence
 from llava_ov.runtime.settings import LoadSettings
+from llava_ov.runtime.speculative import SpeculationStats
 
 log = logging.getLogger("llava_ov.runtime.engine.core")
 
@@ -89,6 +96,7 @@ class Engine:
         self.steps = 0
         self.infer_s = 0.0  # time inside OpenVINO (the LM forwards): the rest is Python overhead
         self.prefilled_tokens = 0  # prompt positions computed (not found in the prefix cache)
+        self.speculation = SpeculationStats()  # tokens proposed and kept, over every sequence
 
     # ---------------------------------------------------------------- clients
 
@@ -157,6 +165,7 @@ class Engine:
             "blocks_total": self.pool.num_blocks, "blocks_used": self.pool.used, "block_size": self.pool.block_size,
             "blocks_cached_idle": len(self.pool.idle), "prefix_hit_blocks": self.scheduler.cached_blocks,
             "preemptions": self.scheduler.preemptions, "steps": self.steps, "prefilled_tokens": self.prefilled_tokens,
+            "proposed_tokens": self.speculation.proposed, "accepted_tokens": self.speculation.accepted,
         }  # fmt: skip
 
     def close(self, timeout: float = 10.0) -> None:
@@ -217,6 +226,7 @@ class Engine:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             if seq.payload.cancel_event.is_set():
                 self._finish(seq, seq.payload.state.cancel())
+        self._propose()
         plan = self.scheduler.schedule()
         if not plan:  # nothing can run now (cannot happen while the pool holds any sequence alone)
             self._deliver()
@@ -242,15 +252,19 @@ class Engine:
         self.prefilled_tokens += sum(max(0, min(c.start + c.count, c.seq.prompt_len) - c.start) for c in plan)
         sampled = [c for c in plan if c.sample]
         for chunk in plan:
-            self.scheduler.advance(chunk)
-            if not chunk.sample and chunk.seq.computed <= chunk.seq.prompt_len:
-                self._send(chunk.seq.payload, Progress(chunk.seq.computed, chunk.seq.prompt_len))
-        for chunk, row in zip(sampled, logits):
-            try:
-                self._sample(chunk.seq, row)
-            except Exception as exc:  # one sequence's sampler or grammar failed: only it ends
-                log.exception("sampling failed")
-                self._fail(chunk.seq, exc)
+            if not chunk.sample:
+                self.scheduler.advance(chunk)
+                if chunk.seq.computed <= chunk.seq.prompt_len:
+                    self._send(chunk.seq.payload, Progress(chunk.seq.computed, chunk.seq.prompt_len))
+        ends = np.cumsum([c.rows for c in sampled])
+        for chunk, end in zip(sampled, ends):
+            self._verify(chunk, logits[end - chunk.rows : end])
+
+    def _propose(self) -> None:
+        """Let every decoding sequence propose tokens to verify in the next forward (most propose none)."""
+        for seq in self.scheduler.running:
+            if seq.remaining == 1:
+                seq.propose(seq.payload.state.proposals(seq.keys[: seq.length], seq.capacity - seq.length))
 
     def _batch(self, plan: list[Chunk]) -> ForwardBatch:
         ids = np.concatenate([c.seq.ids[c.start : c.start + c.count] for c in plan])
@@ -270,21 +284,43 @@ class Engine:
             past_lens=[c.start for c in plan],
             chunk_lens=[c.count for c in plan],
             block_tables=[c.seq.blocks[: self.scheduler.blocks_for(c.start + c.count)] for c in plan],
-            logits_rows=[int(end) - 1 for c, end in zip(plan, ends) if c.sample],
+            logits_rows=[row for c, end in zip(plan, ends) for row in range(int(end) - c.rows, int(end))],
             image_rows=np.concatenate(image_rows) if image_rows else np.zeros(0, np.int64),
             image_embeds=np.concatenate(image_embeds) if image_embeds else None,
         )
 
-    def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
-        handle = seq.payload
+    def _verify(self, chunk: Chunk, rows: np.ndarray) -> None:
+        """Sample the chunk's sequence at its last known position and at each proposed one while the sampled
+        token equals the proposal; cache the verified positions; end the sequence if a token ended it."""
+        seq, handle = chunk.seq, chunk.seq.payload
+        proposed, seq.draft = seq.draft, 0
+        known, accepted, final = seq.length, 0, None
         if handle.stats.first_token_at is None:
             handle.stats.first_token_at = time.perf_counter()
-        event = handle.state.next(logits)
-        if event.finish_reason is not None:
-            self._finish(seq, event)
+        try:
+            for i, row in enumerate(rows):
+                event = handle.state.next(row)
+                if event.finish_reason is not None:
+                    final = event
+                    break
+                kept = i < proposed and seq.keys[seq.length] == event.token_id  # the proposal at this position
+                seq.append(event.token_id)
+                self._send(handle, event)
+                if not kept:
+                    break
+                accepted += 1
+        except Exception as exc:  # one sequence's sampler or grammar failed: only it ends
+            log.exception("sampling failed")
+            self._fail(seq, exc)
             return
-        seq.append(event.token_id)
-        self._send(handle, event)
+        handle.state.verified(proposed, accepted)
+        self.speculation.add(proposed, accepted)
+        chunk.count = known - chunk.start + accepted  # the proposals kept are verified positions
+        self.scheduler.advance(chunk)
+        if final is not None:
+            self._finish(seq, final)
+        else:
+            self.scheduler.trim(seq)
 
     def _finish(self, seq: Sequence, event: TokenEvent) -> None:
         seq.payload.stats.preemptions = seq.preemptions

@@ -48,6 +48,7 @@ class Sequence:
     admitted: bool = False
     leader: Sequence | None = None  # same prompt, submitted first: admitted once it has prefilled (n answers)
     ended: bool = False  # finished or cancelled (a follower stops waiting for it)
+    draft: int = 0  # proposed tokens written after the known ones, verified in the next forward
 
     def __post_init__(self) -> None:
         prompt = len(self.keys)
@@ -82,6 +83,12 @@ class Sequence:
         self.keys[self.length] = self.ids[self.length] = token
         self.length += 1
 
+    def propose(self, tokens: list[int]) -> None:
+        """Write proposed tokens after the known ones (the next forward computes and verifies them)."""
+        end = self.length + len(tokens)
+        self.keys[self.length : end] = self.ids[self.length : end] = tokens
+        self.draft = len(tokens)
+
 
 def _grow(values: np.ndarray, capacity: int) -> np.ndarray:
     out = np.zeros(max(capacity, len(values)), dtype=np.int64)
@@ -91,7 +98,8 @@ def _grow(values: np.ndarray, capacity: int) -> np.ndarray:
 
 @dataclass
 class Chunk:
-    """`count` positions of `seq` from `start`; `sample` when they end at its last known position."""
+    """`count` positions of `seq` from `start`; `sample` when they reach its last known position (and
+    its proposed tokens after it, whose positions all need logits: `rows`)."""
 
     seq: Sequence
     start: int
@@ -99,7 +107,12 @@ class Chunk:
 
     @property
     def sample(self) -> bool:
-        return self.start + self.count == self.seq.length
+        return self.start + self.count >= self.seq.length
+
+    @property
+    def rows(self) -> int:
+        """Positions whose logits the sequence needs: its last known one and every proposed one."""
+        return self.start + self.count - self.seq.length + 1 if self.sample else 0
 
 
 class Scheduler:
@@ -149,7 +162,8 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted by an earlier sequence of this plan
                 continue
-            count = min(seq.remaining, budget)
+            count = min(seq.remaining + seq.draft, budget)
+            seq.draft = max(0, count - seq.remaining)  # proposals beyond the budget wait for another step
             if not self._reserve(seq, seq.computed + count, plan):
                 continue
             plan.append(Chunk(seq, seq.computed, count))
@@ -175,6 +189,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence, plan: list[Chunk]) -> None:
+        seq.draft = 0
         self.running.remove(seq)
         plan[:] = [c for c in plan if c.seq is not seq]
         self._release(seq)
@@ -206,8 +221,15 @@ class Scheduler:
 
     # ---------------------------------------------------------------- after a forward
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks held only for proposals that were not kept (never published)."""
+        keep = self.blocks_for(seq.length)
+        if len(seq.blocks) > keep:
+            self.pool.release(seq.blocks[keep:])
+            del seq.blocks[keep:]
+
     def advance(self, chunk: Chunk) -> None:
-        """Record that a chunk ran: its positions are cached; name the blocks it filled."""
+        """Record that a chunk ran: its positions (the verified ones) are cached; name the blocks it filled."""
         seq = chunk.seq
         seq.computed = chunk.start + chunk.count
         size = self.pool.block_size
