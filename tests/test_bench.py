@@ -61,11 +61,14 @@ def test_bench_json_schema_reports_the_grammar_cost(exports, photos, tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["engines"]) == {"ours", "ours+json"}
+    assert set(report["engines"]) == {"ours", "ours+json", "ours+json-nojf"}
     constrained = report["engines"]["ours+json"]
+    assert constrained["speculation"]["accepted"] > 0  # the keys and quotes the grammar forces: jump-forward
+    assert "speculation" not in report["engines"]["ours+json-nojf"]
     assert constrained["grammar_per_token_s"]["mean"] > 0 and constrained["generated"]["mean"] > 1
     assert "grammar_per_token_s" not in report["engines"]["ours"]  # no schema: no grammar work at all
     assert report["ratios"]["tpot_json_over_plain"] > 0 and "JSON schema: grammar" in proc.stdout
+    assert report["ratios"]["json_tokens_per_s_jump_forward_over_off"] > 0
 
 
 def test_bench_image_token_variants_report_kept_tokens_and_plot(exports, photos, tmp_path):

@@ -387,7 +387,7 @@ def test_image_tokens_are_counted_before_encoding(family, paged, photos, tmp_pat
         image = _pinpoint_image(tmp_path, *pinpoint)
         pipe.clear_caches()
         (job,) = pipe.prompts._plan([image], [""], [], [], GenerationConfig(), 0)
-        assert pipe.prompts._image_tokens(job, 0.0) == len(pipe.prepare_image(image).features), pinpoint
+        assert pipe.prompts._visual_tokens(job.tiles, 0.0) == len(pipe.prepare_image(image).features), pinpoint
     pipe.clear_caches()
     monkeypatch.setattr(pipe.model, "encode_image_tiles", lambda px: pytest.fail("encoded a refused prompt"))
     many = [Message("user", "Compare them.", [photos["astronaut"]] * 60)]

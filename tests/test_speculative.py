@@ -209,3 +209,48 @@ def test_prompt_lookup_on_an_answer_that_copies_the_prompt(pipes):
     on = plain(pipe, prompt, GenerationConfig(**{**config.__dict__, "prompt_lookup": 6}))
     assert on.token_ids == off.token_ids and on.text == off.text
     assert on.accepted_tokens > 0, (on.proposed_tokens, on.accepted_tokens)
+
+
+# ----------------------------------------------------------------------------- front ends
+
+
+def test_the_server_reports_kept_proposals_in_usage_and_metrics(exports, pipes):
+    from llava_ov.frontends.server.app import create_app
+    from llava_ov.frontends.server.settings import ServerSettings
+    from test_server import HTTP, assert_error, metric, running, wait_ready
+
+    schema = {"name": "form", "schema": SCHEMA}
+    body = {"messages": [{"role": "user", "content": "Fill the form."}], "max_tokens": 120,
+            "response_format": {"type": "json_schema", "json_schema": schema}}  # fmt: skip
+    expected = plain(pipes["llava-next"], "Fill the form.", GenerationConfig(max_new_tokens=120, json_schema=SCHEMA))
+    settings = ServerSettings(model=str(exports["llava-next"]), prompt_lookup=2)
+    with running(create_app(settings, lambda: pipes["llava-next"])) as base:
+        wait_ready(base)
+        answer = HTTP.post(f"{base}/v1/chat/completions", json=body).json()
+        details = answer["usage"]["completion_tokens_details"]
+        assert answer["choices"][0]["message"]["content"] == expected.text
+        assert details["accepted_prediction_tokens"] >= 8 and details["rejected_prediction_tokens"] >= 0
+        off = HTTP.post(f"{base}/v1/chat/completions", json={**body, "jump_forward": False, "prompt_lookup": 0}).json()
+        assert off["choices"][0]["message"]["content"] == expected.text
+        assert off["usage"]["completion_tokens_details"] == {"accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+        assert metric(base, "llava_ov_accepted_tokens_total") == details["accepted_prediction_tokens"]
+        assert metric(base, "llava_ov_proposed_tokens_total") >= metric(base, "llava_ov_accepted_tokens_total")
+        assert_error(HTTP.post(f"{base}/v1/chat/completions", json={**body, "prompt_lookup": 17}), 400)
+
+
+def test_the_cli_takes_prompt_lookup_and_no_jump_forward(exports, tmp_path, capsys):
+    import json
+
+    from llava_ov.cli import main
+
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    answers = []
+    for flags in ([], ["--no-jump-forward", "--prompt-lookup", "4"]):
+        argv = ["run", str(exports["llava"]), "--prompt", "Fill the form.", "--json-schema", str(path),
+                "--max-new-tokens", "120", "--f32", "--json", *flags]  # fmt: skip
+        assert main(argv) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[0]["text"] == answers[1]["text"]
+    assert answers[0]["accepted_tokens"] > 0 and answers[1]["accepted_tokens"] < answers[0]["accepted_tokens"]
+    assert main(["run", str(exports["llava"]), "--prompt", "hi", "--prompt-lookup", "99"]) == 2

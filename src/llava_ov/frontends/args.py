@@ -27,8 +27,18 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regex", default=None, help="answer with text matching this regular expression (constrained)")
     p.add_argument("--grammar", metavar="FILE", default=None,
                    help="answer with text this Lark grammar derives (llguidance's dialect; constrained)")  # fmt: skip
+    add_speculation_args(p)
     add_image_token_args(p)
     add_video_args(p)
+
+
+def add_speculation_args(p: argparse.ArgumentParser) -> None:
+    """Several tokens per forward (proposed, then verified: the answer stays the one plain decoding gives)."""
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="propose up to N tokens per step from earlier text (prompt lookup; helps answers that "
+                        "copy the prompt); 0: off")  # fmt: skip
+    p.add_argument("--no-jump-forward", action="store_true",
+                   help="sample every token a grammar forces instead of proposing them all in one forward")
 
 
 def add_video_args(p: argparse.ArgumentParser) -> None:
@@ -87,6 +97,7 @@ def generation_config(args: argparse.Namespace):
         max_image_tokens=getattr(args, "max_image_tokens", None),
         visual_token_pruning=getattr(args, "visual_token_pruning", 0.0),
         num_frames=getattr(args, "num_frames", None), video_fps=getattr(args, "video_fps", None),
+        prompt_lookup=getattr(args, "prompt_lookup", 0), jump_forward=not getattr(args, "no_jump_forward", False),
     )  # fmt: skip
     config.validate()  # before the model loads
     return config

@@ -49,6 +49,8 @@ class RunMetrics:
     prefill_s: float | None = None  # ours only: the language model's prefill (TTFT less image work and queue)
     image_tokens_total: int | None = None  # ours only: before the image-token budget and pruning
     prune_s: float | None = None  # ours only: CDPruner's selection
+    proposed: int = 0  # ours only: tokens proposed for verification (jump-forward, prompt lookup)
+    accepted: int = 0  # of them, kept
 
     @property
     def tokens_per_s(self) -> float:
@@ -142,6 +144,8 @@ class OursEngine:
     json_schema: dict | None = None
     max_image_tokens: int | None = None
     pruning: float = 0.0
+    prompt_lookup: int = 0
+    jump_forward: bool = True
 
     def __init__(self, export: Path, settings: LoadSettings, name: str = "ours"):
         from llava_ov.runtime.pipeline import Pipeline
@@ -155,6 +159,12 @@ class OursEngine:
         """The same loaded pipeline, answering under a JSON schema (constrained decoding)."""
         other = copy.copy(self)
         other.name, other.json_schema = "ours+json", schema
+        return other
+
+    def with_speculation(self, name: str, prompt_lookup: int = 0, jump_forward: bool = True) -> OursEngine:
+        """The same loaded pipeline (and schema) with prompt lookup on, or jump-forward off."""
+        other = copy.copy(self)
+        other.name, other.prompt_lookup, other.jump_forward = name, prompt_lookup, jump_forward
         return other
 
     def with_image_tokens(self, budget: int | None, pruning: float) -> OursEngine:
@@ -172,7 +182,8 @@ class OursEngine:
         self.pipe.clear_caches()  # first-turn numbers: no KV reuse, no cached image features
         engine = self.pipe.engine
         cfg = GenerationConfig(max_new_tokens=max_new, ignore_eos=True, json_schema=self.json_schema,
-                               max_image_tokens=self.max_image_tokens, visual_token_pruning=self.pruning)  # fmt: skip
+                               max_image_tokens=self.max_image_tokens, visual_token_pruning=self.pruning,
+                               prompt_lookup=self.prompt_lookup, jump_forward=self.jump_forward)  # fmt: skip
         chunks = self.pipe.stream(prompt, [image], cfg)
         result = next(c for c in chunks if True)  # first token: start counting OpenVINO time after it
         infer_before = engine.infer_s if engine else 0.0
@@ -184,7 +195,8 @@ class OursEngine:
         grammar = t.grammar_s / len(res.token_ids) if self.json_schema is not None and res.token_ids else None
         return RunMetrics(t.preprocess_s, t.vision_s, t.ttft_s, t.tpot_s, res.image_tokens, res.prompt_tokens,
                           len(res.token_ids), overhead, grammar_per_token_s=grammar, prefill_s=t.prefill_s,
-                          image_tokens_total=res.image_tokens_total, prune_s=t.prune_s)  # fmt: skip
+                          image_tokens_total=res.image_tokens_total, prune_s=t.prune_s,
+                          proposed=res.proposed_tokens, accepted=res.accepted_tokens)  # fmt: skip
 
     def follow_up(self, image: Path, prompt: str, follow: str, max_new: int) -> tuple[float, float]:
         """TTFT of a first turn and of a follow-up about the same image (KV and feature reuse)."""
@@ -306,7 +318,9 @@ class BenchOptions:
     torch_dtype: str = "float32"
     bandwidth: bool = True
     isolated_rss: bool = False  # peak RSS of each engine alone, in a child process (one extra run each)
-    json_schema: dict | None = None  # also time ours under this schema ("ours+json", same loaded pipeline)
+    json_schema: dict | None = None  # also time ours under this schema ("ours+json", same loaded pipeline), and
+    # with jump-forward off ("ours+json-nojf")
+    prompt_lookup: int = 0  # also time ours with prompt lookup proposing this many tokens ("ours+lookup")
     # also time ours with fewer image tokens: (max_image_tokens or None, pruning ratio) per variant
     image_token_variants: tuple[tuple[int | None, float], ...] = ()
 
@@ -334,7 +348,11 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
     ours = engines[0]
     if opts.json_schema is not None:
         engines.insert(1, ours.with_schema(opts.json_schema))
-        loaded_rss["ours+json"] = 0
+        engines.insert(2, engines[1].with_speculation("ours+json-nojf", jump_forward=False))
+        loaded_rss["ours+json"] = loaded_rss["ours+json-nojf"] = 0
+    if opts.prompt_lookup:
+        engines.insert(1, ours.with_speculation("ours+lookup", prompt_lookup=opts.prompt_lookup))
+        loaded_rss["ours+lookup"] = 0
     for budget, pruning in opts.image_token_variants:
         engines.insert(1, ours.with_image_tokens(budget, pruning))
         loaded_rss[engines[1].name] = 0
@@ -417,6 +435,10 @@ def engine_summary(engine, runs: list[RunMetrics], rss_bytes: int) -> dict[str, 
             out[key] = summarize(values).__dict__
     if runs[0].image_tokens_total is not None:
         out["image_tokens_total"] = runs[0].image_tokens_total
+    if any(r.proposed for r in runs):
+        proposed, accepted = sum(r.proposed for r in runs), sum(r.accepted for r in runs)
+        out["speculation"] = {"proposed": proposed, "accepted": accepted, "acceptance": accepted / proposed,
+                              "accepted_per_token": accepted / max(1, sum(r.generated for r in runs))}  # fmt: skip
     grammar = [r.grammar_per_token_s for r in runs if r.grammar_per_token_s is not None]
     if grammar:
         out["grammar_per_token_s"] = summarize(grammar).__dict__
@@ -431,6 +453,10 @@ def ratios(engines: dict[str, Any]) -> dict[str, float]:
     for name, other in engines.items():
         if name == "ours+json":
             out["tpot_json_over_plain"] = other["tpot_s"]["mean"] / ours["tpot_s"]["mean"]
+        elif name == "ours+json-nojf":  # decode tokens/s with jump-forward over without
+            out["json_tokens_per_s_jump_forward_over_off"] = other["tpot_s"]["mean"] / engines["ours+json"]["tpot_s"]["mean"]
+        elif name == "ours+lookup":
+            out["tokens_per_s_lookup_over_plain"] = ours["tpot_s"]["mean"] / other["tpot_s"]["mean"]
         elif name.startswith("ours["):
             out[f"ttft_{name}_over_ours"] = other["ttft_s"]["mean"] / ours["ttft_s"]["mean"]
             out[f"prefill_{name}_over_ours"] = other["prefill_s"]["mean"] / ours["prefill_s"]["mean"]
@@ -528,7 +554,10 @@ def register(subparsers) -> None:
     p.add_argument("--torch-dtype", default="float32")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the bandwidth-bound measurement")
     p.add_argument("--json-schema", metavar="FILE", default=None,
-                   help="also time answers constrained to this JSON Schema (grammar cost per token, TPOT ratio)")
+                   help="also time answers constrained to this JSON Schema, with grammar jump-forward on (ours+json) "
+                        "and off (ours+json-nojf): grammar cost per token, TPOT ratio")  # fmt: skip
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="also time ours with prompt lookup proposing up to N tokens per step (ours+lookup)")
     p.add_argument("--max-image-tokens", default="", metavar="N[,N...]",
                    help="also time ours with each image-token budget (TTFT vs image tokens)")  # fmt: skip
     p.add_argument("--visual-token-pruning", default="", metavar="RATIO[,RATIO...]",
@@ -605,7 +634,7 @@ def bench_options(args) -> BenchOptions:
         load=LoadSettings.from_args(args).validate(), genai_backend=args.genai_backend,
         compare=tuple(c for c in args.compare.split(",") if c), source=args.source, torch_dtype=args.torch_dtype,
         bandwidth=not args.no_bandwidth, isolated_rss=args.isolated_rss,
-        json_schema=load_schema(args.json_schema) if args.json_schema else None,
+        json_schema=load_schema(args.json_schema) if args.json_schema else None, prompt_lookup=args.prompt_lookup,
         image_token_variants=image_token_variants(args.max_image_tokens, args.visual_token_pruning),
     )  # fmt: skip
 

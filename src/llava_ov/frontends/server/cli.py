@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="refuse longer prompts (images counted from their sizes, before encoding; default: the context)")
     add_image_token_args(p)  # the defaults of requests that do not set max_image_tokens / visual_token_pruning
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="default of requests that do not set prompt_lookup: tokens proposed per step (0: off)")
     p.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
     p.add_argument("--max-image-mb", type=float, default=20, help="largest image (encoded)")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="largest image (decoded pixels)")
@@ -70,7 +72,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
     # request defaults that no request could use are refused now, not in every request's 400
     GenerationConfig(max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
-                     num_frames=args.num_frames).validate()  # fmt: skip
+                     num_frames=args.num_frames, prompt_lookup=args.prompt_lookup).validate()  # fmt: skip
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise LlavaOvError("--max-prompt-tokens must be >= 1")
 
@@ -89,6 +91,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
         max_header_bytes=int(args.max_header_kb * 1024), keep_alive_s=args.keep_alive,
         max_image_tokens=args.max_image_tokens, visual_token_pruning=args.visual_token_pruning,
+        prompt_lookup=args.prompt_lookup,
         max_prompt_tokens=args.max_prompt_tokens, max_videos=args.max_videos,
         max_video_bytes=int(args.max_video_mb * MiB), max_video_seconds=args.max_video_seconds,
         max_video_frames=args.max_video_frames, num_frames=args.num_frames,

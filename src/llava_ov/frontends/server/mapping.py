@@ -70,6 +70,8 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings, nati
         else req.visual_token_pruning,
         num_frames=req.num_frames or (settings.num_frames if req.video_fps is None else None),
         video_fps=req.video_fps,
+        prompt_lookup=settings.prompt_lookup if req.prompt_lookup is None else req.prompt_lookup,
+        jump_forward=req.jump_forward is not False,
     )
     try:
         config.validate()
@@ -326,6 +328,10 @@ def usage(*results: Any) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": result.cached_tokens},  # reused from the prefix KV cache
+        "completion_tokens_details": {  # OpenAI's names (Predicted Outputs): proposed tokens kept and dropped
+            "accepted_prediction_tokens": sum(r.accepted_tokens for r in results),
+            "rejected_prediction_tokens": sum(r.proposed_tokens - r.accepted_tokens for r in results),
+        },
         "image_tokens": result.image_tokens, "image_tokens_total": result.image_tokens_total,
         "video_tokens": result.video_tokens, "video_frames": result.video_frames,
     }  # fmt: skip

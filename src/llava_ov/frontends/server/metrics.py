@@ -105,6 +105,8 @@ class ServerMetrics:
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens processed (image tokens included).")
         self.completion_tokens = Counter(p + "completion_tokens_total", "Tokens generated.")
         self.cached_tokens = Counter(p + "prefix_cached_tokens_total", "Prompt tokens found in the prefix cache.")
+        self.proposed_tokens = Counter(p + "proposed_tokens_total", "Tokens proposed for verification (jump-forward, prompt lookup).")
+        self.accepted_tokens = Counter(p + "accepted_tokens_total", "Proposed tokens kept: each one a forward saved.")
         self.generations = Counter(
             p + "generations_total", "Finished generations by finish reason.", ("finish_reason",)
         )
@@ -137,13 +139,15 @@ class ServerMetrics:
         self.prompt_tokens.inc(result.prompt_tokens)
         self.completion_tokens.inc(len(result.token_ids))
         self.cached_tokens.inc(result.cached_tokens)
+        self.proposed_tokens.inc(result.proposed_tokens)
+        self.accepted_tokens.inc(result.accepted_tokens)
         for seconds in result.timings.token_s:
             self.tpot.observe(seconds)
 
     def render(self) -> str:
         parts = [self.requests, self.errors, self.prompt_tokens, self.completion_tokens, self.cached_tokens,
-                 self.generations,
-                 self.dropped, self.queue_wait, self.ttft, self.tpot, *self.gauges]  # fmt: skip
+                 self.proposed_tokens, self.accepted_tokens, self.generations, self.dropped, self.queue_wait,
+                 self.ttft, self.tpot, *self.gauges]  # fmt: skip
         return "\n".join(line for metric in parts for line in metric.render()) + "\n"
 
 

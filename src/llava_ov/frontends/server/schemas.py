@@ -170,6 +170,9 @@ class ChatCompletionRequest(_Lenient):
     top_logprobs: int | None = Field(default=None, ge=0, le=20, description="needs logprobs: true")
     max_image_tokens: int | None = Field(default=None, ge=1, description="extension: image-token budget")
     visual_token_pruning: float | None = Field(default=None, ge=0, le=0.99, description="extension: CDPruner ratio")
+    prompt_lookup: int | None = Field(default=None, ge=0, le=16,
+                                      description="extension: tokens proposed per step by prompt lookup (0: off)")
+    jump_forward: bool | None = Field(default=None, description="extension: propose the tokens a grammar forces (default on)")
     num_frames: int | None = Field(default=None, ge=1, le=256, description="extension: frames sampled from each video")
     video_fps: float | None = Field(default=None, gt=0, le=60, description="extension: or frames per second of video")
     tools: list[ToolDef] | None = Field(default=None, max_length=128, description="functions the model may call")
@@ -188,11 +191,17 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(default=0, description="prompt tokens reused from the prefix KV cache (not prefilled)")
 
 
+class CompletionTokensDetails(BaseModel):
+    accepted_prediction_tokens: int = Field(default=0, description="proposed tokens kept (jump-forward, prompt lookup)")
+    rejected_prediction_tokens: int = Field(default=0, description="proposed tokens dropped")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
     image_tokens: int = Field(default=0, description="extension: image tokens in the prompt (kept)")
     image_tokens_total: int = Field(default=0, description="extension: before the image-token budget and pruning")
     video_tokens: int = Field(default=0, description="extension: video tokens in the prompt")

@@ -40,6 +40,7 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # longest prompt accepted, images included (None: the context)
     max_image_tokens: int | None = None  # default image-token budget of a request (None: none)
     visual_token_pruning: float = 0.0  # default CDPruner ratio of a request (0: off)
+    prompt_lookup: int = 0  # default tokens proposed per step by prompt lookup (0: off)
     request_timeout_s: float = 600.0  # queue wait + generation; the answer is cut when it runs out
     fetch_timeout_s: float = 10.0  # total time to download one image URL
     max_redirects: int = 3
