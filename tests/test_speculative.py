@@ -75,6 +75,7 @@ def test_lookup_proposes_what_followed_the_latest_longest_match():
     assert lookup(np.array([1, 2, 3, 4]), 3).tolist() == []  # no earlier occurrence
     assert lookup(np.array([4, -7, 4, -7]), 3).tolist() == []  # image positions never match
     assert lookup(np.array([1, 2, 1, 2]), 5).tolist() == [1, 2]  # what follows, up to the end
+    assert lookup(np.array([1, 2, 7, -5, 3, 1, 2]), 3).tolist() == [7]  # a proposal stops before an image
 
 
 def test_a_failing_lookup_rests_longer_each_time_and_wakes_on_success():
@@ -254,3 +255,14 @@ def test_the_cli_takes_prompt_lookup_and_no_jump_forward(exports, tmp_path, caps
     assert answers[0]["text"] == answers[1]["text"]
     assert answers[0]["accepted_tokens"] > 0 and answers[1]["accepted_tokens"] < answers[0]["accepted_tokens"]
     assert main(["run", str(exports["llava"]), "--prompt", "hi", "--prompt-lookup", "99"]) == 2
+
+
+def test_the_incremental_lookup_equals_the_reference_as_the_context_grows():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        context = rng.integers(-2, 6, size=200)  # a small alphabet repeats often; negatives stand for images
+        proposer = PromptLookup(5)
+        for end in range(1, len(context) + 1, int(rng.integers(1, 4))):
+            expected = lookup(context[:end], 5).tolist()
+            assert proposer.propose(context[:end], 5) == expected, (trial, end)
+            assert all(t >= 0 for t in expected)

@@ -40,8 +40,14 @@ def lookup(context: np.ndarray, count: int, max_ngram: int = MAX_NGRAM, min_ngra
         hits = np.flatnonzero((windows == pattern).all(axis=1))
         if len(hits):
             start = int(hits[-1]) + n
-            return context[start : start + count]
+            return _text_only(context[start : start + count])
     return context[:0]
+
+
+def _text_only(tokens: np.ndarray) -> np.ndarray:
+    """`tokens` up to the first image position (a proposal is text)."""
+    images = np.flatnonzero(tokens < 0)
+    return tokens[: images[0]] if len(images) else tokens
 
 
 @dataclass
@@ -57,18 +63,44 @@ class SpeculationStats:
 
 
 class PromptLookup:
-    """One sequence's prompt-lookup proposer, resting after proposals that failed."""
+    """One sequence's prompt-lookup proposer: `lookup` kept incremental (an index of where each n-gram was
+    last followed by a token, updated with the tokens known since the last step), resting after
+    proposals that failed."""
 
-    def __init__(self, tokens: int):
+    def __init__(self, tokens: int, max_ngram: int = MAX_NGRAM, min_ngram: int = MIN_NGRAM):
         self.tokens = tokens
+        self.sizes = range(max_ngram, min_ngram - 1, -1)
+        self.after: dict[tuple[int, ...], int] = {}  # n-gram -> the position after its latest occurrence
+        self.indexed = 0  # n-grams ending before this position are in `after`
         self.rest = 0  # steps left before the next lookup
         self.backoff = 1  # how long the next full miss rests
 
     def propose(self, context: np.ndarray, room: int) -> list[int]:
+        self._index(context)
         if self.rest > 0:
             self.rest -= 1
             return []
-        return [int(t) for t in lookup(context, min(self.tokens, room))]
+        size = len(context)
+        for n in self.sizes:
+            start = self.after.get(tuple(context[size - n :].tolist())) if size > n else None
+            if start is not None:
+                return _text_only(context[start : start + min(self.tokens, room)]).tolist()
+        return []
+
+    def _index(self, context: np.ndarray) -> None:
+        """Add the n-grams ending before the last position (the last one is what a lookup looks for)."""
+        end = len(context) - 1
+        if end <= self.indexed:
+            return
+        first = max(0, self.indexed - max(self.sizes) + 1)
+        window = context[first:end].tolist()
+        for i in range(self.indexed - first, len(window)):
+            for n in self.sizes:
+                if i + 1 >= n:
+                    gram = tuple(window[i + 1 - n : i + 1])
+                    if gram[-1] >= 0 and min(gram) >= 0:
+                        self.after[gram] = first + i + 1
+        self.indexed = end
 
     def verified(self, proposed: int, accepted: int) -> None:
         """Learn from the last proposal: none accepted rests the lookup (longer each time), any resets it."""
