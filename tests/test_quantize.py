@@ -7,6 +7,8 @@ untouched).  Tiny models are dominated by their 32k-row embeddings and lm_head
 
 from __future__ import annotations
 
+import re
+
 import shutil
 import sys
 import types
@@ -332,22 +334,31 @@ def test_list_and_dataset_calibration(photos, monkeypatch):
     assert "google-research-datasets/conceptual_captions" in calib.source
 
 
-def test_auto_decode_precision_follows_the_cpu_the_weights_and_the_memory(int4_next, exports, monkeypatch):
-    """decode_precision='auto' compiles the f32 decode variant only for INT4 weights on a CPU
-    that computes bf16 by default, with nothing pinned and room for a second copy of the weights."""
+def test_auto_decode_precision_is_measured_where_it_can_differ(int4_next, exports, monkeypatch, tmp_path):
+    """decode_precision='auto' times both compilations where the f32 variant can differ (a CPU that computes
+    below f32 by default, nothing pinned, room for a second copy of the weights), keeps the faster one, and
+    remembers the decision in the cache folder: the next load measures nothing."""
     from llava_ov.common import hardware
     from llava_ov.exporting import resources
+    from llava_ov.runtime import decode_choice
     from llava_ov.runtime.pipeline import Pipeline
 
-    from llava_ov.common.hardware import int8_matrix_units
-
-    bf16_cpu = resources.cpu_inference_precision() == "bf16" and bool(int8_matrix_units())
-    pipe = Pipeline(int4_next, cache_dir=None)
-    assert (pipe.model.paged.decode_request is not None) == bf16_cpu
-    assert ("f32 decode steps" if bf16_cpu else "same as prefill") in pipe.info()["decode_steps"]
+    bf16_cpu = resources.cpu_inference_precision() == "bf16"
+    pipe = Pipeline(int4_next, cache_dir=str(tmp_path))
+    why = pipe.info()["decode_steps"]
     if bf16_cpu:
-        pipe.generate("hi", config=GenerationConfig(max_new_tokens=6))
-        assert pipe.model.paged.steps["decode"] > 0
+        assert "measured at load" in why and "ms per step at f32 vs" in why, why
+        f32_s, default_s = (float(x) for x in re.findall(r"([\d.]+) ms", why))
+        chosen = pipe.model.paged.decode_request is not None
+        assert chosen == (f32_s < (1 - decode_choice.MARGIN) * default_s) and why.startswith("f32" if chosen else "same")
+        assert (tmp_path / decode_choice.CHOICES_FILE).exists()
+        monkeypatch.setattr(decode_choice, "time_decode_steps", lambda *a: pytest.fail("measured again"))
+        again = Pipeline(int4_next, cache_dir=str(tmp_path))
+        assert "remembered for this CPU" in again.info()["decode_steps"]
+        assert (again.model.paged.decode_request is not None) == chosen
+        again.close()
+    else:
+        assert pipe.model.paged.decode_request is None and "computes in f32 here already" in why
     pipe.close()
     pinned = Pipeline(int4_next, cache_dir=None, properties={"INFERENCE_PRECISION_HINT": "f32"})
     assert pinned.model.paged.decode_request is None and "set by the caller" in pinned.info()["decode_steps"]
@@ -355,11 +366,31 @@ def test_auto_decode_precision_follows_the_cpu_the_weights_and_the_memory(int4_n
     same = Pipeline(int4_next, cache_dir=None, decode_precision="same")
     assert same.model.paged.decode_request is None and "decode_precision=same" in same.info()["decode_steps"]
     same.close()
-    if bf16_cpu:  # the checks that need a CPU where the variant would otherwise be chosen
-        fp = Pipeline(exports["llava-next"], cache_dir=None)
-        assert fp.model.paged.decode_request is None and "only faster for INT4 weights" in fp.info()["decode_steps"]
-        fp.close()
+    if bf16_cpu:  # the memory check needs a CPU where the variant would otherwise be considered
         monkeypatch.setattr(hardware, "available_memory", lambda: 2**30)
         tight = Pipeline(int4_next, cache_dir=None)
         assert tight.model.paged.decode_request is None and "needs" in tight.info()["decode_steps"]
         tight.close()
+
+
+def test_the_measured_choice_keeps_the_faster_compilation(tmp_path):
+    """Whichever compilation the measurement finds faster (beyond the margin) is the one kept, and a
+    remembered decision is keyed by what it depends on."""
+    from llava_ov.runtime.decode_choice import MARGIN, DecodeChoices, Measured, choice_key
+
+    assert Measured(0.040, 0.030).f32_pays and not Measured(0.040, 0.040 * (1 - MARGIN / 2)).f32_pays
+    assert not Measured(0.030, 0.040).f32_pays
+    choices = DecodeChoices(tmp_path)
+    weights = tmp_path / "lm.bin"
+    weights.write_bytes(b"x" * 10)
+    key = choice_key("Some CPU", "2026.4", weights, 2, "u8")
+    assert choices.get(key) is None
+    choices.put(key, Measured(0.040, 0.030))
+    got = choices.get(key)
+    assert got is not None and got.cached and got.f32_pays and "remembered" in got.why("bf16")
+    weights.write_bytes(b"y" * 11)  # another export (or the same one converted again): measured again
+    assert choice_key("Some CPU", "2026.4", weights, 2, "u8") != key
+    assert choice_key("Other CPU", "2026.4", weights, 2, "u8") != choice_key("Some CPU", "2026.4", weights, 2, "u8")
+    (tmp_path / "decode-choices.json").write_text("{broken")
+    assert DecodeChoices(tmp_path).get(key) is None  # a damaged file is ignored (and replaced on the next put)
+    assert DecodeChoices(None).get(key) is None

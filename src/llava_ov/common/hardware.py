@@ -18,6 +18,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else the platform's processor string)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def matrix_flags() -> list[str]:
     """The CPU flags that decide OpenVINO's kernels (AVX2, AVX-512, VNNI, bf16, AMX)."""
     return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))

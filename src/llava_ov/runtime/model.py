@@ -19,6 +19,7 @@ import openvino as ov
 
 from llava_ov.common import hardware, layout
 from llava_ov.errors import InvalidTextError, LlavaOvError, ModelNotFoundError
+from llava_ov.runtime.decode_choice import DecodeChoices, choice_key, time_decode_steps
 from llava_ov.runtime.detokenize import PieceDecoder
 from llava_ov.runtime.engine.paged import PagedLanguageModel, derive_paged_model
 from llava_ov.runtime.export import ExportDir
@@ -242,14 +243,13 @@ class ExportedModel:
         except RuntimeError as exc:
             raise LlavaOvError(f"cannot compile the {part} model on {device}: {self._reason(exc, device)}") from None
 
-    def decode_choice(self) -> tuple[bool, str]:
-        """(compile the f32 decode variant?, why) for the paged language model.
+    def decode_choice(self) -> tuple[bool | None, str]:
+        """(compile the f32 decode variant?, why) for the paged language model; None: measure which is faster.
 
-        "auto" turns it on where it was measured to pay (docs/speed.md): the CPU plugin, bf16 compute
-        by default, int8 matrix units (the dynamically quantized kernels use them), INT4 LM weights,
-        no precision pinned by the caller, and room for a second copy of the weights: both
-        compilations repack theirs on first use, so the memory available at load must hold 3x the
-        LM file plus AUTO_DECODE_HEADROOM (pool, activations)."""
+        "auto" measures (decode_choice.py) wherever the variant can differ: the CPU plugin computing in a
+        lower precision than f32 by default, no precision pinned by the caller, and room for a second copy
+        of the weights (both compilations repack theirs on first use, so the memory available at load must
+        hold 3x the LM file plus AUTO_DECODE_HEADROOM: pool, activations)."""
         mode = self.settings.decode_precision
         device = self.settings.device_for("language").upper()
         if mode == "same":
@@ -265,40 +265,63 @@ class ExportedModel:
             return True, "f32 decode steps: chosen with decode_precision=f32"
         if "INFERENCE_PRECISION_HINT" in self.settings.properties:
             return False, "same as prefill: INFERENCE_PRECISION_HINT is set by the caller"
-        if main != ov.Type.bf16:
-            return False, f"same as prefill: the CPU plugin computes in {_plain(main)} here"
-        units = hardware.int8_matrix_units()
-        if not units:
-            return False, "same as prefill: no int8 matrix units (AMX/VNNI) for dynamically quantized decode"
-        weights = self._language_weights()
-        if not weights.startswith("int4"):  # INT8 decoded only ~1.08x faster at f32, fp16 slower (docs/speed.md)
-            return False, (f"same as prefill: the language model's weights are {weights}; a separate f32 decode "
-                           "compilation is only faster for INT4 weights")
+        if main == ov.Type.f32:
+            return False, "same as prefill: the CPU plugin computes in f32 here already"
         weights_file = self.part_path("language").with_suffix(".bin")
         size = weights_file.stat().st_size if weights_file.exists() else 0
         need, room = 3 * size + AUTO_DECODE_HEADROOM, hardware.available_memory()
         if room < need:
             return False, (f"same as prefill: a second copy of the {size / 2**30:.1f} GiB language model needs "
                            f"{need / 2**30:.1f} GiB available at load, {room / 2**30:.1f} GiB are")  # fmt: skip
-        return True, f"f32 decode steps: {weights} weights, bf16 by default, {', '.join(units)} on this CPU"
-
-    def _language_weights(self) -> str:
-        """How the language model's weights are stored, from the export_info.json beside its IR."""
-        return ExportDir(self.part_path("language").parent).stored_precision("language", "unknown")
+        return None, "measure"
 
     def _compile_decode_variant(self) -> ov.CompiledModel | None:
-        """The language model compiled again for decode steps (`decode_choice`), or None."""
+        """The language model compiled again for decode steps (`decode_choice`; measured for "auto"), or None."""
         wanted, self.decode_why = self.decode_choice()
-        if not wanted:
+        if wanted is False:
             return None
-        device = self.settings.device_for("language")
         main = self._compiled["language"]
+        default_name = _plain(main.get_property("INFERENCE_PRECISION_HINT"))
+        choices, key = DecodeChoices(self._choices_folder()), self._decode_key(main)
+        known = choices.get(key) if wanted is None else None
+        if known is not None and not known.f32_pays:
+            self.decode_why = known.why(default_name)
+            return None
+        variant = self._compile_f32_variant(main)
+        if wanted is None:
+            measured = known or time_decode_steps(main, variant)
+            if known is None:
+                choices.put(key, measured)
+            self.decode_why = measured.why(default_name)
+            if not measured.f32_pays:
+                return None  # the variant is dropped with its weights
+        return variant
+
+    def _compile_f32_variant(self, main: ov.CompiledModel) -> ov.CompiledModel:
+        device = self.settings.device_for("language")
         kv = main.get_property("KV_CACHE_PRECISION")  # the variant must keep the same block tensors
         props = {**self.settings.properties, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
         try:
             return self.core.compile_model(self._paged_source, device, props)  # the main one's source
         except RuntimeError as exc:
             raise LlavaOvError(f"cannot compile the f32 decode variant: {self._reason(exc, device)}") from None
+
+    def _choices_folder(self) -> Path | None:
+        """Where measured choices are remembered: the compiled-model cache folder (None: not remembered)."""
+        option = self.settings.cache_dir
+        if not option:
+            return None
+        return default_cache_dir() if option == "default" else Path(option).expanduser()
+
+    def _decode_key(self, main: ov.CompiledModel) -> str:
+        props = {}
+        for name in ("INFERENCE_NUM_THREADS", "KV_CACHE_PRECISION"):
+            try:
+                props[name] = _plain(main.get_property(name))
+            except RuntimeError:
+                props[name] = "?"
+        return choice_key(hardware.cpu_model(), ov.get_version(), self.part_path("language").with_suffix(".bin"),
+                          props["INFERENCE_NUM_THREADS"], props["KV_CACHE_PRECISION"])  # fmt: skip
 
     def _avoid_known_crash(self, device: str, props: dict[str, Any]) -> dict[str, Any]:
         """OpenVINO 2026.4's CPU plugin dies with SIGFPE compiling the language model with
