@@ -2,7 +2,8 @@
 """Several tokens per forward, measured side by side in one process (issue 30's three cases).
 
 Each case runs its two arms on the same loaded pipeline, interleaved run by run (a warm-up first),
-greedy, from an empty prefix cache each time; decode tokens/s = generated tokens after the first /
+greedy; the prompt's KV comes from the prefix cache after the warm-up (decode is what is measured:
+every answer token is still computed); decode tokens/s = generated tokens after the first /
 the time after the first token. The answers of the two arms must be equal (checked: speculation
 may only change the speed).
 
@@ -11,7 +12,10 @@ may only change the speed).
   weights never copy, so a regex makes the answer that sentence and a logit bias on its tokens
   makes the model choose the prompt's own tokenization (jump-forward off in both arms, so each token
   is still sampled); with a trained model no regex is needed;
-- never: a plain description, prompt lookup on vs off: what lookup costs when nothing repeats.
+- lookup: a plain description, prompt lookup on vs off (random weights repeat themselves: some
+  proposals are kept);
+- rejected: the same with every proposal made wrong (each proposed token id + 1): the worst case,
+  what lookup costs when none of its proposals is ever kept.
 
     python scripts/speculation_bench.py EXPORT --runs 5 --json docs/results/speculation.json
 """
@@ -50,13 +54,21 @@ def cases(pipe: Any, max_new: int) -> dict[str, tuple[Any, Any, str, list[str]]]
     return {
         "catalogue": (catalogue, replace(catalogue, jump_forward=False), "Describe this photo for a catalogue.", [photo]),
         "copy": (replace(copy, prompt_lookup=8), copy, f"Copy this sentence exactly: {SENTENCE}", []),
-        "never": (replace(plain, prompt_lookup=8), plain, "Describe this image in detail.", [photo]),
+        "lookup": (replace(plain, prompt_lookup=8), plain, "Describe this image in detail.", [photo]),
+        "rejected": (replace(plain, prompt_lookup=8), plain, "Describe this image in detail.", [photo]),
     }
 
 
-def one_run(pipe: Any, config: Any, prompt: str, images: list[str]) -> dict[str, Any]:
-    pipe.clear_caches()
-    result = pipe.generate(prompt, images, config)
+def one_run(pipe: Any, config: Any, prompt: str, images: list[str], wrong: bool = False) -> dict[str, Any]:
+    from llava_ov.runtime import speculative
+
+    propose = speculative.PromptLookup.propose
+    if wrong:  # every proposal off by one token id: none is ever kept
+        speculative.PromptLookup.propose = lambda self, *a: [t + 1 for t in propose(self, *a)]  # type: ignore[method-assign]
+    try:
+        result = pipe.generate(prompt, images, config)
+    finally:
+        speculative.PromptLookup.propose = propose  # type: ignore[method-assign]
     t = result.timings
     decode_s = sum(t.token_s)
     return {"tokens": len(result.token_ids), "decode_tokens_per_s": len(t.token_s) / decode_s if decode_s else 0.0,
@@ -74,7 +86,7 @@ def measure(pipe: Any, runs: int, warmup: int, max_new: int, log=print) -> dict[
         arms: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
         for i in range(warmup + runs):
             for arm, config in (("on", on), ("off", off)):
-                got = one_run(pipe, config, prompt, images)
+                got = one_run(pipe, config, prompt, images, wrong=name == "rejected" and arm == "on")
                 if i >= warmup:
                     arms[arm].append(got)
         same = all(a["ids"] == b["ids"] for a, b in zip(arms["on"], arms["off"]))
