@@ -48,6 +48,23 @@ def small_pool(export, blocks: int, **engine) -> Pipeline:
     return Pipeline(export, properties=F32, cache_dir=None, kv_cache_gb=gb, **engine)
 
 
+def generate_together(pipe: Pipeline, prompts: list[str], config: GenerationConfig, timeout: float = 300) -> list:
+    """Each prompt generated from a thread of its own, all started at once; the results in prompt order."""
+    out: list = [None] * len(prompts)
+    start = threading.Barrier(len(prompts))
+
+    def run(i):
+        start.wait()
+        out[i] = pipe.generate(prompts[i], config=config)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return out
+
+
 # ----------------------------------------------------------------------------- the block pool alone
 
 
@@ -285,16 +302,7 @@ def test_a_full_pool_queues_or_preempts_and_every_request_completes(exports):
     alone = [alone_pipe.generate(p, config=config).token_ids for p in PROMPTS]
     alone_pipe.close()
     pipe = small_pool(export, blocks=5)
-    out: list = [None] * len(PROMPTS)
-
-    def run(i):
-        out[i] = pipe.generate(PROMPTS[i], config=config)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    out = generate_together(pipe, PROMPTS, config)
     assert [r.token_ids for r in out] == alone
     stats = pipe.engine.stats()
     assert stats["blocks_total"] == 5 and stats["blocks_used"] == 0

@@ -19,7 +19,7 @@ from conftest import F32, FAMILIES
 from llava_ov.runtime.generate import DecodeState, GenerationConfig
 from llava_ov.runtime.pipeline import Pipeline
 from llava_ov.runtime.speculative import MAX_BACKOFF, PromptLookup, lookup
-from test_engine import PROMPTS, small_pool
+from test_engine import PROMPTS, generate_together, small_pool
 
 GREEDY = GenerationConfig(max_new_tokens=40)
 SEEDED = GenerationConfig(max_new_tokens=40, temperature=0.9, top_p=0.95, seed=7)
@@ -130,18 +130,7 @@ def test_four_sequences_with_proposals_beside_each_other_and_across_preemption(e
     alone = [plain(pipes["llava"], p, config).token_ids for p in PROMPTS]
     oracle(alone, tokens=3, wrong=lambda s, i: s % 4 == 0 and i == 1)
     pipe = small_pool(exports["llava"], blocks=6)
-    out: list = [None] * len(PROMPTS)
-    barrier = threading.Barrier(len(PROMPTS))
-
-    def run(i):
-        barrier.wait()
-        out[i] = pipe.generate(PROMPTS[i], config=config)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    out = generate_together(pipe, PROMPTS, config)
     assert [r.token_ids for r in out] == alone
     stats = pipe.engine.stats()
     assert stats["preemptions"] >= 1 and stats["accepted_tokens"] > 0 and stats["blocks_used"] == 0
