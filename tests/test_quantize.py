@@ -347,10 +347,11 @@ def test_auto_decode_precision_is_measured_where_it_can_differ(int4_next, export
     pipe = Pipeline(int4_next, cache_dir=str(tmp_path))
     why = pipe.info()["decode_steps"]
     if bf16_cpu:
-        assert "measured at load" in why and "ms per step at f32 vs" in why, why
-        f32_s, default_s = (float(x) for x in re.findall(r"([\d.]+) ms", why))
+        measured = pipe.model.decode_measured
+        assert "measured at load" in why and f"{measured.f32_s * 1e3:.2f} ms per step at f32 vs" in why, why
         chosen = pipe.model.paged.decode_request is not None
-        assert chosen == (f32_s < (1 - decode_choice.MARGIN) * default_s) and why.startswith("f32" if chosen else "same")
+        assert chosen == (measured.f32_s < (1 - decode_choice.MARGIN) * measured.default_s)
+        assert why.startswith("f32" if chosen else "same")
         assert (tmp_path / decode_choice.CHOICES_FILE).exists()
         monkeypatch.setattr(decode_choice, "time_decode_steps", lambda *a: pytest.fail("measured again"))
         again = Pipeline(int4_next, cache_dir=str(tmp_path))

@@ -48,7 +48,7 @@ class Measured:
     def why(self, default_name: str) -> str:
         chosen = "f32 decode steps" if self.f32_pays else "same as prefill"
         source = "remembered for this CPU, OpenVINO and export" if self.cached else "measured at load"
-        return (f"{chosen}: {self.f32_s * 1e3:.1f} ms per step at f32 vs {self.default_s * 1e3:.1f} ms at "
+        return (f"{chosen}: {self.f32_s * 1e3:.2f} ms per step at f32 vs {self.default_s * 1e3:.2f} ms at "
                 f"{default_name} ({source})")  # fmt: skip
 
 

@@ -136,6 +136,7 @@ class ExportedModel:
         self.core = ov.Core()
         self.kv_backend = self.settings.kv_backend()
         self.decode_why = "the stateful KV cache: one compilation" if self.kv_backend != "paged" else ""
+        self.decode_measured = None  # decode_choice.Measured, when "auto" measured (or remembered) the choice
         self._warn_if_rotary_fp16()
         self.parts = self._parts()
         self._compiled = {part: self._compile(part) for part in self.parts}
@@ -284,12 +285,13 @@ class ExportedModel:
         default_name = _plain(main.get_property("INFERENCE_PRECISION_HINT"))
         choices, key = DecodeChoices(self._choices_folder()), self._decode_key(main)
         known = choices.get(key) if wanted is None else None
+        self.decode_measured = known
         if known is not None and not known.f32_pays:
             self.decode_why = known.why(default_name)
             return None
         variant = self._compile_f32_variant(main)
         if wanted is None:
-            measured = known or time_decode_steps(main, variant)
+            measured = self.decode_measured = known or time_decode_steps(main, variant)
             if known is None:
                 choices.put(key, measured)
             self.decode_why = measured.why(default_name)
