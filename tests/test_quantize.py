@@ -7,7 +7,6 @@ untouched).  Tiny models are dominated by their 32k-row embeddings and lm_head
 
 from __future__ import annotations
 
-import re
 
 import shutil
 import sys
@@ -21,7 +20,6 @@ from PIL import Image
 from conftest import F32
 from llava_ov.common import layout
 from llava_ov.errors import ExportExistsError, LlavaOvError
-from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.families.llava.runtime import preprocess_clip
 from llava_ov.families.llava_next.runtime import preprocess_anyres
 from llava_ov.runtime.export import ImageConfig
