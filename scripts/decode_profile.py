@@ -44,7 +44,7 @@ def profile(model: ExportedModel, context: int, steps: int) -> dict[str, float]:
         lm._run(request, batch, None)
         if step >= 2:  # two warm-ups
             wall += time.perf_counter() - started
-            for info in request.get_profiling_info():
+            for info in request.get_profiling_info():  # the last inference's counters
                 totals[info.node_type] += info.real_time.total_seconds()
     out = {kind: seconds / steps for kind, seconds in sorted(totals.items(), key=lambda kv: -kv[1])}
     out["(wall per step)"] = wall / steps
