@@ -148,6 +148,26 @@ def _seq(length: int, new: int, start: int = 0) -> Sequence:
     return Sequence(keys, keys.copy(), np.full(length, -1), np.zeros((0, 4), np.float32), capacity=length + new)
 
 
+def test_proposed_tokens_take_at_most_half_the_step_budget():
+    """Decoding sequences' proposals (verified in the same forward) never starve a waiting prompt."""
+    pool = BlockPool(64, 4)
+    sched = Scheduler(pool, max_step_tokens=16, max_running=8)
+    decoding = [_seq(4, 20, start=10 * i) for i in range(3)]
+    for seq in decoding:
+        sched.add(seq)
+    for chunk in sched.schedule():  # their prompts in one step (12 of 16 tokens)
+        sched.advance(chunk)
+        chunk.seq.append(1)
+    waiting = _seq(12, 4, start=500)
+    sched.add(waiting)
+    for seq in decoding:
+        seq.propose([2, 3, 4, 5, 6, 7])
+    plan = sched.schedule()
+    counts = {id(c.seq): (c.start, c.count, c.rows) for c in plan}
+    assert [counts[id(s)] for s in decoding] == [(4, 7, 7), (4, 3, 3), (4, 1, 1)]  # 6 + 2 + 0 proposals: 8 of 16
+    assert counts[id(waiting)] == (0, 5, 0) and sum(c.count for c in plan) == 16  # the rest went to the prompt
+
+
 def test_scheduler_decodes_first_chunks_prompts_and_preempts_when_the_pool_runs_out():
     pool = BlockPool(6, 4)
     sched = Scheduler(pool, max_step_tokens=6, max_running=8)

@@ -152,8 +152,10 @@ class Scheduler:
     # ---------------------------------------------------------------- planning
 
     def schedule(self) -> list[Chunk]:
-        """The chunks of the next forward (empty when there is nothing to run)."""
+        """The chunks of the next forward (empty when there is nothing to run). Proposed tokens take at most
+        half the step's budget, so prompts still get chunks and waiting requests are still admitted."""
         budget = self.max_step_tokens
+        drafts = self.max_step_tokens // 2
         plan: list[Chunk] = []
         decoding = [s for s in self.running if s.remaining == 1]
         prefilling = [s for s in self.running if s.remaining > 1]
@@ -162,8 +164,10 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted by an earlier sequence of this plan
                 continue
+            seq.draft = min(seq.draft, drafts)
             count = min(seq.remaining + seq.draft, budget)
             seq.draft = max(0, count - seq.remaining)  # proposals beyond the budget wait for another step
+            drafts -= seq.draft
             if not self._reserve(seq, seq.computed + count, plan):
                 continue
             plan.append(Chunk(seq, seq.computed, count))
