@@ -255,3 +255,18 @@ def test_the_incremental_lookup_equals_the_reference_as_the_context_grows():
             expected = lookup(context[:end], 5).tolist()
             assert proposer.propose(context[:end], 5) == expected, (trial, end)
             assert all(t >= 0 for t in expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_jump_forward_and_lookup_with_four_sequences_across_preemption(exports, pipes, family):
+    """The real proposers, four schema-constrained answers at once (jump-forward on, lookup on) on a pool too
+    small for all of them: each equals its plain answer decoded alone."""
+    config = GenerationConfig(max_new_tokens=60, json_schema=SCHEMA, prompt_lookup=4)
+    plain_config = GenerationConfig(**{**config.__dict__, "jump_forward": False, "prompt_lookup": 0})
+    alone = [plain(pipes[family], p, plain_config).token_ids for p in PROMPTS]
+    pipe = small_pool(exports[family], blocks=8)
+    out = generate_together(pipe, PROMPTS, config)
+    assert [r.token_ids for r in out] == alone
+    stats = pipe.engine.stats()
+    assert stats["preemptions"] >= 1 and stats["accepted_tokens"] > 0 and stats["blocks_used"] == 0
+    pipe.close()
