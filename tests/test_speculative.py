@@ -270,3 +270,16 @@ def test_jump_forward_and_lookup_with_four_sequences_across_preemption(exports, 
     stats = pipe.engine.stats()
     assert stats["preemptions"] >= 1 and stats["accepted_tokens"] > 0 and stats["blocks_used"] == 0
     pipe.close()
+
+
+def test_a_failing_proposer_costs_only_its_proposals(pipes, monkeypatch):
+    """Proposals are optional: a proposer that raises leaves the answer, and every other sequence, as they were."""
+    pipe = pipes["llava"]
+    expected = plain(pipe, PROMPTS[1], GREEDY)
+
+    def broken(self, context, room):
+        raise RuntimeError("proposer broke")
+
+    monkeypatch.setattr(DecodeState, "proposals", broken)
+    got = plain(pipe, PROMPTS[1], GREEDY)
+    assert got.token_ids == expected.token_ids and got.proposed_tokens == 0

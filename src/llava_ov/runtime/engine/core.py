@@ -261,10 +261,17 @@ class Engine:
             self._verify(chunk, logits[end - chunk.rows : end])
 
     def _propose(self) -> None:
-        """Let every decoding sequence propose tokens to verify in the next forward (most propose none)."""
+        """Let every decoding sequence propose tokens to verify in the next forward (most propose none).
+        Proposals are optional: a proposer that fails only costs its sequence this step's proposals."""
         for seq in self.scheduler.running:
-            if seq.remaining == 1:
-                seq.propose(seq.payload.state.proposals(seq.keys[: seq.length], seq.capacity - seq.length))
+            if seq.remaining != 1:
+                continue
+            try:
+                tokens = seq.payload.state.proposals(seq.keys[: seq.length], seq.capacity - seq.length)
+            except Exception:
+                log.exception("proposing tokens failed; this step decodes one token")
+                tokens = []
+            seq.propose(tokens)
 
     def _batch(self, plan: list[Chunk]) -> ForwardBatch:
         ids = np.concatenate([c.seq.ids[c.start : c.start + c.count] for c in plan])
