@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     started = time.perf_counter()
     pipe = Pipeline(args.model, LoadSettings.from_args(args).validate())
-    report = {"machine": machine_info(), "model": args.model, "runs": args.runs,
+    report = {"machine": machine_info(), "model": Path(args.model).name, "runs": args.runs,
               "cases": measure(pipe, args.runs, args.warmup, args.max_new_tokens)}  # fmt: skip
     report["wall_s"] = time.perf_counter() - started
     if args.json:
