@@ -129,7 +129,13 @@ def test_four_sequences_with_proposals_beside_each_other_and_across_preemption(e
     config = GenerationConfig(max_new_tokens=60, ignore_eos=True)
     alone = [plain(pipes["llava"], p, config).token_ids for p in PROMPTS]
     oracle(alone, tokens=3, wrong=lambda s, i: s % 4 == 0 and i == 1)
-    pipe = small_pool(exports["llava"], blocks=6)
+    assert_together_as_alone(exports["llava"], 6, config, alone)
+
+
+def assert_together_as_alone(export, blocks: int, config: GenerationConfig, alone: list[list[int]]) -> None:
+    """PROMPTS at once on a pool of `blocks` blocks: their answers are `alone`, with preemptions, kept
+    proposals, and every block back in the pool."""
+    pipe = small_pool(export, blocks=blocks)
     out = generate_together(pipe, PROMPTS, config)
     assert [r.token_ids for r in out] == alone
     stats = pipe.engine.stats()
@@ -264,12 +270,7 @@ def test_jump_forward_and_lookup_with_four_sequences_across_preemption(exports, 
     config = GenerationConfig(max_new_tokens=60, json_schema=SCHEMA, prompt_lookup=4)
     plain_config = GenerationConfig(**{**config.__dict__, "jump_forward": False, "prompt_lookup": 0})
     alone = [plain(pipes[family], p, plain_config).token_ids for p in PROMPTS]
-    pipe = small_pool(exports[family], blocks=8)
-    out = generate_together(pipe, PROMPTS, config)
-    assert [r.token_ids for r in out] == alone
-    stats = pipe.engine.stats()
-    assert stats["preemptions"] >= 1 and stats["accepted_tokens"] > 0 and stats["blocks_used"] == 0
-    pipe.close()
+    assert_together_as_alone(exports[family], 8, config, alone)
 
 
 def test_a_failing_proposer_costs_only_its_proposals(pipes, monkeypatch):

@@ -17,7 +17,7 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,8 @@ class DecodeChoices:
         if self.path is None:
             return
         records = self._read()
-        records[key] = {**asdict(measured), "cached": None, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        records[key].pop("cached")
+        when = time.strftime("%Y-%m-%dT%H:%M:%S")
+        records[key] = {"default_s": measured.default_s, "f32_s": measured.f32_s, "at": when}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_suffix(f".{os.getpid()}.tmp")

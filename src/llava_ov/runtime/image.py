@@ -191,6 +191,11 @@ def load_image(source: ImageSource, *, max_bytes: int = 50_000_000, max_pixels: 
         raise InvalidImageError(f"cannot convert image (mode {img.mode}) to RGB: {_one_line(e)}") from None
 
 
+def source_bytes(source: ImageSource, max_bytes: int = 50_000_000) -> ImageSource:
+    """A file source's bytes (read once, bounded); any other source as it is."""
+    return _read_source(source, max_bytes) if isinstance(source, (str, Path)) else source
+
+
 def declared_size(source: ImageSource, *, max_bytes: int = 50_000_000, max_pixels: int = 100_000_000) -> tuple[int, int]:
     """(height, width) an image will have once decoded and upright, from its header alone: what a prompt's
     token count and refusals need before any image is decoded (InvalidImageError as `load_image`).

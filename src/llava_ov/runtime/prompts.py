@@ -28,7 +28,7 @@ from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.runtime.budget import Resolution, fit_budget
 from llava_ov.runtime.feature_cache import FeatureCache
 from llava_ov.runtime.generate import GenerationConfig
-from llava_ov.runtime.image import declared_size, load_image
+from llava_ov.runtime.image import declared_size, load_image, source_bytes
 from llava_ov.runtime.model import ExportedModel
 from llava_ov.runtime.pruning import kept_count, select_tokens
 from llava_ov.runtime.template import ChatTemplate
@@ -468,6 +468,7 @@ class PromptBuilder:
         """Choose every image's resolution and video's frame count within the budget from their declared sizes,
         refuse (`check`) a prompt that cannot fit before any image is decoded, then decode the images and look
         their features up; images first, then videos."""
+        images = [source_bytes(src) for src in images]  # a file is read once, for its header and its pixels
         sizes = [declared_size(src) for src in images]  # headers only
         opened = self._open_videos(videos)
         try:
