@@ -132,15 +132,16 @@ def test_four_sequences_with_proposals_beside_each_other_and_across_preemption(e
     assert_together_as_alone(exports["llava"], 6, config, alone)
 
 
-def assert_together_as_alone(export, blocks: int, config: GenerationConfig, alone: list[list[int]]) -> None:
+def assert_together_as_alone(export, blocks: int, config: GenerationConfig, alone: list[list[int]], **load) -> Pipeline:
     """PROMPTS at once on a pool of `blocks` blocks: their answers are `alone`, with preemptions, kept
-    proposals, and every block back in the pool."""
-    pipe = small_pool(export, blocks=blocks)
+    proposals, and every block back in the pool (`load`: more load settings). Returns the closed pipeline."""
+    pipe = small_pool(export, blocks=blocks, **load)
     out = generate_together(pipe, PROMPTS, config)
     assert [r.token_ids for r in out] == alone
     stats = pipe.engine.stats()
     assert stats["preemptions"] >= 1 and stats["accepted_tokens"] > 0 and stats["blocks_used"] == 0
     pipe.close()
+    return pipe
 
 
 def test_stop_strings_logprobs_and_cancel_with_proposals(pipes, oracle):

@@ -312,3 +312,42 @@ def _build_processor(arch: str, preproc: dict, tok, template: str, config):
     from llava_ov.runtime.families import registered
 
     return registered()[arch].export_hooks().build_processor(preproc, tok, template, config)
+
+
+_DECODER_LAYER = re.compile(r"language_model\.(?:model\.)?layers\.(\d+)\.")
+
+
+def truncated_copy(checkpoint: str | Path, out_dir: str | Path, text_layers: int) -> Path:
+    """A copy of a checkpoint keeping only the first `text_layers` decoder layers of its language model
+    (embeddings, vision tower, projector, final norm and LM head unchanged): a draft model that agrees
+    with its target often, for tests and benchmarks of speculative decoding with random weights."""
+    from safetensors.numpy import load_file, save_file
+
+    src, out = Path(checkpoint), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _read_json(src / "config.json")
+    text = config["text_config"]
+    if not 1 <= text_layers <= text["num_hidden_layers"]:
+        raise ValueError(f"text_layers must be in [1, {text['num_hidden_layers']}]")
+    text["num_hidden_layers"] = text_layers
+    if isinstance(text.get("layer_types"), list):
+        text["layer_types"] = text["layer_types"][:text_layers]
+    for path in src.iterdir():
+        if path.suffix == ".safetensors":
+            tensors = load_file(path)
+            kept = {k: v for k, v in tensors.items() if _layer_below(k, text_layers)}
+            save_file(kept, out / path.name, metadata={"format": "pt"})
+        elif path.name == "model.safetensors.index.json":
+            index = _read_json(path)
+            index["weight_map"] = {k: f for k, f in index["weight_map"].items() if _layer_below(k, text_layers)}
+            (out / path.name).write_text(json.dumps(index, indent=2) + "\n")
+        elif path.is_file() and path.name != "config.json":
+            shutil.copy(path, out / path.name)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _layer_below(name: str, layers: int) -> bool:
+    """A weight outside the decoder layers, or of one of the first `layers`."""
+    found = _DECODER_LAYER.search(name)
+    return found is None or int(found[1]) < layers

@@ -46,6 +46,7 @@ class GenerationConfig:
     tools: list[dict] | None = None  # function definitions for templates that render them (OpenAI's form)
     logprobs: int | None = None  # report each token's logprob and this many (0-20) top alternatives
     prompt_lookup: int = 0  # propose up to this many tokens per step from earlier text (speculative.py); 0: off
+    use_draft: bool = True  # let the draft model the pipeline was loaded with propose tokens (runtime/draft.py)
     jump_forward: bool = True  # propose the tokens a grammar forces instead of sampling them one forward each
     max_image_tokens: int | None = None  # the request's images at the largest resolutions within this many tokens
     visual_token_pruning: float = 0.0  # CDPruner: drop this share (0-0.99) of each image's tokens; 0: off
@@ -281,6 +282,15 @@ class TextStream(Protocol):
     def flush(self) -> str: ...
 
 
+class Proposer(Protocol):
+    """Proposes tokens after a context (runtime/draft.py's DraftProposer)."""
+
+    def propose(self, context: np.ndarray, room: int) -> list[int]: ...
+    def prepare(self) -> None: ...
+    def verified(self, proposed: int, accepted: int) -> None: ...
+    def release(self) -> None: ...
+
+
 class Constraint(Protocol):
     """A grammar over the answer (see `constrained.GrammarConstraint`)."""
 
@@ -307,6 +317,7 @@ class DecodeState:
         history: Sequence[int] = (),
         max_tokens: int | None = None,
         constraint: Constraint | None = None,
+        draft: Proposer | None = None,
     ):
         self.sampler = Sampler(config)
         self.constraint = constraint
@@ -320,26 +331,45 @@ class DecodeState:
         self.produced = 0
         self.finished: str | None = None
         self._last = time.perf_counter()
+        self._source: Any = None  # the proposer of the last step's proposals
         self.lookup = PromptLookup(config.prompt_lookup) if config.prompt_lookup else None
+        self.draft = draft
         self.speculation = SpeculationStats()
 
     def proposals(self, context: np.ndarray, room: int) -> list[int]:
         """Tokens for the engine to verify after the last one, at most `room` (speculative.py): the grammar's
-        forced tokens (jump-forward), else prompt lookup's from `context` (the keys known so far)."""
+        forced tokens (jump-forward), else prompt lookup's from `context` (the keys known so far), else the
+        draft model's."""
         room = min(room, MAX_PROPOSED, self.limit - self.produced - 1)
         if room <= 0 or self.finished:
             return []
+        self._source = None
         if self.constraint is not None and self.config.jump_forward:
             forced = self.constraint.forced_tokens()
             if forced:
                 return forced[:room]
-        return self.lookup.propose(context, room) if self.lookup is not None else []
+        for source in (self.lookup, self.draft):
+            tokens = source.propose(context, room) if source is not None else []
+            if tokens:
+                self._source = source
+                return tokens
+        return []
+
+    def prepare_proposals(self) -> None:
+        """Called while the prompt prefills: the draft model prefills its own prompt (a chunk a step)."""
+        if self.draft is not None:
+            self.draft.prepare()
 
     def verified(self, proposed: int, accepted: int) -> None:
-        """How many of the last step's proposals were kept."""
+        """How many of the last step's proposals were kept (the proposer that made them learns from it)."""
         self.speculation.add(proposed, accepted)
-        if self.lookup is not None:
-            self.lookup.verified(proposed, accepted)
+        if self._source is not None:
+            self._source.verified(proposed, accepted)
+
+    def release(self) -> None:
+        """The answer ended: give back what its proposers hold (the draft's KV blocks)."""
+        if self.draft is not None:
+            self.draft.release()
 
     def _final(self, reason: str) -> TokenEvent:
         self.finished = reason
@@ -395,7 +425,13 @@ class ForcedDecode:
     def proposals(self, context: np.ndarray, room: int) -> list[int]:
         return []  # scoring keeps every step's logits: one token per forward
 
+    def prepare_proposals(self) -> None:
+        pass
+
     def verified(self, proposed: int, accepted: int) -> None:
+        pass
+
+    def release(self) -> None:
         pass
 
     def cancel(self) -> TokenEvent:

@@ -26,6 +26,7 @@ import numpy as np
 from llava_ov.errors import ContextLengthError, LlavaOvError
 from llava_ov.runtime.backends import Backend, backend_for
 from llava_ov.runtime.constrained import GrammarConstraint, Grammars
+from llava_ov.runtime.draft import DraftModel, DraftPrompt
 from llava_ov.runtime.engine.core import Engine
 from llava_ov.runtime.generate import DecodeState, ForcedDecode, GenerationConfig
 from llava_ov.runtime.handle import Failed
@@ -62,6 +63,7 @@ class Pipeline:
         self.backend: Backend = backend_for(self.model, self.settings)
         self.prompts = PromptBuilder(self.model, self.backend)
         self.eos_ids = self._eos_ids()
+        self.draft = self._load_draft()
         self._cancels: weakref.WeakSet[threading.Event] = weakref.WeakSet()  # of generations still referenced
         self._grammars: Grammars | None = None  # built on the first request with a schema, regex or grammar
         self._grammars_lock = threading.Lock()
@@ -79,6 +81,12 @@ class Pipeline:
     def occupancy(self) -> tuple[int, int]:
         """(running, waiting) generations in the backend: computing, and submitted but not started."""
         return self.backend.occupancy()
+
+    def _load_draft(self) -> DraftModel | None:
+        """The draft model of `settings.draft` (runtime/draft.py), its KV pool as large as the engine's."""
+        if self.settings.draft is None:
+            return None
+        return DraftModel(self.model, self.settings, self.backend.engine.capacity_tokens)
 
     def _eos_ids(self) -> set[int]:
         """The configs' eos ids and the token the chat template ends an assistant turn with."""
@@ -213,8 +221,8 @@ class Pipeline:
 
         handles: list[Any] = []
         try:
-            prompt_, timings, first = self._start(messages, config, max_prompt_tokens, cancel)
-            states = [first, *(self._decode_state(prompt_, _nth(config, i)) for i in range(1, n))]
+            prompt_, timings, first, draft = self._start(messages, config, max_prompt_tokens, cancel)
+            states = [first, *(self._decode_state(prompt_, _nth(config, i), draft=draft) for i in range(1, n))]
             for state in states:
                 handles.append(self.backend.submit(prompt_, state, cancel, after=handles[0] if handles else None))
         except BaseException:
@@ -283,7 +291,7 @@ class Pipeline:
     def _start(
         self, messages: Sequence[Message], config: GenerationConfig, max_prompt_tokens: int | None = None,
         cancel: threading.Event | None = None,
-    ) -> tuple[PreparedPrompt, Timings, DecodeState]:
+    ) -> tuple[PreparedPrompt, Timings, DecodeState, DraftPrompt | None]:
         timings = Timings()
         # before any image is encoded: a bad schema costs nothing
         constraint = self.constraint(config)
@@ -292,15 +300,20 @@ class Pipeline:
         timings.preprocess_s = sum(im.preprocess_s for im in prompt.images)
         timings.vision_s = sum(im.vision_s for im in prompt.images)
         timings.prune_s = sum(im.prune_s for im in prompt.images)
-        return prompt, timings, self._decode_state(prompt, config, constraint)
+        draft = self.draft.prepare(messages, config) if self.draft is not None and config.use_draft else None
+        return prompt, timings, self._decode_state(prompt, config, constraint, draft), draft
 
-    def _decode_state(self, prompt: PreparedPrompt, config: GenerationConfig, constraint: Any = None) -> DecodeState:
-        """One answer's sampler, detokenizer and stop rules (and grammar state: a new one unless given)."""
+    def _decode_state(
+        self, prompt: PreparedPrompt, config: GenerationConfig, constraint: Any = None, draft: DraftPrompt | None = None
+    ) -> DecodeState:
+        """One answer's sampler, detokenizer and stop rules (and grammar state: a new one unless given; a
+        draft proposer of its own when the draft model has a prompt for it)."""
         return DecodeState(
             self.model.tokenizer.stream(), config, self.eos_ids,
             history=prompt.token_ids.tolist() if config.repetition_penalty != 1.0 else (),
             max_tokens=self.model.max_context - prompt.position_end,
             constraint=constraint if constraint is not None else self.constraint(config),
+            draft=self.draft.proposer(draft, len(prompt.keys)) if draft is not None else None,
         )  # fmt: skip
 
     def generate(self, prompt, images=(), config=None, cancel=None, *, videos=()) -> GenerationResult:
@@ -330,7 +343,8 @@ class Pipeline:
             "device": self.settings.device,
             "weights": self.model.stored_weights(),  # how each part's weights are stored (fp16, int4_sym g64 r0.6 + int8, ...)
             "vision_encoder": self.model.vision_choice()[1],  # which vision encoder runs and why (INT8-PTQ or float)
-            "decode_steps": self.model.decode_why,  # on the main compilation or an f32 one, and why
+            "decode_steps": self.model.decode_why,
+            "draft": self.draft.describe() if self.draft is not None else None,  # the draft model proposing tokens  # on the main compilation or an f32 one, and why
             "export": self.model.export.info,
             "runtime": self.model.runtime_info(),
         }

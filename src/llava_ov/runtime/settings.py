@@ -21,6 +21,7 @@ from llava_ov.errors import LlavaOvError
 
 F32_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
 ENGINE_GROUP = "engine (paged KV cache, continuous batching)"
+MAX_DRAFT_TOKENS = 16  # speculative.MAX_PROPOSED (this module imports only the standard library)
 
 
 def parse_parts(pairs: list[str], what: str) -> dict[str, str]:
@@ -138,6 +139,17 @@ class LoadSettings:
         group=ENGINE_GROUP, choices=("auto", "same", "f32"), check=_one_of("decode precision", ("auto", "same", "f32")),
     )  # fmt: skip
 
+    # A smaller export with the same tokenizer proposing tokens the language model verifies (runtime/draft.py).
+    draft: str | None = _setting(
+        None, "a smaller export with the same tokenizer (e.g. LLaVA-OneVision 0.5B for 7B) that proposes "
+              "--draft-tokens tokens per step for the model to verify: answers stay the same, decoding is faster "
+              "when the draft often agrees", group=ENGINE_GROUP, metavar="EXPORT_DIR",
+    )  # fmt: skip
+    draft_tokens: int = _setting(
+        4, "tokens the draft model proposes per step", group=ENGINE_GROUP, type=int, metavar="K",
+        check=lambda v: None if 1 <= v <= MAX_DRAFT_TOKENS else f"--draft-tokens must be in [1, {MAX_DRAFT_TOKENS}]",
+    )  # fmt: skip
+
     vision_requests: int | None = _setting(
         None, "images encoded at once (infer requests of the vision encoder; default: the plugin's "
               "OPTIMAL_NUMBER_OF_INFER_REQUESTS, 1 on CPU, where one encode already uses every core)",
@@ -196,6 +208,8 @@ class LoadSettings:
                 raise LlavaOvError(f"{name}: unknown part {', '.join(sorted(unknown))} (parts: {', '.join(MODEL_PARTS)})")
         if self.decode_precision == "f32" and self.kv_backend() != "paged":
             raise LlavaOvError("a decode precision of its own needs the paged KV cache (kv_cache='paged')")
+        if self.draft is not None and self.kv_backend() != "paged":
+            raise LlavaOvError("a draft model needs the paged KV cache (kv_cache='paged')")
         return self
 
     def device_for(self, part: str) -> str:

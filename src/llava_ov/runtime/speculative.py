@@ -62,6 +62,29 @@ class SpeculationStats:
         self.accepted += accepted
 
 
+class Backoff:
+    """Rest after proposals that all failed, for 1, 2, 4 ... MAX_BACKOFF steps; any kept proposal resets it."""
+
+    def __init__(self) -> None:
+        self.rest = 0  # steps left before the next proposal
+        self.length = 1  # how long the next full miss rests
+
+    def resting(self) -> bool:
+        """True (and one step of rest spent) while resting."""
+        if self.rest > 0:
+            self.rest -= 1
+            return True
+        return False
+
+    def verified(self, proposed: int, accepted: int) -> None:
+        if not proposed:
+            return
+        if accepted:
+            self.length = 1
+        else:
+            self.rest, self.length = self.length, min(2 * self.length, MAX_BACKOFF)
+
+
 class PromptLookup:
     """One sequence's prompt-lookup proposer: `lookup` kept incremental (an index of where each n-gram was
     last followed by a token, updated with the tokens known since the last step), resting after
@@ -72,13 +95,11 @@ class PromptLookup:
         self.sizes = range(max_ngram, min_ngram - 1, -1)
         self.after: dict[tuple[int, ...], int] = {}  # n-gram -> the position after its latest occurrence
         self.indexed = 0  # n-grams ending before this position are in `after`
-        self.rest = 0  # steps left before the next lookup
-        self.backoff = 1  # how long the next full miss rests
+        self.backoff = Backoff()
 
     def propose(self, context: np.ndarray, room: int) -> list[int]:
         self._index(context)
-        if self.rest > 0:
-            self.rest -= 1
+        if self.backoff.resting():
             return []
         size = len(context)
         for n in self.sizes:
@@ -104,9 +125,4 @@ class PromptLookup:
 
     def verified(self, proposed: int, accepted: int) -> None:
         """Learn from the last proposal: none accepted rests the lookup (longer each time), any resets it."""
-        if not proposed:
-            return
-        if accepted:
-            self.backoff = 1
-        else:
-            self.rest, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
+        self.backoff.verified(proposed, accepted)

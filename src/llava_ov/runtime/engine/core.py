@@ -58,6 +58,32 @@ def default_pool_blocks(lm: PagedLanguageModel, kv_cache_gb: float | None, max_c
     return max(one_context, min(int(budget // lm.bytes_per_block), CONTEXTS_IN_POOL * one_context))
 
 
+def forward_batch(plan: list[Chunk], block_size: int) -> ForwardBatch:
+    """The packed forward of a plan's chunks: their tokens side by side, the image features of the prompt
+    positions they cover, and logits at each chunk's `rows` last positions."""
+    ids = np.concatenate([c.seq.ids[c.start : c.start + c.count] for c in plan])
+    image_rows, image_embeds, offset = [], [], 0
+    for c in plan:
+        if c.start < c.seq.prompt_len and len(c.seq.features):  # only prompts hold image positions
+            rows = c.seq.image_rows[c.start : min(c.start + c.count, c.seq.prompt_len)]
+            at = np.flatnonzero(rows >= 0)
+            if len(at):
+                image_rows.append(offset + at)
+                image_embeds.append(c.seq.features[rows[at]])
+        offset += c.count
+    ends = np.cumsum([c.count for c in plan])
+    return ForwardBatch(
+        ids=ids,
+        positions=np.concatenate([c.seq.position_ids(c.start, c.count) for c in plan]),
+        past_lens=[c.start for c in plan],
+        chunk_lens=[c.count for c in plan],
+        block_tables=[c.seq.blocks[: -(-(c.start + c.count) // block_size)] for c in plan],
+        logits_rows=[row for c, end in zip(plan, ends) for row in range(int(end) - c.rows, int(end))],
+        image_rows=np.concatenate(image_rows) if image_rows else np.zeros(0, np.int64),
+        image_embeds=np.concatenate(image_embeds) if image_embeds else None,
+    )
+
+
 _LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -239,7 +265,7 @@ class Engine:
                 stats.scheduled_at, stats.cached_tokens = now, chunk.seq.cached
         started = time.perf_counter()
         try:
-            logits = self.lm.forward(self._batch(plan), while_running=self._deliver)
+            logits = self.lm.forward(forward_batch(plan, self.pool.block_size), while_running=self._deliver)
         except Exception as exc:
             self._deliver()
             for chunk in plan:
@@ -261,40 +287,19 @@ class Engine:
             self._verify(chunk, logits[end - chunk.rows : end])
 
     def _propose(self) -> None:
-        """Let every decoding sequence propose tokens to verify in the next forward (most propose none).
-        Proposals are optional: a proposer that fails only costs its sequence this step's proposals."""
+        """Let every decoding sequence propose tokens to verify in the next forward (most propose none), and
+        every prefilling one prepare its proposers. Proposals are optional: a proposer that fails only costs
+        its sequence this step's proposals."""
         for seq in self.scheduler.running:
-            if seq.remaining != 1:
-                continue
+            tokens: list[int] = []
             try:
-                tokens = seq.payload.state.proposals(seq.keys[: seq.length], seq.capacity - seq.length)
+                if seq.remaining == 1:
+                    tokens = seq.payload.state.proposals(seq.keys[: seq.length], seq.capacity - seq.length)
+                else:  # its prompt is prefilling: a draft model prefills its own beside it
+                    seq.payload.state.prepare_proposals()
             except Exception:
                 log.exception("proposing tokens failed; this step decodes one token")
-                tokens = []
             seq.propose(tokens)
-
-    def _batch(self, plan: list[Chunk]) -> ForwardBatch:
-        ids = np.concatenate([c.seq.ids[c.start : c.start + c.count] for c in plan])
-        image_rows, image_embeds, offset = [], [], 0
-        for c in plan:
-            if c.start < c.seq.prompt_len and len(c.seq.features):  # only prompts hold image positions
-                rows = c.seq.image_rows[c.start : min(c.start + c.count, c.seq.prompt_len)]
-                at = np.flatnonzero(rows >= 0)
-                if len(at):
-                    image_rows.append(offset + at)
-                    image_embeds.append(c.seq.features[rows[at]])
-            offset += c.count
-        ends = np.cumsum([c.count for c in plan])
-        return ForwardBatch(
-            ids=ids,
-            positions=np.concatenate([c.seq.position_ids(c.start, c.count) for c in plan]),
-            past_lens=[c.start for c in plan],
-            chunk_lens=[c.count for c in plan],
-            block_tables=[c.seq.blocks[: self.scheduler.blocks_for(c.start + c.count)] for c in plan],
-            logits_rows=[row for c, end in zip(plan, ends) for row in range(int(end) - c.rows, int(end))],
-            image_rows=np.concatenate(image_rows) if image_rows else np.zeros(0, np.int64),
-            image_embeds=np.concatenate(image_embeds) if image_embeds else None,
-        )
 
     def _verify(self, chunk: Chunk, rows: np.ndarray) -> None:
         """Sample the chunk's sequence at its last known position and at each proposed one while the sampled
@@ -339,6 +344,10 @@ class Engine:
     def _end(self, seq: Sequence, *events: Any) -> None:
         """Release the sequence and send its last events (once, however it ended)."""
         self.scheduler.remove(seq)
+        try:
+            seq.payload.state.release()
+        except Exception:  # what a proposer holds is its own: a failure here must not keep the answer open
+            log.exception("releasing a sequence's proposers failed")
         if not seq.payload.done:
             seq.payload.done = True
             for event in events:

@@ -1,0 +1,185 @@
+"""A draft model proposing tokens (runtime/draft.py): answers exactly those of plain decoding.
+
+Three drafts of the tiny test models: the export itself (every proposal should be kept), a copy whose
+second decoder layer writes 0.7x its output (some proposals kept, some not) and a truncated copy (the
+first of its two decoder layers: with these large random weights, almost nothing is kept). The draft
+prepares the prompt with its own vision pass, so image prompts run through both models' encoders.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import F32, FAMILIES, _build_once
+from llava_ov.errors import LlavaOvError
+from llava_ov.runtime.generate import GenerationConfig
+from llava_ov.runtime.pipeline import Message, Pipeline
+from test_engine import PROMPTS
+from test_speculative import assert_together_as_alone, plain
+
+GREEDY = GenerationConfig(max_new_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def truncated(model_root, checkpoints) -> dict[str, str]:
+    """family -> fp32 export of its checkpoint cut to the first decoder layer."""
+    from llava_ov.exporting.convert import ConvertOptions, convert
+    from llava_ov.exporting.random_models import truncated_copy
+
+    def build(fam):
+        def make(path):
+            checkpoint = truncated_copy(checkpoints[fam], path.with_name(path.name + "-hf"), text_layers=1)
+            convert(str(checkpoint), path, ConvertOptions(weight_format="fp32", overwrite=True, show_progress=False))
+        return make
+
+    return {fam: str(_build_once(model_root / f"ov-{fam}-draft-1layer", build(fam))) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def perturbed(model_root, checkpoints) -> dict[str, str]:
+    """family -> fp32 export of its checkpoint with layer 1's attention and MLP outputs scaled by 0.7."""
+    from safetensors.numpy import load_file, save_file
+
+    from llava_ov.exporting.convert import ConvertOptions, convert
+    from llava_ov.exporting.random_models import truncated_copy
+
+    def build(fam):
+        def make(path):
+            checkpoint = truncated_copy(checkpoints[fam], path.with_name(path.name + "-hf"), text_layers=2)
+            weights = load_file(checkpoint / "model.safetensors")
+            for name in weights:
+                if "language_model" in name and "layers.1." in name and name.endswith(("o_proj.weight", "down_proj.weight")):
+                    weights[name] = weights[name] * np.float32(0.7)
+            save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+            convert(str(checkpoint), path, ConvertOptions(weight_format="fp32", overwrite=True, show_progress=False))
+        return make
+
+    return {fam: str(_build_once(model_root / f"ov-{fam}-draft-perturbed", build(fam))) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def pipes(exports):
+    out = {fam: Pipeline(exports[fam], properties=F32, cache_dir=None) for fam in FAMILIES}
+    yield out
+    for pipe in out.values():
+        pipe.close()
+
+
+def drafted(export, draft, tokens: int = 4, **load) -> Pipeline:
+    return Pipeline(export, properties=F32, cache_dir=None, draft=str(draft), draft_tokens=tokens, **load)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_model_as_its_own_draft_keeps_every_proposal(exports, pipes, photos, family):
+    """Its own copy proposes what it would sample: the image answer is the plain one and (f32, same weights)
+    every proposal is kept; the draft's KV blocks all come back."""
+    expected = plain(pipes[family], "Describe the picture in detail.", GREEDY, [photos["chelsea"]])
+    pipe = drafted(exports[family], exports[family])
+    got = pipe.generate("Describe the picture in detail.", [photos["chelsea"]], GREEDY)
+    assert got.token_ids == expected.token_ids and got.text == expected.text
+    assert got.proposed_tokens >= 16 and got.accepted_tokens >= got.proposed_tokens - 1
+    assert pipe.draft.pool.available == pipe.draft.pool.num_blocks and pipe.engine.pool.used == 0
+    assert pipe.info()["draft"]["tokens_per_step"] == 4
+    pipe.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_draft_that_agrees_sometimes_gives_the_plain_answers(exports, pipes, perturbed, photos, family):
+    """Proposals are kept and dropped; answers (greedy, text and image prompts) are the plain ones."""
+    pipe = drafted(exports[family], perturbed[family], tokens=3)
+    proposed = accepted = 0
+    for prompt, images in [(PROMPTS[2], []), ("Describe the picture in detail.", [photos["coffee"]])]:
+        expected = plain(pipes[family], prompt, GREEDY, images)
+        got = pipe.generate(prompt, images, GREEDY)
+        assert got.token_ids == expected.token_ids and got.text == expected.text
+        proposed, accepted = proposed + got.proposed_tokens, accepted + got.accepted_tokens
+    assert 0 < accepted < proposed, (accepted, proposed)
+    pipe.close()
+
+
+def test_seeded_samples_with_a_draft_are_the_plain_ones(exports, pipes, perturbed):
+    pipe = drafted(exports["llava-next"], perturbed["llava-next"])
+    accepted = 0
+    for seed in range(3):
+        config = GenerationConfig(max_new_tokens=40, temperature=0.9, top_p=0.95, seed=seed)
+        expected = plain(pipes["llava-next"], PROMPTS[2], config)
+        got = pipe.generate(PROMPTS[2], config=config)
+        assert got.token_ids == expected.token_ids
+        accepted += got.accepted_tokens
+    assert accepted > 0
+    pipe.close()
+
+
+def test_a_truncated_draft_rarely_agrees_and_changes_nothing(exports, pipes, truncated, photos):
+    """The first decoder layer alone (the cheap draft a truncated copy is): answers are the plain ones."""
+    pipe = drafted(exports["llava-next"], truncated["llava-next"], tokens=2)
+    expected = plain(pipes["llava-next"], "Describe the picture in detail.", GREEDY, [photos["coffee"]])
+    got = pipe.generate("Describe the picture in detail.", [photos["coffee"]], GREEDY)
+    assert got.token_ids == expected.token_ids and got.proposed_tokens > 0
+    pipe.close()
+
+
+def test_four_sequences_with_a_draft_across_preemption(exports, pipes):
+    """Four prompts at once on a target pool too small for all (preemptions), its own copy drafting: each
+    answer is the plain one alone; the draft's blocks all come back."""
+    config = GenerationConfig(max_new_tokens=60, ignore_eos=True)
+    alone = [plain(pipes["llava"], p, config).token_ids for p in PROMPTS]
+    pipe = assert_together_as_alone(exports["llava"], 6, config, alone, draft=str(exports["llava"]), draft_tokens=3)
+    assert pipe.draft.pool.available == pipe.draft.pool.num_blocks
+
+
+def test_a_request_may_go_without_the_draft_and_catch_up_is_chunked(exports, pipes, photos, monkeypatch):
+    """`use_draft=False` proposes nothing; with it, the draft prefills its prompt in chunks of CATCH_UP_TOKENS
+    while the target prefills its own (chunks of max_step_tokens: 64 here), and proposes once it has all of it."""
+    from llava_ov.runtime import draft as draft_module
+
+    pipe = drafted(exports["llava-next"], exports["llava-next"], max_step_tokens=64)
+    off = pipe.generate(PROMPTS[3], config=GenerationConfig(max_new_tokens=20, use_draft=False))
+    assert off.proposed_tokens == 0
+    monkeypatch.setattr(draft_module, "CATCH_UP_TOKENS", 48)
+    forwards = []
+    original = pipe.draft.lm.forward
+    monkeypatch.setattr(pipe.draft.lm, "forward", lambda batch, **kw: forwards.append(len(batch.ids)) or original(batch, **kw))
+    got = pipe.generate("Describe the picture in detail.", [photos["coffee"]], GenerationConfig(max_new_tokens=30))
+    prompt = got.prompt_tokens
+    assert max(forwards) <= 48 and forwards.count(48) >= prompt // 48 - 1  # the image prompt came in 48-token chunks
+    assert got.accepted_tokens > 0 and got.token_ids == pipes["llava-next"].generate("Describe the picture in detail.", [photos["coffee"]], GenerationConfig(max_new_tokens=30)).token_ids
+    pipe.close()
+
+
+def test_a_draft_of_another_family_sees_the_image_through_its_own_vision_pass(exports, pipes, photos):
+    """LLaVA-1.5 (the same vocabulary here, 576 image tokens) drafting for LLaVA-NeXT (anyres tiles): the
+    draft's prompt is its own, the answer is the target's plain one."""
+    pipe = drafted(exports["llava-next"], exports["llava"], tokens=2)
+    messages = [Message("user", "Describe the picture in detail.", [photos["rocket"]])]
+    target, draft = pipe.prepare(messages), pipe.draft.prepare(messages, GREEDY)
+    assert len(draft.ids) < len(target.token_ids) and len(draft.features) == 576
+    expected = plain(pipes["llava-next"], "Describe the picture in detail.", GREEDY, [photos["rocket"]])
+    got = pipe.generate("Describe the picture in detail.", [photos["rocket"]], GREEDY)
+    assert got.token_ids == expected.token_ids and got.proposed_tokens > 0
+    pipe.close()
+
+
+def test_a_draft_with_another_vocabulary_or_without_the_paged_cache_is_refused(exports, matrix_model):
+    _, qwen2 = matrix_model("llava-onevision-qwen2-0.5b-ov-hf")
+    with pytest.raises(LlavaOvError, match="another vocabulary"):
+        drafted(exports["llava-next"], qwen2)
+    with pytest.raises(LlavaOvError, match="paged KV cache"):
+        drafted(exports["llava"], exports["llava"], kv_cache="stateful")
+    with pytest.raises(LlavaOvError, match="--draft-tokens"):
+        drafted(exports["llava"], exports["llava"], tokens=17)
+
+
+def test_draft_settings_have_flags(exports):
+    import argparse
+
+    from llava_ov.runtime.settings import MAX_DRAFT_TOKENS, LoadSettings
+    from llava_ov.runtime.speculative import MAX_PROPOSED
+
+    assert MAX_DRAFT_TOKENS == MAX_PROPOSED
+    parser = argparse.ArgumentParser()
+    LoadSettings.add_arguments(parser)
+    settings = LoadSettings.from_args(parser.parse_args(["--draft", "d", "--draft-tokens", "6"]))
+    assert (settings.draft, settings.draft_tokens) == ("d", 6)
+    assert settings.to_argv() == ["--draft", "d", "--draft-tokens", "6"]
