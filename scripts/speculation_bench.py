@@ -15,9 +15,12 @@ may only change the speed).
 - lookup: a plain description, prompt lookup on vs off (random weights repeat themselves: some
   proposals are kept);
 - rejected: the same with every proposal made wrong (each proposed token id + 1): the worst case,
-  what lookup costs when none of its proposals is ever kept.
+  what lookup costs when none of its proposals is ever kept;
+- draft (with `--draft DRAFT_EXPORT`): the plain description with the draft model proposing vs not.
+  The other cases run without the draft.
 
     python scripts/speculation_bench.py EXPORT --runs 5 --json docs/results/speculation.json
+    python scripts/speculation_bench.py EXPORT --draft DRAFT --draft-tokens 3 --cases draft
 """
 
 from __future__ import annotations
@@ -47,11 +50,14 @@ def cases(pipe: Any, max_new: int) -> dict[str, tuple[Any, Any, str, list[str]]]
 
     schema = json.loads((ROOT / "docs" / "examples" / "catalogue.schema.json").read_text())
     photo = str(ROOT / "examples" / "coffee.jpg")
-    catalogue = GenerationConfig(max_new_tokens=400, json_schema=schema)
+    catalogue = GenerationConfig(max_new_tokens=400, json_schema=schema, use_draft=False)
     copy_bias = {int(t): 30.0 for t in set(pipe.model.tokenizer.encode(SENTENCE).tolist())}
-    copy = GenerationConfig(max_new_tokens=max_new, regex=literal(SENTENCE), jump_forward=False, logit_bias=copy_bias)
-    plain = GenerationConfig(max_new_tokens=max_new, ignore_eos=True)
+    copy = GenerationConfig(max_new_tokens=max_new, regex=literal(SENTENCE), jump_forward=False, logit_bias=copy_bias,
+                            use_draft=False)  # fmt: skip
+    plain = GenerationConfig(max_new_tokens=max_new, ignore_eos=True, use_draft=False)
+    drafted = {"draft": (replace(plain, use_draft=True), plain, "Describe this image in detail.", [photo])}
     return {
+        **(drafted if pipe.draft is not None else {}),
         "catalogue": (catalogue, replace(catalogue, jump_forward=False), "Describe this photo for a catalogue.", [photo]),
         "copy": (replace(copy, prompt_lookup=8), copy, f"Copy this sentence exactly: {SENTENCE}", []),
         "lookup": (replace(plain, prompt_lookup=8), plain, "Describe this image in detail.", [photo]),
@@ -80,9 +86,11 @@ def stat(values: list[float]) -> dict[str, float]:
             "n": len(values)}  # fmt: skip
 
 
-def measure(pipe: Any, runs: int, warmup: int, max_new: int, log=print) -> dict[str, Any]:
+def measure(pipe: Any, runs: int, warmup: int, max_new: int, only: list[str] | None = None, log=print) -> dict[str, Any]:
     report: dict[str, Any] = {}
     for name, (on, off, prompt, images) in cases(pipe, max_new).items():
+        if only and name not in only:
+            continue
         arms: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
         for i in range(warmup + runs):
             for arm, config in (("on", on), ("off", off)):
@@ -114,12 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=96, help="for the copy and never cases")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     LoadSettings.add_arguments(p)
     args = p.parse_args(argv)
     started = time.perf_counter()
     pipe = Pipeline(args.model, LoadSettings.from_args(args).validate())
     report = {"machine": machine_info(), "model": Path(args.model).name, "runs": args.runs,
-              "cases": measure(pipe, args.runs, args.warmup, args.max_new_tokens)}  # fmt: skip
+              "draft": Path(args.draft).name if args.draft else None,
+              "cases": measure(pipe, args.runs, args.warmup, args.max_new_tokens, [c for c in args.cases.split(",") if c])}  # fmt: skip
     report["wall_s"] = time.perf_counter() - started
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

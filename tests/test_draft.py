@@ -129,22 +129,34 @@ def test_four_sequences_with_a_draft_across_preemption(exports, pipes):
     assert pipe.draft.pool.available == pipe.draft.pool.num_blocks
 
 
-def test_a_request_may_go_without_the_draft_and_catch_up_is_chunked(exports, pipes, photos, monkeypatch):
+def test_a_request_may_go_without_the_draft_and_catch_up_is_chunked_and_cached(exports, pipes, photos, monkeypatch):
     """`use_draft=False` proposes nothing; with it, the draft prefills its prompt in chunks of CATCH_UP_TOKENS
-    while the target prefills its own (chunks of max_step_tokens: 64 here), and proposes once it has all of it."""
+    while the target prefills its own (chunks of max_step_tokens: 64 here), and proposes once it has all of
+    it. The prompt's full blocks stay in the draft's prefix cache for the next request, until `clear_caches`."""
     from llava_ov.runtime import draft as draft_module
 
     pipe = drafted(exports["llava-next"], exports["llava-next"], max_step_tokens=64)
     off = pipe.generate(PROMPTS[3], config=GenerationConfig(max_new_tokens=20, use_draft=False))
     assert off.proposed_tokens == 0
     monkeypatch.setattr(draft_module, "CATCH_UP_TOKENS", 48)
-    forwards = []
+    forwards: list[int] = []
     original = pipe.draft.lm.forward
     monkeypatch.setattr(pipe.draft.lm, "forward", lambda batch, **kw: forwards.append(len(batch.ids)) or original(batch, **kw))
-    got = pipe.generate("Describe the picture in detail.", [photos["coffee"]], GenerationConfig(max_new_tokens=30))
+    config = GenerationConfig(max_new_tokens=30)
+    expected = plain(pipes["llava-next"], "Describe the picture in detail.", config, [photos["coffee"]])
+    computed = []
+    for clear in (False, False, True):
+        if clear:
+            pipe.clear_caches()
+        forwards.clear()
+        got = pipe.generate("Describe the picture in detail.", [photos["coffee"]], config)
+        assert got.token_ids == expected.token_ids and got.accepted_tokens > 0
+        assert max(forwards) <= 48
+        computed.append(sum(forwards))
     prompt = got.prompt_tokens
-    assert max(forwards) <= 48 and forwards.count(48) >= prompt // 48 - 1  # the image prompt came in 48-token chunks
-    assert got.accepted_tokens > 0 and got.token_ids == pipes["llava-next"].generate("Describe the picture in detail.", [photos["coffee"]], GenerationConfig(max_new_tokens=30)).token_ids
+    assert computed[0] >= prompt and computed[2] >= prompt  # the whole prompt, in 48-token chunks
+    assert computed[1] < computed[0] - prompt + 2 * pipe.draft.pool.block_size  # all but the last blocks cached
+    assert pipe.draft.pool.used == 0
     pipe.close()
 
 
@@ -183,3 +195,26 @@ def test_draft_settings_have_flags(exports):
     settings = LoadSettings.from_args(parser.parse_args(["--draft", "d", "--draft-tokens", "6"]))
     assert (settings.draft, settings.draft_tokens) == ("d", 6)
     assert settings.to_argv() == ["--draft", "d", "--draft-tokens", "6"]
+
+
+def test_a_draft_with_pruned_images_and_a_video(exports, pipes, video_export, photos):
+    """Pruned image tokens (position ids with gaps, in both models' prompts) and a video (the video
+    family's own copy drafting): the answers are the plain ones and proposals are kept."""
+    from PIL import Image
+
+    config = GenerationConfig(max_new_tokens=30, visual_token_pruning=0.5)
+    expected = plain(pipes["llava-next"], "Describe the picture in detail.", config, [photos["astronaut"]])
+    pipe = drafted(exports["llava-next"], exports["llava-next"])
+    got = pipe.generate("Describe the picture in detail.", [photos["astronaut"]], config)
+    assert got.token_ids == expected.token_ids and got.accepted_tokens >= got.proposed_tokens - 1 > 0
+    pipe.close()
+    photo = Image.open(photos["chelsea"]).convert("RGB")
+    frames = [photo.crop((16 * i, 8 * i, 16 * i + 320, 8 * i + 240)) for i in range(4)]
+    video = GenerationConfig(max_new_tokens=30, num_frames=4)
+    alone = Pipeline(video_export, properties=F32, cache_dir=None)
+    expected = alone.generate("What happens in this video?", config=video, videos=[frames])
+    alone.close()
+    pipe = drafted(video_export, video_export)
+    got = pipe.generate("What happens in this video?", config=video, videos=[frames])
+    assert got.token_ids == expected.token_ids and got.video_frames == 4 and got.accepted_tokens > 0
+    pipe.close()

@@ -27,7 +27,7 @@ import numpy as np
 
 from llava_ov.errors import LlavaOvError
 from llava_ov.runtime.engine.core import forward_batch
-from llava_ov.runtime.engine.kvcache import BlockPool, PoolExhausted
+from llava_ov.runtime.engine.kvcache import BlockPool, PoolExhausted, block_hashes
 from llava_ov.runtime.engine.scheduler import Chunk, Sequence
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.model import ExportedModel
@@ -46,6 +46,7 @@ class DraftPrompt:
     """The draft's own prompt for one request: token ids, image rows/features, position ids."""
 
     ids: np.ndarray
+    keys: np.ndarray  # the prompt's cache keys (images as their content keys): its full blocks are shared
     image_rows: np.ndarray
     features: np.ndarray
     positions: np.ndarray | None
@@ -96,6 +97,19 @@ class DraftModel:
         self.lm.allocate(blocks)
         self.pool = BlockPool(blocks, self.lm.block_size)
         self.prompts = PromptBuilder(self.model, self)
+        self._clear = False  # forget idle cached prompt blocks before the next answer starts (engine thread)
+
+    def clear_cache(self) -> None:
+        """Forget the draft's cached prompt blocks (done when the next answer starts: the pool is the engine
+        thread's)."""
+        self._clear = True
+
+    def take_cached(self, hashes: list[bytes]) -> list[int]:
+        """The cached blocks of the longest prefix of `hashes` (engine thread)."""
+        if self._clear:
+            self.pool.clear_cache()
+            self._clear = False
+        return self.pool.match(hashes)
 
     @property
     def prompt_limit(self) -> int:
@@ -117,7 +131,7 @@ class DraftModel:
             log.info("no draft for this request: %s", exc)
             return None
         rows, features = prompt.image_rows()
-        return DraftPrompt(prompt.token_ids, rows, features, prompt.positions)
+        return DraftPrompt(prompt.token_ids, prompt.keys, rows, features, prompt.positions)
 
     def proposer(self, prompt: DraftPrompt, target_prompt_len: int) -> DraftProposer:
         return DraftProposer(self, prompt, target_prompt_len)
@@ -134,9 +148,13 @@ class DraftProposer:
         self.seq.keys = self.seq.ids  # the draft needs no cache keys: its blocks are its own
         self.backoff = Backoff()
         self.off = False  # the draft's context or pool is full, or the answer left its vocabulary
+        self.hashes = block_hashes(prompt.keys, draft.pool.block_size)  # of the prompt's full blocks
+        self.published = 0  # prompt blocks named in the pool's prefix cache
+        self.started = False
 
     def propose(self, context: np.ndarray, room: int) -> list[int]:
         """Up to `room` (and the draft's tokens per step) greedy tokens after `context` (the target's keys)."""
+        self._start()
         if self.off or not self._follow(context[self.skip :]):
             return []
         if self.backoff.resting():
@@ -162,6 +180,7 @@ class DraftProposer:
     def prepare(self) -> None:
         """One chunk of the draft's prompt, while the target's prompt prefills."""
         seq = self.seq
+        self._start()
         if not self.off and seq.computed < seq.prompt_len:
             self._forward(seq.computed, min(CATCH_UP_TOKENS, seq.prompt_len - seq.computed))
 
@@ -169,9 +188,25 @@ class DraftProposer:
         self.backoff.verified(proposed, accepted)
 
     def release(self) -> None:
-        """Give the draft's blocks back (the answer ended)."""
+        """Give the draft's blocks back (the answer ended); its prompt's full blocks stay cached."""
         self.draft.pool.release(self.seq.blocks)
-        self.seq.blocks, self.seq.computed = [], 0
+        self.seq.blocks, self.seq.computed, self.published = [], 0, 0
+
+    def _start(self) -> None:
+        """On first use: start from the prompt's blocks the draft's pool has cached (n answers, turns)."""
+        if self.started:
+            return
+        self.started = True
+        seq = self.seq
+        seq.blocks = self.draft.take_cached(self.hashes[: (seq.prompt_len - 1) // self.draft.pool.block_size])
+        seq.computed = self.published = len(seq.blocks) * self.draft.pool.block_size
+
+    def _publish(self) -> None:
+        """Name the prompt's blocks that became full (they are never written again: answers follow them)."""
+        seq, size = self.seq, self.draft.pool.block_size
+        for index in range(self.published // size, min(seq.computed, seq.prompt_len) // size):
+            seq.blocks[index] = self.draft.pool.publish(seq.blocks[index], self.hashes[index])
+            self.published = (index + 1) * size
 
     def _follow(self, answer: np.ndarray) -> bool:
         """Make the draft's answer the target's (kept) answer: keep the computed positions of the common
@@ -208,6 +243,7 @@ class DraftProposer:
         finally:
             seq.length = length
         seq.computed = start + count
+        self._publish()
         return logits[-1] if len(logits) else None
 
     def _stop(self) -> None:

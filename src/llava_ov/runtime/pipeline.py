@@ -154,8 +154,10 @@ class Pipeline:
         return np.stack(forced.rows)
 
     def reset(self) -> None:
-        """Forget cached KV: the stateful cache, or the engine's idle prefix blocks."""
+        """Forget cached KV: the stateful cache, or the engine's idle prefix blocks (and the draft model's)."""
         self.backend.reset()
+        if self.draft is not None:
+            self.draft.clear_cache()
 
     def clear_caches(self) -> None:
         """Forget cached KV and cached image and frame features (first-turn measurements)."""

@@ -146,6 +146,7 @@ class OursEngine:
     pruning: float = 0.0
     prompt_lookup: int = 0
     jump_forward: bool = True
+    use_draft: bool = True
 
     def __init__(self, export: Path, settings: LoadSettings, name: str = "ours"):
         from llava_ov.runtime.pipeline import Pipeline
@@ -161,10 +162,12 @@ class OursEngine:
         other.name, other.json_schema = "ours+json", schema
         return other
 
-    def with_speculation(self, name: str, prompt_lookup: int = 0, jump_forward: bool = True) -> OursEngine:
-        """The same loaded pipeline (and schema) with prompt lookup on, or jump-forward off."""
+    def with_speculation(
+        self, name: str, prompt_lookup: int = 0, jump_forward: bool = True, use_draft: bool = True
+    ) -> OursEngine:
+        """The same loaded pipeline (and schema) with prompt lookup on, jump-forward off, or its draft model off."""
         other = copy.copy(self)
-        other.name, other.prompt_lookup, other.jump_forward = name, prompt_lookup, jump_forward
+        other.name, other.prompt_lookup, other.jump_forward, other.use_draft = name, prompt_lookup, jump_forward, use_draft
         return other
 
     def with_image_tokens(self, budget: int | None, pruning: float) -> OursEngine:
@@ -183,7 +186,8 @@ class OursEngine:
         engine = self.pipe.engine
         cfg = GenerationConfig(max_new_tokens=max_new, ignore_eos=True, json_schema=self.json_schema,
                                max_image_tokens=self.max_image_tokens, visual_token_pruning=self.pruning,
-                               prompt_lookup=self.prompt_lookup, jump_forward=self.jump_forward)  # fmt: skip
+                               prompt_lookup=self.prompt_lookup, jump_forward=self.jump_forward,
+                               use_draft=self.use_draft)  # fmt: skip
         chunks = self.pipe.stream(prompt, [image], cfg)
         result = next(c for c in chunks if True)  # first token: start counting OpenVINO time after it
         infer_before = engine.infer_s if engine else 0.0
@@ -353,6 +357,9 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
     if opts.prompt_lookup:
         engines.insert(1, ours.with_speculation("ours+lookup", prompt_lookup=opts.prompt_lookup))
         loaded_rss["ours+lookup"] = 0
+    if opts.load.draft is not None:  # ours proposes with the --draft model: time it without, side by side
+        engines.insert(1, ours.with_speculation("ours-nodraft", use_draft=False))
+        loaded_rss["ours-nodraft"] = 0
     for budget, pruning in opts.image_token_variants:
         engines.insert(1, ours.with_image_tokens(budget, pruning))
         loaded_rss[engines[1].name] = 0

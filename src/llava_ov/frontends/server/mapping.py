@@ -72,6 +72,7 @@ def generation_config(req: ChatCompletionRequest, settings: ServerSettings, nati
         video_fps=req.video_fps,
         prompt_lookup=settings.prompt_lookup if req.prompt_lookup is None else req.prompt_lookup,
         jump_forward=req.jump_forward is not False,
+        use_draft=req.use_draft is not False,
     )
     try:
         config.validate()

@@ -173,6 +173,7 @@ class ChatCompletionRequest(_Lenient):
     prompt_lookup: int | None = Field(default=None, ge=0, le=16,
                                       description="extension: tokens proposed per step by prompt lookup (0: off)")
     jump_forward: bool | None = Field(default=None, description="extension: propose the tokens a grammar forces (default on)")
+    use_draft: bool | None = Field(default=None, description="extension: let the server's --draft model propose (default on)")
     num_frames: int | None = Field(default=None, ge=1, le=256, description="extension: frames sampled from each video")
     video_fps: float | None = Field(default=None, gt=0, le=60, description="extension: or frames per second of video")
     tools: list[ToolDef] | None = Field(default=None, max_length=128, description="functions the model may call")
