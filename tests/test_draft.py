@@ -218,3 +218,20 @@ def test_a_draft_with_pruned_images_and_a_video(exports, pipes, video_export, ph
     got = pipe.generate("What happens in this video?", config=video, videos=[frames])
     assert got.token_ids == expected.token_ids and got.video_frames == 4 and got.accepted_tokens > 0
     pipe.close()
+
+
+def test_the_draft_length_follows_what_the_target_keeps():
+    """One more than kept, at most --draft-tokens; a full miss drafts one token, after a rest."""
+    from types import SimpleNamespace
+
+    from llava_ov.runtime.draft import DraftProposer
+    from llava_ov.runtime.speculative import Backoff
+
+    proposer = object.__new__(DraftProposer)
+    proposer.draft, proposer.backoff, proposer.length = SimpleNamespace(tokens=4), Backoff(), 4
+    lengths = []
+    for proposed, accepted in [(4, 0), (1, 1), (2, 2), (3, 3), (4, 4), (4, 1), (0, 0)]:
+        proposer.verified(proposed, accepted)
+        lengths.append(proposer.length)
+    assert lengths == [1, 2, 3, 4, 4, 2, 2]
+    assert proposer.backoff.rest == 0 and proposer.backoff.length == 1  # the kept ones woke it

@@ -10,8 +10,9 @@ keeps it) and their keys/values in blocks of the draft's own pool. The draft pre
 CATCH_UP_TOKENS a step while the target prefills its own (a draft far smaller than its target keeps
 up). Before proposing it rolls back to the longest prefix of its answer the target kept — a paged KV
 needs nothing else: positions past the computed length are overwritten — computes what is new (again
-at most CATCH_UP_TOKENS a step, proposing nothing until it has caught up), then proposes k tokens
-greedily, one draft forward each. Greedy proposals are deterministic, so the
+at most CATCH_UP_TOKENS a step, proposing nothing until it has caught up), then proposes up to k
+tokens greedily, one draft forward each: one more than the target kept last time (so a draft that
+rarely agrees tries one token, after a rest of 1, 2, 4 ... 32 steps). Greedy proposals are deterministic, so the
 engine's verification keeps answers exactly those of plain decoding (runtime/speculative.py).
 Proposals run in the engine thread, one sequence after another (not batched across sequences).
 """
@@ -147,6 +148,7 @@ class DraftProposer:
                             capacity=draft.prompt_limit, positions=prompt.positions)  # fmt: skip
         self.seq.keys = self.seq.ids  # the draft needs no cache keys: its blocks are its own
         self.backoff = Backoff()
+        self.length = draft.tokens  # tokens the next proposal drafts (adapts to what the target keeps)
         self.off = False  # the draft's context or pool is full, or the answer left its vocabulary
         self.hashes = block_hashes(prompt.keys, draft.pool.block_size)  # of the prompt's full blocks
         self.published = 0  # prompt blocks named in the pool's prefix cache
@@ -160,7 +162,7 @@ class DraftProposer:
         if self.backoff.resting():
             return []
         seq = self.seq
-        room = min(room, self.draft.tokens, seq.capacity - seq.length)
+        room = min(room, self.length, seq.capacity - seq.length)
         if room <= 0:
             return []
         if seq.remaining > CATCH_UP_TOKENS:  # a long prompt: prefill part of it and propose next time
@@ -185,7 +187,11 @@ class DraftProposer:
             self._forward(seq.computed, min(CATCH_UP_TOKENS, seq.prompt_len - seq.computed))
 
     def verified(self, proposed: int, accepted: int) -> None:
+        """Draft one more token after a proposal kept whole, one more than was kept after a partial one, and
+        one (after a rest) after a full miss: a draft that rarely agrees costs one draft forward a try."""
         self.backoff.verified(proposed, accepted)
+        if proposed:
+            self.length = min(self.draft.tokens, accepted + 1)
 
     def release(self) -> None:
         """Give the draft's blocks back (the answer ended); its prompt's full blocks stay cached."""
