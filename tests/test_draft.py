@@ -234,4 +234,4 @@ def test_the_draft_length_follows_what_the_target_keeps():
         proposer.verified(proposed, accepted)
         lengths.append(proposer.length)
     assert lengths == [1, 2, 3, 4, 4, 2, 2]
-    assert proposer.backoff.rest == 0 and proposer.backoff.length == 1  # the kept ones woke it
+    assert proposer.backoff.length == 1  # a kept proposal reset the rest that follows the next full miss
