@@ -359,16 +359,17 @@ def test_auto_decode_precision_is_measured_where_it_can_differ(int4_next, export
     else:
         assert pipe.model.paged.decode_request is None and "computes in f32 here already" in why
     pipe.close()
-    pinned = Pipeline(int4_next, cache_dir=None, properties={"INFERENCE_PRECISION_HINT": "f32"})
+    pinned = Pipeline(int4_next, cache_dir=None, properties={"INFERENCE_PRECISION_HINT": "f32"}, dq_group_size="plugin")
     assert pinned.model.paged.decode_request is None and "set by the caller" in pinned.info()["decode_steps"]
     pinned.close()
-    same = Pipeline(int4_next, cache_dir=None, decode_precision="same")
+    same = Pipeline(int4_next, cache_dir=None, decode_precision="same", dq_group_size="plugin")
     assert same.model.paged.decode_request is None and "decode_precision=same" in same.info()["decode_steps"]
     same.close()
     if bf16_cpu:  # the memory check needs a CPU where the variant would otherwise be considered
         monkeypatch.setattr(hardware, "available_memory", lambda: 2**30)
         tight = Pipeline(int4_next, cache_dir=None)
         assert tight.model.paged.decode_request is None and "needs" in tight.info()["decode_steps"]
+        assert "needs" in tight.info()["dq_group"]  # two compilations of the activation group do not fit either
         tight.close()
 
 
@@ -393,3 +394,62 @@ def test_the_measured_choice_keeps_the_faster_compilation(tmp_path):
     (tmp_path / "decode-choices.json").write_text("{broken")
     assert DecodeChoices(tmp_path).get(key) is None  # a damaged file is ignored (and replaced on the next put)
     assert DecodeChoices(None).get(key) is None
+
+
+def test_the_activation_group_is_measured_and_remembered(int4_next, exports, monkeypatch, tmp_path):
+    """dq_group_size='auto' compiles the INT4 language model with the plugin's activation group and with the
+    weights' group (64 here), times both, keeps the one `GroupMeasured.pays` picks and remembers it; 'weights'
+    and 'plugin' force one; a caller's property, another device or float weights measure nothing."""
+    import openvino as ov
+
+    from llava_ov.runtime import decode_choice, model as model_module
+    from llava_ov.runtime.pipeline import Pipeline
+
+    group = "DYNAMIC_QUANTIZATION_GROUP_SIZE"
+    plugin = int(ov.Core().get_property("CPU", group))
+    assert decode_choice.int4_group_size(ov.Core().read_model(int4_next / "openvino_language_model.xml")) == 64
+
+    def compiled_group(pipe):
+        return int(pipe.model.paged.compiled.get_property(group))
+
+    for mode, expected in (("weights", 64), ("plugin", plugin)):
+        pipe = Pipeline(int4_next, cache_dir=None, dq_group_size=mode, decode_precision="same")
+        assert compiled_group(pipe) == expected and f"dq_group_size={mode}" in pipe.info()["dq_group"]
+        pipe.close()
+    if plugin == 64:  # nothing to choose between on this CPU
+        pipe = Pipeline(int4_next, cache_dir=None, decode_precision="same")
+        assert "the INT4 weights' group too" in pipe.info()["dq_group"]
+        pipe.close()
+        return
+    for pays in (True, False):  # whichever the measurement favours is the one compiled
+        fake = decode_choice.GroupMeasured(0.040, 0.030 if pays else 0.050, 0.1, 0.1, 64)
+        monkeypatch.setattr(model_module, "time_group_choice", lambda *a, fake=fake: fake)
+        folder = tmp_path / f"pays-{pays}"
+        pipe = Pipeline(int4_next, cache_dir=str(folder), decode_precision="same")
+        assert compiled_group(pipe) == (64 if pays else plugin) and "measured at load" in pipe.info()["dq_group"]
+        pipe.close()
+        monkeypatch.setattr(model_module, "time_group_choice", lambda *a: pytest.fail("measured again"))
+        again = Pipeline(int4_next, cache_dir=str(folder), decode_precision="same")
+        assert compiled_group(again) == (64 if pays else plugin) and "remembered" in again.info()["dq_group"]
+        again.close()
+    monkeypatch.setattr(model_module, "time_group_choice", lambda *a: pytest.fail("nothing to measure"))
+    pinned = Pipeline(int4_next, cache_dir=None, properties={group: 16}, decode_precision="same")
+    assert compiled_group(pinned) == 16 and "set by the caller" in pinned.info()["dq_group"]
+    pinned.close()
+    floats = Pipeline(exports["llava-next"], cache_dir=None, decode_precision="same")
+    assert "no INT4 weights" in floats.info()["dq_group"]
+    floats.close()
+
+
+def test_the_group_rule_trusts_prefill_and_guards_decode():
+    from llava_ov.runtime.decode_choice import GroupMeasured
+
+    def pays(decode, prefill):
+        return GroupMeasured(1.0, decode, 1.0, prefill, 64).pays
+
+    assert pays(1.0, 0.85) and pays(1.05, 0.85) and not pays(1.08, 0.85)  # prefill gain, decode not clearly worse
+    assert pays(0.9, 1.0) and pays(0.9, 1.02) and not pays(0.9, 1.05)  # decode gain, prefill not worse
+    assert not pays(0.99, 0.99) and not pays(1.0, 1.0)
+    record = GroupMeasured(0.04, 0.03, 0.2, 0.1, 64).record()
+    again = GroupMeasured.from_record(record)
+    assert again.cached and (again.grouped_s, again.group) == (0.03, 64)

@@ -19,7 +19,7 @@ import openvino as ov
 
 from llava_ov.common import hardware, layout
 from llava_ov.errors import InvalidTextError, LlavaOvError, ModelNotFoundError
-from llava_ov.runtime.decode_choice import DecodeChoices, choice_key, time_decode_steps
+from llava_ov.runtime.decode_choice import DecodeChoices, choice_key, int4_group_size, time_decode_steps, time_group_choice
 from llava_ov.runtime.detokenize import PieceDecoder
 from llava_ov.runtime.engine.paged import PagedLanguageModel, derive_paged_model
 from llava_ov.runtime.export import ExportDir
@@ -29,6 +29,7 @@ from llava_ov.runtime.settings import LoadSettings
 
 log = logging.getLogger(__name__)
 F32_PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+DQ_GROUP = "DYNAMIC_QUANTIZATION_GROUP_SIZE"
 
 
 def default_cache_dir() -> Path:
@@ -137,6 +138,9 @@ class ExportedModel:
         self.kv_backend = self.settings.kv_backend()
         self.decode_why = "the stateful KV cache: one compilation" if self.kv_backend != "paged" else ""
         self.decode_measured = None  # decode_choice.Measured, when "auto" measured (or remembered) the choice
+        self.dq_why = "the plugin's: the stateful KV cache" if self.kv_backend != "paged" else ""
+        self.dq_measured = None  # decode_choice.GroupMeasured, when "auto" measured (or remembered) the group
+        self.language_props: dict[str, Any] = {}  # what the paged LM was compiled with (the f32 variant adds to it)
         self._warn_if_rotary_fp16()
         self.parts = self._parts()
         self._compiled = {part: self._compile(part) for part in self.parts}
@@ -239,10 +243,63 @@ class ExportedModel:
         source: Any = self.part_path(part)
         if part == "language" and self.kv_backend == "paged":
             source = self._paged_source = derive_paged_model(self.core, source, self.part_path("text_embeddings"))
+            return self._compile_paged_language(source, device, props)
+        return self._compile_source(part, source, device, props)
+
+    def _compile_source(self, part: str, source: Any, device: str, props: dict[str, Any]) -> ov.CompiledModel:
         try:
             return self.core.compile_model(source, device, props)
         except RuntimeError as exc:
             raise LlavaOvError(f"cannot compile the {part} model on {device}: {self._reason(exc, device)}") from None
+
+    def _compile_paged_language(self, source: ov.Model, device: str, props: dict[str, Any]) -> ov.CompiledModel:
+        """The paged LM compiled with the activation group `dq_group_choice` gives (measured for "auto": both
+        compilations timed at first load, the decision remembered)."""
+        group, self.dq_why = self.dq_group_choice(device, props, source)
+        grouped = {**props, DQ_GROUP: group} if group is not None else props
+        if self.dq_why != "measure":
+            return self._compile_language_with(source, device, grouped)
+        choices, key = DecodeChoices(self._choices_folder()), self._group_key(props)
+        measured = choices.get_group(key)
+        if measured is not None:
+            compiled = self._compile_language_with(source, device, grouped if measured.pays else props)
+        else:
+            default = self._compile_language_with(source, device, props)
+            variant = self._compile_language_with(source, device, grouped)
+            measured = time_group_choice(default, variant, group)
+            choices.put(key, measured)
+            compiled = variant if measured.pays else default  # the other one is freed with its weights
+            self.language_props = grouped if measured.pays else props
+        self.dq_measured = measured
+        self.dq_why = measured.why(int(self.core.get_property("CPU", DQ_GROUP)))
+        return compiled
+
+    def _compile_language_with(self, source: ov.Model, device: str, props: dict[str, Any]) -> ov.CompiledModel:
+        self.language_props = props
+        return self._compile_source("language", source, device, props)
+
+    def dq_group_choice(self, device: str, props: dict[str, Any], source: ov.Model) -> tuple[int | None, str]:
+        """(the activation group to compile the paged LM with (None: the plugin's), why); why "measure": time
+        the plugin's group against the INT4 weights' one."""
+        mode = self.settings.dq_group_size
+        if mode == "plugin":
+            return None, "the plugin's: chosen with dq_group_size=plugin"
+        if device.upper() != "CPU":
+            return None, f"the plugin's: the language model runs on {device}"
+        if DQ_GROUP in props:
+            return None, f"{props[DQ_GROUP]}: {DQ_GROUP} is set by the caller"
+        group = int4_group_size(source)
+        if group is None:
+            return None, "the plugin's: the language model has no INT4 weights"
+        plugin = int(self.core.get_property("CPU", DQ_GROUP))
+        if plugin == group:
+            return None, f"the plugin's group of {plugin}: the INT4 weights' group too"
+        if mode == "weights":
+            return group, f"the weights' group of {group}: chosen with dq_group_size=weights"
+        short = self._short_of_memory_for_two()
+        if short:
+            return None, f"the plugin's group of {plugin}: timing a second compilation {short}"
+        return group, "measure"
 
     def decode_choice(self) -> tuple[bool | None, str]:
         """(compile the f32 decode variant?, why) for the paged language model; None: measure which is faster.
@@ -268,13 +325,21 @@ class ExportedModel:
             return False, "same as prefill: INFERENCE_PRECISION_HINT is set by the caller"
         if main == ov.Type.f32:
             return False, "same as prefill: the CPU plugin computes in f32 here already"
+        short = self._short_of_memory_for_two()
+        if short:
+            return False, f"same as prefill: a second copy {short}"
+        return None, "measure"
+
+    def _short_of_memory_for_two(self) -> str:
+        """Why two compilations of the language model do not fit now ("" when they do): both repack their
+        weights on first use, so the memory available must hold 3x the LM file plus AUTO_DECODE_HEADROOM."""
         weights_file = self.part_path("language").with_suffix(".bin")
         size = weights_file.stat().st_size if weights_file.exists() else 0
         need, room = 3 * size + AUTO_DECODE_HEADROOM, hardware.available_memory()
-        if room < need:
-            return False, (f"same as prefill: a second copy of the {size / 2**30:.1f} GiB language model needs "
-                           f"{need / 2**30:.1f} GiB available at load, {room / 2**30:.1f} GiB are")  # fmt: skip
-        return None, "measure"
+        if room >= need:
+            return ""
+        return (f"of the {size / 2**30:.1f} GiB language model needs {need / 2**30:.1f} GiB available at load, "
+                f"{room / 2**30:.1f} GiB are")  # fmt: skip
 
     def _compile_decode_variant(self) -> ov.CompiledModel | None:
         """The language model compiled again for decode steps (`decode_choice`; measured for "auto"), or None."""
@@ -302,7 +367,7 @@ class ExportedModel:
     def _compile_f32_variant(self, main: ov.CompiledModel) -> ov.CompiledModel:
         device = self.settings.device_for("language")
         kv = main.get_property("KV_CACHE_PRECISION")  # the variant must keep the same block tensors
-        props = {**self.settings.properties, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
+        props = {**self.language_props, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
         try:
             return self.core.compile_model(self._paged_source, device, props)  # the main one's source
         except RuntimeError as exc:
@@ -315,15 +380,21 @@ class ExportedModel:
             return None
         return default_cache_dir() if option == "default" else Path(option).expanduser()
 
+    def _group_key(self, props: dict[str, Any]) -> str:
+        """What the activation-group decision depends on (known before compiling)."""
+        return "dq-group|" + choice_key(hardware.cpu_model(), ov.get_version(), self.part_path("language").with_suffix(".bin"),
+                                        props.get("INFERENCE_NUM_THREADS", "default"),
+                                        props.get("KV_CACHE_PRECISION", "default"))  # fmt: skip
+
     def _decode_key(self, main: ov.CompiledModel) -> str:
         props = {}
-        for name in ("INFERENCE_NUM_THREADS", "KV_CACHE_PRECISION"):
+        for name in ("INFERENCE_NUM_THREADS", "KV_CACHE_PRECISION", DQ_GROUP):
             try:
                 props[name] = _plain(main.get_property(name))
             except RuntimeError:
                 props[name] = "?"
         return choice_key(hardware.cpu_model(), ov.get_version(), self.part_path("language").with_suffix(".bin"),
-                          props["INFERENCE_NUM_THREADS"], props["KV_CACHE_PRECISION"])  # fmt: skip
+                          props["INFERENCE_NUM_THREADS"], props["KV_CACHE_PRECISION"]) + f"|dq {props[DQ_GROUP]}"  # fmt: skip
 
     def _avoid_known_crash(self, device: str, props: dict[str, Any]) -> dict[str, Any]:
         """OpenVINO 2026.4's CPU plugin dies with SIGFPE compiling the language model with

@@ -139,6 +139,15 @@ class LoadSettings:
         group=ENGINE_GROUP, choices=("auto", "same", "f32"), check=_one_of("decode precision", ("auto", "same", "f32")),
     )  # fmt: skip
 
+    # The CPU plugin's activation group for dynamically quantized INT4 matmuls: its own default (32), or the
+    # INT4 weights' group; "auto" measures both at first load (runtime/decode_choice.py).
+    dq_group_size: str = _setting(
+        "auto", "activation group of the language model's dynamically quantized INT4 matmuls on CPU: plugin "
+                "(its default, 32), weights (the INT4 weights' own group, e.g. 64) or auto (default: both timed "
+                "at first load, the faster kept and remembered; `llava-ov info` says which)",
+        group=ENGINE_GROUP, choices=("auto", "plugin", "weights"),
+        check=_one_of("dq group choice", ("auto", "plugin", "weights")),
+    )  # fmt: skip
     # A smaller export with the same tokenizer proposing tokens the language model verifies (runtime/draft.py).
     draft: str | None = _setting(
         None, "a smaller export with the same tokenizer (e.g. LLaVA-OneVision 0.5B for 7B) that proposes "

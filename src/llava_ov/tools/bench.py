@@ -26,9 +26,9 @@ from typing import Any
 
 from llava_ov.runtime.settings import LoadSettings
 from llava_ov.tools.measure import RssSampler, Stat, current_rss, machine_info, save_seconds_plot, summarize
-from llava_ov.tools.bench_serving import DECODE_VARIANTS, engine_prompt, format_concurrency, run_concurrency
+from llava_ov.tools.bench_serving import LOAD_VARIANTS, engine_prompt, format_concurrency, run_concurrency
 
-ENGINES = ("ours", "genai", "transformers", *DECODE_VARIANTS)
+ENGINES = ("ours", "genai", "transformers", *LOAD_VARIANTS)
 
 
 # ---------------------------------------------------------------- statistics
@@ -333,8 +333,8 @@ def make_engine(name: str, opts: BenchOptions):
     """Load one engine on the export (or, for transformers, its source checkpoint)."""
     if name == "ours":
         return OursEngine(opts.model, opts.load)
-    if name in DECODE_VARIANTS:
-        return OursEngine(opts.model, replace(opts.load, decode_precision=DECODE_VARIANTS[name]), name)
+    if name in LOAD_VARIANTS:
+        return OursEngine(opts.model, replace(opts.load, **LOAD_VARIANTS[name]), name)
     if name == "genai":
         return GenaiEngine(opts.model, opts.load.device, opts.load.properties, opts.genai_backend)
     if name == "transformers":
@@ -555,7 +555,7 @@ def register(subparsers) -> None:
     LoadSettings.add_arguments(p)  # ours runs with every load setting, as the server does
     p.add_argument("--compare", default="",
                    help="comma list: genai, transformers, ours-f32-decode / ours-same-decode (ours with "
-                        "--decode-precision f32 / same)")  # fmt: skip
+                        "--decode-precision f32 / same), ours-plugin-dq / ours-weights-dq (--dq-group-size)")  # fmt: skip
     p.add_argument("--genai-backend", default="SDPA", choices=["SDPA", "PA"])
     p.add_argument("--source", default=None, help="transformers checkpoint for --compare transformers")
     p.add_argument("--torch-dtype", default="float32")

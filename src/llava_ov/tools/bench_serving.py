@@ -30,7 +30,11 @@ QUESTIONS = (
     "Who might have taken this photo?", "What happens next in this scene?",
 )  # fmt: skip
 
-DECODE_VARIANTS = {"ours-f32-decode": "f32", "ours-same-decode": "same"}  # engine name -> decode_precision
+# engine name -> the load settings it changes (ours loaded another way, timed beside ours)
+LOAD_VARIANTS: dict[str, dict[str, str]] = {
+    "ours-f32-decode": {"decode_precision": "f32"}, "ours-same-decode": {"decode_precision": "same"},
+    "ours-plugin-dq": {"dq_group_size": "plugin"}, "ours-weights-dq": {"dq_group_size": "weights"},
+}
 
 
 def engine_prompt(name: str, export: Path, image: Path, prompt: str) -> str:
@@ -194,7 +198,7 @@ def run_concurrency(
     if "genai" in compare:
         pool_gb = engines[0].pipe.engine.pool.num_blocks * engines[0].pipe.engine.lm.bytes_per_block / 2**30
         engines.append(GenaiServing(export, settings.device, settings.properties, pool_gb))
-    engines += [OursServing(export, replace(settings, decode_precision=p), n) for n, p in DECODE_VARIANTS.items()
+    engines += [OursServing(export, replace(settings, **changes), n) for n, changes in LOAD_VARIANTS.items()
                 if n in compare]  # fmt: skip
     results: dict[str, dict[str, Any]] = {e.name: {} for e in engines}
     for n in levels:
@@ -223,7 +227,7 @@ def concurrency_ratios(results: dict[str, Any], levels: list[int]) -> dict[str, 
     key = "steady_decode_tokens_per_s"
     out = {}
     for n in levels:
-        for name in ("ours", *DECODE_VARIANTS):
+        for name in ("ours", *LOAD_VARIANTS):
             if name not in results:
                 continue
             label = name.replace("-", "_")
