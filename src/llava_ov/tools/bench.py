@@ -342,6 +342,15 @@ def make_engine(name: str, opts: BenchOptions):
     raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES[1:])}")
 
 
+def shown_path(path: Path) -> str:
+    """A path as a report shows it: relative to the working folder when inside it, else its last part (a
+    report names what was measured, not the machine's folders)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path.name
+
+
 def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
     """Load every engine, warm up, then interleave the timed runs; returns the report dict."""
     engines, loaded_rss = [], {}
@@ -375,7 +384,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
         follow = [ours.follow_up(opts.image, opts.prompt, opts.follow_up, 8) for _ in range(max(2, opts.runs // 2))]
     report = {
         "machine": machine_info(),
-        "options": {k: (str(v) if isinstance(v, Path) else asdict(v) if k == "load" else v)
+        "options": {k: (shown_path(v) if isinstance(v, Path) else asdict(v) if k == "load" else v)
                     for k, v in opts.__dict__.items()},  # fmt: skip
         "engines": {e.name: engine_summary(e, runs[e.name], loaded_rss[e.name]) for e in engines},
         "peak_rss_mb": sampler.peak / 2**20,
