@@ -16,7 +16,7 @@ from llava_ov.errors import LlavaOvError
 from llava_ov.runtime.generate import GenerationConfig
 from llava_ov.runtime.pipeline import Message, Pipeline
 from test_engine import PROMPTS
-from test_speculative import assert_together_as_alone, plain
+from test_speculative import assert_together_as_alone, pipes, plain  # noqa: F401 (pipes: a fixture)
 
 GREEDY = GenerationConfig(max_new_tokens=40)
 
@@ -56,14 +56,6 @@ def perturbed(model_root, checkpoints) -> dict[str, str]:
         return make
 
     return {fam: str(_build_once(model_root / f"ov-{fam}-draft-perturbed", build(fam))) for fam in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def pipes(exports):
-    out = {fam: Pipeline(exports[fam], properties=F32, cache_dir=None) for fam in FAMILIES}
-    yield out
-    for pipe in out.values():
-        pipe.close()
 
 
 def drafted(export, draft, tokens: int = 4, **load) -> Pipeline:

@@ -381,10 +381,11 @@ class ExportedModel:
         return default_cache_dir() if option == "default" else Path(option).expanduser()
 
     def _group_key(self, props: dict[str, Any]) -> str:
-        """What the activation-group decision depends on (known before compiling)."""
-        return "dq-group|" + choice_key(hardware.cpu_model(), ov.get_version(), self.part_path("language").with_suffix(".bin"),
-                                        props.get("INFERENCE_NUM_THREADS", "default"),
-                                        props.get("KV_CACHE_PRECISION", "default"))  # fmt: skip
+        """What the activation-group decision depends on (known before compiling): the decode key's parts with
+        the compile properties as given (precision, threads, KV precision; the plugin's defaults when unset)."""
+        given = ",".join(f"{k}={_plain(v)}" for k, v in sorted(props.items()) if k != "CACHE_DIR") or "defaults"
+        weights = self.part_path("language").with_suffix(".bin")
+        return f"dq-group|{choice_key(hardware.cpu_model(), ov.get_version(), weights, 'given', 'given')}|{given}"
 
     def _decode_key(self, main: ov.CompiledModel) -> str:
         props = {}
