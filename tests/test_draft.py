@@ -112,12 +112,13 @@ def test_a_truncated_draft_rarely_agrees_and_changes_nothing(exports, pipes, tru
     pipe.close()
 
 
-def test_four_sequences_with_a_draft_across_preemption(exports, pipes):
-    """Four prompts at once on a target pool too small for all (preemptions), its own copy drafting: each
-    answer is the plain one alone; the draft's blocks all come back."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_four_sequences_with_a_draft_across_preemption(exports, pipes, perturbed, family):
+    """Four prompts at once on a target pool too small for all (preemptions), a draft that agrees sometimes:
+    each answer is the plain one alone; the draft's blocks all come back."""
     config = GenerationConfig(max_new_tokens=60, ignore_eos=True)
-    alone = [plain(pipes["llava"], p, config).token_ids for p in PROMPTS]
-    pipe = assert_together_as_alone(exports["llava"], 6, config, alone, draft=str(exports["llava"]), draft_tokens=3)
+    alone = [plain(pipes[family], p, config).token_ids for p in PROMPTS]
+    pipe = assert_together_as_alone(exports[family], 6, config, alone, draft=perturbed[family], draft_tokens=3)
     assert pipe.draft.pool.available == pipe.draft.pool.num_blocks
 
 
@@ -227,3 +228,24 @@ def test_the_draft_length_follows_what_the_target_keeps():
         lengths.append(proposer.length)
     assert lengths == [1, 2, 3, 4, 4, 2, 2]
     assert proposer.backoff.length == 1  # a kept proposal reset the rest that follows the next full miss
+
+
+def test_the_server_takes_use_draft(exports, pipes):
+    """A server loaded with a draft: its proposals show in usage and metrics; `use_draft: false` turns it off."""
+    from llava_ov.frontends.server.app import create_app
+    from llava_ov.frontends.server.settings import ServerSettings
+    from test_server import HTTP, metric, running, wait_ready
+
+    expected = plain(pipes["llava"], PROMPTS[2], GenerationConfig(max_new_tokens=30))
+    pipe = drafted(exports["llava"], exports["llava"])
+    body = {"messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 30}
+    with running(create_app(ServerSettings(model=str(exports["llava"])), lambda: pipe)) as base:
+        wait_ready(base)
+        on = HTTP.post(f"{base}/v1/chat/completions", json=body).json()
+        off = HTTP.post(f"{base}/v1/chat/completions", json={**body, "use_draft": False}).json()
+        for answer in (on, off):
+            assert answer["choices"][0]["message"]["content"] == expected.text
+        assert on["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] >= 10
+        assert off["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] == 0
+        assert metric(base, "llava_ov_accepted_tokens_total") >= 10
+    pipe.close()

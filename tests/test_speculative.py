@@ -85,12 +85,12 @@ def test_a_failing_lookup_rests_longer_each_time_and_wakes_on_success():
     for _ in range(7):
         assert proposer.propose(context, 4) == [3, 1, 2]
         proposer.verified(3, 0)
-        rests.append(proposer.rest)
-        for _ in range(proposer.rest):
+        rests.append(proposer.backoff.rest)
+        for _ in range(proposer.backoff.rest):
             assert proposer.propose(context, 4) == []
     assert rests == [1, 2, 4, 8, 16, 32, MAX_BACKOFF]
     proposer.verified(3, 2)
-    assert proposer.backoff == 1
+    assert proposer.backoff.length == 1
 
 
 # ----------------------------------------------------------------------------- the engine's verification
