@@ -221,7 +221,8 @@ def test_the_draft_length_follows_what_the_target_keeps():
     from llava_ov.runtime.speculative import Backoff
 
     proposer = object.__new__(DraftProposer)
-    proposer.draft, proposer.backoff, proposer.length = SimpleNamespace(tokens=4), Backoff(), 4
+    proposer.draft = SimpleNamespace(tokens=4, learn=lambda proposed, accepted: None)
+    proposer.backoff, proposer.length = Backoff(), 4
     lengths = []
     for proposed, accepted in [(4, 0), (1, 1), (2, 2), (3, 3), (4, 4), (4, 1), (0, 0)]:
         proposer.verified(proposed, accepted)
@@ -249,3 +250,17 @@ def test_the_server_takes_use_draft(exports, pipes):
         assert off["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] == 0
         assert metric(base, "llava_ov_accepted_tokens_total") >= 10
     pipe.close()
+
+
+def test_a_draft_that_keeps_missing_makes_new_answers_rest():
+    """Misses in a row are counted over answers: a new answer waits 1, 2, 4 ... 256 steps before its first
+    proposal while they last; one kept proposal ends the streak."""
+    from llava_ov.runtime.draft import LONGEST_REST, DraftModel
+
+    draft = object.__new__(DraftModel)
+    draft.misses = 0
+    rests = []
+    for proposed, accepted in [(1, 0), (1, 0), (1, 0), (0, 0), (2, 1), (1, 0)] + [(1, 0)] * 20:
+        draft.learn(proposed, accepted)
+        rests.append(draft.first_rest())
+    assert rests[:6] == [1, 2, 4, 4, 0, 1] and rests[-1] == LONGEST_REST

@@ -12,7 +12,8 @@ up). Before proposing it rolls back to the longest prefix of its answer the targ
 needs nothing else: positions past the computed length are overwritten — computes what is new (again
 at most CATCH_UP_TOKENS a step, proposing nothing until it has caught up), then proposes up to k
 tokens greedily, one draft forward each: one more than the target kept last time (so a draft that
-rarely agrees tries one token, after a rest of 1, 2, 4 ... 32 steps). Greedy proposals are deterministic, so the
+rarely agrees tries one token, after a rest of 1, 2, 4 ... 256 steps; the misses in a row are counted
+over answers, so a new answer of a draft that keeps missing starts resting). Greedy proposals are deterministic, so the
 engine's verification keeps answers exactly those of plain decoding (runtime/speculative.py).
 Proposals run in the engine thread, one sequence after another (not batched across sequences).
 """
@@ -39,6 +40,7 @@ from llava_ov.runtime.speculative import Backoff
 log = logging.getLogger(__name__)
 
 CATCH_UP_TOKENS = 256  # draft positions computed per engine step while it catches up (its prompt)
+LONGEST_REST = 256  # steps a draft whose proposals keep missing rests, at most
 PROBE_TEXT = "Describe the image: 3 cats, ½ a sandwich — naïve café, 東京, emoji 🙂, code `x = f(y)`.\n"
 
 
@@ -99,6 +101,16 @@ class DraftModel:
         self.pool = BlockPool(blocks, self.lm.block_size)
         self.prompts = PromptBuilder(self.model, self)
         self._clear = False  # forget idle cached prompt blocks before the next answer starts (engine thread)
+        self.misses = 0  # proposals in a row, over all answers, of which nothing was kept (engine thread)
+
+    def first_rest(self) -> int:
+        """Steps a new answer waits before its first proposal: none while the draft's proposals are kept, else
+        as long as the misses in a row say (1, 2, 4 ... LONGEST_REST): a draft that never agrees costs ~nothing."""
+        return 0 if not self.misses else min(LONGEST_REST, 2 ** min(self.misses - 1, 16))
+
+    def learn(self, proposed: int, accepted: int) -> None:
+        if proposed:
+            self.misses = 0 if accepted else self.misses + 1
 
     def clear_cache(self) -> None:
         """Forget the draft's cached prompt blocks (done when the next answer starts: the pool is the engine
@@ -147,7 +159,7 @@ class DraftProposer:
         self.seq = Sequence(prompt.ids, prompt.ids, prompt.image_rows, prompt.features,
                             capacity=draft.prompt_limit, positions=prompt.positions)  # fmt: skip
         self.seq.keys = self.seq.ids  # the draft needs no cache keys: its blocks are its own
-        self.backoff = Backoff()
+        self.backoff = Backoff(LONGEST_REST, draft.first_rest())
         self.length = draft.tokens  # tokens the next proposal drafts (adapts to what the target keeps)
         self.off = False  # the draft's context or pool is full, or the answer left its vocabulary
         self.hashes = block_hashes(prompt.keys, draft.pool.block_size)  # of the prompt's full blocks
@@ -190,6 +202,7 @@ class DraftProposer:
         """Draft one more token after a proposal kept whole, one more than was kept after a partial one, and
         one (after a rest) after a full miss: a draft that rarely agrees costs one draft forward a try."""
         self.backoff.verified(proposed, accepted)
+        self.draft.learn(proposed, accepted)
         if proposed:
             self.length = min(self.draft.tokens, accepted + 1)
 

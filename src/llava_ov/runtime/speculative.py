@@ -63,11 +63,13 @@ class SpeculationStats:
 
 
 class Backoff:
-    """Rest after proposals that all failed, for 1, 2, 4 ... MAX_BACKOFF steps; any kept proposal resets it."""
+    """Rest after proposals that all failed, for 1, 2, 4 ... `longest` steps; any kept proposal resets it.
+    `start`: the first rest (a proposer known to miss may start resting)."""
 
-    def __init__(self) -> None:
-        self.rest = 0  # steps left before the next proposal
-        self.length = 1  # how long the next full miss rests
+    def __init__(self, longest: int = MAX_BACKOFF, start: int = 0) -> None:
+        self.longest = longest
+        self.rest = start  # steps left before the next proposal
+        self.length = max(1, min(2 * start, longest))  # how long the next full miss rests
 
     def resting(self) -> bool:
         """True (and one step of rest spent) while resting."""
@@ -82,7 +84,7 @@ class Backoff:
         if accepted:
             self.length = 1
         else:
-            self.rest, self.length = self.length, min(2 * self.length, MAX_BACKOFF)
+            self.rest, self.length = self.length, min(2 * self.length, self.longest)
 
 
 class PromptLookup:
