@@ -118,7 +118,8 @@ def test_four_sequences_with_a_draft_across_preemption(exports, pipes, perturbed
     each answer is the plain one alone; the draft's blocks all come back."""
     config = GenerationConfig(max_new_tokens=60, ignore_eos=True)
     alone = [plain(pipes[family], p, config).token_ids for p in PROMPTS]
-    pipe = assert_together_as_alone(exports[family], 6, config, alone, draft=perturbed[family], draft_tokens=3)
+    pipe = assert_together_as_alone(exports[family], 6, config, alone, draft=perturbed[family], draft_tokens=3,
+                                    draft_max_running=4)
     assert pipe.draft.pool.available == pipe.draft.pool.num_blocks
 
 
@@ -264,3 +265,20 @@ def test_a_draft_that_keeps_missing_makes_new_answers_rest():
         draft.learn(proposed, accepted)
         rests.append(draft.first_rest())
     assert rests[:6] == [1, 2, 4, 4, 0, 1] and rests[-1] == LONGEST_REST
+
+
+def test_the_draft_rests_while_more_answers_use_it_than_draft_max_running(exports, pipes):
+    """Drafting is one sequence after another: past --draft-max-running answers at once it proposes nothing
+    (answers unchanged), within it, it proposes."""
+    from test_engine import generate_together
+
+    config = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    alone = [plain(pipes["llava"], p, config).token_ids for p in PROMPTS]
+    kept = {}
+    for limit in (1, 4):
+        pipe = drafted(exports["llava"], exports["llava"], draft_max_running=limit)
+        out = generate_together(pipe, PROMPTS, config)
+        assert [r.token_ids for r in out] == alone and pipe.draft.running == 0
+        kept[limit] = sum(r.accepted_tokens for r in out)
+        pipe.close()
+    assert kept[4] >= 4 * 20 and kept[1] < kept[4] / 2, kept

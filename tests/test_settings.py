@@ -18,7 +18,7 @@ CHANGED = LoadSettings(
     device="AUTO", devices={"text_embeddings": "AUTO", "vision": "CPU"}, part_paths={"language": "other/int4"},
     properties=dict(F32), cache_dir=None, vision_encoder="float", kv_cache="paged", kv_cache_gb=0.05,
     max_step_tokens=64, max_running=3, decode_precision="same", vision_threads=1, vision_requests=2,
-    dq_group_size="weights", draft="other/draft", draft_tokens=3,
+    dq_group_size="weights", draft="other/draft", draft_tokens=3, draft_max_running=5,
 )  # fmt: skip
 
 # The positional arguments each command needs besides the load flags.

@@ -15,7 +15,9 @@ tokens greedily, one draft forward each: one more than the target kept last time
 rarely agrees tries one token, after a rest of 1, 2, 4 ... 256 steps; the misses in a row are counted
 over answers, so a new answer of a draft that keeps missing starts resting). Greedy proposals are deterministic, so the
 engine's verification keeps answers exactly those of plain decoding (runtime/speculative.py).
-Proposals run in the engine thread, one sequence after another (not batched across sequences).
+Proposals run in the engine thread, one sequence after another (not batched across sequences), so the
+draft proposes only while at most `--draft-max-running` answers use it (vLLM's
+speculative_disable_by_batch_size): at more, its forwards would cost more than they save.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ class DraftModel:
         self.model = ExportedModel(settings.draft, draft_settings(settings))
         check_same_vocabulary(target, self.model)
         self.tokens = settings.draft_tokens
+        self.max_running = settings.draft_max_running
+        self.running = 0  # answers that started drafting and have not ended (engine thread)
         self.vocab = min(int(target.text_config["vocab_size"]), int(self.model.text_config["vocab_size"]))
         self.lm = self.model.paged
         one_context = -(-self.model.max_context // self.lm.block_size)
@@ -164,14 +168,14 @@ class DraftProposer:
         self.off = False  # the draft's context or pool is full, or the answer left its vocabulary
         self.hashes = block_hashes(prompt.keys, draft.pool.block_size)  # of the prompt's full blocks
         self.published = 0  # prompt blocks named in the pool's prefix cache
-        self.started = False
+        self.started = self.ended = False
 
     def propose(self, context: np.ndarray, room: int) -> list[int]:
         """Up to `room` (and the draft's tokens per step) greedy tokens after `context` (the target's keys)."""
         self._start()
         if self.off or not self._follow(context[self.skip :]):
             return []
-        if self.backoff.resting():
+        if self.backoff.resting() or self.draft.running > self.draft.max_running:
             return []
         seq = self.seq
         room = min(room, self.length, seq.capacity - seq.length)
@@ -210,12 +214,16 @@ class DraftProposer:
         """Give the draft's blocks back (the answer ended); its prompt's full blocks stay cached."""
         self.draft.pool.release(self.seq.blocks)
         self.seq.blocks, self.seq.computed, self.published = [], 0, 0
+        if self.started and not self.ended:
+            self.ended = True
+            self.draft.running -= 1
 
     def _start(self) -> None:
         """On first use: start from the prompt's blocks the draft's pool has cached (n answers, turns)."""
         if self.started:
             return
         self.started = True
+        self.draft.running += 1
         seq = self.seq
         seq.blocks = self.draft.take_cached(self.hashes[: (seq.prompt_len - 1) // self.draft.pool.block_size])
         seq.computed = self.published = len(seq.blocks) * self.draft.pool.block_size

@@ -158,6 +158,11 @@ class LoadSettings:
         4, "tokens the draft model proposes per step", group=ENGINE_GROUP, type=int, metavar="K",
         check=lambda v: None if 1 <= v <= MAX_DRAFT_TOKENS else f"--draft-tokens must be in [1, {MAX_DRAFT_TOKENS}]",
     )  # fmt: skip
+    draft_max_running: int = _setting(
+        2, "the draft model proposes only while at most this many answers use it (it drafts for one sequence "
+           "after another: with more, its forwards would cost more than they save)", group=ENGINE_GROUP, type=int,
+        metavar="N", check=_at_least("--draft-max-running", 1),
+    )  # fmt: skip
 
     vision_requests: int | None = _setting(
         None, "images encoded at once (infer requests of the vision encoder; default: the plugin's "
