@@ -88,3 +88,18 @@ def test_bench_image_token_variants_report_kept_tokens_and_plot(exports, photos,
     assert all(e["prefill_s"]["mean"] > 0 for e in engines.values())
     assert report["ratios"]["prefill_ours[pruning=0.75]_over_ours"] > 0
     assert "| ours[pruning=0.75] |" in proc.stdout and plot.stat().st_size > 1000
+
+
+def test_bench_with_a_draft_times_it_on_and_off(exports, photos, tmp_path):
+    """`--draft`: ours proposes with it and `ours-nodraft` runs beside it; the report names the draft by its
+    folder, not the machine's path."""
+    from llava_ov.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(exports["llava"]), "--image", str(photos["coffee"]), "--runs", "1", "--warmup", "0",
+            "--max-new-tokens", "12", "--draft", str(exports["llava"]), "--f32", "--no-bandwidth", "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report["engines"]) == {"ours", "ours-nodraft"}
+    assert report["engines"]["ours"]["speculation"]["accepted"] > 0 and "speculation" not in report["engines"]["ours-nodraft"]
+    assert report["options"]["load"]["draft"] == exports["llava"].name and not report["options"]["model"].startswith("/")

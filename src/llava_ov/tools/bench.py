@@ -351,6 +351,15 @@ def shown_path(path: Path) -> str:
         return path.name
 
 
+def shown_load(settings: LoadSettings) -> dict[str, Any]:
+    """The load settings as a report shows them (the draft export and part paths as `shown_path`)."""
+    out = asdict(settings)
+    if settings.draft is not None:
+        out["draft"] = shown_path(Path(settings.draft))
+    out["part_paths"] = {part: shown_path(Path(path)) for part, path in settings.part_paths.items()}
+    return out
+
+
 def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
     """Load every engine, warm up, then interleave the timed runs; returns the report dict."""
     engines, loaded_rss = [], {}
@@ -384,7 +393,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict[str, Any]:
         follow = [ours.follow_up(opts.image, opts.prompt, opts.follow_up, 8) for _ in range(max(2, opts.runs // 2))]
     report = {
         "machine": machine_info(),
-        "options": {k: (shown_path(v) if isinstance(v, Path) else asdict(v) if k == "load" else v)
+        "options": {k: (shown_path(v) if isinstance(v, Path) else shown_load(v) if k == "load" else v)
                     for k, v in opts.__dict__.items()},  # fmt: skip
         "engines": {e.name: engine_summary(e, runs[e.name], loaded_rss[e.name]) for e in engines},
         "peak_rss_mb": sampler.peak / 2**20,
