@@ -282,3 +282,24 @@ def test_the_draft_rests_while_more_answers_use_it_than_draft_max_running(export
         kept[limit] = sum(r.accepted_tokens for r in out)
         pipe.close()
     assert kept[4] >= 4 * 20 and kept[1] < kept[4] / 2, kept
+
+
+def test_proposing_again_after_a_step_that_kept_nothing_new(exports):
+    """A step whose proposals never ran (the target was preempted) leaves the target's context as it was: the
+    draft proposes the same tokens again, recomputing its last position (never an empty forward)."""
+    pipe = drafted(exports["llava-next"], exports["llava-next"])
+    messages = [Message("user", PROMPTS[2])]
+    target, draft_prompt = pipe.prepare(messages), pipe.draft.prepare(messages, GREEDY)
+    proposer = pipe.draft.proposer(draft_prompt, len(target.keys))
+    chunks: list[int] = []
+    original = pipe.draft.lm.forward
+    pipe.draft.lm.forward = lambda batch, **kw: chunks.append(len(batch.ids)) or original(batch, **kw)
+    context = np.concatenate([target.keys, [1234]])
+    first = proposer.propose(context, 4)
+    again = proposer.propose(context, 4)
+    assert len(first) == 4 and again == first and min(chunks) >= 1
+    longer = proposer.propose(np.concatenate([context, first[:2]]), 4)  # two kept, then the target's own token
+    assert longer[:2] == first[2:4] and min(chunks) >= 1
+    proposer.release()
+    assert pipe.draft.running == 0 and pipe.draft.pool.used == 0
+    pipe.close()

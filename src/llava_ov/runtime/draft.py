@@ -246,9 +246,11 @@ class DraftProposer:
         known = seq.ids[start : start + len(answer)]
         differs = np.flatnonzero(known != answer)
         common = int(differs[0]) if len(differs) else len(answer)
-        seq.computed = min(seq.computed, start + common)
         seq.ids[start : start + len(answer)] = answer
         seq.length, seq.draft = start + len(answer), 0
+        # the last known position always runs again: its logits give the first proposal (when the target kept
+        # nothing new since the last proposal, e.g. its step was preempted, everything else is computed)
+        seq.computed = min(seq.computed, start + common, seq.length - 1)
         return True
 
     def _forward(self, start: int, count: int, written: int = 0) -> np.ndarray | None:
