@@ -51,6 +51,13 @@ class Measured:
     def f32_pays(self) -> bool:
         return self.f32_s < (1 - MARGIN) * self.default_s
 
+    def record(self) -> dict[str, Any]:
+        return {"default_s": self.default_s, "f32_s": self.f32_s}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Measured:
+        return cls(float(record["default_s"]), float(record["f32_s"]), cached=True)
+
     def why(self, default_name: str) -> str:
         chosen = "f32 decode steps" if self.f32_pays else "same as prefill"
         source = "remembered for this CPU, OpenVINO and export" if self.cached else "measured at load"
@@ -61,12 +68,17 @@ class Measured:
 def time_decode_steps(main: Any, f32: Any, context: int = MEASURE_CONTEXT) -> Measured:
     """Median time of one decode step (one token after `context` cached positions) on each compilation
     (`f32`: the second one). Uses a pool of its own (freed after): the engine's is allocated later."""
-    lm = PagedLanguageModel(main, f32)
-    blocks = -(-(context + 1) // lm.block_size)
+    lm, table = _pair(main, f32, context + 1)
+    step = ForwardBatch(np.zeros(1, np.int64), np.array([context], np.int64), [context], [1], table, [0])
+    return Measured(*_interleaved(lm, step, WARMUP_ROUNDS, MEASURE_ROUNDS, STEPS_PER_ROUND))
+
+
+def _pair(main: Any, second: Any, positions: int) -> tuple[PagedLanguageModel, list[list[int]]]:
+    """Both compilations over one block pool holding `positions`, and the block table covering it."""
+    lm = PagedLanguageModel(main, second)
+    blocks = -(-positions // lm.block_size)
     lm.allocate(blocks)
-    step = ForwardBatch(np.zeros(1, np.int64), np.array([context], np.int64), [context], [1], [list(range(blocks))], [0])
-    main_s, second_s = _interleaved(lm, step, WARMUP_ROUNDS, MEASURE_ROUNDS, STEPS_PER_ROUND)
-    return Measured(main_s, second_s)
+    return lm, [list(range(blocks))]
 
 
 def _interleaved(lm: PagedLanguageModel, batch: ForwardBatch, warmup: int, rounds: int, runs: int) -> tuple[float, float]:
@@ -128,15 +140,14 @@ PREFILL_ROUNDS = 3
 
 
 def time_group_choice(default: Any, grouped: Any, group: int, context: int = MEASURE_CONTEXT) -> GroupMeasured:
-    """Decode steps (as `time_decode_steps`) and a PREFILL_TOKENS chunk on each compilation."""
-    decode = time_decode_steps(default, grouped, context)
-    lm = PagedLanguageModel(default, grouped)
-    blocks = -(-(context + PREFILL_TOKENS) // lm.block_size)
-    lm.allocate(blocks)
+    """Decode steps (as `time_decode_steps`) and a PREFILL_TOKENS chunk on each compilation, over one pool."""
+    lm, table = _pair(default, grouped, context + PREFILL_TOKENS)
+    step = ForwardBatch(np.zeros(1, np.int64), np.array([context], np.int64), [context], [1], table, [0])
+    decode = _interleaved(lm, step, WARMUP_ROUNDS, MEASURE_ROUNDS, STEPS_PER_ROUND)
     chunk = ForwardBatch(np.zeros(PREFILL_TOKENS, np.int64), np.arange(context, context + PREFILL_TOKENS), [context],
-                         [PREFILL_TOKENS], [list(range(blocks))], [PREFILL_TOKENS - 1])  # fmt: skip
-    default_s, grouped_s = _interleaved(lm, chunk, 1, PREFILL_ROUNDS, 1)
-    return GroupMeasured(decode.default_s, decode.f32_s, default_s, grouped_s, group)
+                         [PREFILL_TOKENS], table, [PREFILL_TOKENS - 1])  # fmt: skip
+    prefill = _interleaved(lm, chunk, 1, PREFILL_ROUNDS, 1)
+    return GroupMeasured(*decode, *prefill, group)
 
 
 def int4_group_size(model: Any) -> int | None:
@@ -155,19 +166,11 @@ class DecodeChoices:
     def __init__(self, folder: Path | None):
         self.path = folder / CHOICES_FILE if folder is not None else None
 
-    def get(self, key: str) -> Measured | None:
-        record = self._read().get(key)
-        if not isinstance(record, dict):
-            return None
-        try:
-            return Measured(float(record["default_s"]), float(record["f32_s"]), cached=True)
-        except (KeyError, TypeError, ValueError):
-            return None
-
-    def get_group(self, key: str) -> GroupMeasured | None:
+    def get(self, key: str, kind: type = Measured) -> Any:
+        """The remembered decision of `kind` (Measured, GroupMeasured) under `key`, or None (unknown, damaged)."""
         record = self._read().get(key)
         try:
-            return GroupMeasured.from_record(record) if isinstance(record, dict) else None
+            return kind.from_record(record) if isinstance(record, dict) else None
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -175,10 +178,7 @@ class DecodeChoices:
         if self.path is None:
             return
         records = self._read()
-        when = time.strftime("%Y-%m-%dT%H:%M:%S")
-        record = measured.record() if isinstance(measured, GroupMeasured) else {
-            "default_s": measured.default_s, "f32_s": measured.f32_s}  # fmt: skip
-        records[key] = {**record, "at": when}
+        records[key] = {**measured.record(), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_suffix(f".{os.getpid()}.tmp")

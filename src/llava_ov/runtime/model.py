@@ -19,7 +19,9 @@ import openvino as ov
 
 from llava_ov.common import hardware, layout
 from llava_ov.errors import InvalidTextError, LlavaOvError, ModelNotFoundError
-from llava_ov.runtime.decode_choice import DecodeChoices, choice_key, int4_group_size, time_decode_steps, time_group_choice
+from llava_ov.runtime.decode_choice import (
+    DecodeChoices, GroupMeasured, choice_key, int4_group_size, time_decode_steps, time_group_choice,
+)
 from llava_ov.runtime.detokenize import PieceDecoder
 from llava_ov.runtime.engine.paged import PagedLanguageModel, derive_paged_model
 from llava_ov.runtime.export import ExportDir
@@ -257,26 +259,21 @@ class ExportedModel:
         compilations timed at first load, the decision remembered)."""
         group, self.dq_why = self.dq_group_choice(device, props, source)
         grouped = {**props, DQ_GROUP: group} if group is not None else props
-        if self.dq_why != "measure":
-            return self._compile_language_with(source, device, grouped)
-        choices, key = DecodeChoices(self._choices_folder()), self._group_key(props)
-        measured = choices.get_group(key)
-        if measured is not None:
-            compiled = self._compile_language_with(source, device, grouped if measured.pays else props)
-        else:
-            default = self._compile_language_with(source, device, props)
-            variant = self._compile_language_with(source, device, grouped)
-            measured = time_group_choice(default, variant, group)
-            choices.put(key, measured)
-            compiled = variant if measured.pays else default  # the other one is freed with its weights
-            self.language_props = grouped if measured.pays else props
-        self.dq_measured = measured
-        self.dq_why = measured.why(int(self.core.get_property("CPU", DQ_GROUP)))
-        return compiled
-
-    def _compile_language_with(self, source: ov.Model, device: str, props: dict[str, Any]) -> ov.CompiledModel:
-        self.language_props = props
-        return self._compile_source("language", source, device, props)
+        compiled = None
+        if self.dq_why == "measure":
+            choices, key = DecodeChoices(self._choices_folder()), self._group_key(props)
+            measured = choices.get(key, GroupMeasured)
+            if measured is None:
+                default = self._compile_source("language", source, device, props)
+                variant = self._compile_source("language", source, device, grouped)
+                measured = time_group_choice(default, variant, group)
+                choices.put(key, measured)
+                compiled = variant if measured.pays else default  # the other one is freed with its weights
+            self.dq_measured = measured
+            self.dq_why = measured.why(int(self.core.get_property("CPU", DQ_GROUP)))
+            grouped = grouped if measured.pays else props
+        self.language_props = grouped  # what the f32 decode variant starts from
+        return compiled or self._compile_source("language", source, device, grouped)
 
     def dq_group_choice(self, device: str, props: dict[str, Any], source: ov.Model) -> tuple[int | None, str]:
         """(the activation group to compile the paged LM with (None: the plugin's), why); why "measure": time

@@ -345,9 +345,9 @@ class Pipeline:
             "device": self.settings.device,
             "weights": self.model.stored_weights(),  # how each part's weights are stored (fp16, int4_sym g64 r0.6 + int8, ...)
             "vision_encoder": self.model.vision_choice()[1],  # which vision encoder runs and why (INT8-PTQ or float)
-            "decode_steps": self.model.decode_why,
+            "decode_steps": self.model.decode_why,  # on the main compilation or an f32 one, and why
             "dq_group": self.model.dq_why,  # the activation group of the LM's INT4 matmuls, and why
-            "draft": self.draft.describe() if self.draft is not None else None,  # the draft model proposing tokens  # on the main compilation or an f32 one, and why
+            "draft": self.draft.describe() if self.draft is not None else None,  # the draft model proposing tokens
             "export": self.model.export.info,
             "runtime": self.model.runtime_info(),
         }

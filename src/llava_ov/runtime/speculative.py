@@ -121,7 +121,7 @@ class PromptLookup:
             for n in self.sizes:
                 if i + 1 >= n:
                     gram = tuple(window[i + 1 - n : i + 1])
-                    if gram[-1] >= 0 and min(gram) >= 0:
+                    if min(gram) >= 0:  # image positions never match
                         self.after[gram] = first + i + 1
         self.indexed = end
 
