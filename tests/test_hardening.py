@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 import pytest
 
 from conftest import F32
@@ -211,12 +212,17 @@ def test_idle_connections_past_the_bound_make_room_for_new_clients(exports, refe
     client, /health included, was a 503 until the header deadline); requests in progress are never closed."""
     settings = ServerSettings(model=str(exports["llava-next"]), max_connections=40, header_timeout_s=60)
     with running(create_app(settings, lambda: reference_pipe)) as base:
-        wait_ready(base)
+        # new clients each time (no pooled keep-alive connection: the flood closes idle ones, and a client
+        # that reuses one the server just closed sees "disconnected without a response", as it should)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/health", timeout=60).status_code != 200:
+            assert time.monotonic() < deadline, "model did not load"
+            time.sleep(0.05)
         port = int(base.rsplit(":", 1)[1])
         idle = open_idle(port, 100)
         for _ in range(3):
             started = time.perf_counter()
-            assert HTTP.get(f"{base}/health").status_code == 200 and time.perf_counter() - started < 1
+            assert httpx.get(f"{base}/health", timeout=60).status_code == 200 and time.perf_counter() - started < 1
         assert_healthy(base)
         time.sleep(0.2)
         closed = [closed_by_server(s) for s in idle]
